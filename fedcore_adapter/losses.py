@@ -1,0 +1,42 @@
+"""Finding the task loss: the seed's precedence, and config-given losses."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+def instantiate_loss(spec: Any) -> Callable:
+    """A loss from an import path (``'torch.nn.MSELoss'``), a ``{_target_: ...}`` mapping, or a callable."""
+    if callable(spec):
+        return spec
+    from hydra.utils import get_object, instantiate
+
+    try:
+        if isinstance(spec, str):
+            obj = get_object(spec)
+            return obj() if isinstance(obj, type) else obj
+        if isinstance(spec, dict) and "_target_" in spec:
+            obj = instantiate(spec)
+            return obj() if isinstance(obj, type) else obj
+    except Exception as err:  # noqa: BLE001 - turned into a one-line config error
+        raise ConfigError(f"loss {spec!r} cannot be built: {err}") from None
+    raise ConfigError(f"loss must be an import path or a mapping with _target_ (got {spec!r})")
+
+
+def find_loss(model: nn.Module, loss: Optional[Any] = None, conf_loss: Optional[Any] = None) -> Callable:
+    """The task loss: ``loss`` if given, else ``model.loss``, ``model._loss``, the config's loss, cross-entropy."""
+    for candidate in (loss, getattr(model, "loss", None), getattr(model, "_loss", None)):
+        if candidate is not None:
+            return instantiate_loss(candidate)
+    if conf_loss is not None:
+        return instantiate_loss(conf_loss)
+    return nn.CrossEntropyLoss()
+
+
+def distillation_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Loss used on unlabeled batches: match the teacher's output."""
+    return nn.functional.mse_loss(student_out.float(), teacher_out.float())

@@ -1,0 +1,216 @@
+"""Measurement: the one place that defines every metric, its unit and method.
+
+Columns (units in the names): ``params``, ``macs`` (multiply-accumulates per
+sample), ``size_mb`` (bytes of the saved checkpoint / 2**20), ``latency_ms``
+(median per batch), ``latency_ms_per_sample``, ``throughput_sps`` (samples per
+second), ``accuracy``, ``loss``, ``sparsity``, ``device``, ``dtype``.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .data import batch_size, call_model, first_batch, limited, primary_output, split_batch, to_device
+
+MB = 2**20
+
+
+def _packed_weight(module: nn.Module) -> Optional[torch.Tensor]:
+    """The packed (quantized) weight of a torch.ao quantized module, else None."""
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, (nn.Parameter, torch.Tensor)):
+        try:
+            w = weight()
+        except Exception:  # noqa: BLE001 - not a packed-weight accessor
+            return None
+        return w if isinstance(w, torch.Tensor) else None
+    return None
+
+
+def _weight_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight tensor of the model, float parameters and packed int8 weights alike."""
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            yield f"{module_name}.{name}", p
+        packed = _packed_weight(module)
+        if packed is not None:
+            yield f"{module_name}.weight", packed
+            bias = getattr(module, "bias", None)
+            bias = bias() if callable(bias) else bias
+            if isinstance(bias, torch.Tensor):
+                yield f"{module_name}.bias", bias
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of weights, counting packed quantized weights as parameters."""
+    return sum(t.numel() for _, t in _weight_tensors(model))
+
+
+def weight_dtype(model: nn.Module) -> str:
+    """Dtype(s) of the weights, the one holding most elements first (e.g. ``int8+float32``)."""
+    counts: dict[str, int] = {}
+    for _, t in _weight_tensors(model):
+        name = str(t.dtype).replace("torch.", "").replace("qint8", "int8").replace("quint8", "uint8")
+        counts[name] = counts.get(name, 0) + t.numel()
+    return "+".join(sorted(counts, key=counts.get, reverse=True)) or "none"
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros among float weight matrices/kernels (dim > 1)."""
+    zeros = total = 0
+    for _, t in _weight_tensors(model):
+        if t.dim() > 1 and t.is_floating_point():
+            zeros += int((t == 0).sum())
+            total += t.numel()
+    return zeros / total if total else 0.0
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what a checkpoint of the model weighs."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _quantized_module_macs(module: nn.Module, out: torch.Tensor) -> int:
+    """MACs of a quantized Linear/Conv from shapes (flop_counter does not see quantized ops)."""
+    w = _packed_weight(module)
+    if w is None or not isinstance(out, torch.Tensor):
+        return 0
+    if w.dim() == 2:  # linear: every output element is in_features MACs
+        return out.numel() * w.shape[1]
+    return out.numel() * w[0].numel()  # conv: in_channels/groups * kernel per output element
+
+
+@contextmanager
+def _count_quantized_macs(model: nn.Module) -> Iterator[list[int]]:
+    total = [0]
+    handles = []
+    for module in model.modules():
+        if _packed_weight(module) is not None:
+            handles.append(module.register_forward_hook(
+                lambda m, _inp, out: total.__setitem__(0, total[0] + _quantized_module_macs(m, out))))
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def count_macs(model: nn.Module, inputs: Any) -> int:
+    """Multiply-accumulates per sample (torch.utils.flop_counter; quantized layers from their shapes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), _count_quantized_macs(model) as quantized, counter:
+        call_model(model, inputs)
+    return int((counter.get_total_flops() // 2 + quantized[0]) // max(batch_size(inputs), 1))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def fixed_threads(n: Optional[int]) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def latency_ms(model: nn.Module, inputs: Any, device: torch.device, *, warmup: int = 3, repeats: int = 20,
+               num_threads: Optional[int] = None, min_warmup_s: float = 0.25) -> list[float]:
+    """Per-batch wall times in ms: untimed warm-up runs (at least ``warmup`` and ``min_warmup_s``),
+    then ``repeats`` timed ones, CUDA synchronised after each."""
+    timings = []
+    with fixed_threads(num_threads), torch.inference_mode():
+        start, done = time.perf_counter(), 0
+        while done < warmup or (warmup and time.perf_counter() - start < min_warmup_s):
+            call_model(model, inputs)
+            _sync(device)
+            done += 1
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call_model(model, inputs)
+            _sync(device)
+            timings.append((time.perf_counter() - start) * 1e3)
+    return timings
+
+
+def _accuracy_hits(logits: torch.Tensor, target: torch.Tensor) -> Optional[int]:
+    if logits.dim() == 2 and target.dim() == 1 and logits.shape[0] == target.shape[0] and not target.is_floating_point():
+        return int((logits.argmax(dim=1) == target).sum())
+    return None
+
+
+def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device: torch.device,
+             limit_batches: Optional[int] = None) -> dict[str, Optional[float]]:
+    """Mean loss and accuracy over labeled batches; ``{}`` values are None on unlabeled data."""
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    hits = seen = 0
+    accuracy_ok = True
+    labeled = False
+    with torch.inference_mode():
+        for batch in limited(loader, limit_batches):
+            inputs, target = split_batch(to_device(batch, device))
+            if target is None:
+                continue
+            labeled = True
+            out = primary_output(call_model(model, inputs))
+            n = batch_size(inputs)
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(out, target)) * n
+            h = _accuracy_hits(out, target)
+            accuracy_ok = accuracy_ok and h is not None
+            hits += h or 0
+            seen += n
+    model.train(was_training)
+    if not labeled or seen == 0:
+        return {"loss": None, "accuracy": None}
+    return {
+        "loss": loss_sum / seen if loss_fn is not None else None,
+        "accuracy": hits / seen if accuracy_ok else None,
+    }
+
+
+def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Optional[Callable] = None,
+            limit_batches: Optional[int] = None, warmup: int = 3, repeats: int = 20,
+            num_threads: Optional[int] = None, size_bytes: Optional[int] = None) -> dict[str, Any]:
+    """Every metric of ``model`` on ``loader``: the single measuring function of the project.
+
+    ``size_bytes`` is the size of the checkpoint already written for this
+    model; when absent the state dict is serialised in memory the same way.
+    """
+    was_training = model.training
+    model.eval()
+    inputs, _ = split_batch(to_device(first_batch(loader, "evaluation loader"), device))
+    n = batch_size(inputs)
+    times = latency_ms(model, inputs, device, warmup=warmup, repeats=repeats, num_threads=num_threads)
+    median = statistics.median(times)
+    size = size_bytes if size_bytes is not None else state_dict_bytes(model)
+    row: dict[str, Any] = {
+        "params": count_params(model),
+        "macs": count_macs(model, inputs),
+        "size_mb": size / MB,
+        "latency_ms": median,
+        "latency_ms_per_sample": median / n,
+        "throughput_sps": n * 1e3 / median,
+        "batch_size": n,
+    }
+    row.update(evaluate(model, loader, loss_fn, device, limit_batches))
+    row.update({"sparsity": sparsity(model), "device": str(device), "dtype": weight_dtype(model)})
+    model.train(was_training)
+    return row

@@ -1,0 +1,1 @@
+"""Node families, one module (or package) each; each registers its kinds on import."""

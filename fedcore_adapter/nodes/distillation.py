@@ -1,0 +1,76 @@
+"""``distillation`` node (FedCore ``distilation_model``): the current model learns from a teacher.
+
+The teacher is the model as it entered the setup, or a checkpoint given by
+``teacher_checkpoint`` (rebuilt on the setup's input model). The loss mixes
+KL divergence on temperature-softened logits, MSE on outputs, and the task
+loss on labeled batches; unlabeled data is fine.
+"""
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..context import NodeContext
+from ..data import call_model, primary_output
+from ..registry import register_node
+from ..schema import NodeConfig, TrainParams
+from ..trainer import train
+
+
+class DistillationConfig(NodeConfig, TrainParams):
+    kind: Literal["distillation"] = "distillation"
+    temperature: float = Field(2.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on softened logits")
+    mse_weight: float = Field(0.0, ge=0, description="weight of MSE between student and teacher outputs")
+    task_weight: float = Field(0.0, ge=0, description="weight of the task loss on labeled batches")
+    teacher_checkpoint: Optional[str] = Field(None, description="checkpoint folder; default: the setup's input model")
+    trains_float_weights: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "DistillationConfig":
+        if self.kl_weight == self.mse_weight == self.task_weight == 0:
+            raise ValueError("at least one of kl_weight, mse_weight, task_weight must be > 0")
+        return self
+
+
+def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, target: Optional[torch.Tensor],
+                      config: DistillationConfig, task_loss) -> torch.Tensor:
+    """Weighted sum of KL on softened logits, output MSE and (when labeled) the task loss."""
+    loss = student_out.new_zeros(())
+    if config.kl_weight:
+        t = config.temperature
+        loss = loss + config.kl_weight * t * t * F.kl_div(
+            F.log_softmax(student_out / t, dim=-1), F.log_softmax(teacher_out / t, dim=-1),
+            reduction="batchmean", log_target=True)
+    if config.mse_weight:
+        loss = loss + config.mse_weight * F.mse_loss(student_out, teacher_out)
+    if config.task_weight and target is not None:
+        loss = loss + config.task_weight * task_loss(student_out, target)
+    return loss
+
+
+@register_node(DistillationConfig)
+def apply_distillation(model: nn.Module, config: DistillationConfig, ctx: NodeContext) -> nn.Module:
+    teacher = ctx.teacher
+    if config.teacher_checkpoint:
+        from ..checkpoint import load_model
+
+        teacher = load_model(config.teacher_checkpoint, copy.deepcopy(ctx.teacher))
+    teacher = teacher.to(ctx.device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def objective(student: nn.Module, inputs, target):
+        out = primary_output(call_model(student, inputs))
+        with torch.no_grad():
+            teacher_out = primary_output(call_model(teacher, inputs))
+        return distillation_loss(out, teacher_out, target, config, ctx.loss_fn)
+
+    params = TrainParams.model_validate(config.model_dump(include=set(TrainParams.model_fields)))
+    train(model, ctx, params, objective=objective, tag="distill")
+    return model

@@ -1,0 +1,104 @@
+"""The results folder: layout, atomic writes, the metrics table and its summary.
+
+``<root>/<SETUP>[_<model_name>]/`` holds ``config.yaml``, ``run.json``,
+``metrics.json``, ``metrics.csv``, ``nodes/<i>_<kind>/`` checkpoints and
+``final/``. While a run is under way (or after it failed) the folder is
+``<name>.partial``; it is renamed when the run completes, so a folder without
+that suffix is always complete.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from .checkpoint import write_json
+
+METRIC_COLUMNS = [
+    "node_index", "node", "kind", "params", "macs", "size_mb", "latency_ms", "latency_ms_per_sample",
+    "throughput_sps", "accuracy", "loss", "sparsity", "batch_size", "device", "dtype", "wall_s",
+]
+RATIO_COLUMNS = ["params", "macs", "size_mb", "latency_ms", "throughput_sps", "accuracy"]
+PARTIAL_SUFFIX = ".partial"
+
+
+def run_folder_name(setup_name: str, model_name: Optional[str] = None) -> str:
+    return f"{setup_name}_{model_name}" if model_name else setup_name
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def columns_of(rows: Iterable[dict]) -> list[str]:
+    rows = list(rows)
+    extra = sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    return [c for c in METRIC_COLUMNS if any(c in r for r in rows)] + extra
+
+
+def write_metrics(folder: Path, rows: list[dict]) -> None:
+    write_json(folder / "metrics.json", rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns_of(rows), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(folder / "metrics.csv", buffer.getvalue())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
+    """Plain-text table: each metric per node and, in brackets, its ratio to row 0."""
+    if not rows:
+        return "(no rows)"
+    base = rows[0]
+    columns = columns or [c for c in ["node", "params", "macs", "size_mb", "latency_ms", "throughput_sps",
+                                      "accuracy", "loss", "dtype", "wall_s"] if any(c in r for r in rows)]
+    table = [columns]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cell = _fmt(v)
+            b = base.get(c)
+            if c in RATIO_COLUMNS and isinstance(v, (int, float)) and isinstance(b, (int, float)) and b and row is not base:
+                cell += f" ({v / b:.2f}x)"
+            cells.append(cell)
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def finalize_folder(partial: Path, final: Path) -> None:
+    """Replace ``final`` by the completed ``partial`` folder (the old one is removed only after)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""Setup schema: common options, the node config base, and the ordered chain.
+
+Node config classes live beside their apply functions (``nodes/``) and are
+found through the registry by their ``kind``, so this module knows no node.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PositiveInt = Optional[int]
+
+
+class StrictModel(BaseModel):
+    """A pydantic model that rejects unknown fields (a typo fails at load time)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EarlyStopping(StrictModel):
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainParams(StrictModel):
+    """Options of the shared training loop (training node and every fine-tune)."""
+
+    epochs: int = Field(1, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["none", "cosine"] = "none"
+    grad_clip: Optional[float] = Field(None, gt=0)
+    custom_loss: Optional[Any] = Field(
+        None, description="import path of a loss class/function, or a {_target_: ...} mapping"
+    )
+    early_stopping: Optional[EarlyStopping] = None
+    limit_train_batches: PositiveInt = Field(None, ge=1)
+    limit_valid_batches: PositiveInt = Field(None, ge=1)
+    progress: bool = True
+
+
+class CommonConfig(StrictModel):
+    """Options shared by every node of a setup."""
+
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    seed: int = 42
+    save_each: int = Field(-1, description="checkpoint every N epochs inside training nodes; -1: at node end")
+    limit_train_batches: PositiveInt = Field(None, ge=1)
+    limit_valid_batches: PositiveInt = Field(None, ge=1)
+    limit_test_batches: PositiveInt = Field(None, ge=1)
+    measure: bool = Field(True, description="measure the model after every node")
+    num_threads: PositiveInt = Field(None, ge=1, description="torch threads while measuring latency")
+    latency_warmup: int = Field(3, ge=0)
+    latency_repeats: int = Field(20, ge=1)
+    distributed_compression: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N (got {v!r})")
+
+    @field_validator("save_each")
+    @classmethod
+    def _check_save_each(cls, v: int) -> int:
+        if v == -1 or v >= 1:
+            return v
+        raise ValueError(f"save_each must be -1 (end of node only) or a positive epoch count (got {v})")
+
+
+class NodeConfig(StrictModel):
+    """Base of every node config: a ``kind`` literal plus the node's own fields."""
+
+    kind: str
+    name: Optional[str] = Field(None, description="display name; defaults to the kind")
+
+    # Chain contract, read by Setup's whole-chain validation (never by the engine):
+    trains_float_weights: ClassVar[bool] = False  # needs a float (trainable) model as input
+    produces_int8: ClassVar[bool] = False  # its output is an int8-converted model
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+def _format_validation_error(prefix: str, err: ValidationError, data: Any) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    value = first.get("input")
+    where = f"{prefix}.{loc}" if loc else prefix
+    return f"{where} = {value!r}: {first['msg']}"
+
+
+def validate_node(index: int, data: Any) -> NodeConfig:
+    """Validate one node mapping by its ``kind``; errors name the index, field and value."""
+    from .registry import get_node
+
+    if isinstance(data, NodeConfig):
+        return data
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ConfigError(f"nodes[{index}]: each node must be a mapping with a 'kind' (got {data!r})")
+    spec = get_node(str(data["kind"]))
+    try:
+        return spec.config_cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(f"nodes[{index}] ({data['kind']})", err, data)) from None
+
+
+class Setup(StrictModel):
+    """A named, ordered chain of nodes with common options."""
+
+    name: str = "custom"
+    description: str = ""
+    common: CommonConfig = Field(default_factory=CommonConfig)
+    nodes: list[Any] = Field(default_factory=list)
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _validate_nodes(cls, v: Any) -> list[NodeConfig]:
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"nodes must be a list of node mappings (got {type(v).__name__})")
+        return [validate_node(i, n) for i, n in enumerate(v)]
+
+    @model_validator(mode="after")
+    def _validate_chain(self) -> "Setup":
+        if not self.nodes:
+            raise ConfigError(f"setup {self.name!r} has no nodes; add at least one under 'nodes'")
+        converted_at = None
+        for i, node in enumerate(self.nodes):
+            if converted_at is not None and node.trains_float_weights:
+                chain = " -> ".join(n.kind for n in self.nodes)
+                raise ConfigError(
+                    f"setup {self.name!r}: nodes[{i}] ({node.kind}) trains float weights but follows "
+                    f"nodes[{converted_at}] ({self.nodes[converted_at].kind}), which converts the model to int8; "
+                    f"move int8 conversion to the end of the chain ({chain})"
+                )
+            if node.produces_int8:
+                converted_at = i
+        return self
+
+    @classmethod
+    def parse(cls, data: Any) -> "Setup":
+        """Validate a native or FedCore-format mapping into a Setup (one-line ConfigError on failure)."""
+        from .fedcore_format import is_fedcore_format, from_fedcore
+
+        if isinstance(data, Setup):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"a setup must be a mapping (got {type(data).__name__})")
+        if is_fedcore_format(data):
+            data = from_fedcore(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(f"setup {data.get('name', 'custom')!r}", err, data)) from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")

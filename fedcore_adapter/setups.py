@@ -1,0 +1,99 @@
+"""Named setups (``setups/*.yaml``), setup files, and overrides of their fields."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from .errors import ConfigError
+from .resources import setups_dir
+from .schema import Setup
+
+
+def named_setups() -> dict[str, Path]:
+    """Canonical (upper-case) setup name -> its YAML file."""
+    return {p.stem.upper(): p for p in sorted(setups_dir().glob("*.yaml"))}
+
+
+def read_setup_file(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"setup file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"setup file {str(path)!r} is not valid {path.suffix[1:].upper() or 'YAML'}: "
+                          f"{str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"setup file {str(path)!r} must hold a mapping (got {type(data).__name__})")
+    return data
+
+
+def setup_source(spec: str | Path) -> tuple[dict, str]:
+    """``(raw mapping, name)`` of a named setup (case-insensitive) or a setup file (name = file stem)."""
+    known = named_setups()
+    key = str(spec).upper()
+    if key in known:
+        data = read_setup_file(known[key])
+        return data, data.get("name", key)
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists() or "/" in str(spec):
+        data = read_setup_file(path)
+        return data, path.stem
+    raise ConfigError(f"unknown setup {str(spec)!r}; named setups: {', '.join(known)} (case-insensitive), "
+                      f"or a path to a .yaml/.json setup file")
+
+
+def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict:
+    """Apply ``{'common': {...}, 'nodes': {<index or kind>: {...}}}`` to a native setup mapping."""
+    if not overrides:
+        return data
+    data = copy.deepcopy(data)
+    unknown = set(overrides) - {"common", "nodes", "name", "description"}
+    if unknown:
+        raise ConfigError(f"unknown setup override key(s) {sorted(unknown)}; allowed: common, nodes, name, description")
+    data.setdefault("common", {}).update(dict(overrides.get("common") or {}))
+    for key in ("name", "description"):
+        if overrides.get(key) is not None:
+            data[key] = overrides[key]
+    nodes = data.get("nodes", [])
+    for target, fields in (overrides.get("nodes") or {}).items():
+        fields = dict(fields)
+        if isinstance(target, int) or str(target).lstrip("-").isdigit():
+            i = int(target)
+            if not -len(nodes) <= i < len(nodes):
+                raise ConfigError(f"override nodes.{target}: the setup has {len(nodes)} nodes (indices 0..{len(nodes) - 1})")
+            nodes[i].update(fields)
+        else:
+            matched = [n for n in nodes if n.get("kind") == target]
+            if not matched:
+                kinds = sorted({n.get("kind") for n in nodes})
+                raise ConfigError(f"override nodes.{target}: no node of that kind in the setup; its kinds: {', '.join(kinds)}")
+            for n in matched:
+                n.update(fields)
+    return data
+
+
+def load_setup(spec: Any, overrides: Optional[Mapping[str, Any]] = None) -> Setup:
+    """A validated Setup from a name, a path, a mapping (native or FedCore format) or a Setup."""
+    from .fedcore_format import from_fedcore, is_fedcore_format
+
+    if isinstance(spec, Setup):
+        if not overrides:
+            return spec
+        spec = spec.to_dict()
+    name = None
+    if isinstance(spec, (str, Path)):
+        spec, name = setup_source(spec)
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"a setup is a name, a file path, a mapping or a Setup (got {type(spec).__name__})")
+    data = dict(spec)
+    if is_fedcore_format(data):
+        data = from_fedcore(data, name=name)
+    elif name and "name" not in data:
+        data["name"] = name
+    return Setup.parse(_apply_overrides(data, overrides))
