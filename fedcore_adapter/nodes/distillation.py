@@ -22,7 +22,7 @@ from ..schema import NodeConfig, TrainParams
 from ..trainer import train
 
 
-class DistillationConfig(NodeConfig, TrainParams):
+class DistillationConfig(TrainParams, NodeConfig):
     kind: Literal["distillation"] = "distillation"
     temperature: float = Field(2.0, gt=0)
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on softened logits")

@@ -11,7 +11,7 @@ from ..schema import NodeConfig, TrainParams
 from ..trainer import train
 
 
-class TrainingConfig(NodeConfig, TrainParams):
+class TrainingConfig(TrainParams, NodeConfig):
     kind: Literal["training"] = "training"
     trains_float_weights: ClassVar[bool] = True
 
