@@ -60,16 +60,19 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _loaders(datamodule: Any) -> tuple[Any, Any, Any]:
+def _check_datamodule(datamodule: Any) -> None:
     name = type(datamodule).__name__
     if not callable(getattr(datamodule, "train_dataloader", None)):
         raise DataError(f"data module {name} has no train_dataloader(); it must provide train_dataloader(), "
                         f"val_dataloader() and optionally test_dataloader()")
-    if hasattr(datamodule, "setup") and callable(datamodule.setup) and not getattr(datamodule, "_fedcore_setup_done", False):
-        try:
-            datamodule.setup("fit")
-        except TypeError:
-            datamodule.setup()
+    if callable(getattr(datamodule, "prepare_data", None)):
+        datamodule.prepare_data()
+    if callable(getattr(datamodule, "setup", None)):
+        datamodule.setup("fit")
+
+
+def _loaders(datamodule: Any) -> tuple[Any, Any, Any]:
+    """Fresh loaders (a node's shuffling never depends on what earlier nodes consumed, so resume is exact)."""
     train = datamodule.train_dataloader()
     val = datamodule.val_dataloader() if callable(getattr(datamodule, "val_dataloader", None)) else None
     test = datamodule.test_dataloader() if callable(getattr(datamodule, "test_dataloader", None)) else None
@@ -95,8 +98,8 @@ class _Run:
         self.common = setup.common
         self.final_dir = root / run_folder_name(setup.name, model_name)
         self.dir = self.final_dir.with_name(self.final_dir.name + PARTIAL_SUFFIX)
-        self.train_loader, self.val_loader, self.test_loader = _loaders(datamodule)
-        self.eval_loader = self.test_loader or self.val_loader or self.train_loader
+        _check_datamodule(datamodule)
+        self.datamodule = datamodule
         self.device = resolve_device(self.common.device)
         self.loss, self.conf_loss = loss, conf_loss
         self.hooks = HookList(hooks)
@@ -120,7 +123,8 @@ class _Run:
             return {}
         device = runtime_device(model, self.device)
         model.to(device)
-        return measure(model, self.eval_loader, device=device, loss_fn=loss_fn,
+        train, val, test = _loaders(self.datamodule)
+        return measure(model, test or val or train, device=device, loss_fn=loss_fn,
                        limit_batches=self.common.limit_test_batches, warmup=self.common.latency_warmup,
                        repeats=self.common.latency_repeats, num_threads=self.common.num_threads,
                        size_bytes=checkpoint_bytes(checkpoint))
@@ -131,8 +135,9 @@ class _Run:
         def save_intermediate(model: nn.Module, tag: str) -> None:
             save_checkpoint(model, node_dir.parent / f".{node_dir.name}.{tag}", self.transforms + pending)
 
+        train, val, test = _loaders(self.datamodule)
         return NodeContext(
-            train_loader=self.train_loader, val_loader=self.val_loader, test_loader=self.test_loader,
+            train_loader=train, val_loader=val, test_loader=test,
             loss_fn=loss_fn, device=self.device, teacher=teacher, output_dir=node_dir.with_name(f".{node_dir.name}.work"),
             common=self.common, node_index=index, node_label=label, executor=self.executor,
             logger=lambda metrics, step=None: self.hooks.on_log(self.info, index, self.setup.nodes[index], metrics, step),

@@ -105,7 +105,7 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
             if regularizer is not None:
                 loss = loss + regularizer(model)
             if not torch.isfinite(loss):
-                raise NodeError(label, f"loss became {float(loss)} at epoch {epoch + 1}, batch {step + 1}; "
+                raise NodeError(label, f"loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
                                        f"lower learning_rate (now {params.learning_rate}) or set grad_clip")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,62 @@
+"""Measurement: exact counts, honest sizes, latency as a median after warm-up."""
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedcore_adapter.metrics import count_macs, count_params, evaluate, latency_ms, measure, sparsity, state_dict_bytes
+
+
+def test_macs_of_linear_and_conv_are_exact_per_sample():
+    linear = nn.Linear(10, 4)
+    assert count_macs(linear, torch.randn(7, 10)) == 10 * 4
+    conv = nn.Conv1d(2, 3, kernel_size=5, padding=2)
+    assert count_macs(conv, torch.randn(5, 2, 40)) == 40 * 3 * 2 * 5
+
+
+def test_params_count_every_weight():
+    assert count_params(nn.Linear(10, 4)) == 44
+
+
+def test_state_dict_bytes_is_what_torch_save_writes():
+    model = nn.Linear(100, 100)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    assert state_dict_bytes(model) == buffer.tell()
+
+
+def test_accuracy_and_loss_on_a_known_classifier():
+    x = torch.eye(3).repeat(4, 1)
+    y = torch.tensor([0, 1, 2] * 4)
+    y[0] = 1  # one wrong label out of 12
+    model = nn.Identity()
+    out = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=5), nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert out["accuracy"] == pytest.approx(11 / 12)
+    expected = nn.CrossEntropyLoss()(x, y).item()
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_latency_runs_warmup_then_the_requested_repeats():
+    calls = []
+    model = nn.Linear(4, 4)
+    model.register_forward_hook(lambda *a: calls.append(1))
+    times = latency_ms(model, torch.randn(2, 4), torch.device("cpu"), warmup=2, repeats=5, min_warmup_s=0)
+    assert len(times) == 5 and len(calls) == 7 and all(t > 0 for t in times)
+
+
+def test_sparsity_counts_zero_weights():
+    model = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 0] = 1
+    assert sparsity(model) == pytest.approx(15 / 16)
+
+
+def test_measure_reports_throughput_consistent_with_latency():
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.zeros(16, dtype=torch.long)), batch_size=8)
+    row = measure(nn.Linear(4, 2), loader, device=torch.device("cpu"), loss_fn=nn.CrossEntropyLoss(), repeats=3)
+    assert row["batch_size"] == 8
+    assert row["throughput_sps"] == pytest.approx(8 * 1000 / row["latency_ms"])
+    assert row["dtype"] == "float32" and row["device"] == "cpu" and row["macs"] == 8
