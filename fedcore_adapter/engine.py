@@ -133,7 +133,7 @@ class _Run:
         node_dir = self.node_dir(index + 1, self.setup.nodes[index].kind)
 
         def save_intermediate(model: nn.Module, tag: str) -> None:
-            save_checkpoint(model, node_dir.parent / f".{node_dir.name}.{tag}", self.transforms + pending)
+            save_checkpoint(model, node_dir.parent / f"{node_dir.name}.{tag}", self.transforms + pending)
 
         train, val, test = _loaders(self.datamodule)
         return NodeContext(

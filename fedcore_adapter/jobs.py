@@ -60,6 +60,23 @@ def tracking_hooks(cfg: Mapping[str, Any], model_label: Optional[str]) -> list:
     return [hook] if hook is not None else []
 
 
+def load_pretrained(model, path: str):
+    """Start from a saved model: a checkpoint folder, a results folder (its ``final``), or a state-dict file."""
+    import torch
+
+    from .checkpoint import MANIFEST_FILE, load_model
+
+    p = Path(path)
+    if p.is_dir() and ((p / MANIFEST_FILE).exists() or (p / "final" / MANIFEST_FILE).exists()):
+        return load_model(p, model)
+    if p.is_file():
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        return model
+    raise ConfigError(f"pretrained={path!r}: no checkpoint there (expected a checkpoint or results folder, "
+                      f"or a .pt/.pth state-dict file)")
+
+
 def run_from_config(cfg: Mapping[str, Any], model_label: Optional[str] = None):
     """Run one composed configuration; returns the engine's RunResult."""
     from .engine import run, seed_everything
@@ -68,6 +85,8 @@ def run_from_config(cfg: Mapping[str, Any], model_label: Optional[str] = None):
     setup = build_setup(cfg)
     seed_everything(setup.common.seed)
     model = instantiate_target("model", cfg.get("model"))
+    if cfg.get("pretrained"):
+        model = load_pretrained(model, cfg["pretrained"])
     datamodule = instantiate_target("data", cfg.get("data"))
     label = model_label or cfg.get("model_name")
     with executor_for(cfg, setup) as executor:

@@ -150,7 +150,8 @@ def test_resume_after_interruption_skips_finished_nodes_and_matches_an_uninterru
 def test_save_each_writes_intermediate_checkpoints_inside_training(tmp_path, model, dm):
     result = run_setup(tiny_setup({"kind": "training", "epochs": 4}, save_each=2), model, dm, output_dir=tmp_path)
     names = sorted(p.name for p in (result.output_dir / "nodes").iterdir())
-    assert ".1_training.epoch_0002" in names and ".1_training.epoch_0004" in names
+    assert "1_training.epoch_0002" in names and "1_training.epoch_0004" in names
+    assert load_model(result.output_dir / "nodes" / "1_training.epoch_0004", tiny_mlp()) is not None
 
 
 def test_unlabeled_dict_batches_get_every_metric_but_accuracy_and_loss(tmp_path):
