@@ -23,6 +23,11 @@ _EXPORTS = {
     "measure": "fedcore_adapter.metrics",
     "FedcoreError": "fedcore_adapter.errors",
     "ConfigError": "fedcore_adapter.errors",
+    "fedcore_fit": "fedcore_adapter.api",
+    "extract_loss": "fedcore_adapter.api",
+    "eval_computational_metrics": "fedcore_adapter.api",
+    "get_experimental_setup": "fedcore_adapter.api",
+    "apply_decompose_config": "fedcore_adapter.nodes.low_rank",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,20 +33,44 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _sparse_csr(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` (viewed as rows x columns) as CSR with int32 indices, when that takes fewer bytes; else None."""
+    if t.dim() < 2 or not t.is_floating_point() or t.numel() >= 2**31:
+        return None
+    flat = t.detach().reshape(t.shape[0], -1)
+    nnz = int((flat != 0).sum())
+    if nnz * (t.element_size() + 4) + (flat.shape[0] + 1) * 4 >= t.numel() * t.element_size():
+        return None
+    csr = flat.to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), size=flat.shape)
+
+
 def save_checkpoint(model: nn.Module, directory: Path | str, transforms: list[dict], meta: Optional[dict] = None,
-                    state_dict: Optional[dict] = None) -> Path:
-    """Write ``directory`` atomically; ``state_dict`` overrides the model's (e.g. sparse tensors)."""
+                    state_dict: Optional[dict] = None, sparse: bool = False) -> Path:
+    """Write ``directory`` atomically; ``state_dict`` overrides the model's; ``sparse`` stores weights
+    as CSR tensors where that saves bytes (their dense shapes go in the manifest)."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(state_dict if state_dict is not None else model.state_dict(), tmp / STATE_FILE)
+    source = state_dict if state_dict is not None else model.state_dict()
+    state = OrderedDict(source)
+    state._metadata = getattr(source, "_metadata", OrderedDict())  # module versions: quantized modules read them
+    sparse_shapes = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*[Ss]parse")  # "sparse CSR support is in beta"
+        for key, value in state.items() if sparse else ():
+            csr = _sparse_csr(value) if isinstance(value, torch.Tensor) else None
+            if csr is not None:
+                state[key], sparse_shapes[key] = csr, list(value.shape)
+        torch.save(state, tmp / STATE_FILE)
     manifest = {
         "format": FORMAT,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "torch_version": torch.__version__,
         "transforms": transforms,
         "meta": meta or {},
+        **({"sparse_shapes": sparse_shapes} if sparse_shapes else {}),
     }
     write_json(tmp / MANIFEST_FILE, manifest)
     if directory.exists():
@@ -68,9 +94,19 @@ def checkpoint_bytes(directory: Path | str) -> int:
 
 
 def load_state(directory: Path | str, map_location: str | torch.device = "cpu") -> dict:
-    """The saved tensors (sparse ones made dense), loaded with ``weights_only=True``."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
-    return {k: (v.to_dense() if isinstance(v, torch.Tensor) and v.is_sparse else v) for k, v in state.items()}
+    """The saved tensors (sparse ones made dense, in their recorded shapes), loaded with ``weights_only=True``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*[Ss]parse")  # "sparse CSR support is in beta"
+        state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+    manifest_path = Path(directory) / MANIFEST_FILE
+    shapes = json.loads(manifest_path.read_text()).get("sparse_shapes", {}) if manifest_path.is_file() else {}
+    out: dict = OrderedDict()
+    out._metadata = getattr(state, "_metadata", OrderedDict())  # module versions: quantized modules read them
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            v = v.to_dense().reshape(shapes.get(k, v.shape))
+        out[k] = v
+    return out
 
 
 def load_model(checkpoint_dir: Path | str, base_model: nn.Module, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -5,6 +5,8 @@
     fedcore-adapter --cfg job setup=test    print the composed config, the setup resolved
     fedcore-adapter setups                  list the named setups and their chains
     fedcore-adapter compare DIR [DIR ...]   comparison table + plot across runs
+    fedcore-adapter train | fit-target | inference [overrides...]   the seed's fc_* scripts (entrypoints/)
+    fedcore-adapter sweep OVERRIDES...      runs (setups x models x seeds x overrides) on the Dask cluster
 """
 from __future__ import annotations
 
@@ -121,7 +123,18 @@ def _compare(argv: list[str]) -> int:
     return report_main(argv)
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {"setups": list_setups, "compare": _compare}
+def _sweep(argv: list[str]) -> int:
+    from .distributed.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {"setups": list_setups, "compare": _compare,
+                                                                 "sweep": _sweep}
+from . import entrypoints  # noqa: E402 - import-light: each command imports its module when run
+SUBCOMMANDS["train"] = entrypoints.train
+SUBCOMMANDS["fit-target"] = entrypoints.fit_target
+SUBCOMMANDS["inference"] = entrypoints.inference
 
 
 def main(argv: Optional[list[str]] = None) -> None:

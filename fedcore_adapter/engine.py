@@ -193,6 +193,7 @@ def run(setup: Any, model: nn.Module, datamodule: Any, *, loss: Any = None, conf
         node = setup.nodes[index] if index is not None else None
         r.write_run_json(status="failed", finished_at=_now(), error=f"{type(err).__name__}: {err}")
         r.hooks.on_error(r.info, index, node, err)
+        r.write_run_json()  # keep what hooks learned by now in the state (e.g. a tracking run id, for resume)
         if isinstance(err, FedcoreError) and index is not None:
             _add_resume_hint(err, r, index)
         raise

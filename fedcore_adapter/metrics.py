@@ -83,6 +83,8 @@ def _quantized_module_macs(module: nn.Module, out: torch.Tensor) -> int:
     w = _packed_weight(module)
     if w is None or not isinstance(out, torch.Tensor):
         return 0
+    if w.is_quantized and w.qscheme() == torch.per_channel_affine_float_qparams:
+        return 0  # int8 embedding (row-wise float qparams): a table lookup, no multiply-accumulates
     if w.dim() == 2:  # linear: every output element is in_features MACs
         return out.numel() * w.shape[1]
     return out.numel() * w[0].numel()  # conv: in_channels/groups * kernel per output element

@@ -1,0 +1,100 @@
+"""Four independent setups on a 2-worker local Dask cluster vs the same four one after another (2 cores).
+
+    python benchmarks/distributed_fanout.py [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2]
+
+Sequential: ``jobs.run_from_config`` in this process with ``torch.set_num_threads(2)`` (both cores for each
+run). Distributed: ``distributed.run_many`` on ``cluster=local`` (2 worker processes x 1 thread), timed
+cold (cluster start and worker imports included) and warm (a started cluster whose workers already ran
+once). Repeats alternate the variants; medians are reported. Every run is MNIST-1D CNN with the batch
+limits below, so that one setup takes some seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, markdown, median  # noqa: E402
+
+import torch  # noqa: E402
+
+from fedcore_adapter.distributed import open_client, run_many, run_tasks  # noqa: E402
+from fedcore_adapter.distributed.runs import run_config  # noqa: E402
+from fedcore_adapter.jobs import run_from_config  # noqa: E402
+
+CLUSTER = {"name": "local", "n_workers": 2, "threads_per_worker": 1}
+COMMON = {"limit_train_batches": 5, "limit_valid_batches": 2, "limit_test_batches": 4, "latency_repeats": 5}
+
+
+def configs(setups: list[str], out: str) -> list[dict]:
+    return [{"setup": s, "common": dict(COMMON), "output_dir": f"{out}/{s}", "tracking": {"name": "none"},
+             "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
+             "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}} for s in setups]
+
+
+def sequential(cfgs: list[dict]) -> tuple[float, list[float]]:
+    start, walls = time.perf_counter(), []
+    for cfg in cfgs:
+        t = time.perf_counter()
+        run_from_config(cfg)
+        walls.append(time.perf_counter() - t)
+    return time.perf_counter() - start, walls
+
+
+def cold(cfgs: list[dict], out: str) -> float:
+    start = time.perf_counter()
+    results = run_many(cfgs, CLUSTER, sweep_dir=f"{out}/sweep")
+    assert all(r.status == "completed" for r in results), [r.error for r in results]
+    return time.perf_counter() - start
+
+
+def warm(client, cfgs: list[dict]) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    results = run_tasks(client, run_config, [{"cfg": c} for c in cfgs], [c["setup"] for c in cfgs], cwd=os.getcwd())
+    assert all(r.status == "completed" for r in results), [r.error for r in results]
+    return time.perf_counter() - start, [r.wall_s for r in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--setups", nargs="+", default=["RAW", "TEST", "COMPOSITE_1", "COMPOSITE_2"])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    times: dict[str, list[float]] = {"sequential": [], "cold": [], "warm": []}
+    per_run: dict[str, list[list[float]]] = {"sequential": [], "warm": []}
+    with tempfile.TemporaryDirectory() as out:
+        cfgs = configs(args.setups, out)
+        sequential(cfgs[:1])  # imports and data generation out of the timings
+        with open_client(CLUSTER) as client:
+            warm(client, cfgs)  # worker imports out of the warm timings
+            for _ in range(args.repeats):
+                wall, walls = sequential(cfgs)
+                times["sequential"].append(wall)
+                per_run["sequential"].append(walls)
+                wall, walls = warm(client, cfgs)
+                times["warm"].append(wall)
+                per_run["warm"].append(walls)
+        for _ in range(args.repeats):
+            times["cold"].append(cold(cfgs, out))
+    seq = median(times["sequential"])
+    rows = [{"variant": "sequential, 1 process x 2 threads", "wall_s": seq, "speedup": 1.0},
+            {"variant": "local cluster 2 x 1, warm", "wall_s": median(times["warm"]),
+             "speedup": seq / median(times["warm"])},
+            {"variant": "local cluster 2 x 1, cold (start included)", "wall_s": median(times["cold"]),
+             "speedup": seq / median(times["cold"])}]
+    runs = [{"setup": s, "sequential_s": median([w[i] for w in per_run["sequential"]]),
+             "in_worker_s": median([w[i] for w in per_run["warm"]])} for i, s in enumerate(args.setups)]
+    print(environment(), f"load average {os.getloadavg()[0]:.1f}, {args.repeats} repeats")
+    print(markdown(rows, ["variant", "wall_s", "speedup"]))
+    print()
+    print(markdown(runs, ["setup", "sequential_s", "in_worker_s"]))
+    print("raw:", {k: [round(v, 2) for v in vs] for k, vs in times.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Tracking overhead: the same setup with ``tracking=none`` and with MLflow on the default local store.
+
+Each run is a fresh process, as ``fedcore-adapter`` runs it (so the logger process start, its
+mlflow imports and the end-of-run flush are all counted); runs alternate between the two modes
+and the ratio of medians is reported, for the run itself (``run_from_config``, hook creation to
+flush), for the whole process, and for CPU time (the process plus its logger process; less
+sensitive than wall time to a machine shared with other work). The store is created by a warm-up run first (not counted;
+its time is reported apart). ``torch.set_num_threads(2)`` in every run.
+
+    python benchmarks/tracking_overhead.py [--setup RAW --epochs 100 --repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import environment, markdown, median  # noqa: E402
+
+
+def child(args) -> None:
+    """One run in this process; prints its timings as JSON."""
+    import torch
+
+    torch.set_num_threads(2)
+    from fedcore_adapter.jobs import run_from_config
+
+    cfg = {"setup": args.setup, "nodes": {"0": {"epochs": args.epochs, "progress": False}}, "output_dir": args.out,
+           "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
+           "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"},
+           "tracking": {"name": "none"} if args.child == "none" else
+           {"name": "mlflow", "uri": f"sqlite:///{args.store}/mlflow.db", "experiment": "overhead"}}
+    start = time.perf_counter()
+    result = run_from_config(cfg)
+    run_s = time.perf_counter() - start
+    pending = (result.output_dir / "tracking_pending.jsonl").exists()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"run_s": run_s, "accuracy": result.metrics[-1].get("accuracy"), "pending": pending,
+                      "cpu_s": usage.ru_utime + usage.ru_stime + _logger_cpu_s()}))
+
+
+def _logger_cpu_s() -> float:
+    """CPU seconds of this process's tracking logger process so far (0 without tracking)."""
+    from fedcore_adapter.tracking import channel
+
+    conn = channel._CONNECTION
+    if conn is None:
+        return 0.0
+    fields = Path(f"/proc/{conn.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(mode: str, args, store: Path) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, __file__, "--child", mode, "--setup", args.setup, "--epochs", str(args.epochs),
+               "--out", out, "--store", str(store)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return {"mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--setup", default="RAW")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=["none", "mlflow"])
+    parser.add_argument("--out")
+    parser.add_argument("--store")
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    with tempfile.TemporaryDirectory() as store:
+        first = run_child("mlflow", args, Path(store))  # creates the store
+        rows = []
+        for i in range(args.repeats):
+            for mode in (("none", "mlflow") if i % 2 == 0 else ("mlflow", "none")):
+                rows.append(run_child(mode, args, Path(store)))
+                print(rows[-1], flush=True)
+    print(environment())
+    print(f"setup {args.setup}, nodes.0.epochs={args.epochs}, {args.repeats} runs per mode, alternating; "
+          f"first run on a new store (not counted): run {first['run_s']:.1f} s, process {first['process_s']:.1f} s")
+    print(markdown(rows, ["mode", "run_s", "process_s", "cpu_s", "accuracy", "pending"]))
+    for key in ("run_s", "process_s", "cpu_s"):
+        none = median([r[key] for r in rows if r["mode"] == "none"])
+        tracked = median([r[key] for r in rows if r["mode"] == "mlflow"])
+        print(f"{key}: none median {none:.2f} s, mlflow median {tracked:.2f} s, ratio {tracked / none:.3f} "
+              f"({(tracked / none - 1) * 100:+.1f} %)")
+
+
+if __name__ == "__main__":
+    main()

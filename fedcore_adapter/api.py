@@ -1,0 +1,316 @@
+"""The FedCore adapter's four functions (pytorch-lifestream ``ptls/fedcore_compression/fc_utils.py``).
+
+Code written for the original works unchanged but for the import::
+
+    from fedcore_adapter import fedcore_fit, extract_loss, eval_computational_metrics, get_experimental_setup
+
+    setup, name = get_experimental_setup("composite_1")
+    compressor = fedcore_fit(model, dm, setup, loss=extract_loss(model, conf),
+                             output_folder=f"composition_results/{name}", limit_train_batches=50)
+    compressor.optimised_model, compressor.original_model, compressor.metrics, compressor.output_dir
+
+Where the original was wrong, the numbers here are right: latency is measured
+in ms (warm-up on every device), sizes count packed int8 weights, named setups
+are looked up case-insensitively and are exactly the ones named.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from torch import nn
+
+from .errors import ConfigError, DataError
+
+FIT_OPTIONS = ("output_folder", "model_name", "limit_train_batches", "limit_valid_batches", "distributed_compression",
+               "need_fedot_pretrain", "need_evo_opt", "cluster", "overrides", "hooks", "executor", "resume", "config")
+_SEED_TOP_KEYS = ("output_folder", "need_fedot_pretrain", "need_evo_opt", "distributed_compression")
+_NO_FEDOT = ("{} is accepted for compatibility and ignored: there is no FEDOT (evolutionary) optimisation here; "
+             "the setup's initial_assumption chain runs as given")
+
+
+# -- get_experimental_setup -------------------------------------------------------------------------------------
+def get_experimental_setup(name: Optional[str | Path]) -> tuple[dict, str]:
+    """``(setup in the FedCore dict format, name)`` for a named setup (case-insensitive) or a YAML/JSON file.
+
+    ``None`` gives ``({}, 'default')``. A file's name is its stem; its content may be
+    in the FedCore or the native format. An unknown name raises a ConfigError listing
+    the named setups. The dict is validated, and a fresh copy every call.
+    """
+    from .fedcore_format import is_fedcore_format, to_fedcore
+    from .setups import load_setup, setup_source
+
+    if name is None:
+        return {}, "default"
+    data, setup_name = setup_source(name)
+    native = load_setup(data)
+    if is_fedcore_format(data):
+        return copy.deepcopy(data), setup_name
+    fedcore = {"name": setup_name, **to_fedcore(copy.deepcopy(data))}
+    try:
+        same = load_setup(fedcore).model_dump(exclude={"name", "description"}) == \
+            native.model_dump(exclude={"name", "description"})
+    except ConfigError:  # a kind without a FedCore node name
+        warnings.warn(f"setup {setup_name!r} uses node kinds FedCore has no name for; returned in the native "
+                      f"format (fedcore_fit accepts it)", stacklevel=2)
+        return copy.deepcopy(data), setup_name
+    if not same:
+        warnings.warn(f"setup {setup_name!r} does not fit the FedCore dict format exactly (one parameter set per "
+                      f"node name, FedCore common keys only); pass the name to fedcore_fit to run it as defined",
+                      stacklevel=2)
+    return fedcore, setup_name
+
+
+# -- extract_loss -----------------------------------------------------------------------------------------------
+class LossFactory:
+    """A zero-argument callable giving a loss (the seed's ``lambda: model.loss``), with where it came from."""
+
+    def __init__(self, make: Callable[[], Any], source: str):
+        self._make = make
+        self.source = source
+
+    def __call__(self) -> Any:
+        return self._make()
+
+    def __repr__(self) -> str:
+        return f"LossFactory({self.source})"
+
+
+def extract_loss(model: nn.Module, conf: Optional[Mapping] = None) -> Optional[LossFactory]:
+    """A zero-argument callable giving ``model.loss``, else ``model._loss``, else ``conf.loss`` instantiated; or None.
+
+    ``conf.loss`` may be an import path or a ``{_target_: ...}`` mapping (a DictConfig works).
+    """
+    for attr in ("loss", "_loss"):
+        if getattr(model, attr, None) is not None:
+            return LossFactory(lambda attr=attr: getattr(model, attr), f"model.{attr}")
+    spec = conf.get("loss") if conf is not None and hasattr(conf, "get") else None
+    if spec is None:
+        return None
+    spec = _plain(spec)
+    from .losses import instantiate_loss
+
+    return LossFactory(lambda: instantiate_loss(spec), f"conf.loss={spec!r}")
+
+
+def _plain(value: Any) -> Any:
+    """A DictConfig / ListConfig as plain containers; anything else unchanged."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def resolve_loss(loss: Any) -> Any:
+    """The loss itself from what ``fedcore_fit`` was given: a zero-argument factory is called, a class built."""
+    if loss is None or isinstance(loss, nn.Module):
+        return loss
+    if isinstance(loss, type):
+        return loss()
+    if isinstance(loss, LossFactory):
+        return loss()
+    if callable(loss):
+        try:
+            params = inspect.signature(loss).parameters.values()
+        except (TypeError, ValueError):
+            return loss
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        required = [p for p in params if p.default is p.empty and p.kind in positional]
+        return loss() if not required else loss
+    return loss
+
+
+# -- fedcore_fit ------------------------------------------------------------------------------------------------
+@dataclass
+class FedcoreFitResult:
+    """What ``fedcore_fit`` returns (the fitted compressor of the original)."""
+
+    optimised_model: nn.Module
+    original_model: nn.Module
+    metrics: list[dict]
+    output_dir: Path
+    setup: Any
+    status: str = "completed"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_folder(self) -> Path:
+        return self.output_dir
+
+    def summary(self) -> str:
+        """The metrics table, each value with its ratio to the input model."""
+        from .results import summary_table
+
+        return summary_table(self.metrics)
+
+
+class _FitData:
+    """The data module as the seed's FedCore saw it: ``train_dataloader()`` and ``val_dataloader()`` only.
+
+    The test split stays held out; metrics rows are measured on the validation split.
+    """
+
+    def __init__(self, dm: Any):
+        self.dm = dm
+
+    def prepare_data(self) -> None:
+        if callable(getattr(self.dm, "prepare_data", None)):
+            self.dm.prepare_data()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if callable(getattr(self.dm, "setup", None)):
+            self.dm.setup(stage)
+
+    def train_dataloader(self) -> Any:
+        return self.dm.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.dm.val_dataloader() if provides(self.dm, "val_dataloader") else None
+
+
+def provides(dm: Any, method: str) -> bool:
+    """True when ``dm.method()`` exists and is not Lightning's unimplemented placeholder."""
+    fn = getattr(type(dm), method, None) or getattr(dm, method, None)
+    if not callable(fn):
+        return False
+    module = getattr(fn, "__module__", "") or ""
+    placeholder = module.startswith(("lightning.", "pytorch_lightning.")) and "DataHooks" in getattr(fn, "__qualname__", "")
+    return not placeholder
+
+
+def check_datamodule(dm: Any) -> None:
+    """One clear line when ``dm`` lacks ``train_dataloader()``."""
+    if not provides(dm, "train_dataloader"):
+        raise DataError(f"data module {type(dm).__name__} has no train_dataloader(); it must provide "
+                        f"train_dataloader(), val_dataloader() and optionally test_dataloader()")
+
+
+def _fedcore_setup(experiment_setup: Any, options: dict) -> tuple[Any, list[str]]:
+    """A validated Setup from the seed's setup argument; the seed's top-level options are moved to ``options``."""
+    from .fedcore_format import from_fedcore
+    from .setups import load_setup
+
+    notes = []
+    if isinstance(experiment_setup, Mapping) and "nodes" not in experiment_setup:
+        data = copy.deepcopy(dict(experiment_setup))
+        for key in _SEED_TOP_KEYS:
+            if key in data:
+                options.setdefault(key, data.pop(key))
+        if not data:
+            raise ConfigError("fedcore_fit: the experiment setup is empty (get_experimental_setup(None) names no "
+                              "chain); pass a named setup such as get_experimental_setup('RAW')[0] or a setup file")
+        experiment_setup = from_fedcore(data, name=data.get("name"))
+    setup = load_setup(experiment_setup, options.get("overrides"))
+    for key in ("need_fedot_pretrain", "need_evo_opt"):
+        if options.get(key):
+            notes.append(_NO_FEDOT.format(f"{key}=True"))
+    return setup, notes
+
+
+def _placement(folder: Path, setup_name: str) -> tuple[Path, Optional[str], Optional[str]]:
+    """``(root, model_name, new setup name)`` that make the engine's run folder exactly ``folder``."""
+    if folder.name == setup_name:
+        return folder.parent, None, None
+    if folder.name.startswith(f"{setup_name}_"):
+        return folder.parent, folder.name[len(setup_name) + 1:], None
+    return folder.parent, None, folder.name
+
+
+def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = None, n_cls: Optional[int] = None,
+                **kwargs: Any):
+    """Run ``experiment_setup`` on ``model`` with ``dm.train_dataloader()`` / ``dm.val_dataloader()``.
+
+    ``experiment_setup``: a FedCore-format dict (as from :func:`get_experimental_setup`,
+    with the seed's ``output_folder`` / ``need_*`` / ``distributed_compression`` keys
+    allowed), a native setup dict, a Setup, or a setup name / file path.
+    ``loss``: the seed's zero-argument loss factory (:func:`extract_loss`), a loss
+    module, class or function; default: ``model.loss``, ``model._loss``, cross-entropy.
+    ``n_cls`` is accepted for compatibility (classes come from the model's output).
+
+    Options: ``output_folder`` (the results folder itself; default
+    ``composition_results/{SETUP}[_{model_name}]``), ``model_name``,
+    ``limit_train_batches`` / ``limit_valid_batches`` (FedCore ``common.batch_limit`` /
+    ``calib_batch_limit``), ``distributed_compression`` (with ``cluster``, a cluster
+    config mapping), ``need_fedot_pretrain`` / ``need_evo_opt`` (warned about and
+    ignored), and the engine's ``overrides``, ``hooks``, ``executor``, ``resume``, ``config``.
+    Returns a :class:`FedcoreFitResult`; ``model`` itself is never modified. The metrics
+    rows are measured on the validation split: the test split stays held out.
+    """
+    from .engine import run
+    from .jobs import executor_for
+    from .setups import load_setup
+
+    unknown = sorted(set(kwargs) - set(FIT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"fedcore_fit: unknown option(s) {unknown}; allowed: {', '.join(FIT_OPTIONS)}")
+    if n_cls is not None and (not isinstance(n_cls, int) or isinstance(n_cls, bool) or n_cls < 1):
+        raise ConfigError(f"fedcore_fit: n_cls={n_cls!r} must be a positive int or None")
+    check_datamodule(dm)
+    options = {k: v for k, v in kwargs.items() if v is not None}
+    setup, notes = _fedcore_setup(experiment_setup, options)
+    common = {"limit_train_batches": options.get("limit_train_batches"),
+              "limit_valid_batches": options.get("limit_valid_batches")}
+    if options.get("distributed_compression"):
+        common["distributed_compression"] = True
+    common = {k: v for k, v in common.items() if v is not None}
+    if common:
+        setup = load_setup(setup, {"common": common})
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+
+    model_name = options.get("model_name")
+    root = Path("composition_results")
+    if options.get("output_folder"):
+        root, folder_model, new_name = _placement(Path(options["output_folder"]), setup.name)
+        model_name = folder_model
+        if new_name:
+            setup = setup.model_copy(update={"name": new_name})
+    cfg = {"cluster": options.get("cluster") or {"name": "local"}}
+    given = options.get("executor")
+    with executor_for(cfg, setup) if given is None else contextlib.nullcontext(given) as executor:
+        result = run(setup, model, _FitData(dm), loss=resolve_loss(loss), output_dir=root, model_name=model_name,
+                     resume=bool(options.get("resume")), hooks=options.get("hooks") or (), executor=executor,
+                     config={**options["config"], "setup_resolved": setup.to_dict()} if options.get("config") else None)
+    return FedcoreFitResult(result.model, model, result.metrics, result.output_dir, result.setup, result.status, notes)
+
+
+# -- eval_computational_metrics ---------------------------------------------------------------------------------
+def eval_computational_metrics(model: nn.Module, dataloader: Any, save_path: str | Path, id: Any = "",  # noqa: A002
+                               n_batches: int = 1, device: Optional[str] = None, *, warmup: int = 3,
+                               repeats: int = 20, num_threads: Optional[int] = None) -> dict:
+    """Latency (ms per sample), throughput (samples/s) and model size (MB) over the first ``n_batches`` batches.
+
+    Each batch is timed by :func:`fedcore_adapter.metrics.measure` (warm-up, then the
+    median of ``repeats`` runs under ``torch.inference_mode()``); latency is total
+    time / total samples. Size is the bytes of the saved state dict (packed int8
+    weights count as int8) / 2**20. Appends ``#{id} latency: … throughput: … model_size: …``
+    to ``save_path``. ``device`` defaults to where the model is (CPU for int8 models).
+    """
+    import torch
+
+    from .data import first_batch, limited, model_device, runtime_device
+    from .metrics import measure
+
+    if not isinstance(n_batches, int) or n_batches < 1:
+        raise ConfigError(f"eval_computational_metrics: n_batches={n_batches!r} must be a positive int")
+    target = runtime_device(model, torch.device(device) if device else model_device(model))
+    model.to(target)
+    batches = list(limited(dataloader, n_batches)) or [first_batch(dataloader, "computational metrics loader")]
+    rows = [measure(model, [batch], device=target, warmup=warmup, repeats=repeats, num_threads=num_threads)
+            for batch in batches]
+    total_ms = sum(r["latency_ms"] for r in rows)
+    samples = sum(r["batch_size"] for r in rows)
+    result = {"latency": total_ms / samples, "throughput": samples * 1e3 / total_ms,
+              "model_size": statistics.median(r["size_mb"] for r in rows)}
+    save_path = Path(save_path)
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(save_path, "a") as file:
+        print(f"#{id}", *(f"{k}: {v:.6g}" for k, v in result.items()), file=file)
+    return result

@@ -1,0 +1,161 @@
+"""Many composed configurations run as Dask tasks, each into its own results folder, then one comparison.
+
+``run_many(configs, cluster)`` takes the plain mappings ``jobs.run_from_config`` takes (what Hydra composes
+for ``fedcore-adapter``), one per run: setups x models x seeds x overrides.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from .cluster import open_client
+from .fanout import TaskResult, run_tasks
+
+log = logging.getLogger("fedcore_adapter.distributed")
+SWEEP_FILE = "sweep.json"
+
+
+def run_config(payload: Mapping[str, Any]) -> dict:
+    """Task body: run one composed configuration; return only small, picklable facts (not the model)."""
+    from ..jobs import run_from_config
+
+    result = run_from_config(payload["cfg"], model_label=payload.get("model_label"))
+    return {"output_dir": str(Path(result.output_dir).absolute()), "status": result.status, "metrics": result.metrics}
+
+
+def setup_name(spec: Any) -> str:
+    """The name a setup's run folder gets, read without validating the setup (no node module imported)."""
+    from ..fedcore_format import is_fedcore_format
+    from ..setups import setup_source
+
+    if isinstance(spec, Mapping):
+        data, name = spec, None
+    else:
+        data, name = setup_source(spec)
+    if is_fedcore_format(dict(data)):
+        return name or data.get("name") or "custom"
+    return data.get("name") or name or "custom"
+
+
+def planned_folder(cfg: Mapping[str, Any]) -> Optional[Path]:
+    """Where the run of ``cfg`` will write its results (None when its setup cannot even be read)."""
+    if "setup" not in cfg:
+        return None
+    from ..errors import FedcoreError
+
+    try:
+        name = setup_name(cfg.get("setup") or "RAW")
+    except (FedcoreError, OSError):
+        return None
+    return Path(cfg.get("output_dir") or "composition_results") / run_folder_name(name, cfg.get("model_name"))
+
+
+def run_folder_name(setup: str, model_name: Optional[str]) -> str:
+    """``results.run_folder_name`` without importing torch (the launching process stays light)."""
+    return f"{setup}_{model_name}" if model_name else setup
+
+
+def separate_folders(cfgs: Sequence[dict], job_dirs: Sequence[Path]) -> list[Optional[Path]]:
+    """Runs that would share a results folder (same setup and model, other seeds...) each write into their
+    own job folder instead (``output_dir`` set to ``job_dirs[i]``, in place); returns every run's folder."""
+    folders = [planned_folder(c) for c in cfgs]
+    counts = Counter(str(f) for f in folders if f is not None)
+    for i, folder in enumerate(folders):
+        if folder is not None and counts[str(folder)] > 1:
+            cfgs[i]["output_dir"] = str(job_dirs[i])
+            folders[i] = Path(job_dirs[i]) / folder.name
+    return folders
+
+
+def default_sweep_dir(cfgs: Sequence[Mapping[str, Any]]) -> Path:
+    root = next((c.get("output_dir") for c in cfgs if c.get("output_dir")), "composition_results")
+    return Path(root) / "sweeps" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def write_comparison(folders: Sequence[Path | str], out: Path) -> bool:
+    """The sweep's comparison table (CSV + Markdown) and plot, by ``fedcore_adapter.report``."""
+    folders = [str(f) for f in folders if f and Path(f).is_dir()]
+    if not folders:
+        return False
+    try:
+        from ..report import main as report_main
+    except ImportError as err:
+        log.warning("comparison not written (fedcore_adapter.report unavailable: %s)", err)
+        return False
+    try:
+        code = report_main([*folders, "--out", str(out)])
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - every run's own results are already on disk
+        log.warning("comparison not written: %s", " ".join(str(err).split()) or type(err).__name__)
+        return False
+    if code:
+        log.warning("comparison not written (report exited with %s)", code)
+        return False
+    log.info("comparison of %d run(s) written to %s", len(folders), out)
+    return True
+
+
+def _folder(result: TaskResult) -> Optional[str]:
+    return (result.value if isinstance(result.value, Mapping) else {}).get("output_dir")
+
+
+def write_sweep_record(results: Sequence[TaskResult], out: Path,
+                       folders: Optional[Sequence[Optional[Path | str]]] = None) -> Path:
+    """``sweep.json``: every task's label, status, error, worker, wall time and results folder."""
+    rows = []
+    for i, r in enumerate(results):
+        row = r.record()
+        folder = folders[i] if folders is not None else _folder(r)
+        row["output_dir"] = str(folder) if folder and r.status == "completed" else None
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SWEEP_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(rows, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def summary(results: Sequence[TaskResult], folders: Optional[Sequence[Optional[Path | str]]] = None) -> str:
+    """One line per run: status, wall time, and its results folder or its error."""
+    lines = []
+    for i, r in enumerate(results):
+        folder = folders[i] if folders is not None else _folder(r)
+        what = (folder or "") if r.status == "completed" else r.error
+        wall = f"{r.wall_s:7.1f}s" if r.wall_s is not None else "      -"
+        lines.append(f"#{r.index:<3} {r.status:<9} {wall}  {r.label}  ->  {what}")
+    done = sum(r.status == "completed" for r in results)
+    lines.append(f"{done}/{len(results)} completed, {len(results) - done} failed")
+    return "\n".join(lines)
+
+
+def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, labels: Optional[Sequence[str]] = None,
+             model_labels: Optional[Sequence[Optional[str]]] = None, indices: Optional[Sequence[int]] = None,
+             sweep_dir: Optional[str | Path] = None, failed: Sequence[TaskResult] = (),
+             heartbeat_s: float = 30.0) -> list[TaskResult]:
+    """Run every composed configuration as one Dask task on ``cluster`` (default: the first config's
+    ``cluster``); then write ``sweep.json`` and the comparison into ``sweep_dir``. Failed runs are results
+    (``failed``: runs that failed before they could be submitted, recorded with the others)."""
+    cfgs = [copy.deepcopy(dict(c)) for c in configs]
+    if not cfgs and not failed:
+        return []
+    labels = list(labels) if labels else [f"{c.get('setup', 'RAW')} {c.get('model_name') or ''}".strip() for c in cfgs]
+    model_labels = list(model_labels) if model_labels else [None] * len(cfgs)
+    indices = list(indices) if indices is not None else list(range(len(cfgs)))
+    out = Path(sweep_dir) if sweep_dir else default_sweep_dir(cfgs)
+    separate_folders(cfgs, [out / str(i) for i in indices])
+    payloads = [{"cfg": c, "model_label": m} for c, m in zip(cfgs, model_labels)]
+    results: list[TaskResult] = []
+    if cfgs:
+        with open_client(cluster if cluster is not None else cfgs[0].get("cluster")) as client:
+            results = run_tasks(client, run_config, payloads, labels, indices=indices, cwd=os.getcwd(),
+                                heartbeat_s=heartbeat_s)
+    results = sorted([*results, *failed], key=lambda r: r.index)
+    write_sweep_record(results, out)
+    write_comparison([r.value["output_dir"] for r in results if r.status == "completed"], out)
+    return results

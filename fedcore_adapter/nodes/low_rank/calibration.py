@@ -1,0 +1,137 @@
+"""Calibration data and the layer statistics gathered on it (one forward pass per batch, all layers at once).
+
+- input covariance of each layer (for ``explained_variance``): features of a Linear, unfolded patches
+  of a channel-mode conv, token frequencies of an Embedding;
+- output covariance of ``W x`` (bias excluded) of each Linear / 1x1 conv (for falor).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...context import NodeContext
+from ...data import call_model, limited, split_batch, to_device
+from ...errors import NodeError
+from .layers import FactorizedLayer
+
+DEFAULT_CALIBRATION_BATCHES = 8
+
+
+def calibration_inputs(ctx: NodeContext, override: Optional[int]) -> list[Any]:
+    """Model inputs of the first ``override`` (else ``limit_valid_batches``, else 8) validation batches."""
+    loader = ctx.val_loader if ctx.val_loader is not None else ctx.train_loader
+    limit = ctx.limit("valid", override) or DEFAULT_CALIBRATION_BATCHES
+    inputs = [split_batch(to_device(batch, ctx.device))[0] for batch in limited(loader, limit)]
+    if not inputs:
+        raise NodeError(ctx.node_label, "the validation loader yielded no batches; low-rank calibration needs data")
+    return inputs
+
+
+class _Moments:
+    """Running sums for a centred covariance, in float64."""
+
+    def __init__(self):
+        self.n = 0
+        self.sum: Optional[torch.Tensor] = None
+        self.outer: Optional[torch.Tensor] = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to("cpu", torch.float64)
+        if self.sum is None:
+            self.sum = torch.zeros(rows.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+        self.n += rows.shape[0]
+        self.sum += rows.sum(0)
+        self.outer += rows.T @ rows
+
+    def covariance(self) -> Optional[torch.Tensor]:
+        if not self.n:
+            return None
+        mean = self.sum / self.n
+        return self.outer / self.n - torch.outer(mean, mean)
+
+
+def _patches(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows of unfolded input patches of a channel-mode conv, ordered like ``W.reshape(out, -1)``."""
+    if isinstance(conv.padding, str):
+        return None
+    if x.dim() == 3:  # Conv1d as a 1 x k Conv2d
+        x = x.unsqueeze(2)
+        k, s, p, d = (1, *conv.kernel_size), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
+    else:
+        k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # [B, C*k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _run(model: nn.Module, inputs: list[Any], hooks: dict[str, Any]) -> None:
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(fn) for name, fn in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                call_model(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def input_statistics(model: nn.Module, inputs: list[Any], layers: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``name -> statistic`` for ``layers`` (name -> mode): input covariance (Linear, channel conv)
+    or token frequencies (Embedding). Spatial convs get none (their strategy falls back to energy)."""
+    moments: dict[str, _Moments] = {}
+    counts: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def record(module, args, _out):
+            x = args[0]
+            plain = module.first if isinstance(module, FactorizedLayer) else module
+            if isinstance(plain, nn.Embedding):
+                c = torch.bincount(x.reshape(-1).cpu(), minlength=plain.num_embeddings).double()
+                counts[name] = counts.get(name, 0) + c
+            elif isinstance(plain, nn.Linear):
+                moments.setdefault(name, _Moments()).add(x.reshape(-1, x.shape[-1]))
+            else:
+                rows = _patches(plain, x)
+                if rows is not None:
+                    moments.setdefault(name, _Moments()).add(rows)
+        return record
+
+    wanted = {n: hook(n) for n, mode in layers.items() if mode != "spatial" and n in modules}
+    _run(model, inputs, wanted)
+    stats = {name: m.covariance() for name, m in moments.items() if m.n}
+    stats.update({name: c / c.sum() for name, c in counts.items() if float(c.sum()) > 0})
+    return stats
+
+
+def output_covariances(model: nn.Module, names: list[str]) -> tuple[dict[str, _Moments], dict[str, Any]]:
+    """Hooks collecting the centred covariance of ``W x`` (bias removed) for Linear / 1x1 conv layers."""
+    moments = {name: _Moments() for name in names}
+
+    def hook(name: str):
+        def record(module, _args, out):
+            channel = -1 if isinstance(module, nn.Linear) else 1
+            y = out
+            if module.bias is not None:
+                shape = [1] * y.dim()
+                shape[channel] = -1
+                y = y - module.bias.view(shape)
+            rows = y.movedim(channel, -1).reshape(-1, y.shape[channel])
+            moments[name].add(rows)
+        return record
+
+    return moments, {name: hook(name) for name in names}
+
+
+def collect_output_covariances(model: nn.Module, inputs: list[Any], names: list[str]) -> dict[str, torch.Tensor]:
+    """``name -> covariance of W x`` over the calibration inputs."""
+    moments, hooks = output_covariances(model, names)
+    _run(model, inputs, hooks)
+    return {name: m.covariance() for name, m in moments.items() if m.n}

@@ -1,0 +1,118 @@
+"""``low_rank`` node configuration (FedCore ``low_rank_model``), accepting FedCore's parameter names."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from ...schema import NodeConfig, StrictModel, TrainParams
+from .rank_strategies import STRATEGIES
+
+Strategy = Literal["energy", "explained_variance", "quantile", "rank", "rank_ratio", "params_ratio"]
+LayerType = Literal["linear", "conv", "embedding"]
+assert set(Strategy.__args__) == set(STRATEGIES)
+
+# Strategies whose ``thresholds`` are fractions in (0, 1], and those in (0, 1).
+_UNIT_INTERVAL = {"energy", "explained_variance", "quantile", "rank_ratio"}
+
+
+class Budget(StrictModel):
+    """A whole-model target: ``ratio`` of the current total, or an absolute ``value``."""
+
+    metric: Literal["params", "macs"] = "params"
+    ratio: Optional[float] = Field(None, gt=0, le=1, description="target total / current total")
+    value: Optional[int] = Field(None, ge=1, description="target total (absolute count)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "Budget":
+        if (self.ratio is None) == (self.value is None):
+            raise ValueError("give exactly one of ratio (fraction of the current total) or value (absolute count)")
+        return self
+
+
+class LowRankConfig(NodeConfig):
+    """Truncated-SVD (optionally FedCore-regularised) or activation-aware (falor) factorisation."""
+
+    kind: Literal["low_rank"] = "low_rank"
+    method: Literal["svd", "falor"] = Field("svd", description="svd: weight spectrum; falor: output covariance")
+    spectrum_pruning_strategy: Strategy = "energy"
+    thresholds: list[float] = Field(default_factory=lambda: [0.9], min_length=1,
+                                    description="strategy thresholds (FedCore: energy_thresholds); several -> "
+                                                "each is tried and the smallest model within selection_tolerance wins")
+    rank: Optional[int] = Field(None, ge=1, description="fixed rank for spectrum_pruning_strategy='rank'")
+    budget: Optional[Budget] = Field(None, description="global target; replaces the per-layer strategy")
+    decomposing_mode: Literal["channel", "spatial"] = "channel"
+    layer_types: list[LayerType] = Field(default_factory=lambda: ["linear", "conv", "embedding"], min_length=1)
+    include: Optional[list[str]] = Field(None, description="shell patterns of layer names to consider")
+    exclude: list[str] = Field(default_factory=list, description="shell patterns of layer names to skip")
+    selection_tolerance: float = Field(0.01, ge=0, description="accuracy points (or relative loss) a smaller "
+                                                               "candidate may lose when several thresholds are given")
+    calibration_batches: Optional[int] = Field(None, ge=1, description="default: common.limit_valid_batches")
+    # FedCore's regularised training of U, S, Vh before truncation (svd method)
+    epochs: int = Field(0, ge=0, description="epochs of U,S,Vh training with the Hoyer and orthogonality losses")
+    learning_rate: float = Field(1e-3, gt=0)
+    hoyer_loss: float = Field(0.2, ge=0, description="weight of the Hoyer sparsity loss on S")
+    orthogonal_loss: float = Field(5.0, ge=0, description="weight of the orthogonality loss on U and Vh")
+    finetune_params: TrainParams = Field(default_factory=lambda: TrainParams(epochs=0))
+    # activation-aware (falor) decomposition
+    nsr_threshold: float = Field(0.01, gt=0, description="per_layer: largest model-output noise-to-signal ratio "
+                                                         "with one layer changed; global: budget for their sum")
+    allocation: Literal["per_layer", "global"] = Field(
+        "per_layer", description="per_layer: ptdeco's rule, each layer alone under nsr_threshold; global: ranks "
+                                 "with the fewest params whose per-layer NSRs sum to under nsr_threshold")
+    grid_points: int = Field(8, ge=2, description="global allocation: ranks measured per layer")
+    kl_threshold: Optional[float] = Field(None, gt=0, description="optional bound on symmetric KL of output softmax")
+    metric_batches: int = Field(1, ge=1, description="calibration batches the NSR is measured on")
+
+    trains_float_weights: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fedcore_names(cls, data: Any) -> Any:
+        """Map FedCore's names (energy_thresholds, threshold) and let finetune inherit learning_rate."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "energy_thresholds" in data:
+            if "thresholds" in data:
+                raise ValueError("give thresholds or energy_thresholds (FedCore's name), not both")
+            data["thresholds"] = data.pop("energy_thresholds")
+        if "threshold" in data:
+            if "thresholds" in data:
+                raise ValueError("give threshold or thresholds, not both")
+            data["thresholds"] = [data.pop("threshold")]
+        if isinstance(data.get("thresholds"), (int, float)):
+            data["thresholds"] = [data["thresholds"]]
+        finetune = data.get("finetune_params")
+        if isinstance(finetune, dict):
+            finetune = {k: v for k, v in finetune.items() if not (k == "custom_loss" and v is None)}
+            if "learning_rate" in data and "learning_rate" not in finetune:
+                finetune["learning_rate"] = data["learning_rate"]
+            data["finetune_params"] = finetune
+        return data
+
+    @field_validator("thresholds")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"every threshold must be in (0, 1] (got {bad[0]})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LowRankConfig":
+        strategy = self.spectrum_pruning_strategy
+        if strategy == "params_ratio" and any(t >= 1 for t in self.thresholds):
+            raise ValueError(f"params_ratio thresholds must be in (0, 1) (got {max(self.thresholds)})")
+        if strategy == "rank" and self.rank is None and self.budget is None and self.method == "svd":
+            raise ValueError("spectrum_pruning_strategy='rank' needs rank: <int>")
+        if self.method == "falor" and self.budget is not None:
+            raise ValueError("budget works with method='svd' only; falor chooses ranks by nsr_threshold")
+        if self.method == "falor" and self.epochs:
+            raise ValueError("epochs (regularised U,S,Vh training) works with method='svd' only; "
+                             "use finetune_params to train after falor")
+        return self
+
+    def train_params(self) -> TrainParams:
+        """Options of the regularised U,S,Vh training phase."""
+        return TrainParams(epochs=self.epochs, learning_rate=self.learning_rate, progress=self.finetune_params.progress)

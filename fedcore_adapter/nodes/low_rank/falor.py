@@ -1,0 +1,195 @@
+"""Activation-aware decomposition (ptdeco's falor: "features are low-rank").
+
+For each Linear and 1x1 conv: the covariance of its outputs ``W x`` over the
+calibration batches gives eigenvectors ``E``; the weight is projected on the
+top-k of them, ``W ~ E_k (E_k^T W)``, and k is the smallest rank for which the
+model's output noise-to-signal ratio (and optionally the symmetric KL of its
+softmax) stays under the threshold, with only that layer changed. No training,
+no labels: dict batches of a text encoder work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ...data import call_model, primary_output
+
+
+@dataclass
+class FalorJob:
+    """One layer's output covariance and the largest rank that still saves parameters."""
+
+    name: str
+    covariance: torch.Tensor
+    max_rank: int
+
+
+@dataclass
+class FalorResult:
+    name: str
+    rank: Optional[int]  # None: no saving rank meets the thresholds
+    eigvecs: Optional[torch.Tensor] = None  # top-`rank` output eigenvectors (out x rank, float64)
+    nsr: Optional[float] = None
+    kl: Optional[float] = None
+    evaluations: int = 0
+    trials: list[dict] = field(default_factory=list)
+
+
+def top_eigenvectors(covariance: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a covariance, largest eigenvalue first (float64, deterministic sign)."""
+    values, vectors = torch.linalg.eigh(covariance.double())
+    vectors = vectors.flip(1)
+    signs = torch.sign(vectors[vectors.abs().argmax(0), torch.arange(vectors.shape[1])])
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+def _rows(out: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """Model output as rows x channels; padded tokens of a text batch are left out."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+        return out[mask.bool()].float()
+    return out.reshape(-1, out.shape[-1]).float() if out.dim() > 1 else out.reshape(-1, 1).float()
+
+
+def noise_to_signal(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over channels of mean squared error / variance of the reference channel."""
+    variance = reference.var(0, unbiased=False)
+    eps = 1e-6 * float(variance.mean()) + 1e-12
+    return float(((candidate - reference) ** 2).mean(0).div(variance + eps).mean())
+
+
+def symmetric_kl(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """max(KL(p||q), KL(q||p)) of the softmax over channels, averaged over rows (ptdeco's measure)."""
+    lp, lq = torch.log_softmax(reference, -1), torch.log_softmax(candidate, -1)
+    kl_pq = (lp.exp() * (lp - lq)).sum(-1)
+    kl_qp = (lq.exp() * (lq - lp)).sum(-1)
+    return float(torch.maximum(kl_pq, kl_qp).mean())
+
+
+def model_rows(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
+    """The model's primary output on each batch, as rows (the reference the search compares to)."""
+    with torch.no_grad():
+        return [_rows(primary_output(call_model(model, x)), x) for x in inputs]
+
+
+def _weight_2d(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().reshape(layer.weight.shape[0], -1)
+
+
+def _projector(job: FalorJob, layer: nn.Module):
+    vectors = top_eigenvectors(job.covariance)
+    w = _weight_2d(layer).double().cpu()
+    return vectors, w
+
+
+def _trial(model: nn.Module, layer: nn.Module, original: torch.Tensor, projected: torch.Tensor, inputs: list[Any],
+           references: list[torch.Tensor], with_kl: bool) -> tuple[float, Optional[float]]:
+    """Model-output NSR (and KL) with ``layer``'s weight temporarily replaced by ``projected``."""
+    with torch.no_grad():
+        layer.weight.copy_(projected)
+        try:
+            outs = model_rows(model, inputs)
+        finally:
+            layer.weight.copy_(original)
+    nsr = sum(noise_to_signal(o, r) for o, r in zip(outs, references)) / len(outs)
+    kl = sum(symmetric_kl(o, r) for o, r in zip(outs, references)) / len(outs) if with_kl else None
+    return nsr, kl
+
+
+def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], references: list[torch.Tensor],
+                 nsr_threshold: float, kl_threshold: Optional[float], grid: Optional[int] = None) -> FalorResult:
+    """Per-layer rank measurement with only this layer changed (its weight is restored after each trial).
+
+    ``grid=None`` (ptdeco's per-layer rule): binary search for the smallest rank k <= ``job.max_rank``
+    whose model-output NSR (and KL) is under the thresholds. ``grid=G``: the NSR at G evenly spaced
+    ranks up to ``job.max_rank`` (for the global allocation), every one kept in ``trials``.
+    """
+    layer = model.get_submodule(job.name)
+    result = FalorResult(job.name, None)
+    if job.max_rank < 1:
+        return result
+    vectors, w = _projector(job, layer)
+    original = layer.weight.detach().clone()
+
+    def trial(k: int) -> bool:
+        e = vectors[:, :k]
+        projected = (e @ (e.T @ w)).to(original.dtype).reshape(original.shape).to(original.device)
+        nsr, kl = _trial(model, layer, original, projected, inputs, references, kl_threshold is not None)
+        result.evaluations += 1
+        result.trials.append({"rank": k, "nsr": nsr, **({"kl": kl} if kl is not None else {})})
+        return nsr < nsr_threshold and (kl_threshold is None or kl < kl_threshold)
+
+    was_training = model.training
+    model.eval()
+    try:
+        if grid:
+            for k in sorted({max(1, round(job.max_rank * (i + 1) / grid)) for i in range(grid)}):
+                trial(k)
+            result.eigvecs = vectors[:, :job.max_rank].clone()
+            return result
+        if not trial(job.max_rank):
+            return result
+        best, lo, hi = job.max_rank, 1, job.max_rank - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if trial(mid):
+                best, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+    finally:
+        model.train(was_training)
+    chosen = next(t for t in result.trials if t["rank"] == best)
+    result.rank, result.nsr, result.kl = best, chosen["nsr"], chosen.get("kl")
+    result.eigvecs = vectors[:, :best].clone()
+    return result
+
+
+def allocate_nsr(results: list[FalorResult], params_at: dict[str, Any], params_now: dict[str, int],
+                 nsr_budget: float, kl_budget: Optional[float]) -> dict[str, Optional[int]]:
+    """Ranks minimising parameters with the sum of per-layer NSRs (and KLs) within the budgets.
+
+    Greedy on the best ratio: every layer starts unchanged (NSR 0); among all moves of one layer to any
+    lower measured rank, the one saving the most parameters per unit of NSR added is taken while the
+    sums fit (looking past the first, barely-saving rank avoids stalling on it). Each layer's NSR
+    curve is made monotone (a lower rank never counts as better than a higher one).
+    """
+    options: dict[str, list[tuple[int, float, float]]] = {}
+    for res in results:
+        curve, worst_nsr, worst_kl = [], 0.0, 0.0
+        for t in sorted(res.trials, key=lambda t: -t["rank"]):
+            worst_nsr, worst_kl = max(worst_nsr, t["nsr"]), max(worst_kl, t.get("kl", 0.0))
+            curve.append((t["rank"], worst_nsr, worst_kl))
+        options[res.name] = curve  # ranks descending, NSR ascending
+    position = {name: -1 for name in options}  # -1: layer unchanged
+    spent_nsr = spent_kl = 0.0
+    while True:
+        best = None
+        for name, curve in options.items():
+            i = position[name]
+            prev_nsr, prev_kl = (0.0, 0.0) if i < 0 else curve[i][1:]
+            prev_params = params_now[name] if i < 0 else params_at[name](curve[i][0])
+            for j in range(i + 1, len(curve)):
+                rank, nsr, kl = curve[j]
+                add_nsr, add_kl = nsr - prev_nsr, kl - prev_kl
+                if spent_nsr + add_nsr >= nsr_budget or (kl_budget is not None and spent_kl + add_kl >= kl_budget):
+                    break  # later ranks add even more
+                value = (prev_params - params_at[name](rank)) / max(add_nsr, 1e-12)
+                if best is None or value > best[0]:
+                    best = (value, name, j, add_nsr, add_kl)
+        if best is None:
+            break
+        _, name, j, add_nsr, add_kl = best
+        position[name] = j
+        spent_nsr += add_nsr
+        spent_kl += add_kl
+    return {name: (options[name][i][0] if i >= 0 else None) for name, i in position.items()}
+
+
+def falor_factors(layer: nn.Module, eigvecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B) = (E_k, E_k^T W)`` in the layer's matrix form (out x in)."""
+    w = _weight_2d(layer).double().cpu()
+    return eigvecs, eigvecs.T @ w

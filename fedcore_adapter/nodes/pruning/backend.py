@@ -1,0 +1,68 @@
+"""Choosing the structured-pruning backend, example inputs, and Taylor gradient calibration."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ...data import batch_size, call_model, first_batch, primary_output, split_batch, to_device
+from .structured import GraphPruner, Ratio
+from .transformers import TransformerPruner, find_groups
+
+Pruner = Union[GraphPruner, TransformerPruner]
+
+
+def make_pruner(model: nn.Module, example_inputs: Any, *, label: str, ratio: Ratio, steps: int = 1,
+                head_ratio: Optional[float] = None, importance: str = "magnitude", importance_norm: float = 2.0,
+                global_pruning: bool = False, round_to: Optional[int] = None,
+                ignored_layers: Iterable[str] = ()) -> Pruner:
+    """A pruner for ``model`` (changed in place by its ``step``): heads + FFN for transformer encoders,
+    torch-pruning's dependency graph otherwise. Validates everything before anything is removed."""
+    common = dict(label=label, ratio=ratio, steps=steps, importance=importance, importance_norm=importance_norm,
+                  global_pruning=global_pruning, round_to=round_to, ignored_layers=tuple(ignored_layers))
+    groups = find_groups(model)
+    if groups:
+        return TransformerPruner(model, groups, head_ratio=head_ratio, **common)
+    return GraphPruner(model, example_inputs, **common)
+
+
+def slice_inputs(inputs: Any, n: int) -> Any:
+    """The first ``n`` samples of a batch's inputs (tensor, tuple or dict)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:n]
+    if isinstance(inputs, dict):
+        return {k: slice_inputs(v, n) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(slice_inputs(v, n) for v in inputs)
+    return inputs
+
+
+def example_inputs(loader: Any, device: torch.device, n: int = 2) -> Any:
+    """A few samples of the first batch, for tracing the model."""
+    inputs, _ = split_batch(to_device(first_batch(loader, "training loader"), device))
+    return slice_inputs(inputs, min(n, batch_size(inputs)))
+
+
+def calibration_loss(output: Any, target: Optional[torch.Tensor], loss_fn: Optional[Callable]) -> torch.Tensor:
+    """Task loss on labeled batches; on unlabeled ones half the mean squared output (its energy)."""
+    out = primary_output(output)
+    if target is not None and loss_fn is not None:
+        return loss_fn(out, target)
+    return 0.5 * out.float().pow(2).mean()
+
+
+def accumulate_gradients(model: nn.Module, batches: Iterable[Any], loss_fn: Optional[Callable],
+                         device: torch.device) -> int:
+    """Fill ``.grad`` with the gradient summed over ``batches`` (Taylor importance); returns batches used."""
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    used = 0
+    with torch.enable_grad():
+        for batch in batches:
+            inputs, target = split_batch(to_device(batch, device))
+            calibration_loss(call_model(model, inputs), target, loss_fn).backward()
+            used += 1
+    model.train(was_training)
+    return used

@@ -1,0 +1,285 @@
+"""Channel pruning of any traceable model through torch-pruning's dependency graph.
+
+Coupled channels (a conv, its BatchNorm, the next layer's inputs, residual
+partners) are removed together. Layers torch-pruning cannot prune (GRU, RNN,
+multi-layer LSTM, custom modules holding raw parameters) are traced as opaque
+blocks and every channel group touching them is kept, with a warning naming
+them; groups that would change the model's output shape are never pruned.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ...data import call_model, primary_output
+from ...errors import NodeError
+from .history import History
+from .layer_pruners import LSTM_PRUNER, FrozenPruner, has_pruner
+
+Ratio = Union[float, dict[str, float]]
+
+
+class PruningWarning(UserWarning):
+    """A layer or option the pruning node had to leave alone."""
+
+
+def unsupported_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Sub-modules with their own parameters whose channels no pruning function can remove."""
+    found = {}
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f"{n}.") for n in found):
+            continue
+        if any(True for _ in module.parameters(recurse=False)) and not has_pruner(module):
+            found[name] = module
+    return found
+
+
+class _Opaque(torch.autograd.Function):
+    """Identity on a layer's outputs whose autograd node links straight to the layer's input."""
+
+    @staticmethod
+    def forward(ctx, source, *outputs):
+        return tuple(o.clone() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) * (len(grads) + 1)
+
+
+@contextmanager
+def _opaque_forward(modules: dict[str, nn.Module]) -> Iterator[None]:
+    """While tracing, each of ``modules`` shows as one graph node (its internals hidden)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    def wrap(module: nn.Module):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            with torch.no_grad():
+                out = original(*args, **kwargs)
+            source = next((a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
+                           and a.is_floating_point()), None)
+            leaves, spec = tree_flatten(out)
+            idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if source is None or not idx:
+                return out
+            wrapped = _Opaque.apply(source, *[leaves[i] for i in idx])
+            for i, t in zip(idx, wrapped):
+                leaves[i] = t
+            return tree_unflatten(leaves, spec)
+
+        return forward
+
+    for module in modules.values():
+        module.forward = wrap(module)
+    try:
+        yield
+    finally:
+        for module in modules.values():
+            del module.forward
+
+
+@contextmanager
+def trace_errors(model: nn.Module, label: str) -> Iterator[None]:
+    """Turn a failure while tracing into one NodeError naming the innermost layer that was running."""
+    stack: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+    handles = []
+
+    def enter(name: str) -> None:
+        stack.append(name)
+
+    def leave() -> None:
+        if stack:
+            stack.pop()
+
+    for module, name in names.items():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: enter(n)))
+        handles.append(module.register_forward_hook(lambda m, a, o: leave()))
+    try:
+        yield
+    except NodeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear line
+        where = f" in layer {stack[-1]!r} ({type(model.get_submodule(stack[-1])).__name__})" if stack and stack[-1] \
+            else ""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NodeError(label, f"cannot trace the model for pruning{where}: {type(err).__name__}: {reason}") from None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build_importance(name: str, norm: float):
+    """torch-pruning's importance criterion for a native importance name."""
+    imp = tp.importance
+    return {
+        "magnitude": lambda: imp.MagnitudeImportance(p=norm),
+        "taylor": lambda: imp.TaylorImportance(),
+        "lamp": lambda: imp.LAMPImportance(p=norm),
+        "bn_scale": lambda: imp.BNScaleImportance(),
+        "random": lambda: imp.RandomImportance(),
+    }[name]()
+
+
+def _matches(group: str, key: str) -> bool:
+    """A ratio key names a group when it is the group's layer, a container of it, or a part of it."""
+    return group == key or not key or group.startswith(f"{key}.") or key.startswith(f"{group}.")
+
+
+def ratio_for(group: str, ratio: Ratio) -> float:
+    if not isinstance(ratio, dict):
+        return ratio
+    hits = [(len(k), r) for k, r in ratio.items() if _matches(group, k)]
+    return max(hits)[1] if hits else 0.0
+
+
+def empties_layer(channels: int, ratio: float, round_to: Optional[int] = None) -> bool:
+    """Whether removing ``ratio`` of ``channels`` (then rounding to ``round_to``) would leave none."""
+    kept = int(channels * (1 - ratio))
+    if round_to:
+        kept -= kept % round_to
+    return ratio > 0 and kept < 1
+
+
+def screen_small_groups(label: str, groups: dict[str, tuple[int, float]], ratio: Ratio,
+                        round_to: Optional[int] = None, unit: str = "channel") -> list[str]:
+    """Groups (name -> (channels, ratio)) that their ratio would empty.
+
+    A per-layer ratio (``pruning_ratio`` as a dict) that empties its layer is an
+    error naming it; one ratio for the whole model leaves such small layers
+    (e.g. rank-2 factors after low-rank) whole, with a warning naming them.
+    """
+    small = {g: (n, r) for g, (n, r) in groups.items() if empties_layer(n, r, round_to)}
+    if not small:
+        return []
+    if isinstance(ratio, dict):
+        layer, (channels, r) = next(iter(small.items()))
+        step = round_to or 1
+        limit = 1 - step / channels if channels > step else 0.0
+        raise NodeError(label, f"pruning ratio {r:g} would remove every {unit} of layer {layer!r} "
+                               f"({channels} {unit}s{f', round_to={round_to}' if round_to else ''}); "
+                               f"use a ratio below {limit:.4g} for it")
+    listed = ", ".join(f"{g!r} ({n} {unit}s)" for g, (n, _) in small.items())
+    warnings.warn(f"node {label}: pruning ratio {next(iter(small.values()))[1]:g} would remove every {unit} of "
+                  f"{listed}; kept whole (a per-layer pruning_ratio can prune them)", PruningWarning, stacklevel=4)
+    return list(small)
+
+
+class GraphPruner:
+    """Iterative channel pruning of ``model`` in place; every removal is recorded in a :class:`History`."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, label: str, ratio: Ratio, steps: int,
+                 importance: str = "magnitude", importance_norm: float = 2.0, global_pruning: bool = False,
+                 round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = ()):
+        self.model, self.label = model, label
+        self.skipped: list[str] = []
+        frozen = unsupported_modules(model)
+        customized = {type(m): FrozenPruner() for m in frozen.values() if not isinstance(m, nn.LSTM)}
+        customized[nn.LSTM] = LSTM_PRUNER
+        ratio_dict = {}
+        if isinstance(ratio, dict):
+            ratio_dict = {self._module(key, "pruning_ratio"): r for key, r in ratio.items()}
+        ignored = [self._module(name, "ignored_layers") for name in ignored_layers]
+        if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but the model has no "
+                                   "BatchNorm layer; use magnitude, taylor, lamp or random")
+        was_training = model.training
+        with trace_errors(model, label), _opaque_forward(frozen), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="torch_pruning")
+            self.pruner = tp.pruner.BasePruner(
+                model, example_inputs, importance=build_importance(importance, importance_norm),
+                global_pruning=global_pruning, pruning_ratio=0.0 if ratio_dict else float(ratio),
+                pruning_ratio_dict=ratio_dict or None, iterative_steps=steps, ignored_layers=ignored,
+                round_to=round_to, customized_pruners=customized,
+                forward_fn=lambda m, x: call_model(m, x), output_transform=primary_output)
+        model.train(was_training)
+        self._protect(frozen)
+        self.groups = self._group_table()
+        self._validate(ratio, round_to)
+        if not self.groups:
+            warnings.warn(f"node {label}: no layer group can lose channels (layers producing the model's output and "
+                          f"those coupled to kept layers stay whole); the model is left as it is",
+                          PruningWarning, stacklevel=3)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _module(self, name: str, field: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            layers = [n for n, m in self.model.named_modules() if n and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+            raise NodeError(self.label, f"{field} names layer {name!r}, which the model does not have; "
+                                        f"its layers include: {', '.join(layers[:12])}") from None
+
+    def _all_groups(self):
+        p = self.pruner
+        return p.DG.get_all_groups(ignored_layers=p.ignored_layers, root_module_types=p.root_module_types)
+
+    def _protect(self, frozen: dict[str, nn.Module]) -> None:
+        """Ignore groups that touch an unsupported layer or would change the model's output shape."""
+        dg = self.pruner.DG
+        frozen_ids = {id(m): n for n, m in frozen.items()}
+        coupled: dict[str, set[str]] = {name: set() for name in frozen}
+        for group in list(self._all_groups()):
+            touched = {frozen_ids[id(dep.target.module)] for dep, _ in group if id(dep.target.module) in frozen_ids}
+            outs = [dep.target for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
+            at_output = any(not node.outputs for node in outs)
+            if not touched and not at_output:
+                continue
+            self.pruner.ignored_layers.extend(node.module for node in outs if isinstance(node.module, nn.Module))
+            for name in touched:
+                coupled[name].update(dg._module2name[n.module] for n in outs
+                                     if n.module in dg._module2name and id(n.module) not in frozen_ids)
+        for name, module in frozen.items():
+            kept = f", with the channels coupled to it ({', '.join(sorted(coupled[name]))})" if coupled[name] else ""
+            self.skipped.append(f"{name} ({type(module).__name__})")
+            warnings.warn(f"node {self.label}: torch-pruning cannot prune layer {name!r} ({type(module).__name__}); "
+                          f"it is kept whole{kept}", PruningWarning, stacklevel=4)
+
+    def _group_table(self) -> dict[str, tuple[int, list[nn.Module]]]:
+        """Prunable layer groups: root layer name -> (channels, layers whose outputs it prunes)."""
+        dg = self.pruner.DG
+        table = {}
+        for group in self._all_groups():
+            root = group[0].dep.target.module
+            outs = [dep.target.module for dep, _ in group
+                    if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)]
+            table[dg._module2name[root]] = (dg.get_out_channels(root) // max(self.pruner._get_channel_groups(group), 1),
+                                           outs)
+        return table
+
+    def _validate(self, ratio: Ratio, round_to: Optional[int]) -> None:
+        if isinstance(ratio, dict):
+            for key in ratio:
+                if not any(_matches(g, key) for g in self.groups):
+                    raise NodeError(self.label, f"pruning_ratio names {key!r}, which holds no prunable channel group; "
+                                                f"prunable groups: {', '.join(list(self.groups)[:12])}")
+        if self.pruner.global_pruning:
+            return
+        sizes = {g: (n, ratio_for(g, ratio)) for g, (n, _) in self.groups.items()}
+        for name in screen_small_groups(self.label, sizes, ratio, round_to):
+            self.pruner.ignored_layers.extend(self.groups.pop(name)[1])
+
+    # -- pruning -----------------------------------------------------------------------------------
+    def group_names(self) -> list[str]:
+        return list(self.groups)
+
+    def step(self, history: History, step: Optional[int] = None) -> None:
+        """The next scheduled pruning step; records every module's removed indices in ``history``."""
+        dg = self.pruner.DG
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for group in self.pruner.step(interactive=True):
+            for dep, idxs in group:
+                target = dep.target
+                side = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                idxs = tp._helpers.to_plain_idxs(idxs)
+                if target.type == tp.ops.OPTYPE.PARAMETER:
+                    history.add(dg._param_to_name[target.module], side, idxs, target.pruning_dim)
+                elif id(target.module) in names and len(idxs):
+                    history.add(names[id(target.module)], side, idxs, target.pruning_dim)
+            group.prune()

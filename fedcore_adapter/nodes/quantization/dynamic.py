@@ -1,0 +1,155 @@
+"""``ptq_dynamic`` (FedCore ``post_dynamic_quant``): int8 weights, activations quantized on the fly.
+
+Linear layers become torch.ao dynamic int8 Linears; with ``allow_conv``,
+Conv1d/Conv2d (groups=1, BatchNorm folded in first) run as im2col + the same
+int8 GEMM; with ``allow_emb`` embeddings store int8 rows. ``smooth_alpha`` applies SmoothQuant: per input channel, activation
+outliers are divided out and multiplied into the weights before quantization.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
+import torch.ao.nn.quantized as nnq
+
+from ...context import NodeContext
+from ...data import call_model
+from ...registry import register_node
+from .backends import quantized_engine, quiet
+from .calibration import calibration_batches, check_engine
+from .config import PTQDynamicConfig
+from .folding import conv_bn_pairs, fold_batchnorm_
+from .modules import DynamicConv, DynamicLinear, SmoothDynamicLinear, supports_dynamic_conv
+from .selective import choose_float_layers, quantizable_layers, require_layers, skipped_by_patterns
+
+METHOD = "dynamic"
+
+
+@torch.inference_mode()
+def input_absmax(model: nn.Module, names: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
+    """Per input channel max |x| seen by each named Linear over ``batches``."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, _module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+        stats[name] = torch.maximum(stats[name], x) if name in stats else x
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, n)) for n in names]
+    try:
+        model.eval()
+        for inputs in batches:
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def smoothing_scales(weight: torch.Tensor, absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|x_j|^alpha / max|W_:j|^(1-alpha)`` (inputs are divided by ``s``)."""
+    w = weight.detach().abs().amax(0).float().clamp(min=1e-5)
+    return (absmax.clamp(min=1e-5).pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def _qconfig(kind: str, per_channel: bool):
+    if kind == "embedding":
+        return float_qparams_weight_only_qconfig
+    return per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+
+
+def swap_dynamic_(model: nn.Module, plan: dict, scales: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """Replace the plan's float layers by int8 ones in place (BatchNorm folded first); ``scales``: SmoothQuant."""
+    scales = scales or {}
+    smoothed = set(plan["smoothed"])
+    with quiet(), quantized_engine(plan["engine"]):
+        fold_batchnorm_(model, [tuple(p) for p in plan["folded_bn"]])
+        for name, kind in plan["layers"].items():
+            module = model.get_submodule(name)
+            module.qconfig = _qconfig(kind, plan["per_channel"])
+            if kind == "embedding":
+                cls = nnq.Embedding if type(module) is nn.Embedding else nnq.EmbeddingBag
+                model.set_submodule(name, cls.from_float(module))
+                continue
+            if name in smoothed:
+                s = scales.get(name, torch.ones(module.in_features))
+                with torch.no_grad():
+                    module.weight.mul_(s.to(module.weight.dtype))
+                quantized = SmoothDynamicLinear.from_float(module)
+                quantized.input_scale.copy_(1 / s)
+            elif kind == "conv":
+                quantized = DynamicConv.from_conv(module)
+            else:
+                quantized = DynamicLinear.from_float(module)
+            quantized.activation_range = plan["activation_range"]
+            model.set_submodule(name, quantized)
+    return model
+
+
+def make_plan(model: nn.Module, layers: dict[str, str], keep_float: frozenset, config: PTQDynamicConfig) -> dict:
+    """The JSON record of what ``swap_dynamic_`` does (also what the checkpoint replays)."""
+    chosen = {n: k for n, k in layers.items() if n not in keep_float}
+    convs = {n for n, k in chosen.items() if k == "conv"}
+    return {
+        "method": METHOD,
+        "engine": config.backend,
+        "per_channel": config.per_channel,
+        "activation_range": config.activation_range,
+        "layers": chosen,
+        "smoothed": [n for n, k in chosen.items() if k == "linear"] if config.smooth_alpha is not None else [],
+        "folded_bn": [list(p) for p in conv_bn_pairs(model) if p[0] in convs] if convs else [],
+    }
+
+
+def quantize_dynamic_model(model: nn.Module, keep_float: frozenset, layers: dict[str, str],
+                           config: PTQDynamicConfig, absmax: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """Quantize ``model`` in place, keeping ``keep_float`` layers in float; returns it and its plan."""
+    plan = make_plan(model, layers, keep_float, config)
+    scales = {n: smoothing_scales(model.get_submodule(n).weight, absmax[n], config.smooth_alpha)
+              for n in plan["smoothed"]}
+    return swap_dynamic_(model, plan, scales), plan
+
+
+def _quantized(model: nn.Module, keep_float: frozenset, layers: dict, config: PTQDynamicConfig, absmax: dict):
+    return quantize_dynamic_model(model, keep_float, layers, config, absmax)[0]
+
+
+def write_report(ctx: NodeContext, name: str, data: Any) -> None:
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.output_dir / name).write_text(json.dumps(data, indent=2))
+
+
+@register_node(PTQDynamicConfig)
+def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeContext) -> nn.Module:
+    label = ctx.node_label or config.label
+    check_engine(config.backend, label)
+    kinds = ["linear"] + ["conv"] * config.allow_conv + ["embedding"] * config.allow_emb
+    layers = {n: k for n, k in quantizable_layers(model, kinds).items()
+              if k != "conv" or supports_dynamic_conv(model.get_submodule(n))}
+    require_layers(layers, label, kinds)
+    keep_float = skipped_by_patterns(layers, config.skip, label)
+    batches: list = []
+    if config.smooth_alpha is not None or config.auto_skip is not None:
+        batches = calibration_batches(ctx, ctx.limit("valid", config.calibration_batches), label,
+                                      "smooth_alpha" if config.smooth_alpha is not None else "auto_skip")
+    work = copy.deepcopy(model).cpu().eval()
+    linears = [n for n, k in layers.items() if k == "linear"]
+    absmax = input_absmax(work, linears, batches) if config.smooth_alpha is not None else {}
+    if config.auto_skip is not None:
+        quantize = functools.partial(_quantized, layers=layers, config=config, absmax=absmax)
+        keep_float, report = choose_float_layers(
+            ctx, quantize, work, batches[:config.auto_skip.batches], list(layers),
+            config.auto_skip.error_budget, config.auto_skip.max_float_layers, keep_float)
+        write_report(ctx, "sensitivity.json", report)
+        ctx.log({"quant_error": report["error"], "quant_float_layers": float(len(report["kept_float"]))})
+    quantized, plan = quantize_dynamic_model(work, frozenset(keep_float), layers, config, absmax)
+    ctx.record_structure("quantize", plan)
+    if config.export:
+        from .export import export_program
+
+        export_program(quantized, batches or None, ctx, label)
+    return quantized

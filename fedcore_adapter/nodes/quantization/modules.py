@@ -1,0 +1,112 @@
+"""int8 module classes of the dynamic path: torch.ao's dynamic Linear with 8-bit activations
+where the CPU allows it, a SmoothQuant variant that rescales its input channels first, and
+convolutions run as im2col + the same int8 GEMM.
+
+torch.ao's dynamic modules always quantize activations to 7 bits (``reduce_range=True``)
+because int8 dot products saturate int16 on CPUs without VNNI. On VNNI CPUs the full 8
+bits are safe and halve the activation rounding error; the choice is made at run time,
+so a checkpoint stays correct on any CPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.ao.nn.quantized.dynamic as nnqd
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import has_vnni
+
+
+def _reduce(module: nn.Module) -> bool:
+    return getattr(module, "activation_range", "auto") != "auto" or not has_vnni()
+
+
+class DynamicLinear(nnqd.Linear):
+    """Dynamic int8 Linear; activations use 8 bits on VNNI CPUs (``activation_range='auto'``)."""
+
+    activation_range: str = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=_reduce(self))
+        return y.to(x.dtype)
+
+    def _get_name(self) -> str:
+        return "DynamicInt8Linear"
+
+
+class SmoothDynamicLinear(DynamicLinear):
+    """SmoothQuant: ``x / s`` feeds int8 weights ``W * s`` (``s`` per input channel, a buffer)."""
+
+    def __init__(self, in_features: int, out_features: int, bias_: bool = True, dtype: torch.dtype = torch.qint8):
+        super().__init__(in_features, out_features, bias_, dtype=dtype)
+        self.register_buffer("input_scale", torch.ones(in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.input_scale)
+
+    def _get_name(self) -> str:
+        return "SmoothDynamicInt8Linear"
+
+
+def im2col_apply(x: torch.Tensor, geometry: dict, matmul) -> torch.Tensor:
+    """A convolution as ``matmul`` over unfolded patches (``[N * positions, C * kernel] -> [.., out]``)."""
+    one_d = geometry["dims"] == 1
+    if one_d:
+        x = x.unsqueeze(2)
+    k, s, p, d = (tuple(geometry[key]) for key in ("kernel_size", "stride", "padding", "dilation"))
+    if one_d:
+        k, s, p, d = (1, k[0]), (1, s[0]), (0, p[0]), (1, d[0])
+    n, _, h, w = x.shape
+    h_out = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    w_out = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s).transpose(1, 2)  # [N, positions, C*kh*kw]
+    y = matmul(cols.reshape(-1, cols.shape[-1])).reshape(n, h_out * w_out, -1).transpose(1, 2)
+    return y.reshape(n, -1, w_out) if one_d else y.reshape(n, -1, h_out, w_out)
+
+
+class DynamicConv(DynamicLinear):
+    """Dynamic int8 Conv1d/Conv2d as im2col + the dynamic int8 GEMM.
+
+    torch.ao's own dynamic convolutions re-quantize their output with the
+    *input's* range, clipping every output larger than the input; the int8
+    GEMM behind dynamic Linear returns float outputs and has no such limit.
+    """
+
+    geometry: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return im2col_apply(x, self.geometry, super().forward)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> "DynamicConv":
+        """Quantize ``conv`` (its ``qconfig`` set) with its kernel flattened to ``[out, in * kernel]``."""
+        flat = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None)
+        flat.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+        if conv.bias is not None:
+            flat.bias = nn.Parameter(conv.bias.detach())
+        flat.qconfig = conv.qconfig
+        quantized = cls.from_float(flat)
+        quantized.geometry = conv_geometry(conv)
+        return quantized
+
+    def _get_name(self) -> str:
+        return "DynamicInt8Conv"
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"{super().extra_repr()}, kernel_size={g.get('kernel_size')}, stride={g.get('stride')}"
+
+
+def conv_geometry(conv: nn.Module) -> dict:
+    return {"dims": conv.weight.dim() - 2, "kernel_size": list(conv.kernel_size), "stride": list(conv.stride),
+            "padding": list(conv.padding), "dilation": list(conv.dilation)}
+
+
+def supports_dynamic_conv(conv: nn.Module) -> bool:
+    """Conv1d/Conv2d without groups, with numeric zero padding (what im2col covers)."""
+    return (type(conv) in (nn.Conv1d, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
+# float module type -> our dynamic int8 class
+DYNAMIC_CLASSES: dict[type, type] = {nn.Linear: DynamicLinear, nn.Conv1d: DynamicConv, nn.Conv2d: DynamicConv}

@@ -1,0 +1,133 @@
+"""Selective precision: which layers are quantized, ``skip`` patterns, and the automatic mode
+that keeps the most quantization-sensitive layers in float until an error budget is met."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ...data import call_model, primary_output
+from ...errors import NodeError
+
+# Exact types only: subclasses (e.g. MultiheadAttention's out_proj) may not be called as plain layers.
+LAYER_TYPES: dict[str, tuple[type, ...]] = {
+    "linear": (nn.Linear,),
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    "embedding": (nn.Embedding, nn.EmbeddingBag),
+}
+
+# (model, names kept in float) -> quantized copy; must be picklable (module-level function or partial)
+Quantizer = Callable[[nn.Module, frozenset], nn.Module]
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    return next((kind for kind, types in LAYER_TYPES.items() if type(module) in types), None)
+
+
+def quantizable_layers(model: nn.Module, kinds: Iterable[str]) -> dict[str, str]:
+    """``{layer name: kind}`` of the layers of the given kinds, in model order."""
+    kinds = set(kinds)
+    return {name: kind for name, module in model.named_modules()
+            if (kind := layer_kind(module)) is not None and kind in kinds}
+
+
+def require_layers(layers: dict[str, str], label: str, kinds: Iterable[str]) -> None:
+    if not layers:
+        types = ", ".join(t.__name__ for kind in kinds for t in LAYER_TYPES[kind])
+        raise NodeError(label, f"the model has no quantizable layers ({types}); nothing would run in int8")
+
+
+def skipped_by_patterns(layers: Iterable[str], patterns: list[str], label: str) -> set[str]:
+    """Layer names matching any ``skip`` pattern (fnmatch); a pattern matching nothing, or every layer, is an error."""
+    layers = list(layers)
+    skipped: set[str] = set()
+    for pattern in patterns:
+        hits = {name for name in layers if fnmatch.fnmatchcase(name, pattern)}
+        if not hits:
+            shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
+            raise NodeError(label, f"skip pattern {pattern!r} matches no quantizable layer (layers: {shown})")
+        skipped |= hits
+    if layers and len(skipped) == len(layers):
+        raise NodeError(label, f"skip patterns {patterns} match all {len(layers)} quantizable layers; "
+                               f"nothing would be quantized")
+    return skipped
+
+
+def relative_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """``sum ||y_q - y||^2 / sum ||y||^2`` over batches."""
+    num = sum(float((o.float() - r.float()).pow(2).sum()) for r, o in zip(reference, outputs))
+    den = sum(float(r.float().pow(2).sum()) for r in reference)
+    return num / max(den, 1e-30)
+
+
+@torch.inference_mode()
+def model_outputs(model: nn.Module, batches: list[Any]) -> list[torch.Tensor]:
+    model.eval()
+    return [primary_output(call_model(model, inputs)).detach().cpu() for inputs in batches]
+
+
+def quantized_error(quantize: Quantizer, model: nn.Module, batches: list[Any], reference: list[torch.Tensor],
+                    keep_float: frozenset) -> float:
+    """Output error of ``quantize(copy of model, keep_float)`` against the float ``reference`` outputs."""
+    quantized = quantize(copy.deepcopy(model), keep_float)
+    return relative_error(reference, model_outputs(quantized, batches))
+
+
+def _only_layer_error(quantize: Quantizer, model: nn.Module, batches: list[Any], reference: list[torch.Tensor],
+                      layers: tuple[str, ...], layer: str) -> float:
+    """Sensitivity of ``layer``: the output error when it is the only quantized layer."""
+    return quantized_error(quantize, model, batches, reference, frozenset(layers) - {layer})
+
+
+def sensitivities(ctx: Any, quantize: Quantizer, model: nn.Module, batches: list[Any], layers: list[str],
+                  reference: list[torch.Tensor]) -> dict[str, float]:
+    """Per-layer sensitivity, measured independently (``ctx.map``: on the cluster when distributed)."""
+    fn = functools.partial(_only_layer_error, quantize, model, batches, reference, tuple(layers))
+    return dict(zip(layers, ctx.map(fn, layers)))
+
+
+def choose_float_layers(ctx: Any, quantize: Quantizer, model: nn.Module, batches: list[Any], layers: list[str],
+                        budget: float, max_float: Optional[int], fixed: set[str]) -> tuple[set[str], dict]:
+    """The fewest most-sensitive layers to keep in float so the whole model's error is within ``budget``.
+
+    Layers are ranked by sensitivity; the count ``k`` is found by bisection on the
+    measured error of the whole model (each probe is one full quantization).
+    Returns the float set (plus ``fixed``) and a JSON report of what was measured.
+    """
+    reference = model_outputs(model, batches)
+    candidates = [name for name in layers if name not in fixed]
+    sens = sensitivities(ctx, quantize, model, batches, candidates, reference)
+    ranked = sorted(candidates, key=sens.get, reverse=True)
+    limit = len(ranked) - 1  # at least one layer stays int8
+    if max_float is not None:
+        limit = min(limit, max_float)
+    measured: dict[int, float] = {}
+
+    def error_with(k: int) -> float:
+        if k not in measured:
+            measured[k] = quantized_error(quantize, model, batches, reference, frozenset(fixed | set(ranked[:k])))
+        return measured[k]
+
+    lo, hi = 0, limit
+    if error_with(0) > budget:
+        if error_with(hi) > budget:
+            lo = hi  # budget unreachable within max_float_layers: keep as many as allowed
+        else:
+            while hi - lo > 1:  # invariant: error(lo) > budget >= error(hi)
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if error_with(mid) <= budget else (mid, hi)
+            lo = hi
+    chosen = lo
+    report = {
+        "error_budget": budget,
+        "sensitivity": {name: sens[name] for name in ranked},
+        "probes": {str(k): v for k, v in sorted(measured.items())},
+        "kept_float": ranked[:chosen],
+        "error": measured[chosen],
+        "budget_met": measured[chosen] <= budget,
+    }
+    return fixed | set(ranked[:chosen]), report

@@ -1,0 +1,128 @@
+"""What gets logged, as plain data: flattened params, numeric metrics, tags, versions (no mlflow import).
+
+MLflow limits (3.x): keys of at most 250 characters from ``[A-Za-z0-9_-. /]``, param values
+of at most 6000 characters.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import platform
+import re
+import subprocess
+from importlib import metadata
+from typing import Any, Iterable, Mapping, Optional
+
+MAX_KEY = 250
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 5000
+VOLATILE_KEYS = {"resume", "debug"}  # differ between a run and its resume; not parameters of the result
+VERSIONED = ("torch", "fedcore-adapter", "mlflow", "torch-pruning", "torchao", "transformers", "numpy")
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def clean_key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mappings and lists of mappings become ``a.b.0.c`` keys; other lists are JSON values."""
+    out: dict[str, str] = {}
+    if isinstance(data, Mapping):
+        items: Iterable = data.items()
+    elif isinstance(data, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in data):
+        items = enumerate(data)
+    else:
+        return {clean_key(prefix): _param_value(data)} if prefix else {}
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and not value:
+            continue
+        out.update(flatten(value, name))
+    return out
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return text[:MAX_PARAM_VALUE]
+
+
+def run_params(config: Mapping[str, Any]) -> dict[str, str]:
+    """The run's parameters: the flattened configuration (volatile keys left out) and package versions."""
+    params = flatten({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
+    params.update({f"versions.{k}": v for k, v in package_versions().items()})
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def numeric_metrics(row: Mapping[str, Any], prefix: str = "", suffix: str = "") -> dict[str, float]:
+    """The finite numbers of a metrics row (bools, strings and None left out), under MLflow-safe keys."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "node_index":
+            continue
+        if math.isfinite(value):
+            out[clean_key(f"{prefix}{key}{suffix}")] = float(value)
+    return out
+
+
+def ratios(first: Mapping[str, Any], last: Mapping[str, Any], keys: Iterable[str]) -> dict[str, float]:
+    """``<key>_ratio`` = last / first for the keys both rows measured (the final model against the input)."""
+    out = {}
+    for key in keys:
+        a, b = first.get(key), last.get(key)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and math.isfinite(a) and math.isfinite(b):
+            out[f"{key}_ratio"] = float(b) / float(a)
+    return out
+
+
+def text_tags(row: Mapping[str, Any], keys: Iterable[str] = ("device", "dtype")) -> dict[str, str]:
+    return {f"fedcore.{k}": str(row[k]) for k in keys if row.get(k) is not None}
+
+
+def short(text: Any, limit: int = MAX_TAG_VALUE) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> Optional[str]:
+    """The commit of the git checkout the run starts in, if any (read-only ``git rev-parse``)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+class StepCounter:
+    """Per-key steps that never go back: a node that trains several times (pruning iterations with
+    fine-tunes) restarts its epochs at 1; its curve continues after the last step instead."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+        self._offset: dict[str, int] = {}
+
+    def step(self, key: str, step: Optional[int]) -> int:
+        last = self._last.get(key)
+        if step is None:
+            value = 1 if last is None else last + 1
+        else:
+            value = step + self._offset.get(key, 0)
+            if last is not None and value <= last:
+                self._offset[key] = last + 1 - step
+                value = last + 1
+        self._last[key] = value
+        return value

@@ -1,0 +1,91 @@
+"""Quantized checkpoints: a JSON plan replayed after earlier structural records, and the export archive."""
+import json
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from fedcore_adapter import load_model, run_setup
+from fedcore_adapter.data import has_quantized_weights, runtime_device
+from fedcore_adapter.nodes.quantization.modules import DynamicConv, DynamicLinear
+from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
+from tests.nodes.test_quantization import BranchyNet, TinyConvNet, conv_dm, conv_model, run  # noqa: F401 - fixtures
+
+
+def test_the_manifest_records_the_quantization_plan_as_json(conv_model, conv_dm, tmp_path):
+    result = run({"kind": "ptq_static", "observer": "percentile"}, conv_model, conv_dm, tmp_path)
+    record = json.loads((result.output_dir / "final" / "manifest.json").read_text())["transforms"][-1]
+    assert record["transform"] == "quantize"
+    plan = record["data"]
+    assert (plan["method"], plan["graph"], plan["engine"], plan["observer"]) == ("static", "fx", "x86", "percentile")
+    assert plan["inputs"] == [{"shape": [16, 1, 16], "dtype": "float32"}]
+    assert set(plan["layers"]) == {"features.0", "features.3", "classifier.1", "classifier.3"}
+
+
+def test_low_rank_factors_are_quantized_and_replayed_after_the_decomposition(conv_model, conv_dm, tmp_path):
+    nodes = [{"kind": "low_rank", "spectrum_pruning_strategy": "rank", "rank": 2},
+             {"kind": "ptq_dynamic", "allow_conv": True}]
+    result = run_setup(tiny_setup(*nodes, measure=False), conv_model, conv_dm, output_dir=tmp_path)
+    factors = result.model.classifier[1]
+    assert isinstance(factors.first, DynamicLinear) and isinstance(factors.second, DynamicLinear)
+    assert isinstance(result.model.features[3].first, DynamicConv)
+    transforms = json.loads((result.output_dir / "final" / "manifest.json").read_text())["transforms"]
+    assert [t["transform"] for t in transforms][-1] == "quantize" and len(transforms) >= 2
+    x = conv_dm.test[:][0]
+    assert torch.equal(load_model(result.output_dir, TinyConvNet(seed=3))(x), result.model(x))
+
+
+def test_a_pruned_model_is_statically_quantized_with_its_smaller_channels(conv_model, conv_dm, tmp_path):
+    nodes = [{"kind": "pruning", "pruning_ratio": 0.5}, {"kind": "ptq_static"}]
+    result = run_setup(tiny_setup(*nodes, measure=False), conv_model, conv_dm, output_dir=tmp_path)
+    conv = result.model.features.get_submodule("3")
+    assert conv.weight().is_quantized and conv.weight().shape[0] < 64
+    x = conv_dm.test[:][0]
+    assert torch.equal(load_model(result.output_dir, TinyConvNet(seed=3))(x), result.model(x))
+
+
+def test_every_quantized_form_is_detected_so_the_engine_runs_it_on_cpu(conv_dm, tmp_path):
+    eager = run({"kind": "ptq_static"}, BranchyNet().eval(), conv_dm, tmp_path / "eager").model
+    emb_only = run({"kind": "ptq_dynamic", "allow_emb": True, "skip": ["proj"]}, TinyEncoder(), TokenDataModule(),
+                   tmp_path / "emb").model
+    for model in (eager, emb_only):
+        assert has_quantized_weights(model)
+        assert runtime_device(model, torch.device("cuda")) == torch.device("cpu")
+    assert not has_quantized_weights(TinyConvNet())
+
+
+EXPORT_CHECK = """
+import sys, torch
+program = torch.export.load(sys.argv[1])
+x = torch.load(sys.argv[2])
+torch.save(program.module()(x), sys.argv[3])
+"""
+
+
+def test_export_writes_a_torch_export_archive_that_runs_without_the_model_code(conv_model, conv_dm, tmp_path):
+    result = run({"kind": "ptq_static", "export": True}, conv_model, conv_dm, tmp_path / "run")
+    archive = result.output_dir / "final" / "model.pt2"
+    x = conv_dm.test[:][0]
+    torch.save(x, tmp_path / "x.pt")
+    # a fresh interpreter that never imports this test module, fedcore_adapter or the model class
+    subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(archive), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, cwd=tmp_path, timeout=120)
+    y = torch.load(tmp_path / "y.pt")
+    expected = result.model(x)
+    step = float(result.model.classifier.get_submodule("3").scale)  # one output quantization step
+    assert (y - expected).abs().max() <= step + 1e-6
+    weights = torch.export.load(archive).state_dict  # the graph itself is ~150 kB of JSON, whatever the model
+    assert any(t.dtype == torch.int8 for t in weights.values())
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    float_bytes = sum(t.numel() * t.element_size() for t in conv_model.state_dict().values())
+    assert weight_bytes < 0.35 * float_bytes
+
+
+def test_dynamic_export_matches_the_int8_model(conv_model, conv_dm, tmp_path):
+    result = run({"kind": "ptq_dynamic", "allow_conv": True, "export": True}, conv_model, conv_dm, tmp_path)
+    program = torch.export.load(result.output_dir / "final" / "model.pt2")
+    x = conv_dm.test[:][0]
+    torch.testing.assert_close(program.module()(x), result.model(x), atol=2e-2, rtol=1e-2)  # rare rounding flips
+    assert isinstance(program, torch.export.ExportedProgram) and not any(
+        isinstance(m, nn.Conv1d) for m in program.module().modules())

@@ -1,0 +1,103 @@
+"""``ptq_static`` and ``qat``: calibrated or trained ranges, fused int8 graphs, eager fallback, LSQ scales."""
+import pytest
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+from torch import nn
+
+from fedcore_adapter import load_model
+from fedcore_adapter.errors import NodeError
+from fedcore_adapter.nodes.quantization.ao import calibrate, prepare_model
+from fedcore_adapter.nodes.quantization.backends import PercentileObserver
+from fedcore_adapter.nodes.quantization.config import QATConfig
+from fedcore_adapter.nodes.quantization.static import static_plan
+from tests.nodes.test_quantization import BranchyNet, TinyConvNet, conv_dm, conv_model, run  # noqa: F401 - fixtures
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().pow(2).sum() / b.detach().pow(2).sum())
+
+
+def test_fx_mode_fuses_conv_batchnorm_relu_into_int8_kernels(conv_model, conv_dm, tmp_path):
+    quantized = run({"kind": "ptq_static"}, conv_model, conv_dm, tmp_path).model
+    assert isinstance(quantized, torch.fx.GraphModule)
+    fused = [m for m in quantized.modules() if isinstance(m, nniq.ConvReLU1d)]
+    assert len(fused) == 2 and not any(isinstance(m, nn.BatchNorm1d) for m in quantized.modules())
+    assert isinstance(quantized.classifier.get_submodule("1"), nniq.LinearReLU)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "histogram", "percentile"])
+def test_every_observer_calibrates_a_model_close_to_float(observer, conv_model, conv_dm, tmp_path):
+    quantized = run({"kind": "ptq_static", "observer": observer}, conv_model, conv_dm, tmp_path).model
+    x = conv_dm.test[:][0]
+    assert relative_error(quantized(x), conv_model(x).detach()) < 0.02
+
+
+def test_percentile_observer_clips_rare_outliers_that_min_max_keeps():
+    x = torch.randn(10_000)
+    x[0] = 1_000.0
+    observer = PercentileObserver(percentile=99.9, dtype=torch.quint8)
+    observer(x)
+    assert observer.max_val < 5 and observer.min_val > -5
+    scale, _ = observer.calculate_qparams()
+    assert float(scale) < 10 / 255
+
+
+def test_an_untraceable_model_is_quantized_layer_by_layer_and_reloads(conv_dm, tmp_path):
+    model = BranchyNet().eval()
+    result = run({"kind": "ptq_static"}, model, conv_dm, tmp_path)
+    wrapped = result.model.features[0]
+    assert isinstance(wrapped.quant, nnq.Quantize) and isinstance(wrapped.module, nnq.Conv1d)
+    assert isinstance(result.model.features[1], nn.Identity)  # BatchNorm folded before wrapping
+    x = conv_dm.test[:][0]
+    assert relative_error(result.model(x), model(x).detach()) < 0.02
+    assert torch.equal(load_model(result.output_dir, BranchyNet(seed=4))(x), result.model(x))
+
+
+def test_forcing_fx_on_an_untraceable_model_says_so_in_one_line(conv_dm, tmp_path):
+    with pytest.raises(NodeError, match=r"graph_mode='fx' but torch.fx cannot trace the model \(.*\); use graph_mode=eager"):
+        run({"kind": "ptq_static", "graph_mode": "fx"}, BranchyNet(), conv_dm, tmp_path)
+
+
+def test_qat_trains_fake_quantized_weights_then_converts_to_int8(conv_model, conv_dm, tmp_path):
+    result = run({"kind": "qat", "epochs": 2, "learning_rate": 1e-3}, conv_model, conv_dm, tmp_path)
+    assert any(isinstance(m, nniq.ConvReLU1d) for m in result.model.modules())
+    x = conv_dm.test[:][0]
+    float_out = conv_model(x).detach()
+    assert 0 < relative_error(result.model(x), float_out) < 0.2  # trained: close, but not the float model
+
+
+def test_learnable_scales_are_calibrated_then_trained_with_weight_zero_points_fixed(conv_model, conv_dm):
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+    from fedcore_adapter.nodes.quantization.qat import _start_learning_scales
+    from fedcore_adapter.nodes.quantization.selective import quantizable_layers
+
+    import copy
+
+    model = copy.deepcopy(conv_model)
+    x = conv_dm.train[:16][0]
+    plan = static_plan(QATConfig(learnable_scales=True), quantizable_layers(model, ["linear", "conv"]), set(), "fx",
+                       x, model, method="qat")
+    plan["learnable"] = True
+    prepared = prepare_model(model, plan)
+    calibrate(prepared, [x])
+    fake_quants = [m for m in prepared.modules() if isinstance(m, _LearnableFakeQuantize)]
+    assert fake_quants and all(float(m.scale.detach().min()) != 1.0 for m in fake_quants)  # calibrated, not the init
+    _start_learning_scales(prepared)
+    assert all(m.scale.requires_grad for m in fake_quants)
+    weights = [m for m in fake_quants if m.qscheme == torch.per_channel_symmetric]
+    assert weights and not any(m.zero_point.requires_grad for m in weights)
+
+
+def test_qat_with_learnable_scales_reloads_identically(conv_model, conv_dm, tmp_path):
+    result = run({"kind": "qat", "epochs": 1, "learnable_scales": True}, conv_model, conv_dm, tmp_path)
+    x = conv_dm.test[:][0]
+    assert torch.equal(load_model(result.output_dir, TinyConvNet(seed=2))(x), result.model(x))
+
+
+def test_qat_on_an_untraceable_model_trains_layer_by_layer_fake_quant(conv_dm, tmp_path):
+    result = run({"kind": "qat", "epochs": 1}, BranchyNet().eval(), conv_dm, tmp_path)
+    assert isinstance(result.model.classifier[1].module, nnq.Linear)
+    x = conv_dm.test[:][0]
+    assert torch.equal(load_model(result.output_dir, BranchyNet(seed=4))(x), result.model(x))

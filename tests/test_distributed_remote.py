@@ -1,0 +1,128 @@
+"""A separately started ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, used through
+``cluster.address``: the sweep command, failing runs, and a worker killed while its task runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fedcore_adapter.distributed import open_client, run_many
+from tests.conftest import TinyDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model": {"_target_": "tests.helpers.build_tiny_mlp"}, "data": {"_target_": "tests.helpers.build_tiny_data"},
+        "tracking": {"name": "none"}, "setup": "raw", "common": {"latency_repeats": 2, "latency_warmup": 1},
+        "nodes": {"0": {"epochs": 1, "progress": False}}}
+
+
+class SlowData(TinyDataModule):
+    """Tiny data whose training batches take 0.25 s; the first batch leaves ``<marker_dir>/<pid>`` behind."""
+
+    def __init__(self, marker_dir: str):
+        super().__init__()
+        self.marker_dir = Path(marker_dir)
+
+    def train_dataloader(self):
+        for i, batch in enumerate(super().train_dataloader()):
+            if i == 0:
+                (self.marker_dir / str(os.getpid())).write_text("")
+            time.sleep(0.25)
+            yield batch
+
+
+def _spawn(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """``(address, start_worker)`` of a scheduler with two nanny-less workers (1 thread each)."""
+    home = tmp_path_factory.mktemp("dask")
+    procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--dashboard-address",
+                    "127.0.0.1:0", "--scheduler-file", str(home / "scheduler.json"), cwd=home)]
+    deadline = time.time() + 60
+    while not (home / "scheduler.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    address = json.loads((home / "scheduler.json").read_text())["address"]
+
+    def start_worker(name: str) -> subprocess.Popen:
+        procs.append(_spawn("worker", address, "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1",
+                            "--no-dashboard", "--name", name, cwd=home))
+        return procs[-1]
+
+    workers = [start_worker("w1"), start_worker("w2")]
+    with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
+        pass
+    yield address, start_worker, workers
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+def test_the_scheduler_and_workers_listen_on_localhost(scheduler):
+    address, _, _ = scheduler
+    with open_client({"address": address}) as client:
+        workers = client.scheduler_info()["workers"]
+    assert address.startswith("tcp://127.0.0.1:") and all(w.startswith("tcp://127.0.0.1:") for w in workers)
+    assert sorted(w["name"] for w in workers.values()) == ["w1", "w2"]
+
+
+def test_the_sweep_command_runs_every_combination_and_reports_bad_overrides_while_the_others_complete(
+        scheduler, tmp_path):
+    address, _, _ = scheduler
+    args = ["sweep", "tracking=none", "model=custom", "model._target_=tests.helpers.build_tiny_mlp", "data=custom",
+            "data._target_=tests.helpers.build_tiny_data", "nodes.0.progress=false", "common.latency_repeats=2",
+            "nodes.0.epochs=1,-1", "common.seed=1,2", f"cluster.address={address}", "output_dir=out"]
+    proc = subprocess.run([sys.executable, "-m", "fedcore_adapter", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1, proc.stderr
+    assert "2/4 completed, 2 failed" in proc.stdout
+    sweep = Path(proc.stdout.strip().splitlines()[-1].removeprefix("sweep: "))
+    record = json.loads((tmp_path / sweep / "sweep.json").read_text())
+    assert [r["status"] for r in record] == ["completed", "completed", "failed", "failed"]
+    assert [r["label"] for r in record] == ["++nodes.0.epochs=1 ++common.seed=1", "++nodes.0.epochs=1 ++common.seed=2",
+                                            "++nodes.0.epochs=-1 ++common.seed=1", "++nodes.0.epochs=-1 ++common.seed=2"]
+    assert record[2]["error"] == "nodes[0] (training).epochs = -1: Input should be greater than or equal to 0"
+    for r in record[:2]:  # same setup and model: each seed in its own job folder
+        assert Path(r["output_dir"]).parent.parent == tmp_path / sweep
+        assert json.loads((Path(r["output_dir"]) / "run.json").read_text())["status"] == "completed"
+    seeds = [json.loads((Path(r["output_dir"]) / "run.json").read_text()) for r in record[:2]]
+    assert seeds[0]["setup_hash"] != seeds[1]["setup_hash"]
+    assert "#2 ++nodes.0.epochs=-1 ++common.seed=1: FAILED: nodes[0] (training).epochs" in proc.stderr
+
+
+def test_a_worker_killed_while_its_run_is_under_way_has_the_run_redone_elsewhere(scheduler, tmp_path):
+    address, start_worker, workers = scheduler
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    slow = {**TINY, "data": {"_target_": "tests.test_distributed_remote.SlowData", "marker_dir": str(markers)}}
+    configs = [{**slow, "output_dir": str(tmp_path / f"run{i}"), "common": {**TINY["common"], "seed": i}}
+               for i in range(2)]
+    results = []
+    sweep = threading.Thread(target=lambda: results.extend(
+        run_many(configs, {"address": address}, sweep_dir=tmp_path / "sweep", heartbeat_s=2)))
+    sweep.start()
+    deadline = time.time() + 120
+    while not any(markers.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    victim = int(next(markers.iterdir()).name)
+    assert victim in [w.pid for w in workers]
+    os.kill(victim, signal.SIGKILL)  # mid-run: its first training batch has started
+    sweep.join(timeout=240)
+    try:
+        assert [r.status for r in results] == ["completed", "completed"], [r.error for r in results]
+        for i, r in enumerate(results):
+            run = json.loads((Path(r.value["output_dir"]) / "run.json").read_text())
+            assert run["status"] == "completed" and Path(r.value["output_dir"]).parent == tmp_path / f"run{i}"
+        assert len({r.worker for r in results}) == 1  # both finished on the surviving worker
+        assert len(list(markers.iterdir())) == 2  # the killed run started, then ran again in the survivor
+    finally:
+        start_worker("w3")  # back to two workers for any later test

@@ -1,0 +1,241 @@
+"""Tracking: the config group, the default local store, tracking=none, a dead server, concurrent processes."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedcore_adapter import run_setup
+from fedcore_adapter.errors import ConfigError
+from fedcore_adapter.resources import conf_dir
+from fedcore_adapter.tracking import PENDING_FILE, TrackingConfig, hook_from_config, resolve_uri, sync_pending
+from fedcore_adapter.tracking.journal import PARTIAL_SUFFIX
+from fedcore_adapter.tracking.records import StepCounter, flatten, numeric_metrics, run_params
+from tests.conftest import TinyDataModule, tiny_mlp, tiny_setup
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # inside mlflow
+TRAIN = {"kind": "training", "epochs": 3, "progress": False}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _runs(client, experiment: str, role: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# -- config --------------------------------------------------------------------------------------------
+def test_config_group_files_are_valid_tracking_configs():
+    mlflow_cfg = TrackingConfig.model_validate(yaml.safe_load((conf_dir() / "tracking" / "mlflow.yaml").read_text()))
+    none_cfg = TrackingConfig.model_validate(yaml.safe_load((conf_dir() / "tracking" / "none.yaml").read_text()))
+    assert (mlflow_cfg.name, mlflow_cfg.uri, mlflow_cfg.experiment, mlflow_cfg.log_model) == ("mlflow", None, None, True)
+    assert none_cfg.name == "none"
+
+
+def test_tracking_none_gives_no_hook():
+    assert hook_from_config({"name": "none"}, {}, "m") is None
+
+
+def test_experiment_defaults_to_the_model_name_then_the_model_class():
+    assert hook_from_config({"name": "mlflow"}, {}, "mnist1d_cnn").config.experiment == "mnist1d_cnn"
+    cfg = {"model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"}}
+    assert hook_from_config({"name": "mlflow"}, cfg, None).config.experiment == "MNIST1DCNN"
+    assert hook_from_config({"name": "mlflow", "experiment": "mine"}, cfg, "x").config.experiment == "mine"
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"name": "mlfow"}, "tracking.name = 'mlfow': Input should be 'mlflow' or 'none'"),
+    ({"name": "mlflow", "url": "x"}, "tracking.url = 'x': Extra inputs are not permitted"),
+    ({"name": "mlflow", "http_retries": -1}, "tracking.http_retries = -1: Input should be greater than or equal to 0"),
+])
+def test_bad_tracking_option_is_one_line_naming_the_field(cfg, message):
+    with pytest.raises(ConfigError) as err:
+        hook_from_config(cfg, {}, None)
+    assert str(err.value) == message
+
+
+def test_default_uri_is_the_sqlite_file_mlflow_ui_opens_in_the_working_directory(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert mlflow.get_tracking_uri() == resolve_uri(None)  # MLflow's own default, which `mlflow ui` opens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert resolve_uri(None) == "http://tracking:5000"
+    assert resolve_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path / 'runs' / 'x.db'}"
+    assert resolve_uri("./mlruns") == str(tmp_path / "mlruns")
+
+
+# -- records ---------------------------------------------------------------------------------------------
+def test_params_are_the_flattened_config_without_volatile_keys_plus_versions():
+    params = run_params({"setup": {"name": "T", "nodes": [{"kind": "training", "epochs": 3}]},
+                         "common": {}, "resume": True, "loss": None, "tags": ["a", "b"]})
+    assert params["setup.name"] == "T" and params["setup.nodes.0.epochs"] == "3" and params["loss"] == "None"
+    assert params["tags"] == '["a", "b"]' and "resume" not in params and "common" not in params
+    assert set(params) >= {"versions.python", "versions.torch", "versions.mlflow"}
+    assert flatten({"weird key!": {"x": 1}}) == {"weird key_.x": "1"}
+
+
+def test_only_finite_numbers_become_metrics():
+    row = {"node_index": 1, "node": "training", "params": 10, "accuracy": 0.5, "loss": float("nan"),
+           "sparsity": None, "dtype": "float32", "flag": True}
+    assert numeric_metrics(row) == {"params": 10.0, "accuracy": 0.5}
+    assert numeric_metrics(row, prefix="input_") == {"input_params": 10.0, "input_accuracy": 0.5}
+
+
+def test_curve_steps_continue_when_a_node_trains_again():
+    steps = StepCounter()
+    assert [steps.step("train_loss", s) for s in (1, 2, 3, 1, 2, 1)] == [1, 2, 3, 4, 5, 6]
+    assert [steps.step("val_loss", s) for s in (None, None)] == [1, 2]
+
+
+def test_journal_knows_the_engine_partial_suffix():
+    from fedcore_adapter.results import PARTIAL_SUFFIX as ENGINE_SUFFIX
+
+    assert PARTIAL_SUFFIX == ENGINE_SUFFIX
+
+
+# -- real stores -----------------------------------------------------------------------------------------
+_WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from fedcore_adapter import run_setup
+    from fedcore_adapter.tracking import MlflowHook
+
+    class Data:
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(64, 8, generator=g)
+            self.data = TensorDataset(x, (x @ torch.randn(8, 3, generator=g)).argmax(1))
+        def train_dataloader(self):
+            return DataLoader(self.data, batch_size=16)
+        val_dataloader = test_dataloader = train_dataloader
+
+    i = int(sys.argv[1])
+    torch.manual_seed(i)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    setup = {{"name": f"P{{i}}", "common": {{"latency_repeats": 2, "latency_warmup": 1}},
+             "nodes": [{{"kind": "training", "epochs": 4, "progress": False}}]}}
+    run_setup(setup, model, Data(), output_dir={out!r}, hooks=[MlflowHook(uri={uri!r}, experiment="concurrent")])
+""")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh local SQLite store filled by 4 processes at once (each a run with its own logger process)."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    script = _WORKER.format(root=str(ROOT), out=str(root / "results"), uri=uri)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(4)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)
+    return {"root": root, "uri": uri}
+
+
+def test_four_processes_logging_to_one_store_at_once_lose_no_run_and_no_metric(store):
+    client = _client(store["uri"])
+    parents = _runs(client, "concurrent", "setup")
+    assert sorted(p.data.tags["fedcore.setup"] for p in parents) == ["P0", "P1", "P2", "P3"]
+    assert all(p.info.status == "FINISHED" for p in parents)
+    children = _runs(client, "concurrent", "node")
+    assert sorted(c.data.tags["mlflow.parentRunId"] for c in children) == sorted(p.info.run_id for p in parents)
+    for child in children:
+        assert _steps(client, child.info.run_id, "train_loss") == [1, 2, 3, 4]
+        assert _steps(client, child.info.run_id, "val_accuracy") == [1, 2, 3, 4]
+    for parent in parents:
+        assert _steps(client, parent.info.run_id, "accuracy") == [0, 1]
+    assert not list((store["root"] / "results").glob(f"*/{PENDING_FILE}"))
+
+
+def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch):
+    monkeypatch.chdir(store["root"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    hook = hook_from_config({"name": "mlflow"}, {}, "tiny_model")
+    result = run_setup(tiny_setup(TRAIN, name="LOCAL"), tiny_mlp(), TinyDataModule(), output_dir=store["root"] / "local",
+                       hooks=[hook])
+    client = _client(store["uri"])
+    [parent] = _runs(client, "tiny_model", "setup")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL"
+    assert parent.info.artifact_uri.startswith(str(store["root"] / "mlruns"))
+    assert parent.data.metrics["accuracy"] == pytest.approx(result.metrics[-1]["accuracy"])
+    assert len(_runs(client, "tiny_model", "node")) == 1
+
+
+def test_tracking_none_touches_nothing(tmp_path, monkeypatch):
+    from fedcore_adapter.jobs import run_from_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"setup": tiny_setup(TRAIN, name="NONE"), "tracking": {"name": "none"}, "output_dir": str(tmp_path / "out"),
+           "model": {"_target_": "tests.helpers.build_tiny_mlp"}, "data": {"_target_": "tests.helpers.build_tiny_data"}}
+    result = run_from_config(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in result.output_dir.iterdir()) == [
+        "config.yaml", "final", "metrics.csv", "metrics.json", "nodes", "run.json"]
+    assert "mlflow" not in json.loads((result.output_dir / "run.json").read_text())["state"]
+
+
+def test_dead_server_never_fails_the_run_warns_once_and_keeps_everything_for_later(store, tmp_path, caplog):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    hook = hook_from_config({"name": "mlflow", "uri": dead, "http_retries": 0}, {}, "dead_model")
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        result = run_setup(tiny_setup(TRAIN, {"kind": "distillation", "epochs": 1, "progress": False}, name="DEAD"),
+                           tiny_mlp(), TinyDataModule(), output_dir=tmp_path, hooks=[hook])
+    assert json.loads((result.output_dir / "run.json").read_text())["status"] == "completed"
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking at" in r.getMessage()]
+    assert len(warnings) == 1 and dead in warnings[0]
+    kept = [json.loads(line) for line in (result.output_dir / PENDING_FILE).read_text().splitlines()]
+    assert [r["op"] for r in kept[:4]] == ["target", "open_parent", "params", "metrics"]
+    assert sum(r["op"] == "open_child" for r in kept) == 2 and kept[-1] == {**kept[-1], "op": "close", "key": "parent"}
+
+    assert sync_pending(result.output_dir, tracking_uri=store["uri"]) is True  # sent later, to a store that is up
+    assert not (result.output_dir / PENDING_FILE).exists()
+    client = _client(store["uri"])
+    [parent] = _runs(client, "dead_model", "setup")
+    children = _runs(client, "dead_model", "node")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert _steps(client, children[0].info.run_id, "train_loss") == [1, 2, 3]
+    assert _steps(client, parent.info.run_id, "accuracy") == [0, 1, 2]
+    assert {"config.yaml", "metrics.csv", "metrics_by_node.png", "model"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_without_a_logger_process_the_run_completes_and_keeps_every_record(tmp_path, monkeypatch, caplog):
+    from fedcore_adapter.tracking import channel
+
+    def cannot_start():
+        raise OSError("cannot start the logger process")
+
+    monkeypatch.setattr(channel, "_CONNECTION", None)
+    monkeypatch.setattr(channel, "_Connection", cannot_start)
+    hook = hook_from_config({"name": "mlflow", "uri": "http://127.0.0.1:9"}, {}, "m")
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        result = run_setup(tiny_setup(TRAIN, name="NOLOG"), tiny_mlp(), TinyDataModule(), output_dir=tmp_path,
+                           hooks=[hook])
+    assert json.loads((result.output_dir / "run.json").read_text())["status"] == "completed"
+    assert len([r for r in caplog.records if "MLflow tracking at" in r.getMessage()]) == 1
+    kept = [json.loads(line)["op"] for line in (result.output_dir / PENDING_FILE).read_text().splitlines()]
+    assert kept[:3] == ["target", "open_parent", "params"]  # every record, in order
+    assert kept.count("metrics") == 1 + 3 + 1 + 1 + 1 and kept[-1] == "close"  # input, 3 epochs, node row, parent row, ratios
