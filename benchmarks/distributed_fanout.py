@@ -6,7 +6,7 @@ Sequential: ``jobs.run_from_config`` in this process with ``torch.set_num_thread
 run). Distributed: ``distributed.run_many`` on ``cluster=local`` (2 worker processes x 1 thread), timed
 cold (cluster start and worker imports included) and warm (a started cluster whose workers already ran
 once). Repeats alternate the variants; medians are reported. Every run is MNIST-1D CNN with the batch
-limits below, so that one setup takes some seconds.
+limits and epochs below (the setups' chains, scaled down), so that one setup takes seconds.
 """
 from __future__ import annotations
 
@@ -28,12 +28,22 @@ from fedcore_adapter.jobs import run_from_config  # noqa: E402
 
 CLUSTER = {"name": "local", "n_workers": 2, "threads_per_worker": 1}
 COMMON = {"limit_train_batches": 5, "limit_valid_batches": 2, "limit_test_batches": 4, "latency_repeats": 5}
+# Epochs scaled down (same chains): a setup takes seconds, not the minutes of its full schedule.
+SCALE = {"training": {"epochs": 4}, "pruning": {"finetune_params": {"epochs": 1}},
+         "low_rank": {"epochs": 2, "finetune_params": {"epochs": 1}}, "qat": {"epochs": 1}}
 
 
 def configs(setups: list[str], out: str) -> list[dict]:
-    return [{"setup": s, "common": dict(COMMON), "output_dir": f"{out}/{s}", "tracking": {"name": "none"},
-             "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
-             "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}} for s in setups]
+    from fedcore_adapter.setups import load_setup
+
+    cfgs = []
+    for s in setups:
+        kinds = {n.kind for n in load_setup(s).nodes}
+        cfgs.append({"setup": s, "common": dict(COMMON), "nodes": {k: v for k, v in SCALE.items() if k in kinds},
+                     "output_dir": f"{out}/{s}", "tracking": {"name": "none"},
+                     "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
+                     "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}})
+    return cfgs
 
 
 def sequential(cfgs: list[dict]) -> tuple[float, list[float]]:

@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 int8: speed-up, size ratio and embedding cosine to fp32, measured side by side.
 
-    python benchmarks/quant_minilm.py [--alphas 0.5 0.7 0.8] [--rounds 7] [--json out.json]
+    python benchmarks/quant_minilm.py [--alphas 0.7] [--all-layers] [--rounds 7] [--json out.json]
 
 Batch 32 x 128 tokens, 2 threads. Cosine of the mean-pooled sentence embeddings
 to fp32 over 256 real English sentences (disjoint from the 64 used to calibrate
@@ -10,7 +10,9 @@ the engine's ``size_mb`` reports them. Variants:
 - ``torch.ao dynamic``: stock ``torch.ao.quantization.quantize_dynamic``, per-channel
   Linear + int8 Embedding (activations 7-bit: torch.ao's ``reduce_range``)
 - ``ptq_dynamic``: this project's node, ``allow_emb=true`` (8-bit activations on VNNI CPUs)
-- ``ptq_dynamic smooth=a``: the same plus SmoothQuant with migration strength ``a``
+- ``ptq_dynamic smooth=a``: the same plus SmoothQuant with migration strength ``a`` on the
+  Linears where it divides the layer's int8 error by >= 3 (``smooth_min_gain``; on MiniLM:
+  query/key/value and the FFN input), ``every Linear``: ``smooth_min_gain=1``
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ def node_variant(model: torch.nn.Module, dm: TextDataModule, node: dict, out: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.7, 0.8])
+    parser.add_argument("--alphas", type=float, nargs="*", default=[0.7])
+    parser.add_argument("--all-layers", action="store_true", help="also smooth every Linear (smooth_min_gain=1)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -71,6 +74,9 @@ def main() -> None:
         for alpha in args.alphas:
             variants[f"ptq_dynamic allow_emb smooth={alpha}"] = node_variant(
                 model, dm, {**base, "smooth_alpha": alpha}, Path(tmp) / f"smooth{alpha}")
+            if args.all_layers:
+                variants[f"ptq_dynamic allow_emb smooth={alpha} every Linear"] = node_variant(
+                    model, dm, {**base, "smooth_alpha": alpha, "smooth_min_gain": 1.0}, Path(tmp) / f"all{alpha}")
     batch = next(iter(dm.test_dataloader()))
     timing = interleaved_latency({name: (lambda m=m: m(**batch)) for name, (m, _) in variants.items()}, "fp32",
                                  rounds=args.rounds)

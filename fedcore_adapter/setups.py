@@ -56,6 +56,7 @@ def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict
     unknown = set(overrides) - {"common", "nodes", "name", "description"}
     if unknown:
         raise ConfigError(f"unknown setup override key(s) {sorted(unknown)}; allowed: common, nodes, name, description")
+    data["nodes"] = [copy.deepcopy(n) for n in data.get("nodes", [])]  # YAML anchors must not share one dict
     data.setdefault("common", {}).update(dict(overrides.get("common") or {}))
     for key in ("name", "description"):
         if overrides.get(key) is not None:

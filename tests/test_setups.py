@@ -55,3 +55,10 @@ def test_override_of_a_missing_node_index_or_kind_is_an_error():
         load_setup("RAW", {"nodes": {"3": {"epochs": 1}}})
     with pytest.raises(ConfigError, match=r"nodes\.pruning: no node of that kind.*training"):
         load_setup("RAW", {"nodes": {"pruning": {"pruning_ratio": 0.5}}})
+
+
+def test_override_by_index_changes_only_that_node_even_when_yaml_anchors_share_it(tmp_path):
+    (tmp_path / "anchored.yaml").write_text(
+        "nodes:\n  - &t {kind: training, epochs: 2}\n  - *t\n")
+    setup = load_setup(tmp_path / "anchored.yaml", {"nodes": {1: {"epochs": 5}}})
+    assert [n.epochs for n in setup.nodes] == [2, 5]

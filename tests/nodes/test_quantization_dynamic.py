@@ -119,3 +119,16 @@ def test_a_model_packed_for_another_engine_reloads_with_that_engines_outputs(dm,
     x = dm.test[:][0]
     assert torch.backends.quantized.engine != "qnnpack"
     assert torch.equal(load_model(result.output_dir, tiny_mlp(seed=3))(x), result.model(x))
+
+
+def test_smoothquant_is_kept_only_where_it_cuts_the_layers_own_error(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))  # tanh: no outliers reach layer 2
+    result = run({"kind": "ptq_dynamic", "smooth_alpha": 0.5}, model, OutlierDataModule(), tmp_path)
+    report = json.loads((result.output_dir / "final" / "smoothing.json").read_text())
+    assert report["error_ratio"]["0"] >= 3 > report["error_ratio"]["2"]
+    assert report["smoothed"] == ["0"]
+    assert isinstance(result.model[0], SmoothDynamicLinear)
+    assert type(result.model[2]) is DynamicLinear

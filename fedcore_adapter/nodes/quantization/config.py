@@ -60,6 +60,8 @@ class PTQDynamicConfig(QuantConfigBase):
         "auto", description="auto: 8-bit activations on CPUs with VNNI, 7-bit elsewhere; reduced: always 7-bit")
     smooth_alpha: Optional[float] = Field(
         None, ge=0, le=1, description="SmoothQuant: move activation outliers into the weights with this strength")
+    smooth_min_gain: float = Field(3.0, ge=1, description="smooth a Linear only where that divides its own int8 "
+                                                          "output error at least this many times")
     calibration_batches: Optional[int] = Field(None, ge=1, description="batches for smoothing statistics and "
                                                                        "auto_skip; default: limit_valid_batches")
     epochs: Optional[int] = Field(None, ge=0, description="FedCore parameter; dynamic quantization trains nothing")

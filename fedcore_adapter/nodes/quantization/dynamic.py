@@ -3,7 +3,9 @@
 Linear layers become torch.ao dynamic int8 Linears; with ``allow_conv``,
 Conv1d/Conv2d (groups=1, BatchNorm folded in first) run as im2col + the same
 int8 GEMM; with ``allow_emb`` embeddings store int8 rows. ``smooth_alpha`` applies SmoothQuant: per input channel, activation
-outliers are divided out and multiplied into the weights before quantization.
+outliers are divided out and multiplied into the weights before quantization,
+on the Linears where that cuts the layer's own int8 error at least
+``smooth_min_gain`` times (elsewhere the extra multiply costs time for little).
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ def swap_dynamic_(model: nn.Module, plan: dict, scales: Optional[dict[str, torch
     return model
 
 
-def make_plan(model: nn.Module, layers: dict[str, str], keep_float: frozenset, config: PTQDynamicConfig) -> dict:
+def make_plan(model: nn.Module, layers: dict[str, str], keep_float: frozenset, config: PTQDynamicConfig,
+              smoothed: frozenset = frozenset()) -> dict:
     """The JSON record of what ``swap_dynamic_`` does (also what the checkpoint replays)."""
     chosen = {n: k for n, k in layers.items() if n not in keep_float}
     convs = {n for n, k in chosen.items() if k == "conv"}
@@ -100,22 +103,61 @@ def make_plan(model: nn.Module, layers: dict[str, str], keep_float: frozenset, c
         "per_channel": config.per_channel,
         "activation_range": config.activation_range,
         "layers": chosen,
-        "smoothed": [n for n, k in chosen.items() if k == "linear"] if config.smooth_alpha is not None else [],
+        "smoothed": [n for n in chosen if n in smoothed],
         "folded_bn": [list(p) for p in conv_bn_pairs(model) if p[0] in convs] if convs else [],
     }
 
 
 def quantize_dynamic_model(model: nn.Module, keep_float: frozenset, layers: dict[str, str],
-                           config: PTQDynamicConfig, absmax: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+                           config: PTQDynamicConfig, absmax: dict[str, torch.Tensor],
+                           smoothed: frozenset = frozenset()) -> tuple[nn.Module, dict]:
     """Quantize ``model`` in place, keeping ``keep_float`` layers in float; returns it and its plan."""
-    plan = make_plan(model, layers, keep_float, config)
+    plan = make_plan(model, layers, keep_float, config, smoothed)
     scales = {n: smoothing_scales(model.get_submodule(n).weight, absmax[n], config.smooth_alpha)
               for n in plan["smoothed"]}
     return swap_dynamic_(model, plan, scales), plan
 
 
-def _quantized(model: nn.Module, keep_float: frozenset, layers: dict, config: PTQDynamicConfig, absmax: dict):
-    return quantize_dynamic_model(model, keep_float, layers, config, absmax)[0]
+def _quantized(model: nn.Module, keep_float: frozenset, layers: dict, config: PTQDynamicConfig, absmax: dict,
+               smoothed: frozenset = frozenset()):
+    return quantize_dynamic_model(model, keep_float, layers, config, absmax, smoothed)[0]
+
+
+def _one_layer(module: nn.Module, scale: Optional[torch.Tensor], config: PTQDynamicConfig) -> nn.Module:
+    """``module`` alone as a dynamic int8 Linear, SmoothQuant-scaled when ``scale`` is given."""
+    plan = {"engine": config.backend, "per_channel": config.per_channel, "activation_range": config.activation_range,
+            "layers": {"0": "linear"}, "smoothed": ["0"] if scale is not None else [], "folded_bn": []}
+    return swap_dynamic_(nn.Sequential(copy.deepcopy(module)), plan, {"0": scale} if scale is not None else None)[0]
+
+
+@torch.inference_mode()
+def smoothing_gains(model: nn.Module, names: list[str], batches: list[Any], absmax: dict[str, torch.Tensor],
+                    config: PTQDynamicConfig) -> dict[str, float]:
+    """Per Linear: its int8 output error without SmoothQuant divided by the error with it (on ``batches``).
+
+    Each layer is measured alone, on the inputs it sees in the float model.
+    """
+    pairs = {}
+    for n in names:
+        module = model.get_submodule(n)
+        pairs[n] = (_one_layer(module, None, config),
+                    _one_layer(module, smoothing_scales(module.weight, absmax[n], config.smooth_alpha), config))
+    errors = {n: [0.0, 0.0] for n in names}
+
+    def hook(name: str, _module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        plain, smooth = pairs[name]
+        errors[name][0] += float((plain(args[0]) - out).pow(2).sum())
+        errors[name][1] += float((smooth(args[0]) - out).pow(2).sum())
+
+    handles = [model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names]
+    try:
+        model.eval()
+        for inputs in batches:
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: e[0] / max(e[1], 1e-30) for n, e in errors.items()}
 
 
 def write_report(ctx: NodeContext, name: str, data: Any) -> None:
@@ -137,16 +179,22 @@ def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeConte
         batches = calibration_batches(ctx, ctx.limit("valid", config.calibration_batches), label,
                                       "smooth_alpha" if config.smooth_alpha is not None else "auto_skip")
     work = copy.deepcopy(model).cpu().eval()
-    linears = [n for n, k in layers.items() if k == "linear"]
-    absmax = input_absmax(work, linears, batches) if config.smooth_alpha is not None else {}
+    linears = [n for n, k in layers.items() if k == "linear" and n not in keep_float]
+    absmax, smoothed = {}, frozenset()
+    if config.smooth_alpha is not None:
+        absmax = input_absmax(work, linears, batches)
+        gains = smoothing_gains(work, linears, batches, absmax, config)
+        smoothed = frozenset(n for n, g in gains.items() if g >= config.smooth_min_gain)
+        write_report(ctx, "smoothing.json", {"alpha": config.smooth_alpha, "min_gain": config.smooth_min_gain,
+                                             "error_ratio": gains, "smoothed": sorted(smoothed)})
     if config.auto_skip is not None:
-        quantize = functools.partial(_quantized, layers=layers, config=config, absmax=absmax)
+        quantize = functools.partial(_quantized, layers=layers, config=config, absmax=absmax, smoothed=smoothed)
         keep_float, report = choose_float_layers(
             ctx, quantize, work, batches[:config.auto_skip.batches], list(layers),
             config.auto_skip.error_budget, config.auto_skip.max_float_layers, keep_float)
         write_report(ctx, "sensitivity.json", report)
         ctx.log({"quant_error": report["error"], "quant_float_layers": float(len(report["kept_float"]))})
-    quantized, plan = quantize_dynamic_model(work, frozenset(keep_float), layers, config, absmax)
+    quantized, plan = quantize_dynamic_model(work, frozenset(keep_float), layers, config, absmax, smoothed)
     ctx.record_structure("quantize", plan)
     if config.export:
         from .export import export_program

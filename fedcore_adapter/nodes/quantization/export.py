@@ -27,7 +27,7 @@ from .modules import DynamicConv, SmoothDynamicLinear, _reduce, im2col_apply
 EXPORT_FILE = "model.pt2"
 _STATIC_LINEAR = (nnq.Linear, nniq.LinearReLU)
 _STATIC_CONV = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)
-_DYNAMIC = (nnqd.Linear, nnqd.Conv1d, nnqd.Conv2d, nnqd.Conv3d)
+_DYNAMIC = (nnqd.Linear,)  # our DynamicLinear, SmoothDynamicLinear and DynamicConv derive from it
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
