@@ -3,11 +3,14 @@
 Measures, for several NSR budgets of the global allocation (and ptdeco's per-layer rule read off the
 same measurements): the fraction of Linear parameters removed, the mean / min cosine of
 mean-pooled sentence embeddings to the original's on real English sentences, and CPU latency
-(batch 32 x 128 tokens, 2 threads, median of interleaved repeats, side by side in one process).
-If ``ptdeco`` is installed, its own ``falor.decompose_in_place`` runs on the same model and data,
-and the comparison row puts our decomposition at (no more than) ptdeco's parameter count.
+(``--timing-batch`` sentences padded to 128 tokens, ``--threads``, median of interleaved repeats,
+side by side in one process). If ``ptdeco`` is installed, its own ``falor.decompose_in_place`` runs on
+the same model and calibration data, and the comparison row puts our decomposition at (no more than)
+ptdeco's parameter count. Both searches are slow on a loaded CPU: ``--cache`` / ``--ptdeco-cache``
+keep them between runs, so one run may search and a later one measure.
 
-    python benchmarks/low_rank_minilm.py --budgets 0.02 0.05 0.1 --per-layer 0.01 --ptdeco-nsr 0.01 --cache /tmp/minilm_grid.pt
+    python benchmarks/low_rank_minilm.py --budgets 0.02 0.05 0.1 --per-layer 0.01 --ptdeco-nsr 0.01 \
+        --cache /tmp/minilm_grid.pt --ptdeco-cache /tmp/minilm_ptdeco.pt
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from fedcore_adapter.nodes.low_rank import falor as F  # noqa: E402
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances  # noqa: E402
 from fedcore_adapter.nodes.low_rank.svd import factorize  # noqa: E402
 from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target, probe_positions  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm, load_tokenizer  # noqa: E402
+from fedcore_adapter.zoo.text import TextDataModule, load_minilm, load_tokenizer, sentence_embeddings  # noqa: E402
 
 EXCLUDE = ["pooler.*"]  # the pooler does not feed mean-pooled sentence embeddings: left as it is
 
@@ -56,18 +59,23 @@ def build(original: nn.Module, results: dict, ranks: dict) -> nn.Module:
     return model
 
 
-def latencies(models: dict[str, nn.Module], inputs: dict, repeats: int) -> dict[str, float]:
+def latencies(models: dict[str, nn.Module], inputs: dict, repeats: int, threads: int) -> dict[str, float]:
     """Median ms per batch, the variants interleaved round by round so load drifts hit all alike."""
     times = {k: [] for k in models}
     for m in models.values():
-        latency_ms(m, inputs, torch.device("cpu"), warmup=2, repeats=1, num_threads=2)
+        latency_ms(m, inputs, torch.device("cpu"), warmup=1, repeats=1, num_threads=threads)
     for _ in range(repeats):
         for k, m in models.items():
-            times[k] += latency_ms(m, inputs, torch.device("cpu"), warmup=0, repeats=1, num_threads=2)
+            times[k] += latency_ms(m, inputs, torch.device("cpu"), warmup=0, repeats=1, num_threads=threads)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_ptdeco(original: nn.Module, calib: list, nsr: float) -> nn.Module:
+def run_ptdeco(original: nn.Module, calib: list, nsr: float, cache: str | None,
+               include=None, use_mean: bool = False) -> tuple[nn.Module, float]:
+    """ptdeco's own falor on a copy of ``original`` (cached as a pickled module: ptdeco's layer structure)."""
+    if cache and Path(cache).exists():
+        saved = torch.load(cache, weights_only=False)
+        return saved["model"], saved["seconds"]
     import ptdeco.falor
 
     class Wrapped(nn.Module):  # ptdeco feeds one tensor and compares one tensor
@@ -78,20 +86,26 @@ def run_ptdeco(original: nn.Module, calib: list, nsr: float) -> nn.Module:
         def forward(self, ids):
             return self.m(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
 
+    start = time.perf_counter()
     wrapped = Wrapped(copy.deepcopy(original)).eval()
     batches = [b["input_ids"] for b in calib]
-    blacklist = [f"m.{n}" for n, m in wrapped.m.named_modules() if n.startswith("pooler")]
+    searched = {n for n, _ in find_layers(original, ["linear"], include=include, exclude=EXCLUDE, refactorize=False)}
+    blacklist = [f"m.{n}" for n, m in wrapped.m.named_modules() if isinstance(m, nn.Linear) and n not in searched]
     ptdeco.falor.decompose_in_place(
         module=wrapped, device=torch.device("cpu"), data_iterator=itertools.cycle(batches),
         blacklisted_module_names=blacklist, proportion_threshold=1.0, nsr_final_threshold=nsr,
         kl_final_threshold=float("inf"), num_data_steps=len(batches), num_metric_steps=1, use_float64=True,
-        use_mean=True, use_damping=False)
-    return wrapped.m
+        use_mean=use_mean, use_damping=False)
+    seconds = time.perf_counter() - start
+    if cache:
+        torch.save({"model": wrapped.m, "seconds": seconds}, cache)
+    return wrapped.m, seconds
 
 
-def grid_search(original, calib, metric, grid: int, cache: str | None) -> tuple[dict, dict, float]:
+def grid_search(original, calib, metric, grid: int, cache: str | None, include=None,
+                centered: bool = False) -> tuple[dict, dict, float]:
     """Per-layer NSR at ``grid`` ranks for every Linear (cached: the search is the slow part)."""
-    layers = find_layers(original, ["linear"], exclude=EXCLUDE, refactorize=False)
+    layers = find_layers(original, ["linear"], include=include, exclude=EXCLUDE, refactorize=False)
     extents = probe_positions(original, calib[0], [n for n, _ in layers])
     targets = {n: make_target(n, m, "channel", extents.get(n, {})) for n, m in layers}
     if cache and Path(cache).exists():
@@ -100,7 +114,7 @@ def grid_search(original, calib, metric, grid: int, cache: str | None) -> tuple[
                    for n, v in saved["results"].items()}
         return targets, results, float(saved["seconds"])
     start = time.perf_counter()
-    covs = collect_output_covariances(original, calib, list(targets))
+    covs = collect_output_covariances(original, calib, list(targets), centered=centered)
     work = copy.deepcopy(original)
     refs = F.model_rows(work, metric)
     search = functools.partial(F.falor_search, model=work, inputs=metric, references=refs, nsr_threshold=1.0,
@@ -125,24 +139,49 @@ def per_layer_rule(results: dict, nsr: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.1])
+    parser.add_argument("--removal", type=float, nargs="*", default=[],
+                        help="also: the smallest NSR budget removing at least this fraction of Linear params")
     parser.add_argument("--per-layer", type=float, nargs="*", default=[0.01], help="ptdeco's rule on the grid")
     parser.add_argument("--ptdeco-nsr", type=float, default=None, help="run ptdeco's falor at this NSR")
     parser.add_argument("--grid", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calib-batch", type=int, default=16, help="sentences per calibration batch")
+    parser.add_argument("--calib-batches", type=int, default=4, help="batches for covariances (NSR: the first)")
+    parser.add_argument("--test-sentences", type=int, default=256)
+    parser.add_argument("--attn", default="sdpa", help="attention implementation of every model (eager, sdpa)")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-batch", type=int, default=32, help="sentences x 128 tokens per timed batch")
+    parser.add_argument("--no-measure", action="store_true", help="search (and cache) only")
     parser.add_argument("--cache", type=str, default=None, help="file keeping the grid search between runs")
+    parser.add_argument("--ptdeco-cache", type=str, default=None, help="file keeping ptdeco's result between runs")
+    parser.add_argument("--statistic", choices=["second_moment", "covariance"], default="second_moment",
+                        help="falor_statistic of ours; ptdeco gets the same (its use_mean)")
+    parser.add_argument("--include", nargs="*", default=None, help="shell patterns of Linear layers (default: all)")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    original = load_minilm()
-    dm = TextDataModule(n_train=32, n_val=64, n_test=256, batch_size=16, pad_to_max_length=False)
-    calib = list(dm.val_dataloader())  # 4 batches of 16 validation sentences: covariances
-    metric = calib[:1]  # NSR measured on the first of them
-    test = dm.test_dataloader()  # 256 other sentences: cosine
-    tok = load_tokenizer()
-    timing_inputs = dict(tok(dm.sentences[:32], padding="max_length", truncation=True, max_length=128,
-                             return_tensors="pt"))
-    targets, results, search_s = grid_search(original, calib, metric, args.grid, args.cache)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    original = load_minilm(args.attn)
+    n_val = args.calib_batch * args.calib_batches
+    dm = TextDataModule(n_train=32, n_val=n_val, n_test=args.test_sentences, batch_size=args.calib_batch,
+                        pad_to_max_length=False)
+    calib = list(dm.val_dataloader())  # covariances
+    metric = calib[:1]  # NSR measured on the first calibration batch
+    test = dm.test_dataloader()  # other sentences: cosine
+    targets, results, search_s = grid_search(original, calib, metric, args.grid, args.cache, args.include,
+                                           args.statistic == "covariance")
+    print(f"grid search: {search_s:.0f} s", flush=True)
+    theirs, ptdeco_s = None, 0.0
+    if args.ptdeco_nsr is not None:
+        try:
+            theirs, ptdeco_s = run_ptdeco(original, calib, args.ptdeco_nsr, args.ptdeco_cache, args.include,
+                                          use_mean=args.statistic == "covariance")
+            print(f"ptdeco falor: {ptdeco_s:.0f} s", flush=True)
+        except ImportError:
+            print("ptdeco is not installed: no comparison row")
+    if args.no_measure:
+        return
     params_at = {n: t.params_at for n, t in targets.items()}
     params_now = {n: t.params for n, t in targets.items()}
     base_linear = linear_params(original)
@@ -151,37 +190,53 @@ def main() -> None:
     for budget in args.budgets:
         ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
         variants[f"falor global, sum NSR < {budget}"] = build(original, results, ranks)
+    others = base_linear - sum(params_now.values())  # Linear params outside the search (the pooler)
+    scan = [round(0.001 * 1.1 ** i, 5) for i in range(120)]
+
+    def removed(ranks: dict) -> float:
+        return 1 - (others + sum(params_at[n](r) if r else params_now[n] for n, r in ranks.items())) / base_linear
+
+    for goal in args.removal:
+        for budget in scan:
+            ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
+            if removed(ranks) >= goal:
+                variants[f"falor global >= {goal:.0%} removed (sum NSR < {budget})"] = build(original, results, ranks)
+                break
     for nsr in args.per_layer:
         variants[f"falor per-layer NSR < {nsr}"] = build(original, results, per_layer_rule(results, nsr))
-    note = ""
-    if args.ptdeco_nsr is not None:
-        try:
-            start = time.perf_counter()
-            theirs = run_ptdeco(original, calib, args.ptdeco_nsr)
-            note = f"ptdeco falor took {time.perf_counter() - start:.0f} s"
-            variants[f"ptdeco falor NSR < {args.ptdeco_nsr}"] = theirs
-            target = linear_params(theirs)
-            for budget in [round(0.001 * 1.15 ** i, 5) for i in range(80)]:  # smallest budget reaching it
-                ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
-                ours = build(original, results, ranks)
-                if linear_params(ours) <= target:
-                    variants[f"falor global at ptdeco's params (sum NSR < {budget})"] = ours
-                    break
-        except ImportError:
-            note = "ptdeco is not installed: no comparison row"
-    lat = latencies(variants, timing_inputs, args.repeats)
+    if theirs is not None:
+        variants[f"ptdeco falor NSR < {args.ptdeco_nsr}"] = theirs
+        target = linear_params(theirs)
+        for budget in scan:  # the smallest budget within ptdeco's params
+            ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
+            if 1 - removed(ranks) <= target / base_linear:
+                variants[f"falor global at ptdeco's params (sum NSR < {budget})"] = build(original, results, ranks)
+                break
+    reference = sentence_embeddings(original, test)
     rows = []
     for name, model in variants.items():
-        cos = embedding_cosine(original, model, test)
+        cos = torch.nn.functional.cosine_similarity(reference, sentence_embeddings(model, test), dim=1)
         rows.append({"variant": name, "linear_params_removed": 1 - linear_params(model) / base_linear,
                      "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "mean_cosine": cos["mean_cosine"], "min_cosine": cos["min_cosine"],
-                     "latency_ms": lat[name], "speedup": lat["original"] / lat[name]})
+                     "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())})
+        print(rows[-1], flush=True)
+    tok = load_tokenizer()
+    timing_inputs = dict(tok(dm.sentences[:args.timing_batch], padding="max_length", truncation=True, max_length=128,
+                             return_tensors="pt"))
+    lat = latencies(variants, timing_inputs, args.repeats, args.threads)
+    for row in rows:
+        row["latency_ms"] = lat[row["variant"]]
+        row["speedup"] = lat["original"] / lat[row["variant"]]
     print(environment())
-    print(f"falor grid search: {len(targets)} Linear layers x {args.grid} ranks in {search_s:.0f} s "
-          f"(covariance: 4 x 16 validation sentences, NSR on the first 16; cosine: 256 test sentences; "
-          f"latency: 32 x 128 tokens, {args.repeats} interleaved repeats). {note}")
+    print(f"attention {args.attn}; statistic {args.statistic}; falor grid search: {len(targets)} Linear layers x {args.grid} ranks in {search_s:.0f} s"
+          f"{f'; ptdeco falor {ptdeco_s:.0f} s' if theirs is not None else ''} (covariance: {args.calib_batches} x "
+          f"{args.calib_batch} validation sentences, NSR on the first {args.calib_batch}; cosine: "
+          f"{args.test_sentences} test sentences; latency: {args.timing_batch} x 128 tokens, {args.threads} threads, "
+          f"median of {args.repeats} interleaved repeats); this run {time.perf_counter() - t_start:.0f} s")
     print(markdown(rows, list(rows[0])))
+    ok = [r for r in rows if r["linear_params_removed"] >= 0.25 and r["mean_cosine"] >= 0.98]
+    print("target (>= 25% of Linear params removed at mean cosine >= 0.98) met by: "
+          + (", ".join(f"{r['variant']} (speed-up {r['speedup']:.2f})" for r in ok) or "none"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

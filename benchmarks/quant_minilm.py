@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 int8: speed-up, size ratio and embedding cosine to fp32, measured side by side.
 
-    python benchmarks/quant_minilm.py [--alphas 0.7] [--all-layers] [--rounds 7] [--json out.json]
+    python benchmarks/quant_minilm.py [--alphas 0.7] [--gains 3] [--all-layers] [--rounds 7] [--json out.json]
 
 Batch 32 x 128 tokens, 2 threads. Cosine of the mean-pooled sentence embeddings
 to fp32 over 256 real English sentences (disjoint from the 64 used to calibrate
@@ -11,8 +11,9 @@ the engine's ``size_mb`` reports them. Variants:
   Linear + int8 Embedding (activations 7-bit: torch.ao's ``reduce_range``)
 - ``ptq_dynamic``: this project's node, ``allow_emb=true`` (8-bit activations on VNNI CPUs)
 - ``ptq_dynamic smooth=a``: the same plus SmoothQuant with migration strength ``a`` on the
-  Linears where it divides the layer's int8 error by >= 3 (``smooth_min_gain``; on MiniLM:
-  query/key/value and the FFN input), ``every Linear``: ``smooth_min_gain=1``
+  Linears where it divides the layer's own int8 error by >= 10 (``smooth_min_gain``; on
+  MiniLM: the six FFN inputs and one or two value projections), ``every Linear``: ``smooth_min_gain=1``;
+  ``--gains g``: also with ``smooth_min_gain=g``
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--alphas", type=float, nargs="*", default=[0.7])
     parser.add_argument("--all-layers", action="store_true", help="also smooth every Linear (smooth_min_gain=1)")
+    parser.add_argument("--gains", type=float, nargs="*", default=[], help="also these smooth_min_gain values")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -74,6 +76,9 @@ def main() -> None:
         for alpha in args.alphas:
             variants[f"ptq_dynamic allow_emb smooth={alpha}"] = node_variant(
                 model, dm, {**base, "smooth_alpha": alpha}, Path(tmp) / f"smooth{alpha}")
+            for gain in args.gains:
+                variants[f"ptq_dynamic allow_emb smooth={alpha} min_gain={gain:g}"] = node_variant(
+                    model, dm, {**base, "smooth_alpha": alpha, "smooth_min_gain": gain}, Path(tmp) / f"g{gain}{alpha}")
             if args.all_layers:
                 variants[f"ptq_dynamic allow_emb smooth={alpha} every Linear"] = node_variant(
                     model, dm, {**base, "smooth_alpha": alpha, "smooth_min_gain": 1.0}, Path(tmp) / f"all{alpha}")

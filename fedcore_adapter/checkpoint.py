@@ -24,6 +24,21 @@ from .structure import replay
 FORMAT = "fedcore_adapter.checkpoint/1"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
+TRANSFORMS_ATTR = "_fedcore_transforms"
+
+
+def applied_transforms(model: nn.Module) -> list[dict]:
+    """The structural changes that made ``model`` from its original (empty for an original model).
+
+    ``load_model`` and the engine keep this on the model, so that a run starting from a compressed
+    model (``pretrained=``) writes checkpoints that rebuild from the original model.
+    """
+    return list(getattr(model, TRANSFORMS_ATTR, []))
+
+
+def mark_transforms(model: nn.Module, transforms: list[dict]) -> nn.Module:
+    object.__setattr__(model, TRANSFORMS_ATTR, list(transforms))
+    return model
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -119,9 +134,14 @@ def load_model(checkpoint_dir: Path | str, base_model: nn.Module, map_location: 
     if not (directory / MANIFEST_FILE).exists() and (directory / "final" / MANIFEST_FILE).exists():
         directory = directory / "final"
     manifest = read_manifest(directory)
-    model = replay(base_model, manifest["transforms"])
+    transforms, done = manifest["transforms"], applied_transforms(base_model)
+    if transforms[:len(done)] != done:
+        raise FedcoreError(f"{directory}: the checkpoint was not made from this model (its structure has "
+                           f"{len(done)} changes the checkpoint's history does not start with); "
+                           f"pass a freshly built original model")
+    model = replay(base_model, transforms[len(done):])
     model.load_state_dict(load_state(directory, map_location), strict=True)
-    return model.eval()
+    return mark_transforms(model, transforms).eval()
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:

@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_bytes, link_or_copy_tree, load_model, read_manifest, save_checkpoint, write_json
+from .checkpoint import (applied_transforms, checkpoint_bytes, link_or_copy_tree, load_model, mark_transforms,
+                         read_manifest, save_checkpoint, write_json)
 from .context import NodeContext, SequentialExecutor
 from .data import resolve_device, runtime_device
 from .errors import DataError, FedcoreError
@@ -159,6 +160,7 @@ def run(setup: Any, model: nn.Module, datamodule: Any, *, loss: Any = None, conf
     r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, root=Path(output_dir), model_name=model_name,
              hooks=hooks, executor=executor, config=config)
     loss_fn = find_loss(model, loss, conf_loss)
+    r.transforms = applied_transforms(model)  # a compressed start point (pretrained=) keeps its history
     start_index = 0
     if resume and r.final_dir.exists() and not r.dir.exists():
         log.info("%s already completed; nothing to resume", r.final_dir)
@@ -183,7 +185,7 @@ def run(setup: Any, model: nn.Module, datamodule: Any, *, loss: Any = None, conf
     index: Optional[int] = None
     try:
         if start_index == 0 and not r.rows:
-            checkpoint = save_checkpoint(current, r.node_dir(0, "input"), [], {"node": "input"})
+            checkpoint = save_checkpoint(current, r.node_dir(0, "input"), r.transforms, {"node": "input"})
             r.rows.append({"node_index": 0, "node": "input", "kind": "input", **r.measure_row(current, checkpoint, loss_fn)})
             write_metrics(r.dir, r.rows)
             r.hooks.after_measure_input(r.info, r.rows[0], checkpoint)
@@ -224,6 +226,7 @@ def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn
     model = spec.apply(model.to(runtime_device(model, r.device)), node, ctx)
     wall = time.perf_counter() - start
     r.transforms.extend(pending)
+    mark_transforms(model, r.transforms)
     folder = save_checkpoint(model, r.node_dir(index + 1, node.kind), r.transforms,
                              {"node": node.label, "kind": node.kind, "config": node.model_dump(mode="json")},
                              **ctx.checkpoint_options)

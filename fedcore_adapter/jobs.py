@@ -13,11 +13,16 @@ from typing import Any, Iterator, Mapping, Optional
 from .errors import ConfigError
 from .setups import load_setup
 
+
 def setup_overrides(cfg: Mapping[str, Any]) -> dict:
     common = dict(cfg.get("common") or {})
     if cfg.get("distributed_compression"):
         common["distributed_compression"] = True
-    return {"common": common, "nodes": dict(cfg.get("nodes") or {})}
+    nodes = cfg.get("nodes") or {}
+    if not isinstance(nodes, Mapping):
+        raise ConfigError(f"nodes = {nodes!r}: expected overrides by node index or kind (e.g. nodes.0.epochs=5); "
+                          f"a new chain goes in a setup file (setup=path/to/setup.yaml)")
+    return {"common": common, "nodes": dict(nodes)}
 
 
 def build_setup(cfg: Mapping[str, Any]):

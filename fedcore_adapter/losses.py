@@ -37,6 +37,15 @@ def find_loss(model: nn.Module, loss: Optional[Any] = None, conf_loss: Optional[
     return nn.CrossEntropyLoss()
 
 
-def distillation_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
-    """Loss used on unlabeled batches: match the teacher's output."""
-    return nn.functional.mse_loss(student_out.float(), teacher_out.float())
+def distillation_mse(student_out: torch.Tensor, teacher_out: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Loss used on unlabeled batches: match the teacher's output.
+
+    With an ``attention_mask`` (batch x tokens) and per-token outputs, padded positions are left
+    out: they carry no meaning and would otherwise dominate the loss on short sentences.
+    """
+    diff = (student_out.float() - teacher_out.float()).pow(2)
+    if attention_mask is None or diff.dim() < 2 or tuple(diff.shape[:2]) != tuple(attention_mask.shape):
+        return diff.mean()
+    mask = attention_mask.to(diff.dtype).reshape(*attention_mask.shape, *([1] * (diff.dim() - 2)))
+    return (diff * mask).sum() / (mask.sum() * diff[0, 0].numel()).clamp(min=1)

@@ -44,7 +44,7 @@ def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimiz
 
 
 def default_objective(teacher: nn.Module, task_loss: Callable) -> Objective:
-    """Task loss on labeled batches; MSE to the teacher's output on unlabeled ones."""
+    """Task loss on labeled batches; MSE to the teacher's output on unlabeled ones (padding masked out)."""
 
     def objective(model: nn.Module, inputs, target: Optional[torch.Tensor]) -> torch.Tensor:
         out = primary_output(call_model(model, inputs))
@@ -52,7 +52,8 @@ def default_objective(teacher: nn.Module, task_loss: Callable) -> Objective:
             return task_loss(out, target)
         with torch.no_grad():
             teacher_out = primary_output(call_model(teacher, inputs))
-        return distillation_mse(out, teacher_out)
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        return distillation_mse(out, teacher_out, mask)
 
     return objective
 

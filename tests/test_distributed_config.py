@@ -54,6 +54,46 @@ def test_a_cluster_manager_by_target_gets_every_other_key_as_its_arguments():
     assert cfg.timeout == 600
 
 
+def test_a_cluster_manager_that_is_not_installed_is_one_clear_error():
+    from fedcore_adapter.distributed import open_client
+
+    with pytest.raises(ConfigError) as err:
+        with open_client(composed_cluster("cluster=slurm")):
+            pass
+    assert str(err.value) == ("cluster._target_ = 'dask_jobqueue.SLURMCluster' could not be imported: No module named "
+                              "'dask_jobqueue' (install the package that provides it, e.g. pip install dask-jobqueue)")
+
+
+def test_a_cluster_manager_class_that_does_not_exist_is_one_clear_error():
+    from fedcore_adapter.distributed import open_client
+
+    with pytest.raises(ConfigError) as err:
+        with open_client({"_target_": "distributed.NoSuchCluster"}):
+            pass
+    assert str(err.value) == ("cluster._target_ = 'distributed.NoSuchCluster' could not be imported: module "
+                              "'distributed' has no attribute 'NoSuchCluster' (expected package.module.ClassName "
+                              "of a Dask cluster manager, e.g. dask_jobqueue.SLURMCluster)")
+
+
+def test_a_sweep_on_an_unreachable_scheduler_stops_at_start_with_one_clear_error(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from fedcore_adapter.distributed import sweep_main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"^cluster.address = 'tcp://127.0.0.1:{port}': no Dask scheduler answered "
+                                          r"within 1 s \(.*\); start one with `dask scheduler`"):
+        sweep_main(["tracking=none", "setup=raw", "common.seed=1,2", "cluster=remote",
+                    f"cluster.address=tcp://127.0.0.1:{port}", "cluster.timeout=1", "output_dir=out"])
+    assert time.perf_counter() - start < 20
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
+
+
 def test_tls_settings_pass_through_to_the_remote_scheduler_connection():
     cfg = parse_cluster({"address": "tls://h:8786", "security": {"tls_ca_file": "ca.pem", "require_encryption": True}})
     from fedcore_adapter.distributed.cluster import _security

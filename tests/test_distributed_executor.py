@@ -1,6 +1,9 @@
 """A real LocalCluster: where it listens, how workers use torch, and ``ctx.map`` on it matching the sequential map."""
 import functools
+import json
+import logging
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -11,7 +14,7 @@ import torch
 from torch import nn
 
 from fedcore_adapter.context import SequentialExecutor
-from fedcore_adapter.distributed import DaskExecutor, executor_from_config, open_client
+from fedcore_adapter.distributed import DaskExecutor, executor_from_config, open_client, run_tasks
 from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.jobs import run_from_config
 from tests.conftest import TinyDataModule
@@ -91,11 +94,21 @@ def test_any_cluster_manager_class_is_used_by_target_with_its_arguments():
         assert [w["nthreads"] for w in workers] == [1] and c.submit(os.getpid, pure=False).result() != os.getpid()
 
 
-def test_security_true_runs_the_local_cluster_over_temporary_tls():
+def test_security_true_runs_the_local_cluster_over_temporary_tls_and_tls_settings_reach_a_remote_scheduler():
     with open_client({"name": "local", "n_workers": 1, "security": True}) as c:
         assert c.scheduler.address.startswith("tls://127.0.0.1:")
         assert list(c.scheduler_info()["workers"])[0].startswith("tls://127.0.0.1:")
         assert c.submit(abs, -3, pure=False).result() == 3
+        # the same TLS scheduler reached by address: cluster.security's keys go to distributed.Security
+        tls = {k: getattr(c.security, k) for k in ("tls_ca_file", "tls_client_cert", "tls_client_key")}
+        with open_client({"address": c.scheduler.address, "security": {**tls, "require_encryption": True}}) as remote:
+            assert remote.submit(abs, -4, pure=False).result() == 4
+        with pytest.raises(ConfigError) as err:
+            with open_client({"address": c.scheduler.address}):
+                pass
+        assert str(err.value) == (f"cluster.address = {c.scheduler.address!r}: a TLS scheduler needs TLS settings; "
+                                  f"give cluster.security.tls_ca_file, tls_client_cert and tls_client_key (or "
+                                  f"Dask's distributed.comm.tls configuration)")
 
 
 def test_map_on_the_cluster_returns_the_sequential_results_in_input_order(client):
@@ -118,13 +131,50 @@ def test_a_run_that_is_itself_a_dask_task_measures_in_its_worker_instead_of_nest
     assert client.submit(executor_inside_a_task, pure=False).result() == "SequentialExecutor"
 
 
+def sleep_then(payload: dict) -> float:
+    time.sleep(payload["sleep"])
+    if "fail" in payload:
+        raise ValueError(payload["fail"])
+    return payload["sleep"]
+
+
+def test_progress_is_logged_as_tasks_finish_and_while_they_run(client, caplog):
+    payloads = [{"sleep": 0.8}, {"sleep": 0, "fail": "bad override"}, {"sleep": 0}]
+    with caplog.at_level(logging.INFO, logger="fedcore_adapter.distributed"):
+        results = run_tasks(client, sleep_then, payloads, ["slow", "bad", "quick"], heartbeat_s=0.2)
+    assert [(r.label, r.status, r.error) for r in results] == [
+        ("slow", "completed", None), ("bad", "failed", "ValueError: bad override"), ("quick", "completed", None)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedcore_adapter.distributed"]
+    counts = r"(\d)/3 finished: (\d) done, (\d) failed, (\d) running, (\d) queued"
+    assert re.fullmatch(rf"submitted 3 run\(s\): 0/3 finished: 0 done, 0 failed, \d running, \d queued", lines[0])
+    finished = [m for line in lines if (m := re.fullmatch(rf"\[{counts}\] #(\d) (\w+): (.*)", line))]
+    assert [m[1] for m in finished] == ["1", "2", "3"]  # one line as each task finishes
+    what = {m[7]: m[8] for m in finished}
+    assert sorted(what) == ["bad", "quick", "slow"]
+    assert what["bad"] == "FAILED: ValueError: bad override" and re.fullmatch(r"done in \d+\.\ds", what["slow"])
+    assert finished[-1].groups()[:5] == ("3", "2", "1", "0", "0")
+    beats = [m for line in lines if (m := re.fullmatch(rf"\[{counts}\] still working", line))]
+    assert any(int(m[4]) >= 1 for m in beats), lines  # while the slow task runs and nothing finishes
+
+
+def same(a, b) -> bool:
+    """Equal state-dict values: tensors (int8 ones too), and the tuples packed quantized layers hold."""
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
 def test_distributed_compression_gives_the_same_run_as_sequential(client, tmp_path):
-    """Low-rank (FALOR rank search) and pruning sensitivity send their per-layer measurements through ctx.map."""
+    """Low-rank (FALOR rank search), pruning sensitivity and quantization auto_skip send their per-layer
+    measurements through ctx.map."""
     setup = tmp_path / "probe.yaml"
     setup.write_text("name: PROBE\ncommon: {latency_repeats: 2, latency_warmup: 1}\nnodes:\n"
                      "  - {kind: training, epochs: 2, progress: false}\n"
                      "  - {kind: low_rank, method: falor, nsr_threshold: 0.05}\n"
-                     "  - {kind: pruning, pruning_ratio: 0.5, sensitivity_ratios: [0.25, 0.5]}\n")
+                     "  - {kind: pruning, pruning_ratio: 0.5, sensitivity_ratios: [0.25, 0.5]}\n"
+                     "  - {kind: ptq_dynamic, auto_skip: {error_budget: 1.0e-4}}\n")
     base = {"setup": str(setup), "model": {"_target_": "tests.test_distributed_executor.wide_mlp"},
             "data": {"_target_": "tests.helpers.build_tiny_data"}, "tracking": {"name": "none"}}
     seq = run_from_config({**base, "output_dir": str(tmp_path / "seq")})
@@ -135,9 +185,11 @@ def test_distributed_compression_gives_the_same_run_as_sequential(client, tmp_pa
     assert [{k: r.get(k) for k in keys} for r in dist.metrics] == [{k: r.get(k) for k in keys} for r in seq.metrics]
     assert dist.metrics[2]["params"] < dist.metrics[1]["params"]  # the ranks the measurements chose were applied
     a, b = seq.model.state_dict(), dist.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sensitivity = "nodes/3_pruning/sensitivity.json"
-    assert (dist.output_dir / sensitivity).read_text() == (seq.output_dir / sensitivity).read_text()
+    assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    for report in ("nodes/3_pruning/sensitivity.json", "nodes/4_ptq_dynamic/sensitivity.json"):
+        assert (dist.output_dir / report).read_text() == (seq.output_dir / report).read_text()
+    quant = json.loads((dist.output_dir / "nodes/4_ptq_dynamic/sensitivity.json").read_text())
+    assert len(quant["sensitivity"]) == 4 and all(v > 0 for v in quant["sensitivity"].values())  # every layer
 
 
 def wide_mlp() -> nn.Module:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,24 @@ def _spawn(*args: str, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _stop(procs: list[subprocess.Popen], grace_s: float = 30) -> None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL what is left (warned): no process outlives the tests."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+            warnings.warn(f"{' '.join(proc.args[2:4])} ignored SIGTERM for {grace_s:g} s; killed")
+
+
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    """``(address, start_worker)`` of a scheduler with two nanny-less workers (1 thread each)."""
+    """``(address, start_worker, workers)``: a scheduler with two nanny-less workers (1 thread each)."""
     home = tmp_path_factory.mktemp("dask")
     procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--dashboard-address",
                     "127.0.0.1:0", "--scheduler-file", str(home / "scheduler.json"), cwd=home)]
@@ -58,13 +74,16 @@ def scheduler(tmp_path_factory):
         return procs[-1]
 
     workers = [start_worker("w1"), start_worker("w2")]
-    with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
-        pass
-    yield address, start_worker, workers
-    for proc in reversed(procs):
-        proc.terminate()
-    for proc in procs:
-        proc.wait(timeout=30)
+    try:
+        with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
+            pass
+        yield address, start_worker, workers
+    finally:
+        # Workers first, then the scheduler: a worker that gets SIGTERM while the closing scheduler also
+        # tells it to close can hang in its shutdown (distributed), which left it running before.
+        _stop(procs[1:])
+        _stop(procs[:1])
+        assert all(proc.poll() is not None for proc in procs)
 
 
 def test_the_scheduler_and_workers_listen_on_localhost(scheduler):
@@ -96,6 +115,9 @@ def test_the_sweep_command_runs_every_combination_and_reports_bad_overrides_whil
         assert json.loads((Path(r["output_dir"]) / "run.json").read_text())["status"] == "completed"
     seeds = [json.loads((Path(r["output_dir"]) / "run.json").read_text()) for r in record[:2]]
     assert seeds[0]["setup_hash"] != seeds[1]["setup_hash"]
+    table = (tmp_path / sweep / "comparison.csv").read_text()  # one comparison of the completed runs, and its plot
+    assert all(r["output_dir"] in table for r in record[:2])
+    assert (tmp_path / sweep / "comparison.md").exists() and (tmp_path / sweep / "comparison.png").stat().st_size > 0
     assert "#2 ++nodes.0.epochs=-1 ++common.seed=1: FAILED: nodes[0] (training).epochs" in proc.stderr
 
 
@@ -108,16 +130,17 @@ def test_a_worker_killed_while_its_run_is_under_way_has_the_run_redone_elsewhere
                for i in range(2)]
     results = []
     sweep = threading.Thread(target=lambda: results.extend(
-        run_many(configs, {"address": address}, sweep_dir=tmp_path / "sweep", heartbeat_s=2)))
+        run_many(configs, {"address": address}, sweep_dir=tmp_path / "sweep", heartbeat_s=2)), daemon=True)
     sweep.start()
-    deadline = time.time() + 120
-    while not any(markers.iterdir()) and time.time() < deadline:
-        time.sleep(0.05)
-    victim = int(next(markers.iterdir()).name)
-    assert victim in [w.pid for w in workers]
-    os.kill(victim, signal.SIGKILL)  # mid-run: its first training batch has started
-    sweep.join(timeout=240)
     try:
+        deadline = time.time() + 120
+        while not any(markers.iterdir()) and time.time() < deadline:
+            time.sleep(0.05)
+        victim = next(w for w in workers if w.pid == int(next(markers.iterdir()).name))
+        os.kill(victim.pid, signal.SIGKILL)  # mid-run: its first training batch has started
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        sweep.join(timeout=240)
+        assert not sweep.is_alive(), "the sweep did not finish within 240 s of the kill"
         assert [r.status for r in results] == ["completed", "completed"], [r.error for r in results]
         for i, r in enumerate(results):
             run = json.loads((Path(r.value["output_dir"]) / "run.json").read_text())

@@ -27,3 +27,39 @@ def test_pretrained_state_dict_file_is_loaded(tmp_path):
 def test_pretrained_path_without_a_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"pretrained='.*nothing': no checkpoint there"):
         load_pretrained(tiny_mlp(), str(tmp_path / "nothing"))
+
+
+def prune_setup(folder, ratio: float) -> str:
+    path = folder / f"prune_{ratio}.yaml"
+    path.write_text(f"name: PRUNE\nnodes:\n  - {{kind: pruning, pruning_ratio: {ratio}, finetune_params: {{epochs: 0}}}}\n")
+    return str(path)
+
+
+def test_a_chain_given_in_place_of_node_overrides_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"nodes = \[.*\]: expected overrides by node index or kind"):
+        run_from_config({**TINY, "nodes": [{"kind": "training"}]})
+
+
+def test_a_run_from_a_compressed_start_point_writes_checkpoints_that_rebuild_from_the_original(tmp_path):
+    from fedcore_adapter import load_model
+
+    prune = prune_setup(tmp_path, 0.5)
+    first = run_from_config({**TINY, "setup": prune, "nodes": {}, "output_dir": str(tmp_path), "model_name": "a"})
+    second = run_from_config({**TINY, "setup": prune, "nodes": {}, "output_dir": str(tmp_path), "model_name": "b",
+                              "pretrained": str(first.output_dir)})
+    assert second.metrics[-1]["params"] < second.metrics[0]["params"] == first.metrics[-1]["params"]
+    rebuilt = load_model(second.output_dir, tiny_mlp())  # a freshly built original: both prunings replayed
+    x = torch.randn(8, tiny_mlp()[0].in_features)
+    torch.testing.assert_close(rebuilt(x), second.model.eval()(x))
+
+
+def test_loading_a_checkpoint_into_a_model_of_another_lineage_is_one_clear_error(tmp_path):
+    from fedcore_adapter import load_model
+    from fedcore_adapter.errors import FedcoreError
+
+    first = run_from_config({**TINY, "setup": prune_setup(tmp_path, 0.5), "nodes": {}, "output_dir": str(tmp_path),
+                             "model_name": "a"})
+    other = run_from_config({**TINY, "setup": prune_setup(tmp_path, 0.25), "nodes": {}, "output_dir": str(tmp_path),
+                             "model_name": "b"})
+    with pytest.raises(FedcoreError, match="was not made from this model"):
+        load_model(first.output_dir, other.model)

@@ -16,7 +16,7 @@ from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.resources import conf_dir
 from fedcore_adapter.tracking import PENDING_FILE, TrackingConfig, hook_from_config, resolve_uri, sync_pending
 from fedcore_adapter.tracking.journal import PARTIAL_SUFFIX
-from fedcore_adapter.tracking.records import StepCounter, flatten, numeric_metrics, run_params
+from fedcore_adapter.tracking.records import StepCounter, flatten, git_commit, numeric_metrics, run_params
 from tests.conftest import TinyDataModule, tiny_mlp, tiny_setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # inside mlflow
@@ -32,6 +32,7 @@ def _client(uri):
 
 def _runs(client, experiment: str, role: str) -> list:
     exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} is not in the store"
     return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])
 
 
@@ -105,6 +106,19 @@ def test_curve_steps_continue_when_a_node_trains_again():
     assert [steps.step("val_loss", s) for s in (None, None)] == [1, 2]
 
 
+def test_git_commit_is_the_checkout_of_the_working_directory_of_now(tmp_path, monkeypatch):
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+    repo.mkdir(), plain.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(plain)
+    assert git_commit() is None
+    monkeypatch.chdir(repo)
+    assert git_commit() == head
+
+
 def test_journal_knows_the_engine_partial_suffix():
     from fedcore_adapter.results import PARTIAL_SUFFIX as ENGINE_SUFFIX
 
@@ -146,7 +160,12 @@ def store(tmp_path_factory):
     script = _WORKER.format(root=str(ROOT), out=str(root / "results"), uri=uri)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(4)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:  # none left behind when one hangs
+            p.kill()
+            p.wait()
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)
     return {"root": root, "uri": uri}
 
@@ -169,15 +188,25 @@ def test_four_processes_logging_to_one_store_at_once_lose_no_run_and_no_metric(s
 def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch):
     monkeypatch.chdir(store["root"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    hook = hook_from_config({"name": "mlflow"}, {}, "tiny_model")
-    result = run_setup(tiny_setup(TRAIN, name="LOCAL"), tiny_mlp(), TinyDataModule(), output_dir=store["root"] / "local",
-                       hooks=[hook])
+    from fedcore_adapter.jobs import run_from_config
+
+    low_rank = {"kind": "low_rank", "thresholds": [0.9]}
+    cfg = {"setup": tiny_setup(TRAIN, low_rank, name="LOCAL"), "tracking": {"name": "mlflow"}, "model_name": "tiny_model",
+           "output_dir": str(store["root"] / "local"), "model": {"_target_": "tests.helpers.build_tiny_mlp"},
+           "data": {"_target_": "tests.helpers.build_tiny_data"}}
+    result = run_from_config(cfg)
     client = _client(store["uri"])
-    [parent] = _runs(client, "tiny_model", "setup")
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL"
+    [parent] = _runs(client, "tiny_model", "setup")  # the experiment is the model name
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL_tiny_model"  # <SETUP>_<model_name>
+    assert parent.data.params["model._target_"] == "tests.helpers.build_tiny_mlp"
+    assert parent.data.params["data._target_"] == "tests.helpers.build_tiny_data"
+    assert parent.data.params["setup_resolved.nodes.1.thresholds"] == "[0.9]"
     assert parent.info.artifact_uri.startswith(str(store["root"] / "mlruns"))
     assert parent.data.metrics["accuracy"] == pytest.approx(result.metrics[-1]["accuracy"])
-    assert len(_runs(client, "tiny_model", "node")) == 1
+    training, decomposed = _runs(client, "tiny_model", "node")
+    assert [a.path for a in client.list_artifacts(training.info.run_id)] == ["manifest.json"]
+    assert sorted(a.path for a in client.list_artifacts(decomposed.info.run_id)) == [  # the node's files, no weights
+        "decompose_config.json", "manifest.json"]
 
 
 def test_tracking_none_touches_nothing(tmp_path, monkeypatch):

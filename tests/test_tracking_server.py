@@ -5,6 +5,8 @@ group) at the end.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -33,32 +35,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs the server in its own process group and kills the group once pytest is gone (even killed -9),
+# so no server outlives the test session; argv: pytest's pid, then the server command.
+_WATCHDOG = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+while server.poll() is None and os.getppid() == parent:
+    time.sleep(0.5)
+os.killpg(0, signal.SIGKILL)
+"""
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on 127.0.0.1:<free port>; yields its URI."""
+    """``mlflow server`` on 127.0.0.1:<free port>, SQLite backend, artifacts in a temporary folder; yields its URI.
+
+    Ready once a real API call answers (polled); killed with its process group at the end.
+    """
     root = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner worker pool
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+              "--workers", "1"]
     log_file = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *server], stdout=log_file,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
+                if requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=2).ok:
                     break
             except requests.RequestException:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+            time.sleep(0.2)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn worker; nothing to save
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the watchdog, the server and its uvicorn worker; nothing to save
         proc.wait()
         log_file.close()
 
@@ -71,6 +91,7 @@ def _client(uri):
 
 def _runs(client, experiment: str, role: str) -> list:
     exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} is not in the store"
     return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])
 
 
@@ -84,6 +105,8 @@ def tracked(mlflow_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked")
     hook = MlflowHook(uri=mlflow_server, experiment="server_tiny")
     result = run_setup(tiny_setup(*CHAIN, name="SRV"), tiny_mlp(), TinyDataModule(), output_dir=out, hooks=[hook])
+    pending = result.output_dir / PENDING_FILE
+    assert not pending.exists(), f"not logged to the server: {pending.read_text()[:1500]}"
     client = _client(mlflow_server)
     [parent] = _runs(client, "server_tiny", "setup")
     children = _runs(client, "server_tiny", "node")
@@ -96,6 +119,11 @@ def test_one_parent_run_per_setup_with_one_nested_child_per_node(tracked):
     assert {k: parent.data.tags[k] for k in ("fedcore.setup", "fedcore.status", "fedcore.chain")} == {
         "fedcore.setup": "SRV", "fedcore.status": "completed", "fedcore.chain": "training -> distillation"}
     assert [c.data.tags["mlflow.parentRunId"] for c in children] == [parent.info.run_id] * 2
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)  # the checkout tests run in
+    if head.returncode == 0:
+        assert parent.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    else:
+        assert "mlflow.source.git.commit" not in parent.data.tags
     assert [(c.data.tags["fedcore.node_index"], c.data.tags["fedcore.node_kind"], c.info.status) for c in children] == [
         ("1", "training", "FINISHED"), ("2", "distillation", "FINISHED")]
 
@@ -105,6 +133,7 @@ def test_parent_params_are_the_flattened_config_and_package_versions(tracked):
     assert params["setup.nodes.0.epochs"] == "3" and params["setup.nodes.1.kind"] == "distillation"
     assert params["setup.common.latency_repeats"] == "2"
     assert params["versions.torch"] == torch.__version__
+    assert params["versions.mlflow"] == importlib.metadata.version("mlflow")
     child_params = tracked["children"][0].data.params
     assert child_params["epochs"] == "3" and child_params["kind"] == "training"
 
@@ -115,7 +144,8 @@ def test_every_engine_metric_is_logged_row_0_as_the_parent_baseline(tracked):
     assert metrics["input_accuracy"] == pytest.approx(rows[0]["accuracy"])
     assert metrics["input_size_mb"] == pytest.approx(rows[0]["size_mb"])
     history = sorted((m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "accuracy"))
-    assert history == pytest.approx([(i, row["accuracy"]) for i, row in enumerate(rows)])
+    assert [step for step, _ in history] == list(range(len(rows)))
+    assert [value for _, value in history] == pytest.approx([row["accuracy"] for row in rows])
     assert metrics["size_mb_ratio"] == pytest.approx(rows[2]["size_mb"] / rows[0]["size_mb"])
     for child, row in zip(tracked["children"], rows[1:]):
         for key in ("params", "macs", "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss", "wall_s"):
@@ -137,8 +167,11 @@ def test_artifacts_config_metrics_plot_manifests_and_model(tracked):
         "model/state.pt", "model/manifest.json", "model/README.md"}
     for child in tracked["children"]:
         assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["manifest.json"]  # no weights per node
-    csv_path = client.download_artifacts(parent.info.run_id, "metrics.csv")
-    assert open(csv_path).read() == (tracked["result"].output_dir / "metrics.csv").read_text()
+    for name in ("metrics.csv", "config.yaml"):
+        local = client.download_artifacts(parent.info.run_id, name)
+        assert open(local).read() == (tracked["result"].output_dir / name).read_text(), name
+    plot = client.download_artifacts(parent.info.run_id, "metrics_by_node.png")
+    assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert not (tracked["result"].output_dir / PENDING_FILE).exists()
 
 

@@ -1,6 +1,7 @@
 """The shared training loop: learns, stops early, clips, distills on unlabeled data."""
 import copy
 
+import pytest
 import torch
 
 from fedcore_adapter import run_setup
@@ -69,3 +70,16 @@ def test_distillation_node_moves_the_student_towards_the_teacher(tmp_path):
     gap_before = (student(x) - trained(x)).pow(2).mean()
     gap_after = (result.model(x) - trained(x)).pow(2).mean()
     assert gap_after < gap_before * 0.5
+
+
+def test_distillation_loss_ignores_padded_token_positions():
+    from fedcore_adapter.losses import distillation_mse
+
+    teacher = torch.zeros(2, 4, 3)
+    student = teacher.clone()
+    student[:, 2:] = 5.0  # differs only where the tokens are padding
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])
+    assert distillation_mse(student, teacher, mask) == 0
+    assert distillation_mse(student, teacher) > 0  # no mask: every position counts
+    student[0, 0, 0] = 1.0
+    assert distillation_mse(student, teacher, mask) == pytest.approx(1.0 / (4 * 3))  # mean over real tokens

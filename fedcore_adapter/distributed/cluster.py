@@ -57,9 +57,14 @@ def _import_target(target: str) -> type:
     module, _, name = target.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as err:
+        missing = (err.name or module).partition(".")[0]
+        raise ConfigError(f"cluster._target_ = {target!r} could not be imported: {err} (install the package that "
+                          f"provides it, e.g. pip install {missing.replace('_', '-')})") from None
     except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"cluster._target_ = {target!r} could not be imported: {err} "
-                          f"(install the package that provides it, e.g. pip install dask-jobqueue)") from None
+        raise ConfigError(f"cluster._target_ = {target!r} could not be imported: {err} (expected "
+                          f"package.module.ClassName of a Dask cluster manager, e.g. dask_jobqueue.SLURMCluster)"
+                          ) from None
 
 
 def _start_cluster(cfg: ClusterConfig) -> Any:
@@ -88,8 +93,14 @@ def _start_cluster(cfg: ClusterConfig) -> Any:
 
 
 def _connect(cfg: ClusterConfig) -> Client:
+    security = _security(cfg)
+    tls = (security or Security()).get_connection_args("client").get("ssl_context")  # Security(): Dask's config
+    if cfg.address.startswith("tls://") and tls is None:
+        raise ConfigError(f"cluster.address = {cfg.address!r}: a TLS scheduler needs TLS settings; give "
+                          f"cluster.security.tls_ca_file, tls_client_cert and tls_client_key (or Dask's "
+                          f"distributed.comm.tls configuration)")
     try:
-        return Client(cfg.address, timeout=cfg.timeout, security=_security(cfg), set_as_default=False)
+        return Client(cfg.address, timeout=cfg.timeout, security=security, set_as_default=False)
     except OSError as err:  # includes TimeoutError
         reason = " ".join(str(err).split()) or type(err).__name__
         raise ConfigError(f"cluster.address = {cfg.address!r}: no Dask scheduler answered within {cfg.timeout:g} s "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -96,11 +97,17 @@ def short(text: Any, limit: int = MAX_TAG_VALUE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
-    """The commit of the git checkout the run starts in, if any (read-only ``git rev-parse``)."""
+    """The commit of the git checkout the run starts in (the working directory), if any."""
+    return _git_commit(os.getcwd())
+
+
+@functools.lru_cache(maxsize=16)
+def _git_commit(cwd: str) -> Optional[str]:
+    """Read-only ``git rev-parse HEAD`` in ``cwd``; cached per folder (a process may change directory)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+                             cwd=cwd)
     except (OSError, subprocess.SubprocessError):
         return None
     commit = out.stdout.strip()

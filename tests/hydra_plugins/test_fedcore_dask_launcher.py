@@ -108,4 +108,4 @@ def test_a_fedcore_multirun_on_dask_completes_every_good_job_and_reports_the_bad
         ("setup=bad.yaml model_name=a", "failed", None), ("setup=bad.yaml model_name=b", "failed", None)]
     table = (sweep / "comparison.csv").read_text()
     assert "RAW_a" in table and "RAW_b" in table and "BAD" not in table
-    assert (sweep / "comparison.md").exists()
+    assert (sweep / "comparison.md").exists() and (sweep / "comparison.png").stat().st_size > 0  # table and plot

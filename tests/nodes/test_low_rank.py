@@ -101,10 +101,13 @@ def test_bad_input_fails_with_one_line_and_leaves_the_model_untouched(tmp_path, 
      r"or 'params_ratio'"),
     ({"spectrum_pruning_strategy": "rank"}, r"needs rank: <int>"),
     ({"budget": {"metric": "params"}}, r"give exactly one of ratio .* or value"),
+    ({"method": "falor", "budget": {"ratio": 0.5}}, r"budget works with method='svd' only"),
+    ({"method": "falor", "epochs": 2}, r"epochs .* works with method='svd' only"),
 ])
 def test_invalid_options_name_the_field_and_the_allowed_values(node, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         fedcore_adapter.load_setup(tiny_setup({"kind": "low_rank", **node}))
+    assert "\n" not in str(info.value) and "low_rank" in str(info.value)
 
 
 def test_accepts_fedcore_low_rank_model_parameters_and_trains_u_s_vh(tmp_path):
@@ -200,3 +203,38 @@ def test_per_layer_measurements_go_through_the_executor(tmp_path):
     run_setup(tiny_setup({"kind": "low_rank"}, measure=False), low_rank_mlp(), TinyDataModule(), output_dir=tmp_path,
               executor=executor)
     assert "rank_sensitivity" in executor.functions
+
+
+@pytest.mark.parametrize("strategy,threshold,check", [
+    ("energy", 0.999, lambda rec: rec["rank"] == 4),  # the exact rank of the middle layer
+    ("explained_variance", 0.999, lambda rec: rec["rank"] == 4 and rec["meta"]["explained_variance_kept"] >= 0.999),
+    ("quantile", 0.9, lambda rec: rec["rank"] <= 7),  # singular values above the 90% quantile of 64
+    ("rank_ratio", 0.25, lambda rec: rec["rank"] == 16),
+    ("params_ratio", 0.3, lambda rec: rec["meta"]["params_after"] <= 0.3 * rec["meta"]["params_before"]
+     < rec["meta"]["params_after"] + 128),  # the largest rank within 30% of the parameters
+])
+def test_every_strategy_runs_in_the_node_and_the_result_reloads(tmp_path, strategy, threshold, check):
+    result = _run(low_rank_mlp(), {"kind": "low_rank", "spectrum_pruning_strategy": strategy, "thresholds": [threshold]},
+                  tmp_path=tmp_path, measure=True)
+    record = _config(result)["layers"]["2"]
+    assert record["meta"]["strategy"] == strategy and record["meta"]["threshold"] == threshold
+    assert check(record) and result.model[2].rank == record["rank"]
+    assert result.metrics[1]["params"] < result.metrics[0]["params"]
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(load_model(result.output_dir / "final", low_rank_mlp(seed=2))(x), result.model(x))
+
+
+def test_apply_decompose_config_checks_every_layer_before_changing_any():
+    result_config = {"format": "fedcore_adapter.decompose_config/1", "method": "svd", "meta": {}, "layers": {
+        "2": {"original": {"type": "Linear", "in_features": 64, "out_features": 64, "bias": True},
+              "decomposed": {"type": "FactorizedLayer", "kind": "linear", "mode": "channel",
+                             "first": {"type": "Linear", "in_features": 64, "out_features": 4, "bias": False},
+                             "second": {"type": "Linear", "in_features": 4, "out_features": 64, "bias": True}},
+              "rank": 4, "meta": {}},
+        "4": {"original": {"type": "Linear", "in_features": 64, "out_features": 10, "bias": True},
+              "decomposed": {}, "rank": 1, "meta": {}}}}
+    model = low_rank_mlp()
+    with pytest.raises(fedcore_adapter.FedcoreError, match="layer '4' is .* but the config was made from") as info:
+        fedcore_adapter.apply_decompose_config(model, result_config)
+    assert "\n" not in str(info.value)
+    assert isinstance(model[2], nn.Linear)  # the good first record was not applied either

@@ -46,3 +46,46 @@ def test_dynamic_int8_quantization_after_low_rank_quantizes_the_factor_layers(tm
     assert layer.first.weight().dtype == torch.qint8 and layer.second.weight().dtype == torch.qint8
     assert result.metrics[-1]["dtype"].startswith("int8")
     _reloads(result)
+
+
+def test_pruning_keeps_the_inner_rank_of_a_factorised_output_layer(tmp_path):
+    """The output layer is never narrowed; factorised, it is still one layer: its rank stays too."""
+    pytest.importorskip("fedcore_adapter.nodes.pruning")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(32, 4) @ torch.randn(4, 64) / 8)  # rank 4: decomposed
+    decomposed = run_setup(tiny_setup(LOW_RANK, measure=False), model, TinyDataModule(), output_dir=tmp_path / "a")
+    assert isinstance(decomposed.model[2], FactorizedLayer) and decomposed.model[2].rank == 4
+    pruned = run_setup(tiny_setup(PRUNING, measure=False), decomposed.model, TinyDataModule(),
+                       output_dir=tmp_path / "b").model
+    assert pruned[0].out_features == 32  # the hidden layer lost half its neurons
+    assert pruned[2].rank == 4 and pruned[2].second.out_features == 32
+
+
+def test_heads_and_ffn_channels_of_a_decomposed_transformer_are_pruned_inside_its_factor_pairs():
+    """COMPOSITE_2 on an encoder: pruning after low-rank finds the heads and FFN channels in the factors."""
+    transformers = pytest.importorskip("transformers")
+    from fedcore_adapter.nodes.pruning.backend import make_pruner
+    from fedcore_adapter.nodes.pruning.history import History
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    block = model.encoder.layer[0]
+
+    def factorise(linear, rank=8):
+        first, second = torch.nn.Linear(linear.in_features, rank, bias=False), torch.nn.Linear(rank, linear.out_features)
+        return FactorizedLayer(first, second, kind="linear")
+
+    block.attention.self.query = factorise(block.attention.self.query)
+    block.intermediate.dense = factorise(block.intermediate.dense)
+    block.output.dense = factorise(block.output.dense)
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    make_pruner(model, inputs, label="t", ratio=0.5).step(History(), 1)
+    assert block.attention.self.num_attention_heads == 2 and block.attention.self.query.second.out_features == 16
+    assert block.attention.self.query.rank == 8  # the rank is the low-rank node's business
+    assert block.intermediate.dense.second.out_features == 32 and block.output.dense.first.in_features == 32
+    with torch.no_grad():
+        assert model(**inputs).last_hidden_state.shape == (2, 7, 32)

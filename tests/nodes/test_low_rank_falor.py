@@ -1,4 +1,5 @@
 """Activation-aware (falor) decomposition: output covariance, NSR-bounded ranks, unlabeled dict batches."""
+import copy
 import json
 
 import pytest
@@ -93,12 +94,13 @@ def test_global_allocation_spends_the_nsr_budget_where_it_saves_most():
     assert ranks == {"cheap": 2, "costly": 8}
 
 
-def test_output_covariance_excludes_the_bias_and_input_covariance_matches_torch():
+def test_output_statistics_exclude_the_bias_and_input_covariance_matches_torch():
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(3, 2))
-    x = torch.randn(64, 3)
-    cov = collect_output_covariances(layer, [x], ["0"])["0"]
+    x = torch.randn(64, 3) + 1.0
     y = (x @ layer[0].weight.T).double()
+    torch.testing.assert_close(collect_output_covariances(layer, [x], ["0"])["0"], y.T @ y / 64)  # E[y y^T]
+    cov = collect_output_covariances(layer, [x], ["0"], centered=True)["0"]
     torch.testing.assert_close(cov, torch.cov(y.T, correction=0))
     stats = input_statistics(layer, [x], {"0": "channel"})["0"]
     torch.testing.assert_close(stats, torch.cov(x.double().T, correction=0))
@@ -108,14 +110,16 @@ def test_output_covariance_excludes_the_bias_and_input_covariance_matches_torch(
 def test_falor_on_minilm_keeps_sentence_embeddings_close(tmp_path):
     from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm
 
-    model = load_minilm()
-    dm = TextDataModule(n_train=8, n_val=32, n_test=16, batch_size=16, max_length=32)
+    model = load_minilm(attn_implementation="sdpa")  # fused attention: the same outputs, faster on the CPU
+    fresh = copy.deepcopy(model)  # a freshly built original for load_model (cheaper than loading it again)
+    # covariance on 4 x 8 sentences, NSR on the first 8 (the search's ~9 forward passes are the cost)
+    dm = TextDataModule(n_train=8, n_val=32, n_test=16, batch_size=8, max_length=32, pad_to_max_length=False)
     node = {"kind": "low_rank", "method": "falor", "nsr_threshold": 0.01, "include": ["encoder.layer.5.output.dense"]}
-    result = run_setup(tiny_setup(node, measure=False, limit_valid_batches=2), model, dm, output_dir=tmp_path)
+    result = run_setup(tiny_setup(node, measure=False, limit_valid_batches=4), model, dm, output_dir=tmp_path)
     record = _config(result)["layers"]["encoder.layer.5.output.dense"]
     assert record["meta"]["nsr"] < 0.01 and record["rank"] < 307  # 307: the largest rank that saves params
     assert embedding_cosine(model, result.model, dm.test_dataloader())["mean_cosine"] > 0.95  # unseen sentences
-    loaded = load_model(result.output_dir / "final", load_minilm())
+    loaded = load_model(result.output_dir / "final", fresh)
     batch = next(iter(dm.test_dataloader()))
     torch.testing.assert_close(loaded(**batch).last_hidden_state, result.model(**batch).last_hidden_state)
 
@@ -124,6 +128,69 @@ def test_output_covariance_of_a_1x1_conv_is_over_channels_at_every_pixel():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1))
     x = torch.randn(2, 3, 5, 5)
-    cov = collect_output_covariances(model, [x], ["0"])["0"]
+    cov = collect_output_covariances(model, [x], ["0"], centered=True)["0"]
     y = torch.einsum("oc,bchw->bhwo", model[0].weight[:, :, 0, 0], x).reshape(-1, 4).double()
     torch.testing.assert_close(cov, torch.cov(y.T.detach(), correction=0))
+
+
+def test_padded_tokens_are_left_out_of_the_statistics():
+    torch.manual_seed(0)
+    model = TinyEncoder(hidden=8)
+    ids = torch.randint(1, 50, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    padded = {"input_ids": ids, "attention_mask": mask}
+    real = [{"input_ids": ids[:1], "attention_mask": mask[:1]}, {"input_ids": ids[1:, :2], "attention_mask": mask[1:, :2]}]
+    torch.testing.assert_close(collect_output_covariances(model, [padded], ["proj"])["proj"],
+                               collect_output_covariances(model, real, ["proj"])["proj"])
+    torch.testing.assert_close(input_statistics(model, [padded], {"proj": "channel", "emb": "channel"})["emb"],
+                               input_statistics(model, real, {"proj": "channel", "emb": "channel"})["emb"])
+
+
+def test_the_optional_kl_bound_is_honoured_too(tmp_path):
+    model = low_rank_feature_encoder()
+    with torch.no_grad():  # a weak fifth direction: the exact rank-4 projection changes the output a little
+        model.emb.weight.add_(0.05 * torch.randn(50, 32))
+    node = {"kind": "low_rank", "method": "falor", "nsr_threshold": 0.05}
+    loose = run_setup(tiny_setup({**node, "kl_threshold": 1e-3}, measure=False), model, TokenDataModule(),
+                      output_dir=tmp_path / "loose")
+    meta = _config(loose)["layers"]["proj"]["meta"]
+    assert meta["nsr"] < 0.05 and meta["kl"] < 1e-3
+    strict = run_setup(tiny_setup({**node, "kl_threshold": 1e-5}, measure=False), model, TokenDataModule(),
+                       output_dir=tmp_path / "strict")
+    assert isinstance(strict.model.proj, nn.Linear)  # no rank that saves params meets the KL bound: left as is
+
+
+class _LowRankImages:
+    """8-channel 5x5 images whose channels mix 3 latent ones: the features of a 1x1 conv are rank 3."""
+
+    def __init__(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        g = torch.Generator().manual_seed(0)
+        mix = torch.randn(8, 3, generator=g)
+
+        def make(n):
+            x = torch.einsum("cl,nlhw->nchw", mix, torch.randn(n, 3, 5, 5, generator=g))
+            return TensorDataset(x, torch.randint(0, 4, (n,), generator=g))
+
+        self.loaders = {k: DataLoader(make(n), batch_size=16) for k, n in (("train", 32), ("val", 32), ("test", 16))}
+        self.train_dataloader = lambda: self.loaders["train"]
+        self.val_dataloader = lambda: self.loaders["val"]
+        self.test_dataloader = lambda: self.loaders["test"]
+
+
+def test_a_1x1_conv_becomes_two_1x1_convs_through_its_feature_rank(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    dm = _LowRankImages()
+    result = run_setup(tiny_setup({"kind": "low_rank", "method": "falor", "nsr_threshold": 1e-4}, measure=False),
+                       model, dm, output_dir=tmp_path)
+    layer = result.model[0]
+    assert isinstance(layer, FactorizedLayer) and layer.rank == 3
+    assert layer.first.kernel_size == (1, 1) and layer.second.kernel_size == (1, 1)
+    assert isinstance(result.model[2], nn.Conv2d)  # a 3x3 conv is not a falor layer: left as it is
+    x = next(iter(dm.test_dataloader()))[0]
+    torch.testing.assert_close(result.model(x), model(x), atol=1e-4, rtol=1e-4)
+    loaded = load_model(result.output_dir / "final", nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 3),
+                                                                   nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    torch.testing.assert_close(loaded(x), result.model(x))

@@ -84,3 +84,9 @@ def test_a_factorised_layer_reads_back_as_its_matrix(name, make, data, mode):
 def test_unknown_module_type_in_a_config_is_named():
     with pytest.raises(ValueError, match="unknown module type 'LSTM'"):
         build_module({"type": "LSTM"})
+
+
+@pytest.mark.parametrize("layer", [nn.Conv1d(4, 6, 3), nn.Conv2d(4, 6, (1, 3)), nn.Conv2d(4, 6, 3, padding="same")],
+                         ids=["conv1d", "1xk", "same_padding"])
+def test_spatial_mode_falls_back_to_channel_where_the_kx1_1xk_form_is_not_exact(layer):
+    assert make_target("x", layer, "spatial", {}).mode == "channel"

@@ -55,3 +55,23 @@ def test_trained_spectrum_sorts_by_magnitude_and_keeps_the_product():
     sp = trained_spectrum("x", layer)
     assert sp.s.tolist() == pytest.approx([3.0, 2.0, 0.5, 0.1])
     torch.testing.assert_close((sp.u * sp.s) @ sp.vh, ((layer.U * layer.S) @ layer.Vh).detach().double())
+
+
+def test_the_nodes_u_s_vh_training_with_the_hoyer_loss_concentrates_the_spectrum(tmp_path):
+    """A random 64 x 64 layer needs most of its rank for 90% energy (not factorised); after the node's
+    regularised training, the same threshold keeps far fewer components and the layer is factorised."""
+    from fedcore_adapter import run_setup
+    from fedcore_adapter.nodes.low_rank import FactorizedLayer
+    from tests.conftest import TinyDataModule, tiny_setup
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    node = {"kind": "low_rank", "thresholds": [0.9], "epochs": 5, "learning_rate": 0.01, "layer_types": ["linear"]}
+    plain = run_setup(tiny_setup({**node, "hoyer_loss": 0, "orthogonal_loss": 0}, measure=False), mlp(),
+                      TinyDataModule(n_train=48), output_dir=tmp_path / "plain")
+    sparse = run_setup(tiny_setup({**node, "hoyer_loss": 1.0, "orthogonal_loss": 5}, measure=False), mlp(),
+                       TinyDataModule(n_train=48), output_dir=tmp_path / "sparse")
+    assert isinstance(plain.model[2], nn.Linear)
+    assert isinstance(sparse.model[2], FactorizedLayer)  # a rank that saves params (<= 31) now keeps 90%

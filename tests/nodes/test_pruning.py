@@ -158,6 +158,57 @@ def test_importance_norm_is_honoured():
     assert removed == {1: [0], 2: [1]}
 
 
+def test_taylor_importance_ranks_by_weight_times_gradient_not_by_magnitude():
+    """Hidden unit 2 has the largest weights but zero gradient: Taylor removes it, magnitude keeps it."""
+    removed = {}
+    for importance in ("magnitude", "taylor"):
+        model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 1, bias=False))
+        with torch.no_grad():
+            model[0].weight.fill_(1.0), model[0].weight[2].mul_(5.0), model[2].weight.fill_(1.0)
+        model[0].weight.grad, model[2].weight.grad = torch.ones(4, 4), torch.ones(1, 4)
+        model[0].weight.grad[2], model[2].weight.grad[:, 2] = 0.0, 0.0
+        history = History()
+        make_pruner(model, torch.randn(2, 4), label="t", ratio=0.25, importance=importance).step(history)
+        removed[importance] = next(op["idxs"] for op in history.ops if op["module"] == "0")
+    assert removed["taylor"] == [2] and removed["magnitude"] != [2]
+
+
+@pytest.mark.parametrize("common, override, expected", [({}, None, 16), ({"limit_valid_batches": 2}, None, 2),
+                                                        ({"limit_valid_batches": 2}, 3, 3)])
+def test_taylor_gradients_use_limit_valid_batches_calibration_batches(tmp_path, monkeypatch, common, override,
+                                                                    expected):
+    from fedcore_adapter.nodes.pruning import node as node_module
+
+    used = []
+    real = node_module.accumulate_gradients
+    monkeypatch.setattr(node_module, "accumulate_gradients",
+                        lambda model, batches, *a: used.append(real(model, list(batches), *a)))
+    dm = ConvDataModule(n_train=16 * 20)  # 20 batches available
+    model = res_conv()
+    apply_pruning(model, PruningConfig(importance="taylor", pruning_iterations=2, calibration_batches=override),
+                  node_context(dm, tmp_path, model, **common))
+    assert used == [expected, expected]  # once before each pruning step
+
+
+def test_global_pruning_takes_more_from_the_layer_with_weak_channels():
+    """Layer 0's channels are all alike, six of layer 2's are tiny: per layer both lose half, globally layer 2 pays."""
+    def mlp():
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        with torch.no_grad():
+            for layer in (model[0], model[2], model[4]):
+                layer.weight.fill_(1.0), layer.bias.zero_()
+            model[2].weight[:6].mul_(0.01)
+        return model
+
+    widths = {}
+    for global_pruning in (False, True):
+        model = mlp()
+        make_pruner(model, torch.randn(2, 4), label="t", ratio=0.5, global_pruning=global_pruning).step(History())
+        widths[global_pruning] = (model[0].out_features, model[2].out_features)
+    assert widths[False] == (4, 4)
+    assert widths[True][0] > 4 and widths[True][1] < 4
+
+
 @pytest.mark.parametrize("importance", ["magnitude", "taylor", "lamp", "bn_scale", "random"])
 def test_every_importance_prunes_a_batchnorm_convnet(tmp_path, importance):
     model = res_conv()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedcore_adapter.errors import NodeError
 from fedcore_adapter.nodes.pruning import PruningWarning
 from fedcore_adapter.nodes.pruning.backend import make_pruner
 from fedcore_adapter.nodes.pruning.history import History, replay_pruning
@@ -197,6 +198,33 @@ def test_bert_head_ratio_per_layer_and_global_ranking(tiny_bert):
     assert sum(layer.attention.self.num_attention_heads for layer in pruned.encoder.layer) == 6
     assert sum(layer.intermediate.dense.out_features for layer in pruned.encoder.layer) == 64
     assert all(layer.attention.self.num_attention_heads >= 1 for layer in pruned.encoder.layer)
+
+
+def test_bert_taylor_importance_removes_the_head_without_gradient(tiny_bert):
+    """Head 3 of layer 0 has the largest weights but zero gradient: Taylor removes exactly it."""
+    model = tiny_bert()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    att, out = model.encoder.layer[0].attention.self, model.encoder.layer[0].attention.output.dense
+    with torch.no_grad():
+        for layer in (att.query, att.key, att.value):
+            layer.weight[24:].mul_(10.0)
+            layer.weight.grad[24:], layer.bias.grad[24:] = 0.0, 0.0
+        out.weight.grad[:, 24:] = 0.0
+    history = History()
+    make_pruner(model, BERT_INPUTS, label="t", ratio=0.25, importance="taylor").step(history, 1)
+    removed = next(op["idxs"] for op in history.ops if op["module"] == "encoder.layer.0.attention.self.query")
+    assert removed == list(range(24, 32))
+
+
+def test_bert_ignored_layers_stay_whole_and_unknown_names_are_one_line_errors(tiny_bert):
+    pruned, _ = prune(tiny_bert(), BERT_INPUTS, ratio=0.5, ignored_layers=("encoder.layer.1",))
+    assert [layer.attention.self.num_attention_heads for layer in pruned.encoder.layer] == [2, 4]
+    assert [layer.intermediate.dense.out_features for layer in pruned.encoder.layer] == [32, 64]
+    model = tiny_bert()
+    with pytest.raises(NodeError, match=r"node t: ignored_layers names layer 'encoder\.layer\.9', which the model "
+                                        r"does not have; prunable groups: encoder\.layer\.0\.attention"):
+        make_pruner(model, BERT_INPUTS, label="t", ratio=0.5, ignored_layers=("encoder.layer.9",))
 
 
 def test_iterative_bert_pruning_reaches_the_ratio_at_the_last_step(tiny_bert):

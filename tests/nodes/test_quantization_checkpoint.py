@@ -55,6 +55,10 @@ def test_every_quantized_form_is_detected_so_the_engine_runs_it_on_cpu(conv_dm, 
     assert not has_quantized_weights(TinyConvNet())
 
 
+def graph_ops(program: torch.export.ExportedProgram) -> set[str]:
+    return {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+
+
 EXPORT_CHECK = """
 import sys, torch
 program = torch.export.load(sys.argv[1])
@@ -80,6 +84,8 @@ def test_export_writes_a_torch_export_archive_that_runs_without_the_model_code(c
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     float_bytes = sum(t.numel() * t.element_size() for t in conv_model.state_dict().values())
     assert weight_bytes < 0.35 * float_bytes
+    ops = graph_ops(torch.export.load(archive))  # every layer an int8 x int8 -> int32 GEMM, none in float
+    assert "aten._int_mm.default" in ops and not ops & {"aten.linear.default", "aten.conv1d.default"}
 
 
 def test_dynamic_export_matches_the_int8_model(conv_model, conv_dm, tmp_path):
@@ -89,3 +95,51 @@ def test_dynamic_export_matches_the_int8_model(conv_model, conv_dm, tmp_path):
     torch.testing.assert_close(program.module()(x), result.model(x), atol=2e-2, rtol=1e-2)  # rare rounding flips
     assert isinstance(program, torch.export.ExportedProgram) and not any(
         isinstance(m, nn.Conv1d) for m in program.module().modules())
+    assert "aten._int_mm.default" in graph_ops(program) and "aten.conv1d.default" not in graph_ops(program)
+
+
+def test_an_encoder_with_int8_embeddings_and_smoothquant_exports_with_keyword_inputs(tmp_path):
+    node = {"kind": "ptq_dynamic", "allow_emb": True, "smooth_alpha": 0.5, "smooth_min_gain": 1.0, "export": True}
+    dm = TokenDataModule()
+    result = run(node, TinyEncoder(), dm, tmp_path)
+    program = torch.export.load(result.output_dir / "final" / "model.pt2")
+    batch = next(iter(dm.test_dataloader()))
+    out = program.module()(**batch)  # the encoder's SimpleNamespace comes back as a plain dict
+    torch.testing.assert_close(out["last_hidden_state"], result.model(**batch).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert {t.dtype for t in program.state_dict.values()} >= {torch.int8, torch.uint8}  # Linear and embedding rows
+
+
+class ResidualNet(nn.Module):
+    """Residual add+ReLU, a gating product, a grouped conv and a concatenation: int8 ops between the layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv1d(1, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1)
+        self.grouped = nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 16 * 2, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h) + h)
+        h = self.grouped(h) * h
+        return self.fc(torch.cat([h, h], 1).flatten(1))
+
+
+def test_static_export_covers_residual_adds_products_and_grouped_convs(conv_dm, tmp_path):
+    result = run({"kind": "ptq_static", "export": True}, ResidualNet().eval(), conv_dm, tmp_path)
+    assert "add_relu" in result.model.code and "quantized.mul" in result.model.code  # int8 ops between layers
+    program = torch.export.load(result.output_dir / "final" / "model.pt2")
+    x = conv_dm.test[:][0]
+    step = float(result.model.fc.scale)
+    assert (program.module()(x) - result.model(x)).abs().max() <= step + 1e-6
+
+
+def test_static_export_covers_int8_activations_and_normalisations(conv_dm, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Hardswish(), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    result = run({"kind": "ptq_static", "export": True}, model, conv_dm, tmp_path)
+    assert {m._get_name() for m in result.model.modules()} >= {"QuantizedHardswish", "QuantizedLayerNorm"}
+    program = torch.export.load(result.output_dir / "final" / "model.pt2")
+    x = conv_dm.test[:][0]
+    assert (program.module()(x) - result.model(x)).abs().max() <= float(result.model.get_submodule("4").scale) + 1e-6

@@ -103,7 +103,8 @@ def test_smoothquant_moves_activation_outliers_into_weights_and_cuts_the_error(t
     model = nn.Sequential(nn.Linear(64, 64))
     dm = OutlierDataModule()
     plain = run({"kind": "ptq_dynamic"}, model, dm, tmp_path / "plain").model
-    smooth_result = run({"kind": "ptq_dynamic", "smooth_alpha": 0.5}, model, dm, tmp_path / "smooth")
+    smooth_result = run({"kind": "ptq_dynamic", "smooth_alpha": 0.5, "smooth_min_gain": 1.0}, model, dm,
+                        tmp_path / "smooth")
     smooth = smooth_result.model
     assert isinstance(smooth[0], SmoothDynamicLinear)
     assert smooth[0].input_scale[7] < 0.2 * smooth[0].input_scale.median()  # the outlier channel is divided down
@@ -126,7 +127,8 @@ def test_smoothquant_is_kept_only_where_it_cuts_the_layers_own_error(tmp_path):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))  # tanh: no outliers reach layer 2
-    result = run({"kind": "ptq_dynamic", "smooth_alpha": 0.5}, model, OutlierDataModule(), tmp_path)
+    result = run({"kind": "ptq_dynamic", "smooth_alpha": 0.5, "smooth_min_gain": 3.0}, model, OutlierDataModule(),
+                 tmp_path)
     report = json.loads((result.output_dir / "final" / "smoothing.json").read_text())
     assert report["error_ratio"]["0"] >= 3 > report["error_ratio"]["2"]
     assert report["smoothed"] == ["0"]

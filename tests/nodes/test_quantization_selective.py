@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fedcore_adapter import load_model, run_setup
+from fedcore_adapter.data import has_quantized_weights
 from fedcore_adapter.errors import NodeError
 from fedcore_adapter.nodes.quantization.modules import DynamicLinear
 from tests.conftest import tiny_mlp, tiny_setup
@@ -89,6 +90,20 @@ def test_bisection_finds_the_fewest_float_layers_among_many(conv_model, conv_dm,
     assert len(ranked) == 4 and report["kept_float"] == ranked[:k] and report["budget_met"]
     probes = {int(n): e for n, e in report["probes"].items()}
     assert 1 <= k < 4 and probes[k] <= budget < probes[k - 1]  # k works, k - 1 does not
+
+
+def test_qat_auto_mode_ranks_layers_before_training_and_keeps_the_chosen_ones_float(conv_model, conv_dm, tmp_path):
+    from tests.nodes.test_quantization import TinyConvNet
+
+    node = {"kind": "qat", "epochs": 1, "auto_skip": {"error_budget": 1e-5, "batches": 1}}
+    result = run(node, conv_model, conv_dm, tmp_path)
+    report = sensitivity_report(result)
+    kept = report["kept_float"]
+    assert 1 <= len(kept) < 4 and kept == list(report["sensitivity"])[:len(kept)]
+    for name in report["sensitivity"]:  # float exactly where chosen (a kept conv stays fused with its BatchNorm)
+        assert has_quantized_weights(result.model.get_submodule(name)) != (name in kept), name
+    x = conv_dm.test[:8][0]
+    assert torch.equal(load_model(result.output_dir, TinyConvNet(seed=4))(x), result.model(x))
 
 
 class PicklingExecutor:

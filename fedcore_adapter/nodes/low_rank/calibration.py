@@ -2,7 +2,11 @@
 
 - input covariance of each layer (for ``explained_variance``): features of a Linear, unfolded patches
   of a channel-mode conv, token frequencies of an Embedding;
-- output covariance of ``W x`` (bias excluded) of each Linear / 1x1 conv (for falor).
+- output second moment ``E[y y^T]`` (or centred covariance) of ``y = W x`` (bias excluded) of each
+  Linear / 1x1 conv (for falor).
+
+Padded tokens of a text batch (``attention_mask == 0``) are left out of every statistic: the
+model's output ignores them, so their rows would only blur the statistics.
 """
 from __future__ import annotations
 
@@ -53,6 +57,24 @@ class _Moments:
         mean = self.sum / self.n
         return self.outer / self.n - torch.outer(mean, mean)
 
+    def second_moment(self) -> Optional[torch.Tensor]:
+        """``E[y y^T]`` (not centred): its top eigenvectors minimise ``E||y - P y||^2``, mean included."""
+        return self.outer / self.n if self.n else None
+
+
+class _Mask:
+    """The attention mask of the batch being run (hooks drop the rows of padded tokens)."""
+
+    current: Optional[torch.Tensor] = None
+
+    @classmethod
+    def rows(cls, t: torch.Tensor, channel_last: bool) -> torch.Tensor:
+        """``t`` as rows x channels, without padded tokens when ``t`` is [batch, tokens, channels]."""
+        mask = cls.current
+        if channel_last and mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+            return t[mask.to(t.device).bool()]
+        return t.reshape(-1, t.shape[-1])
+
 
 def _patches(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """Rows of unfolded input patches of a channel-mode conv, ordered like ``W.reshape(out, -1)``."""
@@ -75,8 +97,10 @@ def _run(model: nn.Module, inputs: list[Any], hooks: dict[str, Any]) -> None:
     try:
         with torch.no_grad():
             for x in inputs:
+                _Mask.current = x.get("attention_mask") if isinstance(x, dict) else None
                 call_model(model, x)
     finally:
+        _Mask.current = None
         for h in handles:
             h.remove()
         model.train(was_training)
@@ -94,10 +118,12 @@ def input_statistics(model: nn.Module, inputs: list[Any], layers: dict[str, str]
             x = args[0]
             plain = module.first if isinstance(module, FactorizedLayer) else module
             if isinstance(plain, nn.Embedding):
-                c = torch.bincount(x.reshape(-1).cpu(), minlength=plain.num_embeddings).double()
+                ids = x[_Mask.current.bool()] if _Mask.current is not None and \
+                    tuple(_Mask.current.shape) == tuple(x.shape) else x
+                c = torch.bincount(ids.reshape(-1).cpu(), minlength=plain.num_embeddings).double()
                 counts[name] = counts.get(name, 0) + c
             elif isinstance(plain, nn.Linear):
-                moments.setdefault(name, _Moments()).add(x.reshape(-1, x.shape[-1]))
+                moments.setdefault(name, _Moments()).add(_Mask.rows(x, True))
             else:
                 rows = _patches(plain, x)
                 if rows is not None:
@@ -112,7 +138,7 @@ def input_statistics(model: nn.Module, inputs: list[Any], layers: dict[str, str]
 
 
 def output_covariances(model: nn.Module, names: list[str]) -> tuple[dict[str, _Moments], dict[str, Any]]:
-    """Hooks collecting the centred covariance of ``W x`` (bias removed) for Linear / 1x1 conv layers."""
+    """Hooks collecting the moments of ``W x`` (bias removed) for Linear / 1x1 conv layers."""
     moments = {name: _Moments() for name in names}
 
     def hook(name: str):
@@ -123,15 +149,15 @@ def output_covariances(model: nn.Module, names: list[str]) -> tuple[dict[str, _M
                 shape = [1] * y.dim()
                 shape[channel] = -1
                 y = y - module.bias.view(shape)
-            rows = y.movedim(channel, -1).reshape(-1, y.shape[channel])
-            moments[name].add(rows)
+            moments[name].add(_Mask.rows(y.movedim(channel, -1), channel == -1))
         return record
 
     return moments, {name: hook(name) for name in names}
 
 
-def collect_output_covariances(model: nn.Module, inputs: list[Any], names: list[str]) -> dict[str, torch.Tensor]:
-    """``name -> covariance of W x`` over the calibration inputs."""
+def collect_output_covariances(model: nn.Module, inputs: list[Any], names: list[str],
+                               centered: bool = False) -> dict[str, torch.Tensor]:
+    """``name -> E[y y^T]`` (``centered``: the covariance) of ``y = W x`` over the calibration inputs."""
     moments, hooks = output_covariances(model, names)
     _run(model, inputs, hooks)
-    return {name: m.covariance() for name, m in moments.items() if m.n}
+    return {name: (m.covariance() if centered else m.second_moment()) for name, m in moments.items() if m.n}

@@ -61,6 +61,9 @@ class LowRankConfig(NodeConfig):
         "per_layer", description="per_layer: ptdeco's rule, each layer alone under nsr_threshold; global: ranks "
                                  "with the fewest params whose per-layer NSRs sum to under nsr_threshold")
     grid_points: int = Field(8, ge=2, description="global allocation: ranks measured per layer")
+    falor_statistic: Literal["second_moment", "covariance"] = Field(
+        "second_moment", description="eigenvectors of E[y y^T] (keeps the mean output; least output error) "
+                                     "or of the centred covariance (ptdeco's use_mean=True)")
     kl_threshold: Optional[float] = Field(None, gt=0, description="optional bound on symmetric KL of output softmax")
     metric_batches: int = Field(1, ge=1, description="calibration batches the NSR is measured on")
 

@@ -68,14 +68,18 @@ def apply_decompose_config(model: nn.Module, config: Any) -> nn.Module:
     """Rebuild the factorised structure described by ``config`` (a mapping, a JSON file or its folder)
     on ``model`` in place and return it; then load the decomposed state dict into it.
 
-    Every layer is checked to be the one the config was made from (type and shapes).
+    Every layer is checked to be the one the config was made from (type and shapes), and every new
+    layer is built, before any is replaced: a config that does not fit leaves ``model`` as it was.
     """
     config = _load(config)
     modules = dict(model.named_modules())
+    replacements = []
     for name, record in config["layers"].items():
         if name not in modules:
             raise FedcoreError(f"decompose_config names layer {name!r}, which this model does not have; "
                                f"build the model the config was made from")
+        if not isinstance(record, dict) or not {"original", "decomposed"} <= set(record):
+            raise FedcoreError(f"decompose_config: the record of layer {name!r} needs 'original' and 'decomposed'")
         current = modules[name]
         try:
             found = module_config(current)
@@ -84,10 +88,15 @@ def apply_decompose_config(model: nn.Module, config: Any) -> nn.Module:
         if found != record["original"]:
             raise FedcoreError(f"decompose_config: layer {name!r} is {found} here but the config was made from "
                                f"{record['original']}; build the model the config was made from")
-        new = build_module(record["decomposed"])
+        try:
+            new = build_module(record["decomposed"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise FedcoreError(f"decompose_config: cannot build the decomposed layer {name!r}: {err}") from None
         reference = next(current.parameters(), None)
         if reference is not None:
             new = new.to(reference.device, reference.dtype)
+        replacements.append((name, new))
+    for name, new in replacements:
         _replace(model, name, new)
     return model
 

@@ -1,8 +1,9 @@
 """Activation-aware decomposition (ptdeco's falor: "features are low-rank").
 
-For each Linear and 1x1 conv: the covariance of its outputs ``W x`` over the
-calibration batches gives eigenvectors ``E``; the weight is projected on the
-top-k of them, ``W ~ E_k (E_k^T W)``, and k is the smallest rank for which the
+For each Linear and 1x1 conv: the second moment ``E[y y^T]`` of its outputs ``y = W x``
+over the calibration batches (or, as ptdeco's ``use_mean``, their centred covariance)
+gives eigenvectors ``E``; the weight is projected on the top-k of them,
+``W ~ E_k (E_k^T W)``, which minimises ``E||y - E_k E_k^T y||^2``; k is the smallest rank for which the
 model's output noise-to-signal ratio (and optionally the symmetric KL of its
 softmax) stays under the threshold, with only that layer changed. No training,
 no labels: dict batches of a text encoder work.

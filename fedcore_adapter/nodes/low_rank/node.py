@@ -205,7 +205,8 @@ def _svd(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dic
 
 def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dict[str, Target],
            inputs: list) -> tuple[nn.Module, dict]:
-    covariances = collect_output_covariances(model, inputs, list(targets))
+    covariances = collect_output_covariances(model, inputs, list(targets),
+                                             centered=config.falor_statistic == "covariance")
     work = copy.deepcopy(model)
     metric_inputs = inputs[:config.metric_batches]
     references = falor_mod.model_rows(work, metric_inputs)
@@ -222,6 +223,7 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
     else:
         ranks = {n: r.rank for n, r in results.items()}
     record = new_config("falor", {"nsr_threshold": config.nsr_threshold, "kl_threshold": config.kl_threshold,
+                                  "statistic": config.falor_statistic,
                                   "allocation": config.allocation, "calibration_batches": len(inputs),
                                   "metric_batches": len(metric_inputs)})
     modules = dict(model.named_modules())

@@ -171,6 +171,13 @@ def screen_small_groups(label: str, groups: dict[str, tuple[int, float]], ratio:
     return list(small)
 
 
+def _factor_partners(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """The ``first`` factor of every low-rank pair (``second(first(x))``) whose ``second`` is in ``layers``."""
+    ids = {id(m) for m in layers}
+    return [m.first for m in model.modules()
+            if isinstance(getattr(m, "first", None), nn.Module) and id(getattr(m, "second", None)) in ids]
+
+
 class GraphPruner:
     """Iterative channel pruning of ``model`` in place; every removal is recorded in a :class:`History`."""
 
@@ -231,7 +238,10 @@ class GraphPruner:
             at_output = any(not node.outputs for node in outs)
             if not touched and not at_output:
                 continue
-            self.pruner.ignored_layers.extend(node.module for node in outs if isinstance(node.module, nn.Module))
+            kept = [node.module for node in outs if isinstance(node.module, nn.Module)]
+            self.pruner.ignored_layers.extend(kept)
+            if at_output:  # a factorised output layer is one layer: its inner rank stays too
+                self.pruner.ignored_layers.extend(_factor_partners(self.model, kept))
             for name in touched:
                 coupled[name].update(dg._module2name[n.module] for n in outs
                                      if n.module in dg._module2name and id(n.module) not in frozen_ids)

@@ -35,21 +35,37 @@ class UnitGroup:
     attention: Optional[str] = None  # module whose head count follows (heads only)
 
 
+def _factor(model: nn.Module, name: str, part: str) -> str:
+    """``name``, or ``name.<part>`` when a low-rank node made it a factor pair ``second(first(x))``: a
+    producer's output rows are in ``second``, a consumer's input columns in ``first``."""
+    return f"{name}.{part}" if isinstance(getattr(model.get_submodule(name), part, None), nn.Linear) else name
+
+
 def find_groups(model: nn.Module) -> list[UnitGroup]:
     """Head and FFN groups of every supported transformer block, in model order (ratios not yet set)."""
     groups = []
+
+    def out(name: str) -> str:
+        return _factor(model, name, "second")
+
+    def into(name: str) -> str:
+        return _factor(model, name, "first")
+
     for name, m in model.named_modules():
         p = f"{name}." if name else ""
         att = getattr(getattr(m, "attention", None), "self", None)
         if att is not None and all(hasattr(att, k) for k in ("query", "key", "value", "num_attention_heads")) \
                 and hasattr(m, "intermediate") and hasattr(m, "output"):
-            groups.append(UnitGroup(f"{p}attention", [f"{p}attention.self.{k}" for k in ("query", "key", "value")],
-                                    f"{p}attention.output.dense", att.attention_head_size, att.num_attention_heads,
-                                    0.0, f"{p}attention.self"))
-            groups.append(UnitGroup(f"{p}intermediate", [f"{p}intermediate.dense"], f"{p}output.dense", 1,
-                                    m.intermediate.dense.out_features, 0.0))
+            groups.append(UnitGroup(f"{p}attention", [out(f"{p}attention.self.{k}") for k in ("query", "key", "value")],
+                                    into(f"{p}attention.output.dense"), att.attention_head_size,
+                                    att.num_attention_heads, 0.0, f"{p}attention.self"))
+            ffn = out(f"{p}intermediate.dense")
+            groups.append(UnitGroup(f"{p}intermediate", [ffn], into(f"{p}output.dense"), 1,
+                                    model.get_submodule(ffn).out_features, 0.0))
         elif isinstance(m, nn.TransformerEncoderLayer):
-            groups.append(UnitGroup(f"{p}linear1", [f"{p}linear1"], f"{p}linear2", 1, m.linear1.out_features, 0.0))
+            ffn = out(f"{p}linear1")
+            groups.append(UnitGroup(f"{p}linear1", [ffn], into(f"{p}linear2"), 1, model.get_submodule(ffn).out_features,
+                                    0.0))
     return groups
 
 
@@ -107,6 +123,11 @@ class TransformerPruner:
                 if not any(_matches(g.name, key) for g in groups):
                     raise NodeError(label, f"pruning_ratio names {key!r}, which holds no attention or FFN group; "
                                            f"prunable groups: {', '.join(g.name for g in groups[:12])}")
+        known = {name for name, _ in model.named_modules()}
+        for name in ignored_layers:
+            if name not in known and not any(_matches(g.name, name) for g in groups):
+                raise NodeError(label, f"ignored_layers names layer {name!r}, which the model does not have; "
+                                       f"prunable groups: {', '.join(g.name for g in groups[:12])}")
         self.groups = [g for g in groups if not any(_matches(g.name, name) for name in ignored_layers)]
         for g in self.groups:
             heads = g.attention is not None and head_ratio is not None and not isinstance(ratio, dict)

@@ -6,7 +6,8 @@
 - ``modules``: dynamic int8 modules (8-bit activations on VNNI CPUs, SmoothQuant input scales).
 - ``selective``: ``skip`` patterns and the sensitivity-driven automatic mode.
 - ``folding`` (conv+BatchNorm), ``calibration`` (data, checks), ``backends`` (engines, qconfigs).
-- ``replay``: rebuilds the int8 structure on a fresh model for checkpoints; ``export``: torch.export archive.
+- ``replay``: rebuilds the int8 structure on a fresh model for checkpoints; ``export``: torch.export archive
+  of the int8 model in core aten ops (``int8_ops``).
 """
 from . import dynamic, qat, replay, static  # noqa: F401 - importing registers the kinds and the replay
 from .config import AutoSkip, PTQDynamicConfig, PTQStaticConfig, QATConfig

@@ -37,7 +37,8 @@ class QuantConfigBase(NodeConfig):
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
     skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layer names kept in float")
     auto_skip: Optional[AutoSkip] = Field(None, description="keep the most sensitive layers in float automatically")
-    export: bool = Field(False, description="also write a torch.export archive (model.pt2) beside the checkpoint")
+    export: bool = Field(False, description="also write a torch.export archive (model.pt2: core aten ops, int8 "
+                                            "weights and int8 GEMMs; loads with torch alone) beside the checkpoint")
     produces_int8: ClassVar[bool] = True
 
     @model_validator(mode="before")
@@ -60,7 +61,7 @@ class PTQDynamicConfig(QuantConfigBase):
         "auto", description="auto: 8-bit activations on CPUs with VNNI, 7-bit elsewhere; reduced: always 7-bit")
     smooth_alpha: Optional[float] = Field(
         None, ge=0, le=1, description="SmoothQuant: move activation outliers into the weights with this strength")
-    smooth_min_gain: float = Field(3.0, ge=1, description="smooth a Linear only where that divides its own int8 "
+    smooth_min_gain: float = Field(10.0, ge=1, description="smooth a Linear only where that divides its own int8 "
                                                           "output error at least this many times")
     calibration_batches: Optional[int] = Field(None, ge=1, description="batches for smoothing statistics and "
                                                                        "auto_skip; default: limit_valid_batches")

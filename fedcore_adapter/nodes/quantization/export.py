@@ -1,141 +1,64 @@
 """Optional ``export`` step: a ``torch.export`` archive (``model.pt2``) that loads without the model's code.
 
-torch.export cannot serialise torch.ao's packed weights (TorchScript objects),
-so the int8 model is first rewritten into plain tensor arithmetic with the same
-numbers: int8 weights stored as ``torch.int8`` buffers with their scales, and
-activations rounded to the int8 grid (plain aten ops) exactly where the
-int8 model rounds them. The archive is the deployable artefact; it computes in
-fp32 (a reference of the int8 model, to be lowered by a compiler such as
-Inductor), it is not the fast path the node itself returns.
+torch.export cannot serialise torch.ao's packed weights (TorchScript objects
+behind ``torch.ops.quantized``), and the pt2e Q/DQ ops (``quantized_decomposed``)
+are registered only by importing torch.ao in Python, so an archive using them
+fails ``torch.export.load`` in a plain interpreter. The int8 model is therefore
+rewritten into core aten ops with the same numbers (``int8_ops``): int8 weight
+buffers and int8 GEMMs (``aten._int_mm``). The int8 ops FX puts between layers
+(``quantized.add``, ``mul``, ``cat``) compute in float and round to their output
+grid. Attribute-bag outputs (``SimpleNamespace``, Hugging Face ``ModelOutput``)
+come back as plain dicts, so that loading needs torch only.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
-import torch.ao.nn.intrinsic.quantized as nniq
-import torch.ao.nn.quantized as nnq
-import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
 from torch import nn
 
 from ...data import call_model, first_batch, split_batch, to_device
 from ...errors import NodeError
-from .modules import DynamicConv, SmoothDynamicLinear, _reduce, im2col_apply
+from .int8_ops import DYNAMIC, STATIC_CONV, STATIC_LINEAR, fake_quant, reference_module
 
 EXPORT_FILE = "model.pt2"
-_STATIC_LINEAR = (nnq.Linear, nniq.LinearReLU)
-_STATIC_CONV = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)
-_DYNAMIC = (nnqd.Linear,)  # our DynamicLinear, SmoothDynamicLinear and DynamicConv derive from it
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round ``x`` to the uint8 grid ``[0, qmax]`` of ``scale``/``zero_point`` and back (plain aten ops)."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, qmax)
-    return (q - zero_point) * scale
+def _requantized(op: Any, relu: bool = False) -> Any:
+    """A binary int8 op of an FX int8 graph as float ``op`` then rounding to its output grid."""
+    def fn(a: torch.Tensor, b: torch.Tensor, scale: Any, zero_point: Any) -> torch.Tensor:
+        y = op(a, b)
+        return fake_quant(F.relu(y) if relu else y, scale, zero_point, 255)
+    return fn
 
 
-def _int_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(int values, scale, zero point)`` of a quantized weight; per-tensor params become 1-element tensors."""
-    if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return w.int_repr(), torch.tensor([w.q_scale()]), torch.tensor([float(w.q_zero_point())])
-    return w.int_repr(), w.q_per_channel_scales().float(), w.q_per_channel_zero_points().float()
+def _cat(tensors: list[torch.Tensor], dim: int = 0, scale: Any = None, zero_point: Any = None) -> torch.Tensor:
+    y = torch.cat(tensors, dim)
+    return y if scale is None else fake_quant(y, scale, zero_point, 255)
 
 
-class _RefLayer(nn.Module):
-    """A quantized Linear/Conv as tensor arithmetic: dequantized int8 weight, rounded activations."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        w, b = module._weight_bias()
-        q, scale, zp = _int_weight(w)
-        self.register_buffer("qweight", q)
-        self.register_buffer("w_scale", scale)
-        self.register_buffer("w_zero_point", zp)
-        self.register_buffer("bias", b.detach().float() if b is not None else None)
-        self.conv = {k: getattr(module, k) for k in ("stride", "padding", "dilation", "groups")} \
-            if w.dim() > 2 else None
-        self.dynamic = isinstance(module, _DYNAMIC)
-        self.im2col = dict(module.geometry) if isinstance(module, DynamicConv) else None
-        self.act_max = 127 if self.dynamic and _reduce(module) else 255
-        self.relu = isinstance(module, (nniq.LinearReLU, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d))
-        self.register_buffer("input_scale", module.input_scale.clone() if isinstance(module, SmoothDynamicLinear)
-                             else None)
-        out_scale, out_zp = (getattr(module, "scale", 1.0), getattr(module, "zero_point", 0))
-        self.register_buffer("out_scale", torch.tensor(float(out_scale)))
-        self.register_buffer("out_zero_point", torch.tensor(float(int(out_zp))))
-
-    def weight(self) -> torch.Tensor:
-        shape = [-1] + [1] * (self.qweight.dim() - 1)
-        return (self.qweight.float() - self.w_zero_point.view(shape)) * self.w_scale.view(shape)
-
-    def _dynamic_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-tensor activation rounding as the dynamic int8 kernels do it (range always includes 0)."""
-        if self.input_scale is not None:
-            x = x * self.input_scale
-        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-        scale = ((hi - lo) / self.act_max).clamp(min=torch.finfo(torch.float32).eps)
-        zp = (-lo / scale).round().clamp(0, self.act_max)
-        return fake_quant(x, scale, zp, self.act_max)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        if self.im2col is not None:
-            return im2col_apply(x, self.im2col, lambda cols: F.linear(self._dynamic_input(cols), self.weight(), self.bias))
-        if self.dynamic:
-            x = self._dynamic_input(x)
-        if self.conv is None:
-            y = F.linear(x, self.weight(), self.bias)
-        else:
-            conv = (F.conv1d, F.conv2d, F.conv3d)[self.qweight.dim() - 3]
-            y = conv(x, self.weight(), self.bias, **self.conv)
-        if self.dynamic:
-            return y
-        if self.relu:
-            y = F.relu(y)
-        return fake_quant(y, self.out_scale, self.out_zero_point, 255)
+# int8 functional ops FX conversion emits (residual adds, gates, concatenations) -> float forms on the int8 grid
+_QUANTIZED_OPS = {
+    "add": _requantized(torch.add), "add_relu": _requantized(torch.add, relu=True),
+    "mul": _requantized(torch.mul), "mul_relu": _requantized(torch.mul, relu=True),
+    "matmul": _requantized(torch.matmul), "cat": _cat,
+}
 
 
-class _RefEmbedding(nn.Module):
-    """int8 embedding rows (float row-wise qparams), dequantized after the lookup."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        q, scale, zp = _int_weight(module.weight())
-        self.register_buffer("qweight", q)
-        self.register_buffer("w_scale", scale)
-        self.register_buffer("w_zero_point", zp)
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(indices, self.qweight.float())
-        return (rows - F.embedding(indices, self.w_zero_point[:, None])) * F.embedding(indices, self.w_scale[:, None])
-
-
-class _RefQuantize(nn.Module):
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.register_buffer("scale", module.scale.detach().float().reshape(()))
-        self.register_buffer("zero_point", module.zero_point.detach().float().reshape(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x, self.scale, self.zero_point, 255)
-
-
-def _reference_module(module: nn.Module) -> Optional[nn.Module]:
-    if isinstance(module, _DYNAMIC + _STATIC_LINEAR + _STATIC_CONV):
-        return _RefLayer(module)
-    if isinstance(module, nnq.Embedding):
-        return _RefEmbedding(module)
-    if isinstance(module, nnq.Quantize):
-        return _RefQuantize(module)
-    if isinstance(module, nnq.DeQuantize):
-        return nn.Identity()
-    return None
+def _quantized_op(target: Any) -> Optional[str]:
+    """``'add'`` for ``torch.ops.quantized.add`` (any overload), None for other targets."""
+    name = str(target)
+    return name.split(".")[1] if name.startswith("quantized.") else None
 
 
 def _rewrite_graph(model: torch.fx.GraphModule) -> None:
-    """FX int8 graphs: ``quantize_per_tensor`` becomes rounding in float, ``dequantize`` disappears."""
+    """FX int8 graphs: ``quantize_per_tensor`` becomes rounding in float, ``dequantize`` disappears,
+    int8 functional ops (``quantized.add`` ...) compute in float and round to their output grid."""
     graph = model.graph
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.quantize_per_tensor:
@@ -147,21 +70,73 @@ def _rewrite_graph(model: torch.fx.GraphModule) -> None:
         elif node.op == "call_method" and node.target == "dequantize":
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-        elif node.op == "call_function" and "quantized" in str(getattr(node.target, "__module__", "")) + str(node.target):
-            raise NotImplementedError(f"quantized op {node.target} has no float reference")
+        elif node.op == "call_function" and (name := _quantized_op(node.target)) is not None:
+            if name not in _QUANTIZED_OPS:
+                raise NotImplementedError(f"int8 op quantized.{name} has no core aten form here "
+                                          f"(supported: {', '.join(sorted(_QUANTIZED_OPS))})")
+            node.target = _QUANTIZED_OPS[name]
     model.recompile()
 
 
-def reference_model(quantized: nn.Module) -> nn.Module:
-    """A copy of ``quantized`` in plain tensor arithmetic (int8 weights kept as int8 buffers)."""
+@torch.inference_mode()
+def static_input_qparams(model: nn.Module, inputs: Any) -> dict[str, tuple[float, int]]:
+    """``{name: (scale, zero point)}`` of the quantized input each static int8 layer receives on ``inputs``."""
+    seen: dict[str, tuple[float, int]] = {}
+
+    def hook(name: str, _module: nn.Module, args: tuple) -> None:
+        seen[name] = (args[0].q_scale(), args[0].q_zero_point())
+
+    handles = [m.register_forward_pre_hook(functools.partial(hook, n)) for n, m in model.named_modules()
+               if isinstance(m, STATIC_LINEAR + STATIC_CONV) and not isinstance(m, DYNAMIC)]
+    try:
+        call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def reference_model(quantized: nn.Module, inputs: Any) -> nn.Module:
+    """A copy of ``quantized`` in core aten ops (int8 buffers, int8 GEMMs); ``inputs``: an example batch."""
     model = copy.deepcopy(quantized).cpu().eval()
+    qparams = static_input_qparams(model, inputs)
     for name, module in list(model.named_modules()):
-        ref = _reference_module(module) if name else None
+        ref = reference_module(module, qparams.get(name)) if name else None
         if ref is not None:
             model.set_submodule(name, ref)
     if isinstance(model, torch.fx.GraphModule):
         _rewrite_graph(model)
     return model
+
+
+def _plain(out: Any) -> Any:
+    """Attribute-bag outputs as plain dicts: ``SimpleNamespace``, dict subclasses (Hugging Face ``ModelOutput``)."""
+    if isinstance(out, SimpleNamespace):
+        return dict(vars(out))
+    return dict(out) if isinstance(out, dict) and type(out) is not dict else out
+
+
+class _PlainOutputs(nn.Module):
+    """``model`` returning plain containers, so the archive's output needs no class of the model's library."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _plain(self.model(*args, **kwargs))
+
+
+def plain_outputs(model: nn.Module) -> nn.Module:
+    """``_PlainOutputs(model)`` with ``model.forward``'s signature (torch.export binds inputs by those names)."""
+    params = list(inspect.signature(model.forward).parameters.values())
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _PlainOutputs.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *params])
+    return type("PlainOutputs", (_PlainOutputs,), {"forward": forward})(model)
 
 
 def _example(batches: Optional[list[Any]], ctx: Any) -> Any:
@@ -176,9 +151,11 @@ def export_program(quantized: nn.Module, batches: Optional[list[Any]], ctx: Any,
     inputs = _example(batches, ctx)
     args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs if isinstance(inputs, tuple) else (inputs,), {})
     try:
-        ref = reference_model(quantized)
+        ref = reference_model(quantized, inputs)
         with torch.inference_mode():
-            call_model(ref, inputs)
+            out = call_model(ref, inputs)
+        if _plain(out) is not out:
+            ref = plain_outputs(ref)
         batch = torch.export.Dim.AUTO  # any batch size where the model allows it
         shapes = {k: {0: batch} for k in kwargs} if kwargs else tuple({0: batch} for _ in args)
         program = torch.export.export(ref, args, kwargs, dynamic_shapes=shapes)

@@ -9,6 +9,8 @@ so a checkpoint stays correct on any CPU.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
@@ -49,7 +51,27 @@ class SmoothDynamicLinear(DynamicLinear):
 
 
 def im2col_apply(x: torch.Tensor, geometry: dict, matmul) -> torch.Tensor:
-    """A convolution as ``matmul`` over unfolded patches (``[N * positions, C * kernel] -> [.., out]``)."""
+    """A convolution as ``matmul`` over patches (``[N * positions, C * kernel] -> [.., out]``).
+
+    Patches are strided views (``Tensor.unfold``) copied once into rows; ``F.unfold``
+    (a per-sample loop) only where the kernel is dilated.
+    """
+    dims = geometry["dims"]
+    k, s, p, d = (tuple(geometry[key]) for key in ("kernel_size", "stride", "padding", "dilation"))
+    if any(v != 1 for v in d):
+        return _im2col_dilated(x, geometry, matmul)
+    n, c = x.shape[:2]
+    if any(p):
+        x = F.pad(x, [pad for pad in reversed(p) for _ in range(2)])
+    for i in range(dims):
+        x = x.unfold(2 + i, k[i], s[i])  # [N, C, *positions, *kernel]
+    positions = x.shape[2:2 + dims]
+    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]  # [N, *positions, C, *kernel]
+    y = matmul(x.permute(order).reshape(-1, x.shape[1] * math.prod(k))).reshape(n, *positions, -1)
+    return y.permute(0, dims + 1, *range(1, dims + 1)).contiguous()
+
+
+def _im2col_dilated(x: torch.Tensor, geometry: dict, matmul) -> torch.Tensor:
     one_d = geometry["dims"] == 1
     if one_d:
         x = x.unsqueeze(2)
