@@ -42,8 +42,8 @@ BASE = {"tracking": {"name": "none"}, "model": {"_target_": "fedcore_adapter.zoo
         "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}}
 # label -> (setup, node overrides by index), the CLI's nodes.<i>.<field>=<value>
 VARIANTS = {
-    "COMPOSITE_1 nodes.1.pruning_ratio=0.5 nodes.3.pruning_ratio=0.25":
-        ("COMPOSITE_1", {"1": {"pruning_ratio": 0.5}, "3": {"pruning_ratio": 0.25}}),
+    "COMPOSITE_1 nodes.1.pruning_ratio=0.5 nodes.3.pruning_ratio=0.1":
+        ("COMPOSITE_1", {"1": {"pruning_ratio": 0.5}, "3": {"pruning_ratio": 0.1}}),
     "COMPOSITE_2 nodes.2.pruning_ratio=0.5": ("COMPOSITE_2", {"2": {"pruning_ratio": 0.5}}),
 }
 COLUMNS = ["accuracy", "params", "macs", "size_mb", "latency_ms", "throughput_sps"]

@@ -1,7 +1,7 @@
 """Every named setup on the pretrained all-MiniLM-L6-v2, on unlabeled real sentences.
 
     python benchmarks/minilm_setups.py [--setups RAW TEST COMPOSITE_1 COMPOSITE_2 QAT_1 PTQ_1]
-                                       [--limit-train-batches 1] [--rounds 5]
+                                       [--limit-train-batches 1] [--rounds 5] [--learning-rate LR]
 
 Each setup runs through ``jobs.run_from_config`` exactly as ``fedcore-adapter model=minilm
 data=text setup=<NAME>`` would (its own chain and epochs; the text data has no labels, so every
@@ -12,6 +12,8 @@ its results folder onto a freshly loaded encoder (``load_model``), and compared 
 mean/min cosine of the mean-pooled sentence embeddings to the original's on 256 held-out
 sentences, latency of one batch of 32 x 128 tokens with 2 threads (median over alternating
 rounds), and checkpoint size. Ratios are original ÷ setup (higher = smaller / faster).
+``--learning-rate`` overrides the learning rate of every training, pruning and low-rank node and of
+their fine-tuning (``nodes.<kind>.learning_rate=`` and ``nodes.<kind>.finetune_params.learning_rate=``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from _common import environment, markdown  # noqa: E402
 
 from fedcore_adapter import load_model  # noqa: E402
 from fedcore_adapter.jobs import run_from_config  # noqa: E402
+from fedcore_adapter.setups import load_setup  # noqa: E402
 from fedcore_adapter.metrics import count_params, latency_ms  # noqa: E402
 from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm  # noqa: E402
 
@@ -36,6 +39,18 @@ MODEL = {"_target_": "fedcore_adapter.zoo.text.load_minilm"}
 DATA = {"_target_": "fedcore_adapter.zoo.text.TextDataModule", "n_train": 256, "n_val": 64, "n_test": 256,
         "batch_size": 32, "max_length": 128}
 RUN_BATCH = 8  # training / calibration batches inside the setups; comparisons use batches of 32
+
+
+def learning_rate_overrides(setup: str, lr: float | None) -> dict:
+    """Node overrides by kind setting ``lr`` on every node (and fine-tune) that trains."""
+    if lr is None:
+        return {}
+    out = {}
+    for node in load_setup(setup).nodes:
+        if node.kind in ("training", "pruning", "low_rank"):
+            out[node.kind] = {"learning_rate": lr, **({"finetune_params": {"learning_rate": lr}}
+                                                       if getattr(node, "finetune_params", None) else {})}
+    return out
 
 
 def side_by_side_latency(models: dict, inputs: dict, rounds: int) -> dict[str, float]:
@@ -54,6 +69,7 @@ def main() -> None:
     parser.add_argument("--limit-valid-batches", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="/tmp/minilm_setups")
+    parser.add_argument("--learning-rate", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
     common = {"seed": 0, "num_threads": 2, "latency_repeats": 1, "latency_warmup": 1,
@@ -61,8 +77,9 @@ def main() -> None:
               "limit_test_batches": 1}
     runs = {}
     for name in args.setups:
-        cfg = {"setup": name, "model": MODEL, "data": {**DATA, "batch_size": RUN_BATCH}, "tracking": {"name": "none"}, "output_dir": args.out,
-               "model_name": "minilm", "common": common}
+        cfg = {"setup": name, "model": MODEL, "data": {**DATA, "batch_size": RUN_BATCH}, "tracking": {"name": "none"},
+               "output_dir": args.out, "model_name": "minilm", "common": common,
+               "nodes": learning_rate_overrides(name, args.learning_rate)}
         start = time.perf_counter()
         result = run_from_config(cfg)
         wall = time.perf_counter() - start

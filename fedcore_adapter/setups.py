@@ -48,6 +48,15 @@ def setup_source(spec: str | Path) -> tuple[dict, str]:
                       f"or a path to a .yaml/.json setup file")
 
 
+def _deep_update(target: dict, fields: Mapping[str, Any]) -> None:
+    """``target.update(fields)``, merging nested mappings (``finetune_params.learning_rate`` keeps the epochs)."""
+    for key, value in fields.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict:
     """Apply ``{'common': {...}, 'nodes': {<index or kind>: {...}}}`` to a native setup mapping."""
     if not overrides:
@@ -68,14 +77,14 @@ def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict
             i = int(target)
             if not -len(nodes) <= i < len(nodes):
                 raise ConfigError(f"override nodes.{target}: the setup has {len(nodes)} nodes (indices 0..{len(nodes) - 1})")
-            nodes[i].update(fields)
+            _deep_update(nodes[i], fields)
         else:
             matched = [n for n in nodes if n.get("kind") == target]
             if not matched:
                 kinds = sorted({n.get("kind") for n in nodes})
                 raise ConfigError(f"override nodes.{target}: no node of that kind in the setup; its kinds: {', '.join(kinds)}")
             for n in matched:
-                n.update(fields)
+                _deep_update(n, fields)
     return data
 
 

@@ -50,6 +50,13 @@ def test_overrides_reach_nodes_by_index_and_by_kind_and_common():
     assert setup.nodes[1].temperature == 4.0 and setup.common.seed == 5
 
 
+def test_a_nested_override_changes_only_the_field_it_names():
+    setup = load_setup("COMPOSITE_2", {"nodes": {"low_rank": {"finetune_params": {"learning_rate": 2e-5}}}})
+    finetunes = [n.finetune_params for n in setup.nodes if n.kind == "low_rank"]
+    assert [(f.epochs, f.learning_rate) for f in finetunes] == [(10, 2e-5), (10, 2e-5)]
+    assert load_setup("COMPOSITE_2").nodes[1].finetune_params.learning_rate == 0.001  # the named setup is untouched
+
+
 def test_override_of_a_missing_node_index_or_kind_is_an_error():
     with pytest.raises(ConfigError, match=r"nodes\.3: the setup has 1 nodes"):
         load_setup("RAW", {"nodes": {"3": {"epochs": 1}}})

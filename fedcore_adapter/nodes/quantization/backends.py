@@ -2,7 +2,7 @@
 
 Why torch.ao (eager module swap for dynamic, FX graph mode for static/QAT) and
 not torchao's ``quantize_`` or pt2e: measured in ``benchmarks/quant_backends.py``
-(see ``benchmarks/RESULTS_quant.md``) -- torch.ao modules run int8 kernels in
+(see ``benchmarks/RESULTS.md``, Quantization) -- torch.ao modules run int8 kernels in
 plain eager mode and serialise to tensors; the other two are only fast after
 ``torch.compile`` and their weights are not plain state-dict tensors.
 """
