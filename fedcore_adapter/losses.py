@@ -1,7 +1,7 @@
 """Finding the task loss: the seed's precedence, and config-given losses."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ def find_loss(model: nn.Module, loss: Optional[Any] = None, conf_loss: Optional[
     if conf_loss is not None:
         return instantiate_loss(conf_loss)
     return nn.CrossEntropyLoss()
+
+
+def token_mask(inputs: Any) -> Optional[torch.Tensor]:
+    """The ``attention_mask`` of a Hugging Face style dict batch, else None."""
+    return inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
 
 
 def distillation_mse(student_out: torch.Tensor, teacher_out: torch.Tensor,

@@ -17,7 +17,7 @@ from torch import nn
 from .context import NodeContext
 from .data import call_model, limited, primary_output, split_batch, to_device, batch_size
 from .errors import DataError, NodeError
-from .losses import distillation_mse, instantiate_loss
+from .losses import distillation_mse, instantiate_loss, token_mask
 from .metrics import evaluate
 from .schema import TrainParams
 
@@ -52,8 +52,7 @@ def default_objective(teacher: nn.Module, task_loss: Callable) -> Objective:
             return task_loss(out, target)
         with torch.no_grad():
             teacher_out = primary_output(call_model(teacher, inputs))
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        return distillation_mse(out, teacher_out, mask)
+        return distillation_mse(out, teacher_out, token_mask(inputs))
 
     return objective
 

@@ -83,3 +83,15 @@ def test_distillation_loss_ignores_padded_token_positions():
     assert distillation_mse(student, teacher) > 0  # no mask: every position counts
     student[0, 0, 0] = 1.0
     assert distillation_mse(student, teacher, mask) == pytest.approx(1.0 / (4 * 3))  # mean over real tokens
+
+
+def test_the_distillation_nodes_mse_term_ignores_padded_token_positions_too():
+    from fedcore_adapter.nodes.distillation import DistillationConfig, distillation_loss
+
+    config = DistillationConfig(kind="distillation", kl_weight=0.0, mse_weight=1.0, task_weight=0.0)
+    teacher = torch.zeros(1, 3, 2)
+    student = teacher.clone()
+    student[:, 2] = 4.0  # differs only on the padded token
+    mask = torch.tensor([[1, 1, 0]])
+    assert distillation_loss(student, teacher, None, config, None, mask) == 0
+    assert distillation_loss(student, teacher, None, config, None) > 0

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..context import NodeContext
 from ..data import call_model, primary_output
+from ..losses import distillation_mse, token_mask
 from ..registry import register_node
 from ..schema import NodeConfig, TrainParams
 from ..trainer import train
@@ -39,8 +40,10 @@ class DistillationConfig(TrainParams, NodeConfig):
 
 
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, target: Optional[torch.Tensor],
-                      config: DistillationConfig, task_loss) -> torch.Tensor:
-    """Weighted sum of KL on softened logits, output MSE and (when labeled) the task loss."""
+                      config: DistillationConfig, task_loss,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted sum of KL on softened logits, output MSE (padded tokens masked out) and (when labeled)
+    the task loss."""
     loss = student_out.new_zeros(())
     if config.kl_weight:
         t = config.temperature
@@ -48,7 +51,7 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, targ
             F.log_softmax(student_out / t, dim=-1), F.log_softmax(teacher_out / t, dim=-1),
             reduction="batchmean", log_target=True)
     if config.mse_weight:
-        loss = loss + config.mse_weight * F.mse_loss(student_out, teacher_out)
+        loss = loss + config.mse_weight * distillation_mse(student_out, teacher_out, attention_mask)
     if config.task_weight and target is not None:
         loss = loss + config.task_weight * task_loss(student_out, target)
     return loss
@@ -69,7 +72,7 @@ def apply_distillation(model: nn.Module, config: DistillationConfig, ctx: NodeCo
         out = primary_output(call_model(student, inputs))
         with torch.no_grad():
             teacher_out = primary_output(call_model(teacher, inputs))
-        return distillation_loss(out, teacher_out, target, config, ctx.loss_fn)
+        return distillation_loss(out, teacher_out, target, config, ctx.loss_fn, token_mask(inputs))
 
     params = TrainParams.model_validate(config.model_dump(include=set(TrainParams.model_fields)))
     train(model, ctx, params, objective=objective, tag="distill")
