@@ -11,7 +11,7 @@ batch with 2 threads; the table gives the median of the rounds' medians (the eng
 latency is in each run's metrics.csv).
 
     python benchmarks/composite_setups.py [--setups RAW TEST COMPOSITE_1 COMPOSITE_2 QAT_1 PTQ_1] [--out DIR]
-                                          [--no-variants]
+                                          [--no-variants] [--recovery]
 
 Besides the six named setups (FedCore's exact parameters), the table has the composite setups
 with a milder pruning ratio, as a user would run them (``setup=COMPOSITE_2
@@ -46,6 +46,17 @@ VARIANTS = {
         ("COMPOSITE_1", {"1": {"pruning_ratio": 0.5}, "3": {"pruning_ratio": 0.1}}),
     "COMPOSITE_2 nodes.2.pruning_ratio=0.5": ("COMPOSITE_2", {"2": {"pruning_ratio": 0.5}}),
 }
+# --recovery: the composite setups with the fine-tunes' recovery options changed from their defaults
+_FT = ("1", "2", "3")
+RECOVERY = {
+    "COMPOSITE_2 finetune_params.keep_best=false": ("COMPOSITE_2", {i: {"finetune_params": {"keep_best": False}}
+                                                                    for i in _FT}),
+    "COMPOSITE_2 finetune_params.distill=true": ("COMPOSITE_2", {i: {"finetune_params": {"distill": True}} for i in _FT}),
+    "COMPOSITE_2 nodes.2.schedule=geometric": ("COMPOSITE_2", {"2": {"schedule": "geometric"}}),
+    "COMPOSITE_1 finetune_params.distill=true": ("COMPOSITE_1", {i: {"finetune_params": {"distill": True}} for i in _FT}),
+    "COMPOSITE_1 nodes.1.schedule=geometric nodes.3.schedule=geometric":
+        ("COMPOSITE_1", {"1": {"schedule": "geometric"}, "3": {"schedule": "geometric"}}),
+}
 COLUMNS = ["accuracy", "params", "macs", "size_mb", "latency_ms", "throughput_sps"]
 
 
@@ -68,12 +79,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--rounds", type=int, default=7, help="alternating latency rounds at the end")
     parser.add_argument("--no-variants", action="store_true", help="only the named setups")
+    parser.add_argument("--recovery", action="store_true",
+                        help="add the composite setups with the fine-tunes' recovery options changed (RECOVERY)")
     args = parser.parse_args()
     out = Path(args.out)
     rows, folders = [], {}
     raw_dir = None
     runs = [(name.upper(), name, {}) for name in ["RAW"] + [s for s in args.setups if s.upper() != "RAW"]]
     runs += [] if args.no_variants else [(label, setup, nodes) for label, (setup, nodes) in VARIANTS.items()]
+    runs += [(label, setup, nodes) for label, (setup, nodes) in RECOVERY.items()
+             if args.recovery and setup in {r[1].upper() for r in runs}]
     for label, name, nodes in runs:
         cfg = {**BASE, "setup": name, "output_dir": str(out), "common": {"seed": args.seed}, "nodes": nodes,
                "model_name": f"variant{len(folders)}" if nodes else None}

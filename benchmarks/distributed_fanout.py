@@ -1,6 +1,6 @@
 """Four independent setups on a 2-worker local Dask cluster vs the same four one after another (2 cores).
 
-    python benchmarks/distributed_fanout.py [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2]
+    python benchmarks/distributed_fanout.py [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2] [--train-batches 4]
 
 Sequential: ``jobs.run_from_config`` in this process with ``torch.set_num_threads(2)`` (both cores for each
 run), and with 1 thread for reference. Distributed: ``distributed.run_many`` on ``cluster=local`` (2 worker
@@ -25,7 +25,7 @@ from _common import environment, markdown, median  # noqa: E402
 import torch  # noqa: E402
 
 from fedcore_adapter.distributed import open_client, run_many, run_tasks  # noqa: E402
-from fedcore_adapter.distributed.runs import run_config  # noqa: E402
+from fedcore_adapter.distributed.runs import estimated_work, longest_first, run_config  # noqa: E402
 from fedcore_adapter.jobs import run_from_config  # noqa: E402
 
 CLUSTER = {"name": "local", "n_workers": 2, "threads_per_worker": 1}
@@ -35,13 +35,13 @@ SCALE = {"training": {"epochs": 3}, "pruning": {"pruning_iterations": 2, "epochs
          "low_rank": {"epochs": 1, "finetune_params": {"epochs": 1}}, "qat": {"epochs": 1}}
 
 
-def configs(setups: list[str], out: str) -> list[dict]:
+def configs(setups: list[str], out: str, train_batches: int = 4) -> list[dict]:
     from fedcore_adapter.setups import load_setup
 
     cfgs = []
     for s in setups:
         kinds = {n.kind for n in load_setup(s).nodes}
-        cfgs.append({"setup": s, "common": dict(COMMON), "nodes": {k: v for k, v in SCALE.items() if k in kinds},
+        cfgs.append({"setup": s, "common": {**COMMON, "limit_train_batches": train_batches}, "nodes": {k: v for k, v in SCALE.items() if k in kinds},
                      "output_dir": f"{out}/{s}", "tracking": {"name": "none"},
                      "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
                      "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}})
@@ -92,7 +92,8 @@ WORKERS: list[str] = []  # which worker ran each setup in the last warm repeat
 
 def warm(client, cfgs: list[dict]) -> tuple[float, list[float]]:
     start = time.perf_counter()
-    results = run_tasks(client, run_config, [{"cfg": c} for c in cfgs], [c["setup"] for c in cfgs], cwd=os.getcwd())
+    results = run_tasks(client, run_config, [{"cfg": c} for c in cfgs], [c["setup"] for c in cfgs], cwd=os.getcwd(),
+                        order=longest_first([estimated_work(c) for c in cfgs]))  # as run_many orders them
     assert all(r.status == "completed" for r in results), [r.error for r in results]
     WORKERS[:] = [r.worker for r in results]
     return time.perf_counter() - start, [r.wall_s for r in results]
@@ -102,12 +103,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setups", nargs="+", default=["RAW", "TEST", "COMPOSITE_1", "COMPOSITE_2"])
+    parser.add_argument("--train-batches", type=int, default=4, help="training batches per epoch (run length)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     times: dict[str, list[float]] = {"sequential": [], "sequential_1t": [], "cold": [], "warm": [], "free_cores": []}
     per_run: dict[str, list[list[float]]] = {"sequential": [], "warm": []}
     with tempfile.TemporaryDirectory() as out:
-        cfgs = configs(args.setups, out)
+        cfgs = configs(args.setups, out, args.train_batches)
         sequential(cfgs[:1])  # imports and data generation out of the timings
         with open_client(CLUSTER) as client:
             warm(client, cfgs)  # worker imports out of the warm timings

@@ -9,6 +9,12 @@ the same model and calibration data, and the comparison row puts our decompositi
 ptdeco's parameter count. Both searches are slow on a loaded CPU: ``--cache`` / ``--ptdeco-cache``
 keep them between runs, so one run may search and a later one measure.
 
+``--goals``: the node's newer options side by side with the above. Calibration on every sentence that is
+not a test sentence (``--wide-calib-batch`` per batch), ranks from a grid of per-layer cosine losses of
+the mean-pooled embedding (``falor_metric='cosine'``, measured on the first ``--cosine-sentences``),
+globally allocated to remove at least each goal of Linear params; then both fits at those ranks:
+``projection`` and ``sequential`` (``falor_fit``, damping ``--damping``). ``--cosine-cache`` keeps that grid.
+
     python benchmarks/low_rank_minilm.py --budgets 0.02 0.05 0.1 --per-layer 0.01 --ptdeco-nsr 0.01 \
         --cache /tmp/minilm_grid.pt --ptdeco-cache /tmp/minilm_ptdeco.pt
 """
@@ -33,9 +39,11 @@ from _common import environment, markdown  # noqa: E402
 from fedcore_adapter.metrics import latency_ms  # noqa: E402
 from fedcore_adapter.nodes.low_rank import falor as F  # noqa: E402
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances  # noqa: E402
+from fedcore_adapter.nodes.low_rank.sequential import sequential_fit  # noqa: E402
 from fedcore_adapter.nodes.low_rank.svd import factorize  # noqa: E402
 from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target, probe_positions  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, load_minilm, load_tokenizer, sentence_embeddings  # noqa: E402
+from fedcore_adapter.zoo.text import TextDataModule, english_sentences, load_minilm, load_tokenizer, \
+    sentence_embeddings  # noqa: E402
 
 EXCLUDE = ["pooler.*"]  # the pooler does not feed mean-pooled sentence embeddings: left as it is
 
@@ -127,6 +135,75 @@ def grid_search(original, calib, metric, grid: int, cache: str | None, include=N
     return targets, results, seconds
 
 
+def wide_calibration(dm: TextDataModule, n_test: int, batch: int) -> list[dict]:
+    """Every available sentence that is not a test sentence (the slices before the test ones, and those
+    after them), as dict batches like the data module's."""
+    n_before = len(dm.sentences) - n_test
+    pool = _all_sentences(dm.seed)
+    assert pool[:len(dm.sentences)] == dm.sentences  # same sampling prefix: the test slice is the same
+    sentences = dm.sentences[:n_before] + pool[len(dm.sentences):]
+    tok = load_tokenizer()
+    return [dict(tok(sentences[i:i + batch], padding="longest", truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(sentences), batch)]
+
+
+def _all_sentences(seed: int) -> list[str]:
+    """All sentences english_sentences can give, in its sampling order."""
+    n = 1
+    while True:
+        try:
+            english_sentences(n * 2, seed)
+            n *= 2
+        except ValueError:
+            break
+    lo, hi = n, 2 * n  # largest n that works, by bisection
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            english_sentences(mid, seed)
+            lo = mid
+        except ValueError:
+            hi = mid
+    return english_sentences(lo, seed)
+
+
+def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | None, targets: dict):
+    """Eigenvectors from the (wide) calibration and per-layer cosine losses at ``grid`` ranks (cached)."""
+    if cache and Path(cache).exists():
+        saved = torch.load(cache, weights_only=True)
+        return ({n: F.FalorResult(n, None, eigvecs=v["eigvecs"], trials=json.loads(v["trials"]))
+                 for n, v in saved["results"].items()}, float(saved["seconds"]))
+    start = time.perf_counter()
+    covs = collect_output_covariances(original, calib, list(targets))
+    work = copy.deepcopy(original)
+    metric, n = [], 0
+    for b in calib:
+        if n >= metric_sentences:
+            break
+        metric.append(b)
+        n += b["input_ids"].shape[0]
+    refs = F.model_outputs(work, metric, "cosine")
+    search = functools.partial(F.falor_search, model=work, inputs=metric, references=refs, nsr_threshold=1.0,
+                               kl_threshold=None, grid=grid, metric="cosine")
+    results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank())) for n, t in targets.items()}
+    seconds = time.perf_counter() - start
+    if cache:
+        torch.save({"seconds": seconds, "results": {n: {"eigvecs": r.eigvecs, "trials": json.dumps(r.trials)}
+                                                    for n, r in results.items()}}, cache)
+    return results, seconds
+
+
+def build_sequential(original: nn.Module, calib: list, ranks: dict, damping: float) -> nn.Module:
+    model = copy.deepcopy(original)
+    chosen = {n: r for n, r in ranks.items() if r}
+
+    def put(name, a, b, bias):
+        _replace(model, name, factorize(original.get_submodule(name), "channel", a, b, bias.float()))
+
+    sequential_fit(original, model, chosen, calib, damping, put)
+    return model
+
+
 def per_layer_rule(results: dict, nsr: float) -> dict:
     """ptdeco's rule read off the grid: each layer at its smallest measured rank with NSR under ``nsr``."""
     ranks = {}
@@ -158,6 +235,14 @@ def main() -> None:
                         help="falor_statistic of ours; ptdeco gets the same (its use_mean)")
     parser.add_argument("--include", nargs="*", default=None, help="shell patterns of Linear layers (default: all)")
     parser.add_argument("--json", type=str, default=None)
+    parser.add_argument("--goals", type=float, nargs="*", default=[],
+                        help="newer options: Linear-param removal goals (wide calibration, cosine grid, both fits)")
+    parser.add_argument("--wide-calib-batch", type=int, default=16)
+    parser.add_argument("--cosine-sentences", type=int, default=48, help="cosine grid: calibration sentences")
+    parser.add_argument("--cosine-grid", type=int, default=10, help="cosine grid: ranks per layer")
+    parser.add_argument("--cosine-cache", type=str, default=None)
+    parser.add_argument("--damping", type=float, default=0.1, help="sequential fit: falor_damping")
+    parser.add_argument("--fits", nargs="+", default=["projection", "sequential"])
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -172,6 +257,13 @@ def main() -> None:
     targets, results, search_s = grid_search(original, calib, metric, args.grid, args.cache, args.include,
                                            args.statistic == "covariance")
     print(f"grid search: {search_s:.0f} s", flush=True)
+    wide, cos_results, cos_s = None, None, 0.0
+    if args.goals:
+        wide = wide_calibration(dm, args.test_sentences, args.wide_calib_batch)
+        cos_results, cos_s = cosine_grid(original, wide, args.cosine_sentences, args.cosine_grid, args.cosine_cache,
+                                         targets)
+        print(f"cosine grid: {cos_s:.0f} s on {sum(b['input_ids'].shape[0] for b in wide)} calibration sentences",
+              flush=True)
     theirs, ptdeco_s = None, 0.0
     if args.ptdeco_nsr is not None:
         try:
@@ -204,6 +296,18 @@ def main() -> None:
                 break
     for nsr in args.per_layer:
         variants[f"falor per-layer NSR < {nsr}"] = build(original, results, per_layer_rule(results, nsr))
+    cos_scan = [round(0.0005 * 1.05 ** i, 6) for i in range(200)]
+    for goal in args.goals:
+        for budget in cos_scan:
+            ranks = F.allocate_nsr(list(cos_results.values()), params_at, params_now, budget, None, "cosine_loss")
+            if removed(ranks) >= goal:
+                break
+        for fit in args.fits:
+            label = f"wide calib, cosine grid >= {goal:.0%} (sum loss < {budget}), {fit}"
+            t0 = time.perf_counter()
+            variants[label] = build(original, cos_results, ranks) if fit == "projection" else \
+                build_sequential(original, wide, ranks, args.damping)
+            print(f"{label}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     if theirs is not None:
         variants[f"ptdeco falor NSR < {args.ptdeco_nsr}"] = theirs
         target = linear_params(theirs)
@@ -228,6 +332,10 @@ def main() -> None:
         row["latency_ms"] = lat[row["variant"]]
         row["speedup"] = lat["original"] / lat[row["variant"]]
     print(environment())
+    if args.goals:
+        print(f"wide calibration: {sum(b['input_ids'].shape[0] for b in wide)} sentences (none of the test ones); "
+              f"cosine grid {args.cosine_grid} ranks x {len(targets)} layers on {args.cosine_sentences} of them in "
+              f"{cos_s:.0f} s; sequential damping {args.damping}")
     print(f"attention {args.attn}; statistic {args.statistic}; falor grid search: {len(targets)} Linear layers x {args.grid} ranks in {search_s:.0f} s"
           f"{f'; ptdeco falor {ptdeco_s:.0f} s' if theirs is not None else ''} (covariance: {args.calib_batches} x "
           f"{args.calib_batch} validation sentences, NSR on the first {args.calib_batch}; cosine: "

@@ -1,9 +1,10 @@
-"""Finding the task loss: the seed's precedence, and config-given losses."""
+"""Finding the task loss (the seed's precedence, config-given losses) and the distillation losses."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
@@ -54,3 +55,18 @@ def distillation_mse(student_out: torch.Tensor, teacher_out: torch.Tensor,
         return diff.mean()
     mask = attention_mask.to(diff.dtype).reshape(*attention_mask.shape, *([1] * (diff.dim() - 2)))
     return (diff * mask).sum() / (mask.sum() * diff[0, 0].numel()).clamp(min=1)
+
+
+def soft_target_kl(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation term: ``T^2 KL(teacher || student)`` on temperature-softened class scores."""
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(student_out.float() / t, dim=-1),
+                            F.log_softmax(teacher_out.float() / t, dim=-1), reduction="batchmean", log_target=True)
+
+
+def labeled_distillation(student_out: torch.Tensor, teacher_out: torch.Tensor, target: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """Distillation on a labeled batch: soft targets for class labels, output MSE for real-valued targets."""
+    if target.is_floating_point() or student_out.dim() < 2:
+        return distillation_mse(student_out, teacher_out)
+    return soft_target_kl(student_out, teacher_out, temperature)

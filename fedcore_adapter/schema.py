@@ -5,13 +5,14 @@ found through the registry by their ``kind``, so this module knows no node.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 PositiveInt = Optional[int]
+Auto = Union[bool, Literal["auto"]]
 
 
 class StrictModel(BaseModel):
@@ -43,6 +44,22 @@ class TrainParams(StrictModel):
     limit_train_batches: PositiveInt = Field(None, ge=1)
     limit_valid_batches: PositiveInt = Field(None, ge=1)
     progress: bool = True
+    # recovery fine-tunes (pruning, low-rank): see trainer.train
+    distill: Auto = Field(False, description="on labeled batches also distil from the model as it entered the "
+                                             "node; auto: in the fine-tunes of compression nodes only")
+    distill_weight: float = Field(0.5, ge=0, le=1, description="loss = (1 - w) task + w distillation")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of the soft targets")
+    keep_best: Auto = Field("auto", description="true: end on the best validation epoch, the starting weights "
+                                                "included; auto (fine-tunes of compression nodes only): restore the "
+                                                "starting weights when they score higher than the last epoch")
+
+    @field_validator("distill", "keep_best", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any, info) -> Any:
+        text = str(v).lower() if isinstance(v, (str, bool)) else None
+        if text not in ("auto", "true", "false"):
+            raise ValueError(f"{info.field_name} must be auto, true or false (got {v!r})")
+        return "auto" if text == "auto" else text == "true"
 
 
 class CommonConfig(StrictModel):

@@ -2,6 +2,13 @@
 
 On labeled batches the loss is the task loss (or ``custom_loss``); on
 unlabeled batches the model learns by distillation from ``ctx.teacher``.
+
+Recovery fine-tunes (``recovery=True`` or a ``node_input``, the model as it entered
+a compression node) never end worse on validation than they started
+(``keep_best: auto``: the starting weights are restored when they score higher
+than the last epoch; ``true``: the best epoch, start included); with ``distill``
+they also distil from ``node_input`` on labeled batches (``distill_weight``,
+``temperature``).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from torch import nn
 from .context import NodeContext
 from .data import call_model, limited, primary_output, split_batch, to_device, batch_size
 from .errors import DataError, NodeError
-from .losses import distillation_mse, instantiate_loss, token_mask
+from .losses import distillation_mse, instantiate_loss, labeled_distillation, token_mask
 from .metrics import evaluate
 from .schema import TrainParams
 
@@ -29,32 +36,53 @@ Objective = Callable[[nn.Module, object, Optional[torch.Tensor]], torch.Tensor]
 class TrainReport:
     epochs_run: int = 0
     stopped_early: bool = False
+    best_epoch: Optional[int] = None  # keep_best: the epoch whose weights were kept (0: the starting ones)
     history: list[dict] = field(default_factory=list)
 
 
 def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters; a parameter with an ``lr_scale``
+    attribute (e.g. a learned quantization scale) trains at ``learning_rate * lr_scale``."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise NodeError("training", "the model has no trainable parameters")
+    scales = sorted({float(getattr(p, "lr_scale", 1.0)) for p in trainable}, reverse=True)
+    groups = [{"params": [p for p in trainable if float(getattr(p, "lr_scale", 1.0)) == scale],
+               "lr": params.learning_rate * scale} for scale in scales]
     if params.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=params.learning_rate, momentum=params.momentum,
+        return torch.optim.SGD(groups, lr=params.learning_rate, momentum=params.momentum,
                                weight_decay=params.weight_decay)
     cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
-    return cls(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+    return cls(groups, lr=params.learning_rate, weight_decay=params.weight_decay)
 
 
-def default_objective(teacher: nn.Module, task_loss: Callable) -> Objective:
-    """Task loss on labeled batches; MSE to the teacher's output on unlabeled ones (padding masked out)."""
+def default_objective(teacher: nn.Module, task_loss: Callable, distill_from: Optional[nn.Module] = None,
+                      weight: float = 0.5, temperature: float = 4.0) -> Objective:
+    """Task loss on labeled batches; MSE to ``teacher``'s output on unlabeled ones (padding masked out).
+
+    With ``distill_from``, labeled batches mix in distillation from it:
+    ``(1 - weight) * task + weight * T^2 KL`` (soft targets; output MSE for real-valued targets).
+    """
 
     def objective(model: nn.Module, inputs, target: Optional[torch.Tensor]) -> torch.Tensor:
         out = primary_output(call_model(model, inputs))
-        if target is not None:
-            return task_loss(out, target)
+        if target is None:
+            with torch.no_grad():
+                teacher_out = primary_output(call_model(teacher, inputs))
+            return distillation_mse(out, teacher_out, token_mask(inputs))
+        loss = task_loss(out, target)
+        if distill_from is None or weight == 0:
+            return loss
         with torch.no_grad():
-            teacher_out = primary_output(call_model(teacher, inputs))
-        return distillation_mse(out, teacher_out, token_mask(inputs))
+            soft = primary_output(call_model(distill_from, inputs))
+        return (1 - weight) * loss + weight * labeled_distillation(out, soft, target, temperature)
 
     return objective
+
+
+def _resolve(option, recovery: bool) -> bool:
+    """``auto`` options are on in recovery fine-tunes, off elsewhere."""
+    return recovery if option == "auto" else bool(option)
 
 
 def _improved(monitor: str, value: Optional[float], best: Optional[float], min_delta: float) -> bool:
@@ -65,14 +93,32 @@ def _improved(monitor: str, value: Optional[float], best: Optional[float], min_d
     return value < best - min_delta if monitor == "val_loss" else value > best + min_delta
 
 
+def _score(row: dict) -> Optional[tuple]:
+    """What ``keep_best`` maximises: validation accuracy (ties: lower loss), else minus the validation loss."""
+    if row.get("val_accuracy") is not None:
+        return row["val_accuracy"], -row.get("val_loss", 0.0)
+    return (-row["val_loss"],) if row.get("val_loss") is not None else None
+
+
+def _validate(model: nn.Module, ctx: NodeContext, task_loss: Callable, device, limit: Optional[int]) -> dict:
+    if ctx.val_loader is None:
+        return {}
+    val = evaluate(model, ctx.val_loader, task_loss, device, limit)
+    return {f"val_{k}": v for k, v in val.items() if v is not None}
+
+
 def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularizer: Optional[Regularizer] = None,
-          tag: str = "train", objective: Optional[Objective] = None) -> TrainReport:
+          tag: str = "train", objective: Optional[Objective] = None,
+          node_input: Optional[nn.Module] = None, recovery: bool = False) -> TrainReport:
     """Train ``model`` in place for ``params.epochs``; returns the per-epoch history.
 
     ``objective(model, inputs, target)`` replaces the default batch loss (task
     loss, or distillation from ``ctx.teacher`` on unlabeled batches);
     ``regularizer(model)`` is added to every batch loss (e.g. low-rank Hoyer and
     orthogonality terms). Early stopping restores the best weights.
+    ``recovery`` or a ``node_input`` (the model as it entered a compression node)
+    marks a recovery fine-tune, where ``auto`` options turn on; ``distill``
+    distils from ``node_input``, or from ``ctx.teacher`` without one.
     """
     report = TrainReport()
     if params.epochs == 0:
@@ -81,7 +127,12 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
     model.to(device)
     teacher = ctx.teacher.to(device).eval()
     task_loss = instantiate_loss(params.custom_loss) if params.custom_loss else ctx.loss_fn
-    objective = objective or default_objective(teacher, task_loss)
+    recovery = recovery or node_input is not None
+    if objective is None:
+        distill_from = None
+        if _resolve(params.distill, recovery):
+            distill_from = (node_input if node_input is not None else teacher).to(device).eval()
+        objective = default_objective(teacher, task_loss, distill_from, params.distill_weight, params.temperature)
     optimizer = make_optimizer(params, model)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
                  if params.scheduler == "cosine" else None)
@@ -89,6 +140,12 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
     limit_valid = ctx.limit("valid", params.limit_valid_batches)
     stop = params.early_stopping
     best_value, best_state, bad_epochs = None, None, 0
+    keep_best = _resolve(params.keep_best, recovery) and ctx.val_loader is not None
+    best_of_all = params.keep_best is True  # auto: only the start competes with the end
+    kept_score, kept_state, kept_epoch = None, None, 0
+    if keep_best:
+        kept_score = _score(_validate(model, ctx, task_loss, device, limit_valid))
+        kept_state = copy.deepcopy(model.state_dict()) if kept_score is not None else None
     label = ctx.node_label or tag
 
     from tqdm.auto import tqdm
@@ -121,13 +178,16 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
         if scheduler is not None:
             scheduler.step()
         row = {"train_loss": total / seen, "epoch_s": time.perf_counter() - start}
-        val = evaluate(model, ctx.val_loader, task_loss, device, limit_valid) if ctx.val_loader is not None else {}
-        row.update({f"val_{k}": v for k, v in val.items() if v is not None})
+        row.update(_validate(model, ctx, task_loss, device, limit_valid))
         report.history.append({"epoch": epoch + 1, **row})
         report.epochs_run = epoch + 1
         ctx.log({f"{tag}_{k}" if tag != "train" else k: v for k, v in row.items()}, epoch + 1)
         if ctx.common.save_each > 0 and (epoch + 1) % ctx.common.save_each == 0:
             ctx.save_intermediate(model, f"epoch_{epoch + 1:04d}")
+        if keep_best and best_of_all:
+            score = _score(row)
+            if score is not None and (kept_score is None or score > kept_score):
+                kept_score, kept_state, kept_epoch = score, copy.deepcopy(model.state_dict()), epoch + 1
         if stop is not None:
             value = row.get(stop.monitor)
             if _improved(stop.monitor, value, best_value, stop.min_delta):
@@ -137,7 +197,15 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
                 if bad_epochs >= stop.patience:
                     report.stopped_early = True
                     break
-    if best_state is not None:
+    if best_state is not None and not (keep_best and best_of_all):
         model.load_state_dict(best_state)
+    if kept_state is not None:  # keep_best with a validation score
+        if not best_of_all:
+            end = _score(_validate(model, ctx, task_loss, device, limit_valid) if best_state is not None else row)
+            if end is not None and end >= kept_score:
+                kept_state, kept_epoch = None, report.epochs_run
+        report.best_epoch = kept_epoch
+        if kept_state is not None:
+            model.load_state_dict(kept_state)
     model.eval()
     return report

@@ -209,3 +209,28 @@ def test_an_unreachable_scheduler_is_one_clear_error_within_its_timeout():
     message = str(err.value)
     assert message.startswith(f"cluster.address = 'tcp://127.0.0.1:{port}': no Dask scheduler answered within 1 s")
     assert "\n" not in message
+
+
+def started_at(payload: dict) -> float:
+    start = time.time()
+    time.sleep(payload["sleep"])
+    return start
+
+
+def test_runs_start_in_the_given_order_one_per_worker_and_only_those_count_as_running(caplog):
+    with open_client({"name": "local", "n_workers": 1, "threads_per_worker": 1}) as one, \
+            caplog.at_level(logging.INFO, logger="fedcore_adapter.distributed"):
+        payloads = [{"sleep": 0.3}] * 4
+        results = run_tasks(one, started_at, payloads, ["a", "b", "c", "d"], order=[2, 0, 3, 1], heartbeat_s=0.1)
+        seen = sorted(range(4), key=lambda i: results[i].value)
+        assert seen == [2, 0, 3, 1]
+        assert [r.label for r in results] == ["a", "b", "c", "d"]  # results stay in input order
+    counts = [re.search(r"(\d) running, (\d) queued", r.getMessage()) for r in caplog.records]
+    counts = [(int(m[1]), int(m[2])) for m in counts if m]
+    assert (1, 3) in counts and (1, 1) in counts  # while the first run runs, and the third
+    assert all(running <= 1 for running, _ in counts), counts  # one worker: never more than one running
+
+
+def test_a_submission_order_that_is_not_a_permutation_is_refused(client):
+    with pytest.raises(ValueError, match="permutation"):
+        run_tasks(client, started_at, [{"sleep": 0}] * 2, ["a", "b"], order=[0, 0])

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -102,22 +103,25 @@ def run_task(fn: Callable[[Any], Any], payload: Any, cwd: Optional[str]) -> dict
 
 
 class Progress:
-    """Logs tasks done / running / queued / failed as they change, and every ``heartbeat_s`` otherwise."""
+    """Logs tasks done / running / queued / failed as they change, and every ``heartbeat_s`` otherwise.
 
-    def __init__(self, client: Client, futures: Sequence[Any], labels: Sequence[str]):
-        self.client, self.futures, self.labels = client, list(futures), list(labels)
+    ``running``: submitted tasks a worker is processing; ``queued``: the rest of the unfinished ones
+    (not yet submitted, or waiting on the scheduler, e.g. for a worker to come back)."""
+
+    def __init__(self, client: Client, total: int):
+        self.client, self.total = client, total
+        self.in_flight: dict[str, Any] = {}
         self.done = self.failed = 0
 
     def counts(self) -> str:
-        pending = {f.key for f in self.futures if not f.done()}
         try:
             processing = {k for keys in self.client.processing().values() for k in keys}
         except Exception:  # noqa: BLE001 - progress must never fail the sweep
             processing = set()
-        running = len(pending & processing)
-        total = len(self.futures)
-        return (f"{self.done + self.failed}/{total} finished: {self.done} done, {self.failed} failed, "
-                f"{running} running, {len(pending) - running} queued")
+        running = len(set(self.in_flight) & processing)
+        finished = self.done + self.failed
+        return (f"{finished}/{self.total} finished: {self.done} done, {self.failed} failed, "
+                f"{running} running, {self.total - finished - running} queued")
 
     def finished(self, result: TaskResult) -> None:
         if result.status == "completed":
@@ -142,39 +146,62 @@ def _result(index: int, label: str, future: Any, error_of: Optional[Callable[[An
     return result
 
 
+def run_slots(client: Client) -> int:
+    """How many runs the cluster takes at once: one per worker process (a run holds its worker's run lock)."""
+    try:
+        return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    except Exception:  # noqa: BLE001 - keep one run queued on the scheduler while workers come and go
+        return 1
+
+
 def run_tasks(client: Client, fn: Callable[[Any], Any], payloads: Sequence[Any], labels: Sequence[str], *,
               indices: Optional[Sequence[int]] = None, cwd: Optional[str] = None, heartbeat_s: float = 30.0,
-              error_of: Optional[Callable[[Any], Optional[str]]] = None) -> list[TaskResult]:
+              error_of: Optional[Callable[[Any], Optional[str]]] = None,
+              order: Optional[Sequence[int]] = None) -> list[TaskResult]:
     """Run ``fn(payload)`` for every payload as one task each; results in input order, failures included.
 
     ``indices`` number the tasks in logs and results (default 0..n-1); ``cwd`` is where tasks run
     when that folder exists on their worker; ``error_of(value)`` tells a returned value that reports
-    a failure (e.g. a Hydra JobReturn with status FAILED).
+    a failure (e.g. a Hydra JobReturn with status FAILED). Tasks are handed to the scheduler in ``order``
+    (positions in ``payloads``; default: as given), no more at a time than there are workers, so each
+    starts on the first worker to free up and the workers finish together (given longest first).
     """
     if not payloads:
         return []
     numbers = list(indices) if indices is not None else list(range(len(payloads)))
+    order = list(order) if order is not None else list(range(len(payloads)))
+    if sorted(order) != list(range(len(payloads))):
+        raise ValueError(f"order must be a permutation of 0..{len(payloads) - 1} (got {order})")
     tag = uuid.uuid4().hex[:8]
-    futures = [client.submit(run_task, fn, p, cwd, key=f"fedcore-run-{n}-{tag}", pure=False)
-               for n, p in zip(numbers, payloads)]
-    progress = Progress(client, futures, labels)
-    log.info("submitted %d run(s): %s", len(futures), progress.counts())
-    index_of = {f.key: i for i, f in enumerate(futures)}
-    results: list[Optional[TaskResult]] = [None] * len(futures)
-    remaining = set(futures)
+    waiting = deque(order)
+    position: dict[str, int] = {}
+    progress = Progress(client, len(payloads))
+    results: list[Optional[TaskResult]] = [None] * len(payloads)
+
+    def top_up() -> None:
+        slots = run_slots(client)
+        while waiting and len(progress.in_flight) < slots:
+            i = waiting.popleft()
+            future = client.submit(run_task, fn, payloads[i], cwd, key=f"fedcore-run-{numbers[i]}-{tag}", pure=False)
+            progress.in_flight[future.key], position[future.key] = future, i
+
     try:
-        while remaining:
+        top_up()
+        log.info("submitted %d run(s): %s", len(payloads), progress.counts())
+        while progress.in_flight:
             try:
                 with client.as_current():
-                    finished = wait(list(remaining), timeout=heartbeat_s, return_when="FIRST_COMPLETED").done
+                    finished = wait(list(progress.in_flight.values()), timeout=heartbeat_s,
+                                    return_when="FIRST_COMPLETED").done
             except TimeoutError:
                 log.info("[%s] still working", progress.counts())
                 continue
-            for future in sorted(finished, key=lambda f: index_of[f.key]):
-                i = index_of[future.key]
+            for future in sorted(finished, key=lambda f: position[f.key]):
+                i = position[future.key]
+                del progress.in_flight[future.key]
                 results[i] = _result(numbers[i], labels[i], future, error_of)
-                remaining.discard(future)
+                top_up()
                 progress.finished(results[i])
     finally:
-        client.cancel(list(remaining))
+        client.cancel(list(progress.in_flight.values()))
     return [r for r in results if r is not None]

@@ -56,6 +56,40 @@ def planned_folder(cfg: Mapping[str, Any]) -> Optional[Path]:
     return Path(cfg.get("output_dir") or "composition_results") / run_folder_name(name, cfg.get("model_name"))
 
 
+def _epochs(node: Any) -> int:
+    """Every ``epochs`` count in a node's parameters, nested ones (``finetune_params``) included."""
+    if isinstance(node, Mapping):
+        return sum(v if k == "epochs" and isinstance(v, int) else _epochs(v) for k, v in node.items())
+    if isinstance(node, list):
+        return sum(_epochs(v) for v in node)
+    return 0
+
+
+def estimated_work(cfg: Mapping[str, Any]) -> float:
+    """A rough size of the run of ``cfg``, to start long runs first: per node, 1 + its epochs (pruning
+    epochs counted once per iteration); 0 when the setup cannot be read (the run will report why)."""
+    from ..errors import FedcoreError
+    from ..fedcore_format import from_fedcore, is_fedcore_format
+    from ..jobs import setup_overrides
+    from ..setups import _apply_overrides, setup_source
+
+    try:
+        spec = cfg.get("setup") or "RAW"
+        data, name = (dict(spec), None) if isinstance(spec, Mapping) else setup_source(spec)
+        if is_fedcore_format(data):
+            data = from_fedcore(data, name=name)
+        nodes = _apply_overrides(data, setup_overrides(cfg)).get("nodes") or []
+    except (FedcoreError, OSError, TypeError, ValueError, AttributeError):
+        return 0.0
+    work = 0.0
+    for node in nodes:
+        if isinstance(node, Mapping):
+            iterations = node.get("pruning_iterations") if isinstance(node.get("pruning_iterations"), int) else 1
+            own = node.get("epochs") if isinstance(node.get("epochs"), int) else 0
+            work += 1 + _epochs(node) + own * (max(iterations, 1) - 1)
+    return work
+
+
 def run_folder_name(setup: str, model_name: Optional[str]) -> str:
     """``results.run_folder_name`` without importing torch (the launching process stays light)."""
     return f"{setup}_{model_name}" if model_name else setup
@@ -134,13 +168,20 @@ def summary(results: Sequence[TaskResult], folders: Optional[Sequence[Optional[P
     return "\n".join(lines)
 
 
+def longest_first(work: Sequence[float]) -> list[int]:
+    """Submission order: the largest estimated work first (ties keep their order), so that the last runs
+    to start are short ones and the workers finish together (longest-processing-time scheduling)."""
+    return sorted(range(len(work)), key=lambda i: -work[i])
+
+
 def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, labels: Optional[Sequence[str]] = None,
              model_labels: Optional[Sequence[Optional[str]]] = None, indices: Optional[Sequence[int]] = None,
              sweep_dir: Optional[str | Path] = None, failed: Sequence[TaskResult] = (),
              heartbeat_s: float = 30.0) -> list[TaskResult]:
     """Run every composed configuration as one Dask task on ``cluster`` (default: the first config's
     ``cluster``); then write ``sweep.json`` and the comparison into ``sweep_dir``. Failed runs are results
-    (``failed``: runs that failed before they could be submitted, recorded with the others)."""
+    (``failed``: runs that failed before they could be submitted, recorded with the others). Runs are
+    submitted longest first (``estimated_work``); a worker takes its next run when it finishes one."""
     cfgs = [copy.deepcopy(dict(c)) for c in configs]
     if not cfgs and not failed:
         return []
@@ -154,7 +195,7 @@ def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, label
     if cfgs:
         with open_client(cluster if cluster is not None else cfgs[0].get("cluster")) as client:
             results = run_tasks(client, run_config, payloads, labels, indices=indices, cwd=os.getcwd(),
-                                heartbeat_s=heartbeat_s)
+                                heartbeat_s=heartbeat_s, order=longest_first([estimated_work(c) for c in cfgs]))
     results = sorted([*results, *failed], key=lambda r: r.index)
     write_sweep_record(results, out)
     write_comparison([r.value["output_dir"] for r in results if r.status == "completed"], out)

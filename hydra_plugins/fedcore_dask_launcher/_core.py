@@ -116,7 +116,8 @@ def _cluster_spec(launcher: Any) -> Any:
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     from fedcore_adapter.distributed.cluster import open_client
     from fedcore_adapter.distributed.fanout import TaskResult, run_tasks
-    from fedcore_adapter.distributed.runs import summary, write_comparison, write_sweep_record
+    from fedcore_adapter.distributed.runs import (estimated_work, longest_first, summary, write_comparison,
+                                                  write_sweep_record)
     from fedcore_adapter.distributed.sweep import varying
 
     setup_globals()
@@ -143,7 +144,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         with open_client(_cluster_spec(launcher)) as client:
             ran = run_tasks(client, execute_job, payloads, [labels[i] for i in positions],
                             indices=[initial_job_idx + i for i in positions], cwd=str(configs[positions[0]].hydra.runtime.cwd),
-                            heartbeat_s=launcher.heartbeat_s, error_of=_job_error)
+                            heartbeat_s=launcher.heartbeat_s, error_of=_job_error,
+                            order=longest_first([estimated_work(_plain(configs[i]) or {}) for i in positions]))
         for i, result in zip(positions, ran):
             results[i] = result
     done = [r for r in results if r is not None]

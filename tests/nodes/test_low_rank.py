@@ -103,6 +103,11 @@ def test_bad_input_fails_with_one_line_and_leaves_the_model_untouched(tmp_path, 
     ({"budget": {"metric": "params"}}, r"give exactly one of ratio .* or value"),
     ({"method": "falor", "budget": {"ratio": 0.5}}, r"budget works with method='svd' only"),
     ({"method": "falor", "epochs": 2}, r"epochs .* works with method='svd' only"),
+    ({"method": "falor", "falor_metric": "cosine"}, r"falor_metric='cosine' needs cosine_loss_threshold"),
+    ({"method": "falor", "cosine_loss_threshold": 0.01}, r"cosine_loss_threshold works with falor_metric='cosine'"),
+    ({"method": "falor", "falor_metric": "cosine", "cosine_loss_threshold": 0.01, "kl_threshold": 0.1},
+     r"kl_threshold works with falor_metric='nsr' only"),
+    ({"method": "falor", "falor_fit": "greedy"}, r"falor_fit = 'greedy': .*'projection' or 'sequential'"),
 ])
 def test_invalid_options_name_the_field_and_the_allowed_values(node, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -225,7 +225,7 @@ def test_iterations_reach_the_ratio_gradually_with_fine_tuning_between(tmp_path)
             self.tags.extend(k.split("_train_loss")[0] for k in metrics if k.endswith("_train_loss"))
 
     result = run_setup(setup({"kind": "pruning", "pruning_ratio": 0.5, "pruning_iterations": 2, "epochs": 1,
-                              "finetune_params": {"epochs": 2}}, measure=False),
+                              "schedule": "linear", "finetune_params": {"epochs": 2}}, measure=False),
                        res_conv(), ConvDataModule(), output_dir=tmp_path, hooks=[hook := Epochs()])
     assert hook.tags == ["finetune_1", "finetune_2", "finetune_2"]
     ops = json.loads((result.output_dir / "final" / "manifest.json").read_text())["transforms"][0]["data"]["ops"]
@@ -319,6 +319,13 @@ def test_bad_options_fail_validation_with_one_line(tmp_path, field, value, messa
     with pytest.raises(ConfigError, match=message) as err:
         run_setup(setup({"kind": "pruning", field: value}), res_conv(), ConvDataModule(), output_dir=tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_head_ratio_beside_per_layer_ratios_is_refused_instead_of_ignored(tmp_path):
+    node = {"kind": "pruning", "pruning_ratio": {"block.0": 0.5}, "head_pruning_ratio": 0.25}
+    with pytest.raises(ConfigError, match=r"head_pruning_ratio = 0\.25 applies only with one pruning_ratio") as err:
+        run_setup(setup(node), res_conv(), ConvDataModule(), output_dir=tmp_path)
+    assert "\n" not in str(err.value) and "nodes[0] (pruning)" in str(err.value)
 
 
 class _Untraceable(nn.Module):

@@ -8,7 +8,8 @@ from torch import nn
 
 from fedcore_adapter import load_model, run_setup
 from fedcore_adapter.data import has_quantized_weights, runtime_device
-from fedcore_adapter.nodes.quantization.modules import DynamicConv, DynamicLinear
+from fedcore_adapter.nodes.quantization.conv import Int8Conv
+from fedcore_adapter.nodes.quantization.modules import DynamicLinear
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
 from tests.nodes.test_quantization import BranchyNet, TinyConvNet, conv_dm, conv_model, run  # noqa: F401 - fixtures
 
@@ -29,7 +30,7 @@ def test_low_rank_factors_are_quantized_and_replayed_after_the_decomposition(con
     result = run_setup(tiny_setup(*nodes, measure=False), conv_model, conv_dm, output_dir=tmp_path)
     factors = result.model.classifier[1]
     assert isinstance(factors.first, DynamicLinear) and isinstance(factors.second, DynamicLinear)
-    assert isinstance(result.model.features[3].first, DynamicConv)
+    assert isinstance(result.model.features[3].first, Int8Conv)
     transforms = json.loads((result.output_dir / "final" / "manifest.json").read_text())["transforms"]
     assert [t["transform"] for t in transforms][-1] == "quantize" and len(transforms) >= 2
     x = conv_dm.test[:][0]

@@ -6,6 +6,7 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from fedcore_adapter import load_model, measure
 from fedcore_adapter.nodes.quantization.backends import has_vnni, supported_engines
+from fedcore_adapter.nodes.quantization.conv import Int8Conv
 from fedcore_adapter.nodes.quantization.modules import DynamicConv, DynamicLinear, SmoothDynamicLinear
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_mlp
 from tests.nodes.test_quantization import conv_dm, conv_model, run  # noqa: F401 - fixtures
@@ -42,7 +43,8 @@ def test_eight_bit_activations_on_vnni_cpus_round_less_than_torch_aos_seven_bits
     assert full < 0.6 * reduced
 
 
-def test_dynamic_conv_outputs_are_not_clipped_to_the_input_range():
+@pytest.mark.parametrize("cls", [Int8Conv, DynamicConv], ids=["int8_conv", "im2col (older checkpoints)"])
+def test_dynamic_conv_outputs_are_not_clipped_to_the_input_range(cls):
     """torch.ao's dynamic conv re-quantizes outputs with the input's range; ours must not."""
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1, stride=2)
@@ -50,7 +52,7 @@ def test_dynamic_conv_outputs_are_not_clipped_to_the_input_range():
         conv.weight.mul_(10)  # outputs ~6x larger than inputs
     conv.qconfig = per_channel_dynamic_qconfig
     x = torch.randn(4, 8, 10, 10)
-    y, yq = conv(x), DynamicConv.from_conv(conv)(x)
+    y, yq = conv(x), cls.from_conv(conv)(x)
     assert y.abs().max() > 3 * x.abs().max()
     assert yq.shape == y.shape
     assert relative_error(yq, y) < 1e-3
@@ -58,7 +60,7 @@ def test_dynamic_conv_outputs_are_not_clipped_to_the_input_range():
 
 def test_allow_conv_folds_batchnorm_and_quantizes_convolutions(conv_model, conv_dm, tmp_path):
     quantized = run({"kind": "ptq_dynamic", "allow_conv": True}, conv_model, conv_dm, tmp_path).model
-    assert isinstance(quantized.features[0], DynamicConv) and isinstance(quantized.features[3], DynamicConv)
+    assert isinstance(quantized.features[0], Int8Conv) and isinstance(quantized.features[3], Int8Conv)
     assert isinstance(quantized.features[1], nn.Identity)  # BatchNorm folded into the conv
     x = conv_dm.test[:][0]
     assert relative_error(quantized(x), conv_model(x)) < 2e-3

@@ -84,10 +84,17 @@ def test_learnable_scales_are_calibrated_then_trained_with_weight_zero_points_fi
     calibrate(prepared, [x])
     fake_quants = [m for m in prepared.modules() if isinstance(m, _LearnableFakeQuantize)]
     assert fake_quants and all(float(m.scale.detach().min()) != 1.0 for m in fake_quants)  # calibrated, not the init
-    _start_learning_scales(prepared)
+    _start_learning_scales(prepared, 0.01)
     assert all(m.scale.requires_grad for m in fake_quants)
     weights = [m for m in fake_quants if m.qscheme == torch.per_channel_symmetric]
     assert weights and not any(m.zero_point.requires_grad for m in weights)
+    from fedcore_adapter.schema import TrainParams
+    from fedcore_adapter.trainer import make_optimizer
+
+    groups = make_optimizer(TrainParams(learning_rate=1e-3), prepared).param_groups
+    scale_ids = {id(m.scale) for m in fake_quants}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-5)]  # scales learn 100x slower than weights
+    assert {id(p) for p in groups[1]["params"]} >= scale_ids and not scale_ids & {id(p) for p in groups[0]["params"]}
 
 
 def test_qat_with_learnable_scales_reloads_identically(conv_model, conv_dm, tmp_path):

@@ -66,6 +66,19 @@ class LowRankConfig(NodeConfig):
                                      "or of the centred covariance (ptdeco's use_mean=True)")
     kl_threshold: Optional[float] = Field(None, gt=0, description="optional bound on symmetric KL of output softmax")
     metric_batches: int = Field(1, ge=1, description="calibration batches the NSR is measured on")
+    falor_metric: Literal["nsr", "cosine"] = Field(
+        "nsr", description="what the rank search bounds: nsr (model-output noise-to-signal ratio, nsr_threshold) "
+                           "or cosine (1 - mean cosine of per-sample outputs, e.g. mean-pooled sentence "
+                           "embeddings; cosine_loss_threshold)")
+    cosine_loss_threshold: Optional[float] = Field(None, gt=0, lt=1, description="falor_metric='cosine': bound "
+                                                   "on 1 - mean cosine (per_layer) or on its sum (global)")
+    falor_fit: Literal["projection", "sequential"] = Field(
+        "projection", description="projection: each layer's weight on its own output eigenvectors (ptdeco); "
+                                  "sequential: layers fitted in forward order to the original's outputs from "
+                                  "the compressed model's inputs (closed form, corrects accumulated error, "
+                                  "bias refitted)")
+    falor_damping: float = Field(0.1, gt=0, description="sequential fit: ridge towards the original weight, "
+                                                        "relative to the mean input variance")
 
     trains_float_weights: ClassVar[bool] = True
 
@@ -111,6 +124,12 @@ class LowRankConfig(NodeConfig):
             raise ValueError("spectrum_pruning_strategy='rank' needs rank: <int>")
         if self.method == "falor" and self.budget is not None:
             raise ValueError("budget works with method='svd' only; falor chooses ranks by nsr_threshold")
+        if self.falor_metric == "cosine" and self.cosine_loss_threshold is None:
+            raise ValueError("falor_metric='cosine' needs cosine_loss_threshold: <bound on 1 - mean cosine>")
+        if self.falor_metric == "nsr" and self.cosine_loss_threshold is not None:
+            raise ValueError("cosine_loss_threshold works with falor_metric='cosine' only")
+        if self.falor_metric == "cosine" and self.kl_threshold is not None:
+            raise ValueError("kl_threshold works with falor_metric='nsr' only")
         if self.method == "falor" and self.epochs:
             raise ValueError("epochs (regularised U,S,Vh training) works with method='svd' only; "
                              "use finetune_params to train after falor")

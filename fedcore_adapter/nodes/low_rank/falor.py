@@ -7,6 +7,9 @@ gives eigenvectors ``E``; the weight is projected on the top-k of them,
 model's output noise-to-signal ratio (and optionally the symmetric KL of its
 softmax) stays under the threshold, with only that layer changed. No training,
 no labels: dict batches of a text encoder work.
+
+The rank search may measure, instead of the NSR, the cosine loss ``1 - mean cosine`` of the model's
+per-sample outputs (a text encoder's mean-pooled sentence embeddings): :data:`METRICS`.
 """
 from __future__ import annotations
 
@@ -77,6 +80,40 @@ def model_rows(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
         return [_rows(primary_output(call_model(model, x)), x) for x in inputs]
 
 
+def _per_sample(out: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """One vector per sample: [batch, tokens, channels] mean-pooled over the real tokens, else flattened."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    out = out.float()
+    if out.dim() == 3:
+        if mask is not None and tuple(out.shape[:2]) == tuple(mask.shape):
+            m = mask.to(out.dtype).unsqueeze(-1)
+            return (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return out.mean(1)
+    return out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(-1, 1)
+
+
+def model_outputs(model: nn.Module, inputs: list[Any], metric: str = "nsr") -> list[torch.Tensor]:
+    """Rows (``nsr``) or per-sample vectors (``cosine``) of the model's primary output on each batch."""
+    if metric == "nsr":
+        return model_rows(model, inputs)
+    with torch.no_grad():
+        return [_per_sample(primary_output(call_model(model, x)), x) for x in inputs]
+
+
+def cosine_loss(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """``1 - mean cosine`` of matching rows (per-sample outputs)."""
+    return float(1 - torch.nn.functional.cosine_similarity(candidate, reference, dim=1).mean())
+
+
+METRICS = {"nsr": noise_to_signal, "cosine": cosine_loss}
+TRIAL_KEY = {"nsr": "nsr", "cosine": "cosine_loss"}  # the name under which a trial stores each metric
+
+
+def distance(outs: list[torch.Tensor], references: list[torch.Tensor], metric: str = "nsr") -> float:
+    """The metric averaged over batches."""
+    return sum(METRICS[metric](o, r) for o, r in zip(outs, references)) / len(outs)
+
+
 def _weight_2d(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().reshape(layer.weight.shape[0], -1)
 
@@ -88,27 +125,30 @@ def _projector(job: FalorJob, layer: nn.Module):
 
 
 def _trial(model: nn.Module, layer: nn.Module, original: torch.Tensor, projected: torch.Tensor, inputs: list[Any],
-           references: list[torch.Tensor], with_kl: bool) -> tuple[float, Optional[float]]:
-    """Model-output NSR (and KL) with ``layer``'s weight temporarily replaced by ``projected``."""
+           references: list[torch.Tensor], with_kl: bool, metric: str) -> tuple[float, Optional[float]]:
+    """The metric (and KL) of the model's output with ``layer``'s weight temporarily replaced by ``projected``."""
     with torch.no_grad():
         layer.weight.copy_(projected)
         try:
-            outs = model_rows(model, inputs)
+            outs = model_outputs(model, inputs, metric)
         finally:
             layer.weight.copy_(original)
-    nsr = sum(noise_to_signal(o, r) for o, r in zip(outs, references)) / len(outs)
     kl = sum(symmetric_kl(o, r) for o, r in zip(outs, references)) / len(outs) if with_kl else None
-    return nsr, kl
+    return distance(outs, references, metric), kl
 
 
 def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], references: list[torch.Tensor],
-                 nsr_threshold: float, kl_threshold: Optional[float], grid: Optional[int] = None) -> FalorResult:
+                 nsr_threshold: float, kl_threshold: Optional[float], grid: Optional[int] = None,
+                 metric: str = "nsr") -> FalorResult:
     """Per-layer rank measurement with only this layer changed (its weight is restored after each trial).
 
     ``grid=None`` (ptdeco's per-layer rule): binary search for the smallest rank k <= ``job.max_rank``
     whose model-output NSR (and KL) is under the thresholds. ``grid=G``: the NSR at G evenly spaced
     ranks up to ``job.max_rank`` (for the global allocation), every one kept in ``trials``.
+    ``metric='cosine'``: the cosine loss instead of the NSR (``references`` from :func:`model_outputs`,
+    ``nsr_threshold`` its bound), stored as ``cosine_loss``.
     """
+    key = TRIAL_KEY[metric]
     layer = model.get_submodule(job.name)
     result = FalorResult(job.name, None)
     if job.max_rank < 1:
@@ -119,9 +159,9 @@ def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], referenc
     def trial(k: int) -> bool:
         e = vectors[:, :k]
         projected = (e @ (e.T @ w)).to(original.dtype).reshape(original.shape).to(original.device)
-        nsr, kl = _trial(model, layer, original, projected, inputs, references, kl_threshold is not None)
+        nsr, kl = _trial(model, layer, original, projected, inputs, references, kl_threshold is not None, metric)
         result.evaluations += 1
-        result.trials.append({"rank": k, "nsr": nsr, **({"kl": kl} if kl is not None else {})})
+        result.trials.append({"rank": k, key: nsr, **({"kl": kl} if kl is not None else {})})
         return nsr < nsr_threshold and (kl_threshold is None or kl < kl_threshold)
 
     was_training = model.training
@@ -144,25 +184,26 @@ def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], referenc
     finally:
         model.train(was_training)
     chosen = next(t for t in result.trials if t["rank"] == best)
-    result.rank, result.nsr, result.kl = best, chosen["nsr"], chosen.get("kl")
+    result.rank, result.nsr, result.kl = best, chosen[key], chosen.get("kl")
     result.eigvecs = vectors[:, :best].clone()
     return result
 
 
 def allocate_nsr(results: list[FalorResult], params_at: dict[str, Any], params_now: dict[str, int],
-                 nsr_budget: float, kl_budget: Optional[float]) -> dict[str, Optional[int]]:
+                 nsr_budget: float, kl_budget: Optional[float], key: str = "nsr") -> dict[str, Optional[int]]:
     """Ranks minimising parameters with the sum of per-layer NSRs (and KLs) within the budgets.
 
     Greedy on the best ratio: every layer starts unchanged (NSR 0); among all moves of one layer to any
     lower measured rank, the one saving the most parameters per unit of NSR added is taken while the
     sums fit (looking past the first, barely-saving rank avoids stalling on it). Each layer's NSR
-    curve is made monotone (a lower rank never counts as better than a higher one).
+    curve is made monotone (a lower rank never counts as better than a higher one). ``key``: the trial
+    value summed (``nsr``, or ``cosine_loss``).
     """
     options: dict[str, list[tuple[int, float, float]]] = {}
     for res in results:
         curve, worst_nsr, worst_kl = [], 0.0, 0.0
         for t in sorted(res.trials, key=lambda t: -t["rank"]):
-            worst_nsr, worst_kl = max(worst_nsr, t["nsr"]), max(worst_kl, t.get("kl", 0.0))
+            worst_nsr, worst_kl = max(worst_nsr, t[key]), max(worst_kl, t.get("kl", 0.0))
             curve.append((t["rank"], worst_nsr, worst_kl))
         options[res.name] = curve  # ranks descending, NSR ascending
     position = {name: -1 for name in options}  # -1: layer unchanged

@@ -22,6 +22,7 @@ from .decompose_config import FILE_NAME, describe, new_config
 from .rank_strategies import choose_rank, kept_fraction
 from .regularized import SVDParametrized, regularizer, trained_spectrum
 from .sensitivity import Spectrum, SpectrumJob, component_weights, rank_sensitivity
+from .sequential import sequential_fit
 from .svd import factorize, split, weight_matrix
 from .targets import Target, find_layers, make_target, probe_positions
 
@@ -169,8 +170,8 @@ def _svd(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dic
         base = copy.deepcopy(model)
         for name, t in targets.items():
             _replace(base, name, SVDParametrized(base.get_submodule(name), t.mode))
-        train(base, ctx, config.train_params(), regularizer=regularizer(config.hoyer_loss, config.orthogonal_loss),
-              tag="low_rank_train")
+        train(base, ctx, _regularized_params(config), regularizer=regularizer(config.hoyer_loss, config.orthogonal_loss),
+              tag="low_rank_train", node_input=model)
         spectra = {}
         for name, t in targets.items():
             sp = trained_spectrum(name, base.get_submodule(name))
@@ -207,49 +208,75 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
            inputs: list) -> tuple[nn.Module, dict]:
     covariances = collect_output_covariances(model, inputs, list(targets),
                                              centered=config.falor_statistic == "covariance")
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model)  # the original: searched on (weights restored) and the sequential fit's target
     metric_inputs = inputs[:config.metric_batches]
-    references = falor_mod.model_rows(work, metric_inputs)
+    metric, key = config.falor_metric, falor_mod.TRIAL_KEY[config.falor_metric]
+    threshold = config.nsr_threshold if metric == "nsr" else config.cosine_loss_threshold
+    references = falor_mod.model_outputs(work, metric_inputs, metric)
     jobs = [falor_mod.FalorJob(n, covariances[n], t.largest_saving_rank()) for n, t in targets.items()
             if n in covariances]
     search = functools.partial(falor_mod.falor_search, model=work, inputs=metric_inputs, references=references,
-                               nsr_threshold=config.nsr_threshold, kl_threshold=config.kl_threshold,
+                               nsr_threshold=threshold, kl_threshold=config.kl_threshold, metric=metric,
                                grid=config.grid_points if config.allocation == "global" else None)
     results = {r.name: r for r in ctx.map(search, jobs)}
     if config.allocation == "global":
         ranks = falor_mod.allocate_nsr(list(results.values()), {n: targets[n].params_at for n in results},
-                                       {n: targets[n].params for n in results}, config.nsr_threshold,
-                                       config.kl_threshold)
+                                       {n: targets[n].params for n in results}, threshold,
+                                       config.kl_threshold, key)
     else:
         ranks = {n: r.rank for n, r in results.items()}
+    ranks = {n: r for n, r in ranks.items() if r is not None}
     record = new_config("falor", {"nsr_threshold": config.nsr_threshold, "kl_threshold": config.kl_threshold,
-                                  "statistic": config.falor_statistic,
+                                  "metric": metric, "cosine_loss_threshold": config.cosine_loss_threshold,
+                                  "statistic": config.falor_statistic, "fit": config.falor_fit,
                                   "allocation": config.allocation, "calibration_batches": len(inputs),
                                   "metric_batches": len(metric_inputs)})
+    if config.falor_fit == "sequential":
+        record["meta"]["damping"] = config.falor_damping
     modules = dict(model.named_modules())
-    for name, rank in ranks.items():
-        if rank is None:
-            continue
-        result, t, layer = results[name], targets[name], modules[name]
-        trial = next(tr for tr in result.trials if tr["rank"] == rank)
-        a, b = falor_mod.falor_factors(layer, result.eigvecs[:, :rank])
-        new = factorize(layer, "channel", a, b)
+
+    def replace(name: str, a, b, bias="keep") -> None:
+        layer, t, rank = modules[name], targets[name], ranks[name]
+        new = factorize(layer, "channel", a, b, bias if bias is None or isinstance(bias, str) else bias.float())
+        trial = next(tr for tr in results[name].trials if tr["rank"] == rank)
         meta = {"kind": t.kind, "mode": "channel", "full_rank": t.full_rank, "rank": rank,
-                "nsr": trial["nsr"], "params_before": t.params, "params_after": t.params_at(rank),
-                "macs_before": t.macs, "macs_after": t.macs_at(rank), "evaluations": result.evaluations}
+                key: trial[key], "params_before": t.params, "params_after": t.params_at(rank),
+                "macs_before": t.macs, "macs_after": t.macs_at(rank), "evaluations": results[name].evaluations}
         if "kl" in trial:
             meta["kl"] = trial["kl"]
         record["layers"][name] = describe(layer, new, rank, meta)
         _replace(model, name, new)
+
+    if config.falor_fit == "sequential":
+        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace)
+    else:
+        for name, rank in ranks.items():
+            replace(name, *falor_mod.falor_factors(modules[name], results[name].eigvecs[:, :rank]))
     outputs = falor_mod.model_rows(model, metric_inputs)
-    record["meta"]["model_nsr"] = sum(falor_mod.noise_to_signal(o, r) for o, r in zip(outputs, references)) / len(outputs)
+    record["meta"]["model_nsr"] = falor_mod.distance(outputs, falor_mod.model_rows(work, metric_inputs))
+    if metric == "cosine":
+        record["meta"]["model_cosine_loss"] = falor_mod.distance(
+            falor_mod.model_outputs(model, metric_inputs, metric), references, metric)
     return model, record
+
+
+def _regularized_params(config: LowRankConfig):
+    """The U,S,Vh training distils as the fine-tune does; it never falls back to its start (keep_best off)."""
+    ft = config.finetune_params
+    return config.train_params().model_copy(update={"distill": ft.distill, "distill_weight": ft.distill_weight,
+                                                    "temperature": ft.temperature, "keep_best": False})
+
+
+def _needs_input(params) -> bool:
+    """The fine-tune distils from the input model (a copy: factorising works in place)."""
+    return params.epochs > 0 and params.distill is not False
 
 
 @register_node(LowRankConfig)
 def apply_low_rank(model: nn.Module, config: LowRankConfig, ctx: NodeContext) -> nn.Module:
     """Factorise the chosen layers, write ``decompose_config.json``, record the structure, fine-tune."""
     label = ctx.node_label or config.label
+    node_input = copy.deepcopy(model).eval() if _needs_input(config.finetune_params) else None
     layers = find_layers(model, config.layer_types, config.include, config.exclude,
                          refactorize=config.method == "svd")
     if config.method == "falor":
@@ -270,5 +297,5 @@ def apply_low_rank(model: nn.Module, config: LowRankConfig, ctx: NodeContext) ->
     if record["layers"]:
         ctx.record_structure("low_rank", record)
     if config.finetune_params.epochs:
-        train(model, ctx, config.finetune_params, tag="finetune")
+        train(model, ctx, config.finetune_params, tag="finetune", node_input=node_input, recovery=True)
     return model

@@ -16,11 +16,12 @@ Pruner = Union[GraphPruner, TransformerPruner]
 def make_pruner(model: nn.Module, example_inputs: Any, *, label: str, ratio: Ratio, steps: int = 1,
                 head_ratio: Optional[float] = None, importance: str = "magnitude", importance_norm: float = 2.0,
                 global_pruning: bool = False, round_to: Optional[int] = None,
-                ignored_layers: Iterable[str] = ()) -> Pruner:
+                ignored_layers: Iterable[str] = (), schedule: str = "linear") -> Pruner:
     """A pruner for ``model`` (changed in place by its ``step``): heads + FFN for transformer encoders,
     torch-pruning's dependency graph otherwise. Validates everything before anything is removed."""
     common = dict(label=label, ratio=ratio, steps=steps, importance=importance, importance_norm=importance_norm,
-                  global_pruning=global_pruning, round_to=round_to, ignored_layers=tuple(ignored_layers))
+                  global_pruning=global_pruning, round_to=round_to, ignored_layers=tuple(ignored_layers),
+                  schedule=schedule)
     groups = find_groups(model)
     if groups:
         return TransformerPruner(model, groups, head_ratio=head_ratio, **common)

@@ -112,6 +112,10 @@ class PruningConfig(_FinetuneFields):
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
     bn_sparsity: float = Field(0.0, ge=0, description="L1 penalty on BatchNorm scales during fine-tunes")
+    schedule: Literal["linear", "geometric"] = Field(
+        "linear", description="ratio after each of pruning_iterations: linear (torch-pruning's equal shares of the "
+                              "original channels) or geometric (the same fraction of the remaining channels each "
+                              "step, so the last step cuts least)")
     sensitivity_ratios: Optional[list[float]] = Field(
         None, description="measure each layer group's sensitivity at these ratios first (sensitivity.json)")
 
@@ -149,6 +153,13 @@ class PruningConfig(_FinetuneFields):
     @classmethod
     def _head_ratio_range(cls, v: Optional[float]) -> Optional[float]:
         return v if v is None else _check_ratio(v, "head_pruning_ratio")
+
+    @model_validator(mode="after")
+    def _head_ratio_needs_one_ratio(self) -> "PruningConfig":
+        if self.head_pruning_ratio is not None and isinstance(self.pruning_ratio, dict):
+            raise ValueError(f"head_pruning_ratio = {self.head_pruning_ratio} applies only with one pruning_ratio for "
+                             f"the whole model; with pruning_ratio as a dict, give the attention layers' ratios in it")
+        return self
 
     @field_validator("sensitivity_ratios")
     @classmethod

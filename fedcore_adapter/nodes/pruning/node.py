@@ -66,7 +66,8 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
     pruner = make_pruner(work, inputs, label=label, ratio=config.pruning_ratio, steps=config.pruning_iterations,
                          head_ratio=config.head_pruning_ratio, importance=config.importance,
                          importance_norm=config.importance_norm, global_pruning=config.global_pruning,
-                         round_to=config.round_to, ignored_layers=config.ignored_layers)
+                         round_to=config.round_to, ignored_layers=config.ignored_layers,
+                         schedule=config.schedule)
     if config.sensitivity_ratios:
         rows = pruning_sensitivity(model, ctx.val_loader or ctx.train_loader, config.sensitivity_ratios,
                                    importance=config.importance, importance_norm=config.importance_norm,
@@ -85,7 +86,7 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
         work.zero_grad(set_to_none=True)
         params = config.step_params(last=step == config.pruning_iterations)
         if params.epochs:
-            train(work, ctx, params, regularizer=regularizer, tag=f"finetune_{step}")
+            train(work, ctx, params, regularizer=regularizer, tag=f"finetune_{step}", node_input=model)
     if history:
         ctx.record_structure(REPLAY_NAME, history.to_json())
     changed = {n.rpartition(".")[0] for n, p in work.named_parameters() if list(p.shape) != before.get(n)}

@@ -178,12 +178,18 @@ def _factor_partners(model: nn.Module, layers: list[nn.Module]) -> list[nn.Modul
             if isinstance(getattr(m, "first", None), nn.Module) and id(getattr(m, "second", None)) in ids]
 
 
+def scheduled_ratio(schedule: str, ratio: float, step: int, steps: int) -> float:
+    """Fraction of a layer's channels removed after ``step`` of ``steps``: linear (equal shares of the original
+    channels per step, torch-pruning's) or geometric (the same fraction of the remaining ones per step)."""
+    return ratio * step / steps if schedule == "linear" else 1 - (1 - ratio) ** (step / steps)
+
+
 class GraphPruner:
     """Iterative channel pruning of ``model`` in place; every removal is recorded in a :class:`History`."""
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, label: str, ratio: Ratio, steps: int,
                  importance: str = "magnitude", importance_norm: float = 2.0, global_pruning: bool = False,
-                 round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = ()):
+                 round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = (), schedule: str = "linear"):
         self.model, self.label = model, label
         self.skipped: list[str] = []
         frozen = unsupported_modules(model)
@@ -203,6 +209,7 @@ class GraphPruner:
                 model, example_inputs, importance=build_importance(importance, importance_norm),
                 global_pruning=global_pruning, pruning_ratio=0.0 if ratio_dict else float(ratio),
                 pruning_ratio_dict=ratio_dict or None, iterative_steps=steps, ignored_layers=ignored,
+                iterative_pruning_ratio_scheduler=lambda r, n: [scheduled_ratio(schedule, r, i, n) for i in range(n + 1)],
                 round_to=round_to, customized_pruners=customized,
                 forward_fn=lambda m, x: call_model(m, x), output_transform=primary_output)
         model.train(was_training)

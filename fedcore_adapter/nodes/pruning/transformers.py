@@ -19,7 +19,7 @@ from torch import nn
 
 from ...errors import NodeError
 from .history import History
-from .structured import PruningWarning, Ratio, _matches, ratio_for, screen_small_groups
+from .structured import PruningWarning, Ratio, _matches, ratio_for, scheduled_ratio, screen_small_groups
 
 
 @dataclass
@@ -112,7 +112,9 @@ class TransformerPruner:
 
     def __init__(self, model: nn.Module, groups: list[UnitGroup], *, label: str, ratio: Ratio,
                  head_ratio: Optional[float], steps: int, importance: str = "magnitude", importance_norm: float = 2.0,
-                 global_pruning: bool = False, round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = ()):
+                 global_pruning: bool = False, round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = (),
+                 schedule: str = "linear"):
+        self.schedule = schedule
         if importance == "bn_scale":
             raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but this transformer has "
                                    "no BatchNorm layer; use magnitude, taylor, lamp or random")
@@ -147,7 +149,7 @@ class TransformerPruner:
 
     def _target(self, g: UnitGroup, step: int) -> int:
         """Units removed in total after ``step`` (1-based) of the schedule."""
-        kept = int(g.units * (1 - g.ratio * step / self.steps))
+        kept = int(g.units * (1 - scheduled_ratio(self.schedule, g.ratio, step, self.steps)))
         if self.round_to and g.attention is None:
             kept -= kept % self.round_to
         return g.units - max(kept, 1)

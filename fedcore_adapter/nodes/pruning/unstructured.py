@@ -116,7 +116,7 @@ def apply_unstructured_pruning(model: nn.Module, config: UnstructuredPruningConf
             work.zero_grad(set_to_none=True)
             params = config.step_params(last=step == config.pruning_iterations)
             if params.epochs:
-                train(work, ctx, params, tag=f"finetune_{step}")
+                train(work, ctx, params, tag=f"finetune_{step}", node_input=model)
     finally:
         for h in hooks:
             h.remove()

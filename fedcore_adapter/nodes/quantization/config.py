@@ -55,7 +55,8 @@ class PTQDynamicConfig(QuantConfigBase):
     activations quantized on the fly; no calibration data needed unless ``smooth_alpha`` is set."""
 
     kind: Literal["ptq_dynamic"] = "ptq_dynamic"
-    allow_conv: bool = Field(False, description="also quantize Conv1d/2d/3d (BatchNorm folded in first)")
+    allow_conv: bool = Field(False, description="also quantize Conv1d/Conv2d with groups=1 (BatchNorm folded in, "
+                                                "a following ReLU fused): input quantized per call, int8 conv kernel")
     allow_emb: bool = Field(False, description="also quantize Embedding/EmbeddingBag weights (int8 per row)")
     activation_range: Literal["auto", "reduced"] = Field(
         "auto", description="auto: 8-bit activations on CPUs with VNNI, 7-bit elsewhere; reduced: always 7-bit")
@@ -90,6 +91,7 @@ class QATConfig(TrainParams, QuantConfigBase):
     learning_rate: float = Field(1e-4, gt=0)
     learnable_scales: bool = Field(False, description="LSQ: learn scales by back-propagation after calibration")
     calibration_batches: int = Field(4, ge=1, description="batches that initialise learnable scales")
+    scale_lr_factor: float = Field(0.01, gt=0, le=1, description="learnable scales train at this times learning_rate")
     freeze_bn_after: Optional[int] = Field(None, ge=1, description="freeze BatchNorm statistics after this epoch")
     graph_mode: GraphMode = "auto"
     trains_float_weights: ClassVar[bool] = True

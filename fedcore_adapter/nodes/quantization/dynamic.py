@@ -1,8 +1,9 @@
 """``ptq_dynamic`` (FedCore ``post_dynamic_quant``): int8 weights, activations quantized on the fly.
 
 Linear layers become torch.ao dynamic int8 Linears; with ``allow_conv``,
-Conv1d/Conv2d (groups=1, BatchNorm folded in first) run as im2col + the same
-int8 GEMM; with ``allow_emb`` embeddings store int8 rows. ``smooth_alpha`` applies SmoothQuant: per input channel, activation
+Conv1d/Conv2d (groups=1, BatchNorm folded in first) become ``Int8Conv``: the input
+quantized per call, then a direct int8 convolution with float output (oneDNN), a
+following ReLU fused into it; with ``allow_emb`` embeddings store int8 rows. ``smooth_alpha`` applies SmoothQuant: per input channel, activation
 outliers are divided out and multiplied into the weights before quantization,
 on the Linears where that cuts the layer's own int8 error at least
 ``smooth_min_gain`` times (elsewhere the extra multiply costs time for little).
@@ -25,7 +26,8 @@ from ...registry import register_node
 from .backends import quantized_engine, quiet
 from .calibration import calibration_batches, check_engine
 from .config import PTQDynamicConfig
-from .folding import conv_bn_pairs, fold_batchnorm_
+from .conv import Int8Conv
+from .folding import conv_bn_pairs, conv_relu_pairs, convs_feeding_convs, fold_batchnorm_
 from .modules import DynamicConv, DynamicLinear, SmoothDynamicLinear, supports_dynamic_conv
 from .selective import choose_float_layers, quantizable_layers, require_layers, skipped_by_patterns
 
@@ -68,8 +70,12 @@ def swap_dynamic_(model: nn.Module, plan: dict, scales: Optional[dict[str, torch
     """Replace the plan's float layers by int8 ones in place (BatchNorm folded first); ``scales``: SmoothQuant."""
     scales = scales or {}
     smoothed = set(plan["smoothed"])
+    fused_relu = dict(plan.get("fused_relu", []))
+    channels_last = set(plan.get("channels_last", []))
     with quiet(), quantized_engine(plan["engine"]):
         fold_batchnorm_(model, [tuple(p) for p in plan["folded_bn"]])
+        for relu in fused_relu.values():
+            model.set_submodule(relu, nn.Identity())
         for name, kind in plan["layers"].items():
             module = model.get_submodule(name)
             module.qconfig = _qconfig(kind, plan["per_channel"])
@@ -83,8 +89,11 @@ def swap_dynamic_(model: nn.Module, plan: dict, scales: Optional[dict[str, torch
                     module.weight.mul_(s.to(module.weight.dtype))
                 quantized = SmoothDynamicLinear.from_float(module)
                 quantized.input_scale.copy_(1 / s)
-            elif kind == "conv":
+            elif kind == "conv" and plan.get("conv_kernel", "im2col") == "im2col":  # plans written before Int8Conv
                 quantized = DynamicConv.from_conv(module)
+            elif kind == "conv":
+                quantized = Int8Conv.from_conv(module, relu=name in fused_relu)
+                quantized.channels_last_output = name in channels_last
             else:
                 quantized = DynamicLinear.from_float(module)
             quantized.activation_range = plan["activation_range"]
@@ -97,6 +106,9 @@ def make_plan(model: nn.Module, layers: dict[str, str], keep_float: frozenset, c
     """The JSON record of what ``swap_dynamic_`` does (also what the checkpoint replays)."""
     chosen = {n: k for n, k in layers.items() if n not in keep_float}
     convs = {n for n, k in chosen.items() if k == "conv"}
+    folded_bn = [p for p in conv_bn_pairs(model) if p[0] in convs] if convs else []
+    fused_relu = conv_relu_pairs(model, convs, folded_bn) if convs else []
+    passed_through = {bn for _, bn in folded_bn} | {relu for _, relu in fused_relu}
     return {
         "method": METHOD,
         "engine": config.backend,
@@ -104,7 +116,10 @@ def make_plan(model: nn.Module, layers: dict[str, str], keep_float: frozenset, c
         "activation_range": config.activation_range,
         "layers": chosen,
         "smoothed": [n for n in chosen if n in smoothed],
-        "folded_bn": [list(p) for p in conv_bn_pairs(model) if p[0] in convs] if convs else [],
+        "folded_bn": [list(p) for p in folded_bn],
+        "conv_kernel": "int8_conv",
+        "fused_relu": [list(p) for p in fused_relu],
+        "channels_last": convs_feeding_convs(model, convs, passed_through) if convs else [],
     }
 
 

@@ -20,11 +20,12 @@ import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import Int8Conv
 from .modules import DynamicConv, SmoothDynamicLinear, _reduce, im2col_apply
 
 STATIC_LINEAR = (nnq.Linear, nniq.LinearReLU)
 STATIC_CONV = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)
-DYNAMIC = (nnqd.Linear,)  # our DynamicLinear, SmoothDynamicLinear and DynamicConv derive from it
+DYNAMIC = (nnqd.Linear, Int8Conv)  # our DynamicLinear, SmoothDynamicLinear and DynamicConv derive from nnqd.Linear
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -69,12 +70,12 @@ class Int8Layer(nn.Module):
 
     def __init__(self, module: nn.Module, input_qparams: Optional[tuple[float, int]] = None):
         super().__init__()
-        w, b = module._weight_bias()
+        w, b = (module.weight(), module.bias) if isinstance(module, Int8Conv) else module._weight_bias()
         q, scale, zp = _int_weight(w)
         if bool((zp != 0).any()):
             raise NotImplementedError("int8 weights with non-zero zero points")
         self.dynamic = isinstance(module, DYNAMIC)
-        self.geometry = dict(module.geometry) if isinstance(module, DynamicConv) else None
+        self.geometry = dict(module.geometry) if isinstance(module, (DynamicConv, Int8Conv)) else None
         self.float_conv = None
         if not self.dynamic and q.dim() > 2:
             if q.dim() <= 4 and module.groups == 1 and module.padding_mode == "zeros":
@@ -87,7 +88,8 @@ class Int8Layer(nn.Module):
         self.register_buffer("w_scale", scale)
         self.register_buffer("bias", b.detach().float() if b is not None else None)
         self.act_max = 127 if self.dynamic and _reduce(module) else 255
-        self.relu = isinstance(module, (nniq.LinearReLU, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d))
+        self.relu = isinstance(module, (nniq.LinearReLU, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)) or (
+            isinstance(module, Int8Conv) and module.relu)
         self.register_buffer("input_scale", module.input_scale.clone() if isinstance(module, SmoothDynamicLinear)
                              else None)
         if not self.dynamic:
@@ -123,10 +125,10 @@ class Int8Layer(nn.Module):
             y = im2col_apply(x, self.geometry, self._matmul)
         else:
             y = self._matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-        if self.dynamic:
-            return y
         if self.relu:
             y = F.relu(y)
+        if self.dynamic:
+            return y
         return fake_quant(y, self.out_scale, self.out_zero_point, 255)
 
 

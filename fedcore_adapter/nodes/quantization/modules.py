@@ -1,6 +1,7 @@
 """int8 module classes of the dynamic path: torch.ao's dynamic Linear with 8-bit activations
 where the CPU allows it, a SmoothQuant variant that rescales its input channels first, and
-convolutions run as im2col + the same int8 GEMM.
+``DynamicConv``: convolutions as im2col + the same int8 GEMM, what plans written before
+``Int8Conv`` (``conv.py``, a direct int8 convolution, 2-3x faster) replay.
 
 torch.ao's dynamic modules always quantize activations to 7 bits (``reduce_range=True``)
 because int8 dot products saturate int16 on CPUs without VNNI. On VNNI CPUs the full 8
@@ -87,7 +88,7 @@ def _im2col_dilated(x: torch.Tensor, geometry: dict, matmul) -> torch.Tensor:
 
 
 class DynamicConv(DynamicLinear):
-    """Dynamic int8 Conv1d/Conv2d as im2col + the dynamic int8 GEMM.
+    """Dynamic int8 Conv1d/Conv2d as im2col + the dynamic int8 GEMM (plans without ``conv_kernel``).
 
     torch.ao's own dynamic convolutions re-quantize their output with the
     *input's* range, clipping every output larger than the input; the int8

@@ -23,13 +23,15 @@ from .selective import choose_float_layers, quantizable_layers, require_layers, 
 from .static import KINDS, _quantized as _static_quantized, choose_graph, static_plan
 
 
-def _start_learning_scales(prepared: nn.Module) -> None:
-    """After calibration: learn scales (and activation zero points); symmetric weights keep zero point 0."""
+def _start_learning_scales(prepared: nn.Module, lr_factor: float) -> None:
+    """After calibration: learn scales (and activation zero points) at ``lr_factor`` times the weights'
+    learning rate; symmetric weights keep zero point 0."""
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
     for module in prepared.modules():
         if isinstance(module, _LearnableFakeQuantize):
             module.enable_param_learning()
+            module.scale.lr_scale = module.zero_point.lr_scale = lr_factor  # read by trainer.make_optimizer
             if module.qscheme in (torch.per_channel_symmetric, torch.per_tensor_symmetric):
                 module.zero_point.requires_grad_(False)
 
@@ -63,7 +65,7 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: NodeContext) -> nn.Modul
     prepared = prepare_model(work, plan)
     if config.learnable_scales:
         calibrate(prepared, input_batches(ctx.train_loader, config.calibration_batches))
-        _start_learning_scales(prepared)
+        _start_learning_scales(prepared, config.scale_lr_factor)
     params = TrainParams.model_validate(config.model_dump(include=set(TrainParams.model_fields)))
     train(prepared, ctx, params, tag="qat")
     quantized = convert_model(prepared, plan)

@@ -1,0 +1,148 @@
+"""Sequential, error-compensating falor fit (``falor_fit='sequential'``): closed form, no training.
+
+The layers are fitted in forward order. For each one, the calibration inputs ``x~`` come from the model
+compressed so far (they carry the earlier layers' errors) while the target is the ORIGINAL layer's
+output ``y = W x + b`` on the same tokens. The rank-k factors minimise ``E||y - (A B x~ + b')||^2``:
+
+1. least squares with a ridge pulling towards ``W`` (no error: ``M = W`` exactly):
+   ``M = (W C_xx~ + lam W)(C_x~x~ + lam I)^-1`` over centred statistics;
+2. the best rank-k of ``M`` in the ``x~``-weighted norm: ``A`` = top-k eigenvectors of ``M C_x~x~ M^T``,
+   ``B = A^T M`` (the residual of step 1 is orthogonal to every such choice);
+3. the bias exact: ``b' = W E[x] + b - A B E[x~]`` (the mean output is kept, not projected away).
+
+Layers fed by the same tensor (attention query, key, value) are fitted from one pass. Padded tokens of a
+text batch are left out, as in every falor statistic. This is the GPTQ / SVD-LLM-v2 style idea: each
+layer corrects the error accumulated before it instead of compounding it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ...data import call_model
+from .falor import top_eigenvectors
+
+
+class _Stop(Exception):
+    """Raised by a hook once the wanted inputs are captured: the rest of the forward pass is skipped."""
+
+
+def _rows(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """A layer input as rows x features (a 1x1 conv: channels at every position), padded tokens left out."""
+    if isinstance(module, nn.Linear):
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.bool()].double()
+        return x.reshape(-1, x.shape[-1]).double()
+    return x.movedim(1, -1).reshape(-1, x.shape[1]).double()
+
+
+def _input_rows(model: nn.Module, name: str, inputs: Any) -> torch.Tensor:
+    """Rows of the input ``model.<name>`` receives on one batch (the forward pass stops right there)."""
+    module = model.get_submodule(name)
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    got = {}
+
+    def hook(mod, args):
+        got["rows"] = _rows(mod, args[0], mask)
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "rows" not in got:
+        raise RuntimeError(f"layer {name} did not run in the forward pass")
+    return got["rows"].cpu()
+
+
+def forward_groups(model: nn.Module, names: list[str], inputs: Any) -> list[list[str]]:
+    """``names`` in the order they run, layers fed by the same tensor (e.g. query/key/value) grouped."""
+    seen: list[tuple[str, torch.Tensor]] = []  # the input tensors are held, so no address is reused
+    handles = []
+    for name in names:
+        def hook(mod, args, name=name):
+            if all(n != name for n, _ in seen):
+                seen.append((name, args[0]))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, tensor in seen:
+        if groups and tensor is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = tensor
+    return groups
+
+
+class _Cross:
+    """Running sums for the centred ``C_x~x~``, ``C_xx~`` and both means (float64)."""
+
+    def __init__(self):
+        self.n, self.sx, self.st, self.tt, self.xt = 0, 0, 0, 0, 0
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self.n += x.shape[0]
+        self.sx = self.sx + x.sum(0)
+        self.st = self.st + t.sum(0)
+        self.tt = self.tt + t.T @ t
+        self.xt = self.xt + x.T @ t
+
+    def moments(self, centred: bool = True):
+        """Means and the (centred, else raw) second moments ``C_x~x~``, ``C_xx~``."""
+        mx, mt = self.sx / self.n, self.st / self.n
+        if not centred:
+            return torch.zeros_like(mx), torch.zeros_like(mt), self.tt / self.n, self.xt / self.n
+        return mx, mt, self.tt / self.n - torch.outer(mt, mt), self.xt / self.n - torch.outer(mx, mt)
+
+
+def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross, rank: int,
+              damping: float) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(A, B, b')`` of rank ``rank`` for a layer ``W`` (out x in, float64), see the module docstring.
+    A layer without a bias gets none (its fit uses uncentred moments, the mean included)."""
+    mx, mt, ctt, cxt = stats.moments(centred=bias is not None)
+    lam = damping * float(ctt.diagonal().mean()) + 1e-12
+    eye = torch.eye(ctt.shape[0], dtype=torch.float64)
+    m = torch.linalg.solve(ctt + lam * eye, (weight @ cxt + lam * weight).T).T
+    a = top_eigenvectors(m @ ctt @ m.T)[:, :rank]
+    b = a.T @ m
+    if bias is None:
+        return a, b, None
+    return a, b, weight @ mx + bias.detach().to("cpu", torch.float64) - a @ (b @ mt)
+
+
+def sequential_fit(original: nn.Module, model: nn.Module, ranks: dict[str, int], inputs: list[Any],
+                   damping: float, replace) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Fit every layer of ``ranks`` in forward order; ``replace(name, a, b, bias)`` puts each into ``model``
+    before the next group is measured. ``original`` stays unchanged (the targets); returns the factors."""
+    was = (original.training, model.training)
+    original.eval()
+    model.eval()
+    factors = {}
+    try:
+        for group in forward_groups(original, list(ranks), inputs[0]):
+            stats = _Cross()
+            for x in inputs:
+                stats.add(_input_rows(original, group[0], x), _input_rows(model, group[0], x))
+            for name in group:
+                layer = original.get_submodule(name)
+                w = layer.weight.detach().reshape(layer.weight.shape[0], -1).to("cpu", torch.float64)
+                factors[name] = fit_layer(w, layer.bias, stats, ranks[name], damping)
+            for name in group:
+                replace(name, *factors[name])
+    finally:
+        original.train(was[0])
+        model.train(was[1])
+    return factors
