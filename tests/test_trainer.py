@@ -6,6 +6,7 @@ import torch
 
 from fedcore_adapter import run_setup
 from fedcore_adapter.context import NodeContext
+from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.schema import CommonConfig, TrainParams
 from fedcore_adapter.trainer import train
 from tests.conftest import TinyDataModule, TinyEncoder, TokenDataModule, tiny_mlp, tiny_setup
@@ -70,6 +71,14 @@ def test_distillation_node_moves_the_student_towards_the_teacher(tmp_path):
     gap_before = (student(x) - trained(x)).pow(2).mean()
     gap_after = (result.model(x) - trained(x)).pow(2).mean()
     assert gap_after < gap_before * 0.5
+
+
+@pytest.mark.parametrize("option", [{"distill": True}, {"distill_weight": 0.3}])
+def test_fine_tune_distillation_options_on_the_distillation_node_are_refused_not_ignored(tmp_path, option):
+    with pytest.raises(ConfigError, match=r"nodes\[0\] \(distillation\).*options of recovery fine-tunes, not of "
+                                          r"the distillation node; set its loss with kl_weight") as err:
+        run_setup(tiny_setup({"kind": "distillation", **option}), tiny_mlp(), TinyDataModule(), output_dir=tmp_path)
+    assert "\n" not in str(err.value)
 
 
 def test_distillation_loss_ignores_padded_token_positions():

@@ -36,6 +36,10 @@ class DistillationConfig(TrainParams, NodeConfig):
     def _some_loss(self) -> "DistillationConfig":
         if self.kl_weight == self.mse_weight == self.task_weight == 0:
             raise ValueError("at least one of kl_weight, mse_weight, task_weight must be > 0")
+        given = sorted({"distill", "distill_weight"} & self.model_fields_set)
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of recovery fine-tunes, not of the distillation node; "
+                             f"set its loss with kl_weight, mse_weight and task_weight")
         return self
 
 
