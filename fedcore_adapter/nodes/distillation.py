@@ -11,13 +11,12 @@ import copy
 from typing import ClassVar, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
 from ..context import NodeContext
 from ..data import call_model, primary_output
-from ..losses import distillation_mse, token_mask
+from ..losses import distillation_mse, soft_target_kl, token_mask
 from ..registry import register_node
 from ..schema import NodeConfig, TrainParams
 from ..trainer import train
@@ -50,10 +49,7 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, targ
     the task loss."""
     loss = student_out.new_zeros(())
     if config.kl_weight:
-        t = config.temperature
-        loss = loss + config.kl_weight * t * t * F.kl_div(
-            F.log_softmax(student_out / t, dim=-1), F.log_softmax(teacher_out / t, dim=-1),
-            reduction="batchmean", log_target=True)
+        loss = loss + config.kl_weight * soft_target_kl(student_out, teacher_out, config.temperature)
     if config.mse_weight:
         loss = loss + config.mse_weight * distillation_mse(student_out, teacher_out, attention_mask)
     if config.task_weight and target is not None:

@@ -62,6 +62,14 @@ class _Moments:
         return self.outer / self.n if self.n else None
 
 
+def token_rows(t: torch.Tensor, mask: Optional[torch.Tensor], channel_last: bool) -> torch.Tensor:
+    """``t`` (channels last) as rows x channels, without padded tokens when ``channel_last`` and ``t`` is
+    [batch, tokens, channels] matching ``mask``."""
+    if channel_last and mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.to(t.device).bool()]
+    return t.reshape(-1, t.shape[-1])
+
+
 class _Mask:
     """The attention mask of the batch being run (hooks drop the rows of padded tokens)."""
 
@@ -70,10 +78,7 @@ class _Mask:
     @classmethod
     def rows(cls, t: torch.Tensor, channel_last: bool) -> torch.Tensor:
         """``t`` as rows x channels, without padded tokens when ``t`` is [batch, tokens, channels]."""
-        mask = cls.current
-        if channel_last and mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
-            return t[mask.to(t.device).bool()]
-        return t.reshape(-1, t.shape[-1])
+        return token_rows(t, cls.current, channel_last)
 
 
 def _patches(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ...data import call_model
+from .calibration import token_rows
 from .falor import top_eigenvectors
 
 
@@ -31,11 +32,8 @@ class _Stop(Exception):
 
 def _rows(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """A layer input as rows x features (a 1x1 conv: channels at every position), padded tokens left out."""
-    if isinstance(module, nn.Linear):
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            return x[mask.bool()].double()
-        return x.reshape(-1, x.shape[-1]).double()
-    return x.movedim(1, -1).reshape(-1, x.shape[1]).double()
+    linear = isinstance(module, nn.Linear)
+    return token_rows(x if linear else x.movedim(1, -1), mask, linear).double()
 
 
 def _input_rows(model: nn.Module, name: str, inputs: Any) -> torch.Tensor:
