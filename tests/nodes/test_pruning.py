@@ -364,3 +364,19 @@ def test_bad_input_raises_one_line_naming_node_and_layer_and_leaves_the_model_un
         apply_pruning(model, PruningConfig(**config), node_context(dm, tmp_path, copy.deepcopy(model)))
     assert "\n" not in str(err.value)
     _assert_untouched(model, state)
+
+
+def test_a_factor_pair_is_recognised_by_its_first_and_second_layers_only():
+    from fedcore_adapter.nodes.pruning.factors import factor_part, first_factors_of
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(8, 2), nn.Linear(2, 8)
+
+    pair, plain = Pair(), nn.Sequential(nn.Linear(8, 8))
+    model = nn.Sequential(pair, plain)
+    assert factor_part(pair, "first") is pair.first and factor_part(pair, "second") is pair.second
+    assert factor_part(plain, "first") is None and factor_part(plain[0], "second") is None
+    assert first_factors_of(model, [pair.second]) == [pair.first]
+    assert first_factors_of(model, [pair.first, plain[0]]) == []

@@ -3,6 +3,7 @@
 - :mod:`.config` — the two configs and the FedCore parameter names they accept.
 - :mod:`.structured` — torch-pruning dependency-graph channel removal for any traceable model.
 - :mod:`.transformers` — attention heads and FFN channels of transformer encoders (hidden size kept).
+- :mod:`.factors` — how pruning recognises a low-rank factor pair (``second(first(x))``).
 - :mod:`.history` — the recorded removals and their replay on a freshly built model.
 - :mod:`.node` / :mod:`.unstructured` — the apply functions (iterations, fine-tuning, reports).
 - :mod:`.sensitivity` — :func:`pruning_sensitivity`, independent per-(layer group, ratio) measurements.

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...data import call_model, primary_output
 from ...errors import NodeError
+from .factors import first_factors_of
 from .history import History
 from .layer_pruners import LSTM_PRUNER, FrozenPruner, has_pruner
 
@@ -171,13 +172,6 @@ def screen_small_groups(label: str, groups: dict[str, tuple[int, float]], ratio:
     return list(small)
 
 
-def _factor_partners(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
-    """The ``first`` factor of every low-rank pair (``second(first(x))``) whose ``second`` is in ``layers``."""
-    ids = {id(m) for m in layers}
-    return [m.first for m in model.modules()
-            if isinstance(getattr(m, "first", None), nn.Module) and id(getattr(m, "second", None)) in ids]
-
-
 def scheduled_ratio(schedule: str, ratio: float, step: int, steps: int) -> float:
     """Fraction of a layer's channels removed after ``step`` of ``steps``: linear (equal shares of the original
     channels per step, torch-pruning's) or geometric (the same fraction of the remaining ones per step)."""
@@ -248,7 +242,7 @@ class GraphPruner:
             kept = [node.module for node in outs if isinstance(node.module, nn.Module)]
             self.pruner.ignored_layers.extend(kept)
             if at_output:  # a factorised output layer is one layer: its inner rank stays too
-                self.pruner.ignored_layers.extend(_factor_partners(self.model, kept))
+                self.pruner.ignored_layers.extend(first_factors_of(self.model, kept))
             for name in touched:
                 coupled[name].update(dg._module2name[n.module] for n in outs
                                      if n.module in dg._module2name and id(n.module) not in frozen_ids)

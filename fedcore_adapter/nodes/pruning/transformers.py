@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...errors import NodeError
+from .factors import factor_part
 from .history import History
 from .structured import PruningWarning, Ratio, _matches, ratio_for, scheduled_ratio, screen_small_groups
 
@@ -38,7 +39,7 @@ class UnitGroup:
 def _factor(model: nn.Module, name: str, part: str) -> str:
     """``name``, or ``name.<part>`` when a low-rank node made it a factor pair ``second(first(x))``: a
     producer's output rows are in ``second``, a consumer's input columns in ``first``."""
-    return f"{name}.{part}" if isinstance(getattr(model.get_submodule(name), part, None), nn.Linear) else name
+    return f"{name}.{part}" if isinstance(factor_part(model.get_submodule(name), part), nn.Linear) else name
 
 
 def find_groups(model: nn.Module) -> list[UnitGroup]:
