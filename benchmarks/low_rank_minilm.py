@@ -220,6 +220,9 @@ def main() -> None:
                         help="also: the smallest NSR budget removing at least this fraction of Linear params")
     parser.add_argument("--per-layer", type=float, nargs="*", default=[0.01], help="ptdeco's rule on the grid")
     parser.add_argument("--ptdeco-nsr", type=float, default=None, help="run ptdeco's falor at this NSR")
+    parser.add_argument("--ptdeco-calib", choices=["validation", "wide"], default="validation",
+                        help="ptdeco's calibration: the validation batches (as the NSR grid) or the wide set "
+                             "(as the cosine grid and the sequential fit; needs --goals)")
     parser.add_argument("--grid", type=int, default=8)
     parser.add_argument("--calib-batch", type=int, default=16, help="sentences per calibration batch")
     parser.add_argument("--calib-batches", type=int, default=4, help="batches for covariances (NSR: the first)")
@@ -267,7 +270,10 @@ def main() -> None:
     theirs, ptdeco_s = None, 0.0
     if args.ptdeco_nsr is not None:
         try:
-            theirs, ptdeco_s = run_ptdeco(original, calib, args.ptdeco_nsr, args.ptdeco_cache, args.include,
+            ptdeco_calib = wide if args.ptdeco_calib == "wide" else calib
+            if ptdeco_calib is None:
+                parser.error("--ptdeco-calib wide needs --goals (the wide calibration set)")
+            theirs, ptdeco_s = run_ptdeco(original, ptdeco_calib, args.ptdeco_nsr, args.ptdeco_cache, args.include,
                                           use_mean=args.statistic == "covariance")
             print(f"ptdeco falor: {ptdeco_s:.0f} s", flush=True)
         except ImportError:
@@ -309,7 +315,7 @@ def main() -> None:
                 build_sequential(original, wide, ranks, args.damping)
             print(f"{label}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     if theirs is not None:
-        variants[f"ptdeco falor NSR < {args.ptdeco_nsr}"] = theirs
+        variants[f"ptdeco falor NSR < {args.ptdeco_nsr} ({args.ptdeco_calib} calibration)"] = theirs
         target = linear_params(theirs)
         for budget in scan:  # the smallest budget within ptdeco's params
             ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
