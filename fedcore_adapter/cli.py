@@ -21,8 +21,7 @@ log = logging.getLogger("fedcore_adapter")
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
-    """Hydra argv as users write it: flags anywhere, ``nodes.1.epochs=3`` / ``common.seed=1`` without ``++``,
-    """
+    """Hydra argv as users write it: flags anywhere, ``nodes.1.epochs=3`` / ``common.seed=1`` without ``++``."""
     flags, overrides = [], []
     args = iter(argv)
     for arg in args:
@@ -38,8 +37,32 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
+    text = str(err).split("Config search path:")[0]  # Hydra's search path is noise to a user
+    text = " ".join(text.split()).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
     return text or type(err).__name__
+
+
+def composition_error(argv: list[str], config_name: str = "config") -> Optional[str]:
+    """Why ``conf/<config_name>.yaml`` does not compose with these overrides, as one line (None when it does).
+
+    A single run is composed once up front so that an unknown config group option (``model=nope``)
+    or key (``setpu=raw``) ends like every other bad input, not in Hydra's multi-line report. Runs
+    with flags (``-m``, ``--help``, ``--cfg`` ...) and ``hydra.*`` overrides are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .resources import conf_dir
+
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        return _one_line(err)
+    return None
 
 
 def _task(cfg) -> Optional[float]:
@@ -84,6 +107,14 @@ def show_job_config(argv: list[str]) -> int:
     return 0
 
 
+def exit_if_not_composable(argv: list[str], config_name: str) -> None:
+    """One line on stderr and exit status 2 when the config does not compose (see :func:`composition_error`)."""
+    problem = composition_error(argv, config_name)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _wants_job_config(argv: list[str]) -> bool:
     for flag, value in zip(argv, argv[1:] + [""]):
         if flag in ("--cfg", "-c"):
@@ -99,6 +130,7 @@ def run_app(argv: list[str]) -> None:
     argv = normalize_argv(argv)
     if _wants_job_config(argv) and "-m" not in argv and "--multirun" not in argv:
         return _run_subcommand(show_job_config, argv)
+    exit_if_not_composable(argv, "config")
     sys.argv = [sys.argv[0], *argv]
     app = hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")(_task)
     app()

@@ -76,7 +76,8 @@ def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict
         if isinstance(target, int) or str(target).lstrip("-").isdigit():
             i = int(target)
             if not -len(nodes) <= i < len(nodes):
-                raise ConfigError(f"override nodes.{target}: the setup has {len(nodes)} nodes (indices 0..{len(nodes) - 1})")
+                count = f"{len(nodes)} node" + ("s" if len(nodes) != 1 else "")
+                raise ConfigError(f"override nodes.{target}: the setup has {count} (indices 0..{len(nodes) - 1})")
             _deep_update(nodes[i], fields)
         else:
             matched = [n for n in nodes if n.get("kind") == target]

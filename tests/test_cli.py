@@ -46,6 +46,8 @@ def test_runs_a_setup_on_a_custom_model_and_data_and_prints_the_summary(tmp_path
     ("model._target_=nowhere.build", "error: model._target_='nowhere.build' could not be built: Error locating target"),
     ("data._target_=tests.helpers.NoTrainLoaderDataModule", "error: data module NoTrainLoaderDataModule has no train_dataloader()"),
     ("data._target_=tests.helpers.EmptyDataModule", "error: train_dataloader() yielded no batches"),
+    ("tracking=nope", "error: In 'config': Could not find 'tracking/nope' Available options in 'tracking': mlflow none"),
+    ("setpu=raw", "error: Could not override 'setpu'. To append to your config use +setpu=raw"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(tmp_path, override, message):
     proc = cli(*FAST, "output_dir=out", override, cwd=tmp_path)

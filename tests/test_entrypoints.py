@@ -212,3 +212,15 @@ def test_the_commands_run_and_fail_with_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: inference_model='missing': no checkpoints there (expected a checkpoint folder with manifest.json, "
         "a results folder, a .pt/.pth state-dict file, or a folder of these)"]
+
+
+@pytest.mark.parametrize("command", ["train", "fit-target", "inference"])
+def test_an_unknown_config_option_or_key_is_one_line_and_status_2(tmp_path, command):
+    proc = cli(command, "model=nope", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "Could not find 'model/nope' Available options in 'model': custom digits_cnn" in lines[0]
+    proc = cli(command, "modle_name=x", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: Could not override 'modle_name'. To append to your config use +modle_name=x"], proc.stderr
+    assert not (tmp_path / "composition_results").exists()

@@ -58,7 +58,7 @@ def test_a_nested_override_changes_only_the_field_it_names():
 
 
 def test_override_of_a_missing_node_index_or_kind_is_an_error():
-    with pytest.raises(ConfigError, match=r"nodes\.3: the setup has 1 nodes"):
+    with pytest.raises(ConfigError, match=r"nodes\.3: the setup has 1 node \(indices 0\.\.0\)"):
         load_setup("RAW", {"nodes": {"3": {"epochs": 1}}})
     with pytest.raises(ConfigError, match=r"nodes\.pruning: no node of that kind.*training"):
         load_setup("RAW", {"nodes": {"pruning": {"pruning_ratio": 0.5}}})

@@ -22,10 +22,12 @@ def run_command(task: Callable[[Any], Any], config_name: str, argv: list[str]) -
     """Run ``task`` as a Hydra app on ``conf/<config_name>.yaml`` with ``argv`` as its command line."""
     import hydra
 
-    from ..cli import normalize_argv
+    from ..cli import exit_if_not_composable, normalize_argv
     from ..resources import conf_dir
 
-    sys.argv = [sys.argv[0], *normalize_argv(argv)]
+    argv = normalize_argv(argv)
+    exit_if_not_composable(argv, config_name)
+    sys.argv = [sys.argv[0], *argv]
     hydra.main(version_base=None, config_path=str(conf_dir()), config_name=config_name)(task)()
 
 
