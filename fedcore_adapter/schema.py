@@ -5,6 +5,7 @@ found through the registry by their ``kind``, so this module knows no node.
 """
 from __future__ import annotations
 
+import typing
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -107,12 +108,32 @@ class NodeConfig(StrictModel):
         return self.name or self.kind
 
 
-def _format_validation_error(prefix: str, err: ValidationError, data: Any) -> str:
+def _model_at(model: type, loc: tuple) -> Optional[type]:
+    """The pydantic model holding the field at ``loc`` (``Optional[...]`` fields looked through), if any."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        inner = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[0]
+    return model
+
+
+def validation_message(prefix: str, err: ValidationError, model: Optional[type] = None) -> str:
+    """A pydantic error as one line: ``<prefix>.<field> = <value>: <why>``; an unknown field lists the fields
+    ``model`` (the class validated) allows at that place."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     value = first.get("input")
     where = f"{prefix}.{loc}" if loc else prefix
-    return f"{where} = {value!r}: {first['msg']}"
+    message = first["msg"]
+    owner = _model_at(model, first["loc"]) if model is not None and first["type"] == "extra_forbidden" else None
+    if owner is not None:
+        message = f"unknown field; allowed: {', '.join(sorted(owner.model_fields))}"
+    return f"{where} = {value!r}: {message}"
 
 
 def validate_node(index: int, data: Any) -> NodeConfig:
@@ -127,7 +148,7 @@ def validate_node(index: int, data: Any) -> NodeConfig:
     try:
         return spec.config_cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(f"nodes[{index}] ({data['kind']})", err, data)) from None
+        raise ConfigError(validation_message(f"nodes[{index}] ({data['kind']})", err, spec.config_cls)) from None
 
 
 class Setup(StrictModel):
@@ -176,7 +197,7 @@ class Setup(StrictModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ConfigError(_format_validation_error(f"setup {data.get('name', 'custom')!r}", err, data)) from None
+            raise ConfigError(validation_message(f"setup {data.get('name', 'custom')!r}", err, cls)) from None
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

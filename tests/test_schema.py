@@ -32,7 +32,7 @@ def test_unknown_kind_lists_registered_kinds():
     ("epochs", -1, r"nodes\[1\] \(training\)\.epochs = -1: Input should be greater than or equal to 0"),
     ("learning_rate", "abc", r"nodes\[1\] \(training\)\.learning_rate = 'abc': Input should be a valid number"),
     ("optimizer", "adagrad", r"optimizer = 'adagrad': Input should be 'adam', 'adamw' or 'sgd'"),
-    ("epochz", 3, r"nodes\[1\] \(training\)\.epochz = 3: Extra inputs are not permitted"),
+    ("epochz", 3, r"nodes\[1\] \(training\)\.epochz = 3: unknown field; allowed: custom_loss, .*epochs, .*weight_decay$"),
 ])
 def test_bad_node_field_names_index_field_value_and_allowed(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -42,6 +42,14 @@ def test_bad_node_field_names_index_field_value_and_allowed(field, value, messag
 def test_bad_common_option_is_named():
     with pytest.raises(ConfigError, match=r"common\.save_each = 0: .*-1 \(end of node only\) or a positive"):
         Setup.parse({"common": {"save_each": 0}, "nodes": [{"kind": "training"}]})
+
+
+def test_an_unknown_nested_or_common_field_lists_the_fields_allowed_there():
+    with pytest.raises(ConfigError, match=r"nodes\[0\] \(pruning\)\.finetune_params\.epochz = 1: unknown field; "
+                                          r"allowed: custom_loss, distill, .*keep_best, learning_rate"):
+        Setup.parse({"nodes": [{"kind": "pruning", "finetune_params": {"epochz": 1}}]})
+    with pytest.raises(ConfigError, match=r"common\.sed = 1: unknown field; allowed: device, .*, seed$"):
+        Setup.parse({"common": {"sed": 1}, "nodes": [{"kind": "training"}]})
 
 
 def test_empty_chain_is_rejected():

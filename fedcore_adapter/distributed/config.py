@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
+from ..schema import validation_message
 
 Mode = Literal["local", "address", "manager"]
 # Keys this module reads itself; with ``_target_`` every other key is an argument of the manager class.
@@ -98,7 +99,5 @@ def parse_cluster(spec: Any) -> ClusterConfig:
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "cluster"
-        raise ConfigError(f"cluster.{loc} = {first.get('input')!r}: {first['msg']}") from None
+        raise ConfigError(validation_message("cluster", err, ClusterConfig)) from None
 

@@ -8,7 +8,7 @@ from typing import Any, Literal, Mapping, Optional
 from pydantic import Field, ValidationError
 
 from ..errors import ConfigError
-from ..schema import StrictModel
+from ..schema import StrictModel, validation_message
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_EXPERIMENT = "fedcore_adapter"
@@ -36,9 +36,7 @@ def parse_tracking_config(data: Mapping[str, Any] | TrackingConfig | None) -> Tr
     try:
         return TrackingConfig.model_validate(dict(data or {}))
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"tracking.{where} = {first.get('input')!r}: {first['msg']}") from None
+        raise ConfigError(validation_message("tracking", err, TrackingConfig)) from None
 
 
 def resolve_uri(uri: Optional[str]) -> str:
