@@ -12,8 +12,11 @@ keep them between runs, so one run may search and a later one measure.
 ``--goals``: the node's newer options side by side with the above. Calibration on every sentence that is
 not a test sentence (``--wide-calib-batch`` per batch), ranks from a grid of per-layer cosine losses of
 the mean-pooled embedding (``falor_metric='cosine'``, measured on the first ``--cosine-sentences``),
-globally allocated to remove at least each goal of Linear params; then both fits at those ranks:
-``projection`` and ``sequential`` (``falor_fit``, damping ``--damping``). ``--cosine-cache`` keeps that grid.
+globally allocated to remove at least each goal of Linear params (the smallest budget that does); then
+the fits at those ranks: ``projection`` and ``sequential`` (``falor_fit``, damping ``--damping``).
+``--cosine-cache`` keeps that grid. ``sequential+gradient`` (``falor_weighting='gradient'``): every layer's
+output error weighted by the gradient Gram of the normalised embedding (``--probes`` per batch, on the wide
+calibration); its ranks come from a grid measured with the same weighting (``--weighted-cosine-cache``).
 
     python benchmarks/low_rank_minilm.py --budgets 0.02 0.05 0.1 --per-layer 0.01 --ptdeco-nsr 0.01 \
         --cache /tmp/minilm_grid.pt --ptdeco-cache /tmp/minilm_ptdeco.pt
@@ -39,6 +42,7 @@ from _common import environment, markdown  # noqa: E402
 from fedcore_adapter.metrics import latency_ms  # noqa: E402
 from fedcore_adapter.nodes.low_rank import falor as F  # noqa: E402
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances  # noqa: E402
+from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair  # noqa: E402
 from fedcore_adapter.nodes.low_rank.sequential import sequential_fit  # noqa: E402
 from fedcore_adapter.nodes.low_rank.svd import factorize  # noqa: E402
 from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target, probe_positions  # noqa: E402
@@ -127,7 +131,8 @@ def grid_search(original, calib, metric, grid: int, cache: str | None, include=N
     refs = F.model_rows(work, metric)
     search = functools.partial(F.falor_search, model=work, inputs=metric, references=refs, nsr_threshold=1.0,
                                kl_threshold=None, grid=grid)
-    results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank())) for n, t in targets.items()}
+    results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank(), (weights or {}).get(n)))
+               for n, t in targets.items()}
     seconds = time.perf_counter() - start
     if cache:
         torch.save({"seconds": seconds, "results": {n: {"eigvecs": r.eigvecs, "trials": json.dumps(r.trials)}
@@ -167,8 +172,10 @@ def _all_sentences(seed: int) -> list[str]:
     return english_sentences(lo, seed)
 
 
-def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | None, targets: dict):
-    """Eigenvectors from the (wide) calibration and per-layer cosine losses at ``grid`` ranks (cached)."""
+def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | None, targets: dict,
+                weights: dict | None = None):
+    """Eigenvectors from the (wide) calibration and per-layer cosine losses at ``grid`` ranks (cached);
+    ``weights``: each layer projected in its gradient-weighted norm (``falor_weighting='gradient'``)."""
     if cache and Path(cache).exists():
         saved = torch.load(cache, weights_only=True)
         return ({n: F.FalorResult(n, None, eigvecs=v["eigvecs"], trials=json.loads(v["trials"]))
@@ -185,7 +192,8 @@ def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | 
     refs = F.model_outputs(work, metric, "cosine")
     search = functools.partial(F.falor_search, model=work, inputs=metric, references=refs, nsr_threshold=1.0,
                                kl_threshold=None, grid=grid, metric="cosine")
-    results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank())) for n, t in targets.items()}
+    results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank(), (weights or {}).get(n)))
+               for n, t in targets.items()}
     seconds = time.perf_counter() - start
     if cache:
         torch.save({"seconds": seconds, "results": {n: {"eigvecs": r.eigvecs, "trials": json.dumps(r.trials)}
@@ -193,15 +201,29 @@ def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | 
     return results, seconds
 
 
-def build_sequential(original: nn.Module, calib: list, ranks: dict, damping: float) -> nn.Module:
+def build_sequential(original: nn.Module, calib: list, ranks: dict, damping: float,
+                     weights: dict | None = None) -> nn.Module:
+    """The sequential fit at ``ranks``; ``weights``: per layer ``(R, R^-1)`` (``falor_weighting='gradient'``)."""
     model = copy.deepcopy(original)
     chosen = {n: r for n, r in ranks.items() if r}
 
     def put(name, a, b, bias):
         _replace(model, name, factorize(original.get_submodule(name), "channel", a, b, bias.float()))
 
-    sequential_fit(original, model, chosen, calib, damping, put)
+    sequential_fit(original, model, chosen, calib, damping, put, weights)
     return model
+
+
+def smallest_budget(results: list, params_at: dict, params_now: dict, removed, goal: float) -> tuple[float, dict]:
+    """The smallest sum-of-losses budget whose global allocation removes at least ``goal`` (bisection)."""
+    lo, hi = 1e-9, 10.0
+    for _ in range(60):
+        mid = (lo * hi) ** 0.5
+        if removed(F.allocate_nsr(results, params_at, params_now, mid, None, "cosine_loss")) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    return hi, F.allocate_nsr(results, params_at, params_now, hi, None, "cosine_loss")
 
 
 def per_layer_rule(results: dict, nsr: float) -> dict:
@@ -245,7 +267,12 @@ def main() -> None:
     parser.add_argument("--cosine-grid", type=int, default=10, help="cosine grid: ranks per layer")
     parser.add_argument("--cosine-cache", type=str, default=None)
     parser.add_argument("--damping", type=float, default=0.1, help="sequential fit: falor_damping")
-    parser.add_argument("--fits", nargs="+", default=["projection", "sequential"])
+    parser.add_argument("--fits", nargs="+", default=["projection", "sequential"],
+                        choices=["projection", "sequential", "sequential+gradient"],
+                        help="falor_fit, and sequential+gradient: falor_weighting='gradient'")
+    parser.add_argument("--probes", type=int, default=8, help="sequential+gradient: falor_probes")
+    parser.add_argument("--weighted-cosine-cache", type=str, default=None,
+                        help="sequential+gradient: file keeping the weighted cosine grid between runs")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -267,6 +294,16 @@ def main() -> None:
                                          targets)
         print(f"cosine grid: {cos_s:.0f} s on {sum(b['input_ids'].shape[0] for b in wide)} calibration sentences",
               flush=True)
+    weights, weighted_results, weighted_s = None, None, 0.0
+    if args.goals and "sequential+gradient" in args.fits:
+        start = time.perf_counter()
+        grams = gradient_grams(original, wide, list(targets), "cosine", args.probes)
+        weights = {n: sqrt_pair(g) for n, g in grams.items()}
+        grams_s = time.perf_counter() - start
+        weighted_results, weighted_s = cosine_grid(original, wide, args.cosine_sentences, args.cosine_grid,
+                                                   args.weighted_cosine_cache, targets, weights)
+        print(f"gradient weights: {grams_s:.0f} s ({args.probes} probes per batch); weighted cosine grid: "
+              f"{weighted_s:.0f} s", flush=True)
     theirs, ptdeco_s = None, 0.0
     if args.ptdeco_nsr is not None:
         try:
@@ -302,17 +339,16 @@ def main() -> None:
                 break
     for nsr in args.per_layer:
         variants[f"falor per-layer NSR < {nsr}"] = build(original, results, per_layer_rule(results, nsr))
-    cos_scan = [round(0.0005 * 1.05 ** i, 6) for i in range(200)]
     for goal in args.goals:
-        for budget in cos_scan:
-            ranks = F.allocate_nsr(list(cos_results.values()), params_at, params_now, budget, None, "cosine_loss")
-            if removed(ranks) >= goal:
-                break
         for fit in args.fits:
-            label = f"wide calib, cosine grid >= {goal:.0%} (sum loss < {budget}), {fit}"
+            grid_results = weighted_results if fit == "sequential+gradient" else cos_results
+            budget, ranks = smallest_budget(list(grid_results.values()), params_at, params_now, removed, goal)
+            grid_name = "weighted cosine grid" if fit == "sequential+gradient" else "cosine grid"
+            label = f"wide calib, {grid_name} >= {goal:.0%} (sum loss < {budget:.4g}), {fit}"
             t0 = time.perf_counter()
             variants[label] = build(original, cos_results, ranks) if fit == "projection" else \
-                build_sequential(original, wide, ranks, args.damping)
+                build_sequential(original, wide, ranks, args.damping,
+                                 weights if fit == "sequential+gradient" else None)
             print(f"{label}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     if theirs is not None:
         variants[f"ptdeco falor NSR < {args.ptdeco_nsr} ({args.ptdeco_calib} calibration)"] = theirs

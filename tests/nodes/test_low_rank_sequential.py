@@ -1,6 +1,7 @@
 """Sequential, error-compensating falor fit (falor_fit='sequential') and the cosine rank metric."""
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -8,7 +9,9 @@ from fedcore_adapter import load_model, run_setup
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances
 from fedcore_adapter.nodes.low_rank.falor import cosine_loss, falor_factors, model_outputs, noise_to_signal, \
     top_eigenvectors
+from fedcore_adapter.nodes.low_rank.config import LowRankConfig
 from fedcore_adapter.nodes.low_rank.layers import FactorizedLayer
+from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair
 from fedcore_adapter.nodes.low_rank.sequential import forward_groups, sequential_fit
 from fedcore_adapter.nodes.low_rank.svd import factorize
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
@@ -114,13 +117,15 @@ def _low_rank_encoder():
     return model
 
 
-def test_the_node_fits_sequentially_by_cosine_and_the_result_reloads_exactly(tmp_path):
+@pytest.mark.parametrize("weighting", ["none", "gradient"])
+def test_the_node_fits_sequentially_by_cosine_and_the_result_reloads_exactly(tmp_path, weighting):
     node = {"kind": "low_rank", "method": "falor", "falor_fit": "sequential", "falor_metric": "cosine",
-            "cosine_loss_threshold": 1e-3, "allocation": "global"}
+            "cosine_loss_threshold": 1e-3, "allocation": "global", "falor_weighting": weighting}
     result = run_setup(tiny_setup(node, measure=False), _low_rank_encoder(), TokenDataModule(), output_dir=tmp_path)
     record = json.loads((result.output_dir / "nodes" / "1_low_rank" / "decompose_config.json").read_text())
     meta, layer = record["meta"], record["layers"]["proj"]
     assert meta["fit"] == "sequential" and meta["metric"] == "cosine" and meta["model_cosine_loss"] < 1e-3
+    assert meta["weighting"] == weighting and ("probes" in meta) == (weighting == "gradient")
     assert layer["rank"] < 16 and layer["meta"]["cosine_loss"] < 1e-3
     loaded = load_model(result.output_dir / "final", TinyEncoder(hidden=32))
     ids = torch.randint(0, 50, (2, 6))
@@ -138,3 +143,66 @@ def test_a_1x1_conv_is_fitted_sequentially_too(tmp_path):
     assert isinstance(result.model[0], FactorizedLayer) and result.model[0].rank == 3
     x = next(iter(dm.test_dataloader()))[0]
     torch.testing.assert_close(result.model(x), model(x), atol=1e-3, rtol=1e-3)
+
+
+def _weighted_sequential(model, inputs, ranks, metric="nsr", probes=16):
+    grams = gradient_grams(model, inputs, list(ranks), metric, probes)
+    out = _copy(model)
+    sequential_fit(model, out, ranks, inputs, 1e-3,
+                   lambda n, a, b, bias: _replace(out, n, factorize(model.get_submodule(n), "channel", a, b,
+                                                                    bias.float())),
+                   {n: sqrt_pair(g) for n, g in grams.items()})
+    return out
+
+
+def test_the_gradient_gram_of_a_linear_map_is_its_jacobian_squared_even_with_frozen_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).requires_grad_(False)
+    gram = gradient_grams(model, [torch.randn(8, 4)], ["0"], "nsr", probes=2000)["0"]
+    w2 = model[1].weight.double()
+    torch.testing.assert_close(gram, w2.T @ w2, atol=0.05 * float(w2.T.matmul(w2).abs().max()), rtol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_weighting_keeps_the_directions_the_output_depends_on():
+    # layer 0's strongest output directions (0..7) are ones layer 2 barely reads; it reads the weak ones (8..15)
+    torch.manual_seed(0)
+    first = nn.Linear(16, 16)
+    with torch.no_grad():
+        first.weight.copy_(torch.diag(torch.cat([torch.full((8,), 10.0), torch.full((8,), 1.0)])))
+        first.bias.zero_()
+    last = nn.Linear(16, 4)
+    with torch.no_grad():
+        last.weight.copy_(torch.cat([0.01 * torch.randn(4, 8), torch.randn(4, 8)], 1))
+    model = nn.Sequential(first, nn.Tanh(), last).eval()
+    calib = [torch.randn(256, 16) * 0.1 for _ in range(4)]
+    held_out = torch.randn(512, 16) * 0.1
+    ranks = {"0": 8}
+    plain, weighted = _sequential(model, calib, ranks), _weighted_sequential(model, calib, ranks)
+    with torch.no_grad():
+        reference = model(held_out)
+        nsr_plain = noise_to_signal(plain(held_out), reference)
+        nsr_weighted = noise_to_signal(weighted(held_out), reference)
+    assert nsr_weighted < 0.1 * nsr_plain
+
+
+def test_gradient_weighting_needs_the_sequential_fit():
+    with pytest.raises(ValueError, match="falor_weighting='gradient' works with falor_fit='sequential' only "
+                                         r"\(got falor_fit='projection'\)"):
+        LowRankConfig(method="falor", falor_weighting="gradient")
+
+
+def test_the_rank_search_with_an_identity_output_weight_measures_what_the_plain_search_does():
+    from fedcore_adapter.nodes.low_rank.falor import FalorJob, falor_search, model_rows
+
+    model = _mlp()
+    calib = [_data(128, s) for s in range(2)]
+    cov = collect_output_covariances(model, calib, ["2"])["2"]
+    eye = torch.eye(32, dtype=torch.float64)
+    search = dict(model=model, inputs=calib, references=model_rows(model, calib), nsr_threshold=1.0,
+                  kl_threshold=None, grid=4)
+    plain = falor_search(FalorJob("2", cov, 12), **search)
+    weighted = falor_search(FalorJob("2", cov, 12, (eye, eye)), **search)
+    assert [t["rank"] for t in plain.trials] == [3, 6, 9, 12]
+    for a, b in zip(plain.trials, weighted.trials):
+        assert a["rank"] == b["rank"] and abs(a["nsr"] - b["nsr"]) < 1e-6

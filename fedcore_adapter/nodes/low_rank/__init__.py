@@ -3,7 +3,8 @@ U,S,Vh training, activation-aware (falor) decomposition, and the decompose_confi
 
 Modules: ``config`` (LowRankConfig), ``layers`` (FactorizedLayer), ``svd`` (math), ``targets``
 (which layers, their costs), ``rank_strategies``, ``budget``, ``regularized`` (FedCore flow),
-``falor``, ``sequential`` (falor's error-compensating fit), ``calibration`` (layer statistics),
+``falor``, ``sequential`` (falor's error-compensating fit), ``output_weights`` (its gradient
+weighting), ``calibration`` (layer statistics),
 ``sensitivity`` (per-layer jobs for ``ctx.map``),
 ``decompose_config`` (JSON + replay), ``node`` (the apply function).
 """

@@ -79,6 +79,11 @@ class LowRankConfig(NodeConfig):
                                   "bias refitted)")
     falor_damping: float = Field(0.1, gt=0, description="sequential fit: ridge towards the original weight, "
                                                         "relative to the mean input variance")
+    falor_weighting: Literal["none", "gradient"] = Field(
+        "none", description="sequential fit: none (plain output error) or gradient (each layer's output error "
+                            "weighted by the Gauss-Newton metric of the model's output, E[g g^T] with g the gradient "
+                            "of a random projection of the metric output; FWSVD with the full matrix)")
+    falor_probes: int = Field(8, ge=1, description="falor_weighting='gradient': random probes per calibration batch")
 
     trains_float_weights: ClassVar[bool] = True
 
@@ -130,6 +135,9 @@ class LowRankConfig(NodeConfig):
             raise ValueError("cosine_loss_threshold works with falor_metric='cosine' only")
         if self.falor_metric == "cosine" and self.kl_threshold is not None:
             raise ValueError("kl_threshold works with falor_metric='nsr' only")
+        if self.falor_weighting != "none" and self.falor_fit != "sequential":
+            raise ValueError(f"falor_weighting={self.falor_weighting!r} works with falor_fit='sequential' only "
+                             f"(got falor_fit={self.falor_fit!r})")
         if self.method == "falor" and self.epochs:
             raise ValueError("epochs (regularised U,S,Vh training) works with method='svd' only; "
                              "use finetune_params to train after falor")

@@ -24,11 +24,13 @@ from ...data import call_model, primary_output
 
 @dataclass
 class FalorJob:
-    """One layer's output covariance and the largest rank that still saves parameters."""
+    """One layer's output covariance and the largest rank that still saves parameters; ``output_weight``
+    (``(R, R^-1)``, ``falor_weighting='gradient'``): the projection is the best in the ``R``-weighted norm."""
 
     name: str
     covariance: torch.Tensor
     max_rank: int
+    output_weight: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 @dataclass
@@ -51,7 +53,7 @@ def top_eigenvectors(covariance: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def _rows(out: torch.Tensor, inputs: Any) -> torch.Tensor:
+def output_rows(out: torch.Tensor, inputs: Any) -> torch.Tensor:
     """Model output as rows x channels; padded tokens of a text batch are left out."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     if mask is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
@@ -77,10 +79,10 @@ def symmetric_kl(candidate: torch.Tensor, reference: torch.Tensor) -> float:
 def model_rows(model: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
     """The model's primary output on each batch, as rows (the reference the search compares to)."""
     with torch.no_grad():
-        return [_rows(primary_output(call_model(model, x)), x) for x in inputs]
+        return [output_rows(primary_output(call_model(model, x)), x) for x in inputs]
 
 
-def _per_sample(out: torch.Tensor, inputs: Any) -> torch.Tensor:
+def per_sample(out: torch.Tensor, inputs: Any) -> torch.Tensor:
     """One vector per sample: [batch, tokens, channels] mean-pooled over the real tokens, else flattened."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
     out = out.float()
@@ -97,7 +99,7 @@ def model_outputs(model: nn.Module, inputs: list[Any], metric: str = "nsr") -> l
     if metric == "nsr":
         return model_rows(model, inputs)
     with torch.no_grad():
-        return [_per_sample(primary_output(call_model(model, x)), x) for x in inputs]
+        return [per_sample(primary_output(call_model(model, x)), x) for x in inputs]
 
 
 def cosine_loss(candidate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -119,9 +121,16 @@ def _weight_2d(layer: nn.Module) -> torch.Tensor:
 
 
 def _projector(job: FalorJob, layer: nn.Module):
-    vectors = top_eigenvectors(job.covariance)
+    """The eigenvectors ranked for this layer and ``project(k)``: its weight (out x in) at rank ``k``,
+    ``E_k E_k^T W``, or ``R^-1 U_k U_k^T R W`` with ``U`` the eigenvectors of ``R C R`` when weighted."""
     w = _weight_2d(layer).double().cpu()
-    return vectors, w
+    if job.output_weight is None:
+        vectors = top_eigenvectors(job.covariance)
+        return vectors, lambda k: vectors[:, :k] @ (vectors[:, :k].T @ w)
+    r, r_inv = job.output_weight
+    vectors = top_eigenvectors(r @ job.covariance.double() @ r)
+    rw = r @ w
+    return vectors, lambda k: r_inv @ (vectors[:, :k] @ (vectors[:, :k].T @ rw))
 
 
 def _trial(model: nn.Module, layer: nn.Module, original: torch.Tensor, projected: torch.Tensor, inputs: list[Any],
@@ -153,12 +162,11 @@ def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], referenc
     result = FalorResult(job.name, None)
     if job.max_rank < 1:
         return result
-    vectors, w = _projector(job, layer)
+    vectors, project = _projector(job, layer)
     original = layer.weight.detach().clone()
 
     def trial(k: int) -> bool:
-        e = vectors[:, :k]
-        projected = (e @ (e.T @ w)).to(original.dtype).reshape(original.shape).to(original.device)
+        projected = project(k).to(original.dtype).reshape(original.shape).to(original.device)
         nsr, kl = _trial(model, layer, original, projected, inputs, references, kl_threshold is not None, metric)
         result.evaluations += 1
         result.trials.append({"rank": k, key: nsr, **({"kl": kl} if kl is not None else {})})

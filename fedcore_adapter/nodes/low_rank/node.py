@@ -22,6 +22,7 @@ from .decompose_config import FILE_NAME, describe, new_config
 from .rank_strategies import choose_rank, kept_fraction
 from .regularized import SVDParametrized, regularizer, trained_spectrum
 from .sensitivity import Spectrum, SpectrumJob, component_weights, rank_sensitivity
+from .output_weights import gradient_grams, sqrt_pair
 from .sequential import sequential_fit
 from .svd import factorize, split, weight_matrix
 from .targets import Target, find_layers, make_target, probe_positions
@@ -213,8 +214,12 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
     metric, key = config.falor_metric, falor_mod.TRIAL_KEY[config.falor_metric]
     threshold = config.nsr_threshold if metric == "nsr" else config.cosine_loss_threshold
     references = falor_mod.model_outputs(work, metric_inputs, metric)
-    jobs = [falor_mod.FalorJob(n, covariances[n], t.largest_saving_rank()) for n, t in targets.items()
-            if n in covariances]
+    output_weights = {}
+    if config.falor_weighting == "gradient":  # measured on the original, before any layer changes
+        grams = gradient_grams(work, inputs, [n for n in targets if n in covariances], metric, config.falor_probes)
+        output_weights = {name: sqrt_pair(gram) for name, gram in grams.items()}
+    jobs = [falor_mod.FalorJob(n, covariances[n], t.largest_saving_rank(), output_weights.get(n))
+            for n, t in targets.items() if n in covariances]
     search = functools.partial(falor_mod.falor_search, model=work, inputs=metric_inputs, references=references,
                                nsr_threshold=threshold, kl_threshold=config.kl_threshold, metric=metric,
                                grid=config.grid_points if config.allocation == "global" else None)
@@ -233,6 +238,9 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
                                   "metric_batches": len(metric_inputs)})
     if config.falor_fit == "sequential":
         record["meta"]["damping"] = config.falor_damping
+        record["meta"]["weighting"] = config.falor_weighting
+        if config.falor_weighting == "gradient":
+            record["meta"]["probes"] = config.falor_probes
     modules = dict(model.named_modules())
 
     def replace(name: str, a, b, bias="keep") -> None:
@@ -248,7 +256,7 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
         _replace(model, name, new)
 
     if config.falor_fit == "sequential":
-        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace)
+        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace, output_weights)
     else:
         for name, rank in ranks.items():
             replace(name, *falor_mod.falor_factors(modules[name], results[name].eigvecs[:, :rank]))

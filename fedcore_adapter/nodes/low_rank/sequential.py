@@ -10,9 +10,10 @@ output ``y = W x + b`` on the same tokens. The rank-k factors minimise ``E||y - 
    ``B = A^T M`` (the residual of step 1 is orthogonal to every such choice);
 3. the bias exact: ``b' = W E[x] + b - A B E[x~]`` (the mean output is kept, not projected away).
 
-Layers fed by the same tensor (attention query, key, value) are fitted from one pass. Padded tokens of a
-text batch are left out, as in every falor statistic. This is the GPTQ / SVD-LLM-v2 style idea: each
-layer corrects the error accumulated before it instead of compounding it.
+With ``falor_weighting='gradient'`` step 2 measures the error in the norm the model's output feels
+(:mod:`.output_weights`). Layers fed by the same tensor (attention query, key, value) are fitted from
+one pass. Padded tokens of a text batch are left out, as in every falor statistic. This is the GPTQ /
+SVD-LLM-v2 style idea: each layer corrects the error accumulated before it instead of compounding it.
 """
 from __future__ import annotations
 
@@ -25,13 +26,17 @@ from ...data import call_model
 from .calibration import token_rows
 from .falor import top_eigenvectors
 
+Tensor = torch.Tensor
+Pair = tuple[torch.Tensor, torch.Tensor]  # (R, R^-1) of an output weighting
+
 
 class _Stop(Exception):
     """Raised by a hook once the wanted inputs are captured: the rest of the forward pass is skipped."""
 
 
-def _rows(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """A layer input as rows x features (a 1x1 conv: channels at every position), padded tokens left out."""
+def layer_rows(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """A layer's input (or output) as rows x features (a 1x1 conv: channels at every position), padded tokens
+    left out."""
     linear = isinstance(module, nn.Linear)
     return token_rows(x if linear else x.movedim(1, -1), mask, linear).double()
 
@@ -43,7 +48,7 @@ def _input_rows(model: nn.Module, name: str, inputs: Any) -> torch.Tensor:
     got = {}
 
     def hook(mod, args):
-        got["rows"] = _rows(mod, args[0], mask)
+        got["rows"] = layer_rows(mod, args[0], mask)
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
@@ -107,24 +112,35 @@ class _Cross:
 
 
 def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross, rank: int,
-              damping: float) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+              damping: float, output_weight: Optional[Pair] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(A, B, b')`` of rank ``rank`` for a layer ``W`` (out x in, float64), see the module docstring.
-    A layer without a bias gets none (its fit uses uncentred moments, the mean included)."""
+    A layer without a bias gets none (its fit uses uncentred moments, the mean included).
+    ``output_weight``: ``(R, R^-1)``; the rank-k is then the best in the ``R``-weighted output norm
+    (``A = R^-1 U``, ``B = U^T R M``, ``U`` the top eigenvectors of ``R M C M^T R``)."""
     mx, mt, ctt, cxt = stats.moments(centred=bias is not None)
     lam = damping * float(ctt.diagonal().mean()) + 1e-12
     eye = torch.eye(ctt.shape[0], dtype=torch.float64)
     m = torch.linalg.solve(ctt + lam * eye, (weight @ cxt + lam * weight).T).T
-    a = top_eigenvectors(m @ ctt @ m.T)[:, :rank]
-    b = a.T @ m
+    if output_weight is None:
+        a = top_eigenvectors(m @ ctt @ m.T)[:, :rank]
+        b = a.T @ m
+    else:
+        r, r_inv = output_weight
+        rm = r @ m
+        u = top_eigenvectors(rm @ ctt @ rm.T)[:, :rank]
+        a, b = r_inv @ u, u.T @ rm
     if bias is None:
         return a, b, None
     return a, b, weight @ mx + bias.detach().to("cpu", torch.float64) - a @ (b @ mt)
 
 
 def sequential_fit(original: nn.Module, model: nn.Module, ranks: dict[str, int], inputs: list[Any],
-                   damping: float, replace) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                   damping: float, replace,
+                   output_weights: Optional[dict[str, Pair]] = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Fit every layer of ``ranks`` in forward order; ``replace(name, a, b, bias)`` puts each into ``model``
-    before the next group is measured. ``original`` stays unchanged (the targets); returns the factors."""
+    before the next group is measured. ``original`` stays unchanged (the targets); returns the factors.
+    ``output_weights``: per layer ``(R, R^-1)`` of :func:`output_weights.sqrt_pair` (``falor_weighting``)."""
+    output_weights = output_weights or {}
     was = (original.training, model.training)
     original.eval()
     model.eval()
@@ -137,7 +153,7 @@ def sequential_fit(original: nn.Module, model: nn.Module, ranks: dict[str, int],
             for name in group:
                 layer = original.get_submodule(name)
                 w = layer.weight.detach().reshape(layer.weight.shape[0], -1).to("cpu", torch.float64)
-                factors[name] = fit_layer(w, layer.bias, stats, ranks[name], damping)
+                factors[name] = fit_layer(w, layer.bias, stats, ranks[name], damping, output_weights.get(name))
             for name in group:
                 replace(name, *factors[name])
     finally:
