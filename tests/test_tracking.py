@@ -120,6 +120,29 @@ def test_git_commit_is_the_checkout_of_the_working_directory_of_now(tmp_path, mo
     assert git_commit() == head
 
 
+def test_a_record_journaled_while_the_results_folder_is_renamed_lands_in_the_renamed_folder(tmp_path, monkeypatch):
+    from fedcore_adapter.tracking import journal
+
+    partial, final = tmp_path / f"RUN{PARTIAL_SUFFIX}", tmp_path / "RUN"
+    partial.mkdir()
+    applier = journal.Applier(replayer=None, folder=partial, target={"op": "target", "uri": "x"}, warn=print)
+    applier._journal([{"op": "metrics", "key": "parent", "metrics": {"a": 1.0}, "step": 1}])
+    real = journal.live_folder
+    calls = []
+
+    def renamed_right_after_the_check(folder):
+        calls.append(folder)
+        seen = real(folder)
+        if len(calls) == 1:  # the engine renames the folder between the check and the write
+            partial.rename(final)
+        return seen
+
+    monkeypatch.setattr(journal, "live_folder", renamed_right_after_the_check)
+    applier._journal([{"op": "metrics", "key": "parent", "metrics": {"a": 2.0}, "step": 2}])
+    steps = [r["step"] for r in journal.read_pending(final / PENDING_FILE)]
+    assert steps == [1, 2] and not partial.exists()
+
+
 def test_journal_knows_the_engine_partial_suffix():
     from fedcore_adapter.results import PARTIAL_SUFFIX as ENGINE_SUFFIX
 

@@ -38,6 +38,18 @@ def append_pending(path: Path, records: list[dict], mode: str = "a") -> None:
         handle.writelines(json.dumps({k: v for k, v in r.items() if k not in ("seq", "sid")}, default=str) + "\n" for r in records)
 
 
+def append_pending_live(folder: Path, records: list[dict]) -> None:
+    """Append to the pending file of ``folder`` wherever it now is. The engine renames the results folder
+    (``<name>.partial`` -> ``<name>``) while the logger may still be journaling; a write that loses that
+    race is made again in the renamed folder."""
+    for attempt in range(3):
+        try:
+            return append_pending(live_folder(folder) / PENDING_FILE, records)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+
+
 def with_head(target: dict, ids: dict[str, str], records: list[dict]) -> list[dict]:
     """``records`` preceded by what replaying them needs: the store (once), and the runs already opened."""
     binds = [{"op": "bind", "key": k, "run_id": v} for k, v in ids.items()]
@@ -136,7 +148,7 @@ class Applier:
 
     def _journal(self, records: list[dict]) -> None:
         try:
-            append_pending(self.pending_path, records)
+            append_pending_live(self.folder, records)
         except OSError as err:
             log.debug("could not journal tracking records: %s", err)
 
