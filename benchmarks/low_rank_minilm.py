@@ -114,29 +114,36 @@ def run_ptdeco(original: nn.Module, calib: list, nsr: float, cache: str | None,
     return wrapped.m, seconds
 
 
-def grid_search(original, calib, metric, grid: int, cache: str | None, include=None,
-                centered: bool = False) -> tuple[dict, dict, float]:
-    """Per-layer NSR at ``grid`` ranks for every Linear (cached: the search is the slow part)."""
-    layers = find_layers(original, ["linear"], include=include, exclude=EXCLUDE, refactorize=False)
-    extents = probe_positions(original, calib[0], [n for n, _ in layers])
-    targets = {n: make_target(n, m, "channel", extents.get(n, {})) for n, m in layers}
+def searched_grid(original, calib, metric_inputs: list, grid: int, cache: str | None, targets: dict,
+                  metric: str = "nsr", centered: bool = False, weights: dict | None = None) -> tuple[dict, float]:
+    """Per-layer ``metric`` at ``grid`` ranks for every target, eigenvectors from ``calib``, measured on
+    ``metric_inputs`` (cached: the search is the slow part); ``weights``: gradient-weighted projections."""
     if cache and Path(cache).exists():
         saved = torch.load(cache, weights_only=True)
-        results = {n: F.FalorResult(n, None, eigvecs=v["eigvecs"], trials=json.loads(v["trials"]))
-                   for n, v in saved["results"].items()}
-        return targets, results, float(saved["seconds"])
+        return ({n: F.FalorResult(n, None, eigvecs=v["eigvecs"], trials=json.loads(v["trials"]))
+                 for n, v in saved["results"].items()}, float(saved["seconds"]))
     start = time.perf_counter()
     covs = collect_output_covariances(original, calib, list(targets), centered=centered)
     work = copy.deepcopy(original)
-    refs = F.model_rows(work, metric)
-    search = functools.partial(F.falor_search, model=work, inputs=metric, references=refs, nsr_threshold=1.0,
-                               kl_threshold=None, grid=grid)
+    refs = F.model_outputs(work, metric_inputs, metric)
+    search = functools.partial(F.falor_search, model=work, inputs=metric_inputs, references=refs, nsr_threshold=1.0,
+                               kl_threshold=None, grid=grid, metric=metric)
     results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank(), (weights or {}).get(n)))
                for n, t in targets.items()}
     seconds = time.perf_counter() - start
     if cache:
         torch.save({"seconds": seconds, "results": {n: {"eigvecs": r.eigvecs, "trials": json.dumps(r.trials)}
                                                     for n, r in results.items()}}, cache)
+    return results, seconds
+
+
+def grid_search(original, calib, metric, grid: int, cache: str | None, include=None,
+                centered: bool = False) -> tuple[dict, dict, float]:
+    """Per-layer NSR at ``grid`` ranks for every Linear, measured on the ``metric`` batches."""
+    layers = find_layers(original, ["linear"], include=include, exclude=EXCLUDE, refactorize=False)
+    extents = probe_positions(original, calib[0], [n for n, _ in layers])
+    targets = {n: make_target(n, m, "channel", extents.get(n, {})) for n, m in layers}
+    results, seconds = searched_grid(original, calib, metric, grid, cache, targets, centered=centered)
     return targets, results, seconds
 
 
@@ -174,31 +181,16 @@ def _all_sentences(seed: int) -> list[str]:
 
 def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | None, targets: dict,
                 weights: dict | None = None):
-    """Eigenvectors from the (wide) calibration and per-layer cosine losses at ``grid`` ranks (cached);
-    ``weights``: each layer projected in its gradient-weighted norm (``falor_weighting='gradient'``)."""
-    if cache and Path(cache).exists():
-        saved = torch.load(cache, weights_only=True)
-        return ({n: F.FalorResult(n, None, eigvecs=v["eigvecs"], trials=json.loads(v["trials"]))
-                 for n, v in saved["results"].items()}, float(saved["seconds"]))
-    start = time.perf_counter()
-    covs = collect_output_covariances(original, calib, list(targets))
-    work = copy.deepcopy(original)
+    """Eigenvectors from the (wide) calibration and per-layer cosine losses at ``grid`` ranks on its first
+    ``metric_sentences`` (cached); ``weights``: each layer projected in its gradient-weighted norm
+    (``falor_weighting='gradient'``)."""
     metric, n = [], 0
     for b in calib:
         if n >= metric_sentences:
             break
         metric.append(b)
         n += b["input_ids"].shape[0]
-    refs = F.model_outputs(work, metric, "cosine")
-    search = functools.partial(F.falor_search, model=work, inputs=metric, references=refs, nsr_threshold=1.0,
-                               kl_threshold=None, grid=grid, metric="cosine")
-    results = {n: search(F.FalorJob(n, covs[n], t.largest_saving_rank(), (weights or {}).get(n)))
-               for n, t in targets.items()}
-    seconds = time.perf_counter() - start
-    if cache:
-        torch.save({"seconds": seconds, "results": {n: {"eigvecs": r.eigvecs, "trials": json.dumps(r.trials)}
-                                                    for n, r in results.items()}}, cache)
-    return results, seconds
+    return searched_grid(original, calib, metric, grid, cache, targets, metric="cosine", weights=weights)
 
 
 def build_sequential(original: nn.Module, calib: list, ranks: dict, damping: float,

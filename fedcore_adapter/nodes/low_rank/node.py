@@ -19,10 +19,10 @@ from .budget import BudgetError, allocate, minimum_total
 from .calibration import calibration_inputs, collect_output_covariances, input_statistics
 from .config import LowRankConfig
 from .decompose_config import FILE_NAME, describe, new_config
+from .output_weights import gradient_grams, sqrt_pair
 from .rank_strategies import choose_rank, kept_fraction
 from .regularized import SVDParametrized, regularizer, trained_spectrum
 from .sensitivity import Spectrum, SpectrumJob, component_weights, rank_sensitivity
-from .output_weights import gradient_grams, sqrt_pair
 from .sequential import sequential_fit
 from .svd import factorize, split, weight_matrix
 from .targets import Target, find_layers, make_target, probe_positions
