@@ -194,28 +194,25 @@ def cosine_grid(original, calib, metric_sentences: int, grid: int, cache: str | 
 
 
 def build_sequential(original: nn.Module, calib: list, ranks: dict, damping: float,
-                     weights: dict | None = None) -> nn.Module:
-    """The sequential fit at ``ranks``; ``weights``: per layer ``(R, R^-1)`` (``falor_weighting='gradient'``)."""
+                     weights: dict | None = None, refit_kept: bool = False) -> nn.Module:
+    """The sequential fit at ``ranks``; ``weights``: per layer ``(R, R^-1)`` (``falor_weighting='gradient'``);
+    ``refit_kept``: the layers of ``ranks`` left whole (rank None) refitted too (``falor_refit_kept``)."""
     model = copy.deepcopy(original)
     chosen = {n: r for n, r in ranks.items() if r}
 
     def put(name, a, b, bias):
         _replace(model, name, factorize(original.get_submodule(name), "channel", a, b, bias.float()))
 
-    sequential_fit(original, model, chosen, calib, damping, put, weights)
+    sequential_fit(original, model, chosen, calib, damping, put, weights,
+                   refit=[n for n, r in ranks.items() if not r] if refit_kept else ())
     return model
 
 
-def smallest_budget(results: list, params_at: dict, params_now: dict, removed, goal: float) -> tuple[float, dict]:
-    """The smallest sum-of-losses budget whose global allocation removes at least ``goal`` (bisection)."""
-    lo, hi = 1e-9, 10.0
-    for _ in range(60):
-        mid = (lo * hi) ** 0.5
-        if removed(F.allocate_nsr(results, params_at, params_now, mid, None, "cosine_loss")) >= goal:
-            hi = mid
-        else:
-            lo = mid
-    return hi, F.allocate_nsr(results, params_at, params_now, hi, None, "cosine_loss")
+def goal_ranks(results: list, params_at: dict, params_now: dict, base_linear: int, goal: float) -> dict:
+    """The node's falor ``budget`` allocation: the least summed cosine loss removing ``goal`` of the Linear
+    params (the last greedy move shortened to meet it, its rank possibly between two measured ones)."""
+    ranks, _ = F.allocate_to_saving(results, params_at, params_now, goal * base_linear, "cosine_loss")
+    return ranks
 
 
 def per_layer_rule(results: dict, nsr: float) -> dict:
@@ -260,8 +257,9 @@ def main() -> None:
     parser.add_argument("--cosine-cache", type=str, default=None)
     parser.add_argument("--damping", type=float, default=0.1, help="sequential fit: falor_damping")
     parser.add_argument("--fits", nargs="+", default=["projection", "sequential"],
-                        choices=["projection", "sequential", "sequential+gradient"],
-                        help="falor_fit, and sequential+gradient: falor_weighting='gradient'")
+                        choices=["projection", "sequential", "sequential+gradient", "sequential+gradient+refit"],
+                        help="falor_fit, and sequential+gradient: falor_weighting='gradient'; +refit: "
+                             "falor_refit_kept")
     parser.add_argument("--probes", type=int, default=8, help="sequential+gradient: falor_probes")
     parser.add_argument("--weighted-cosine-cache", type=str, default=None,
                         help="sequential+gradient: file keeping the weighted cosine grid between runs")
@@ -287,7 +285,7 @@ def main() -> None:
         print(f"cosine grid: {cos_s:.0f} s on {sum(b['input_ids'].shape[0] for b in wide)} calibration sentences",
               flush=True)
     weights, weighted_results, weighted_s = None, None, 0.0
-    if args.goals and "sequential+gradient" in args.fits:
+    if args.goals and any(f.startswith("sequential+gradient") for f in args.fits):
         start = time.perf_counter()
         grams = gradient_grams(original, wide, list(targets), "cosine", args.probes)
         weights = {n: sqrt_pair(g) for n, g in grams.items()}
@@ -333,14 +331,15 @@ def main() -> None:
         variants[f"falor per-layer NSR < {nsr}"] = build(original, results, per_layer_rule(results, nsr))
     for goal in args.goals:
         for fit in args.fits:
-            grid_results = weighted_results if fit == "sequential+gradient" else cos_results
-            budget, ranks = smallest_budget(list(grid_results.values()), params_at, params_now, removed, goal)
-            grid_name = "weighted cosine grid" if fit == "sequential+gradient" else "cosine grid"
-            label = f"wide calib, {grid_name} >= {goal:.0%} (sum loss < {budget:.4g}), {fit}"
+            weighted = fit.startswith("sequential+gradient")
+            grid_results = weighted_results if weighted else cos_results
+            ranks = goal_ranks(list(grid_results.values()), params_at, params_now, base_linear, goal)
+            grid_name = "weighted cosine grid" if weighted else "cosine grid"
+            label = f"wide calib, {grid_name}, budget {goal:.0%} of Linear params, {fit}"
             t0 = time.perf_counter()
             variants[label] = build(original, cos_results, ranks) if fit == "projection" else \
-                build_sequential(original, wide, ranks, args.damping,
-                                 weights if fit == "sequential+gradient" else None)
+                build_sequential(original, wide, ranks, args.damping, weights if weighted else None,
+                                 refit_kept=fit.endswith("+refit"))
             print(f"{label}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     if theirs is not None:
         variants[f"ptdeco falor NSR < {args.ptdeco_nsr} ({args.ptdeco_calib} calibration)"] = theirs

@@ -8,7 +8,9 @@ from torch import nn
 
 from fedcore_adapter import load_model, run_setup
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances, input_statistics
-from fedcore_adapter.nodes.low_rank.falor import FalorResult, allocate_nsr, noise_to_signal, top_eigenvectors
+from fedcore_adapter.nodes.low_rank.budget import BudgetError
+from fedcore_adapter.nodes.low_rank.falor import FalorResult, allocate_nsr, allocate_to_saving, noise_to_signal, \
+    top_eigenvectors
 from fedcore_adapter.nodes.low_rank.layers import FactorizedLayer
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
 
@@ -194,3 +196,86 @@ def test_a_1x1_conv_becomes_two_1x1_convs_through_its_feature_rank(tmp_path):
     loaded = load_model(result.output_dir / "final", nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 4, 3),
                                                                    nn.AdaptiveAvgPool2d(1), nn.Flatten()))
     torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def _curve_results():
+    cheap = FalorResult("cheap", None, trials=[{"rank": 8, "nsr": 0.001}, {"rank": 4, "nsr": 0.002},
+                                               {"rank": 2, "nsr": 0.004}])
+    costly = FalorResult("costly", None, trials=[{"rank": 8, "nsr": 0.05}, {"rank": 2, "nsr": 0.5}])
+    return [cheap, costly], {"cheap": lambda r: 20 * r, "costly": lambda r: 20 * r}, {"cheap": 200, "costly": 200}
+
+
+def test_a_saving_target_is_met_with_the_least_loss_and_the_last_move_shortened_to_it():
+    results, cost_at, cost_now = _curve_results()
+    ranks, estimates = allocate_to_saving(results, cost_at, cost_now, 140)  # cheap 8 -> 4 saves 120, 2 -> 160
+    assert ranks == {"cheap": 3, "costly": None}  # rank 3 saves exactly 140; rank 2 would save more than needed
+    assert estimates == {"cheap": {"rank": 3, "nsr": pytest.approx(0.003), "interpolated": True}}
+    ranks, estimates = allocate_to_saving(results, cost_at, cost_now, 220)  # cheap alone saves at most 160
+    assert ranks == {"cheap": 2, "costly": 7}  # costly at 8 saves 40 more, its next measured rank (2) 160
+    assert estimates["costly"]["nsr"] == pytest.approx(0.05 + 0.45 / 6)
+
+
+def test_a_measured_rank_that_meets_the_saving_exactly_is_not_an_estimate():
+    results, cost_at, cost_now = _curve_results()
+    assert allocate_to_saving(results, cost_at, cost_now, 120) == ({"cheap": 4, "costly": None}, {})
+    assert allocate_to_saving(results, cost_at, cost_now, 0) == ({"cheap": None, "costly": None}, {})
+
+
+def test_a_saving_no_measured_rank_reaches_is_a_budget_error():
+    results, cost_at, cost_now = _curve_results()
+    with pytest.raises(BudgetError, match="the measured ranks save at most 320 of the 321 needed"):
+        allocate_to_saving(results, cost_at, cost_now, 321)
+
+
+class _DeepEncoder(TinyEncoder):
+    """TinyEncoder with a low-rank-feature MLP after its projection: three Linear layers to allocate among."""
+
+    def __init__(self):
+        super().__init__(hidden=32)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = super().forward(input_ids, attention_mask).last_hidden_state
+        h = h + self.down(torch.tanh(self.up(h)))
+        return type(super().forward(input_ids, attention_mask))(last_hidden_state=h)
+
+
+def _deep_encoder():
+    model = low_rank_feature_encoder()
+    deep = _DeepEncoder()
+    deep.emb.load_state_dict(model.emb.state_dict())
+    deep.proj.load_state_dict(model.proj.state_dict())
+    return deep
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+def test_a_falor_budget_brings_the_model_to_its_target_with_the_least_cosine_loss(tmp_path, metric):
+    from fedcore_adapter.metrics import count_macs, count_params
+
+    model = _deep_encoder()
+    node = {"kind": "low_rank", "method": "falor", "allocation": "global", "falor_metric": "cosine",
+            "budget": {"metric": metric, "ratio": 0.8}, "grid_points": 6}
+    result = run_setup(tiny_setup(node, measure=False), copy.deepcopy(model), TokenDataModule(), output_dir=tmp_path)
+    record = _config(result)
+    ids = next(iter(TokenDataModule().val_dataloader()))
+    count = count_params if metric == "params" else lambda m: count_macs(m, ids)
+    before, after = count(model), count(result.model)
+    assert 0.78 * before <= after <= 0.8 * before  # met, and not overshot by more than one rank's worth
+    assert record["meta"]["budget"] == {"metric": metric, "ratio": 0.8, "value": None}
+    assert record["layers"] and all(layer["meta"]["cosine_loss"] >= 0 for layer in record["layers"].values())
+    loaded = load_model(result.output_dir / "final", _DeepEncoder())
+    torch.testing.assert_close(loaded(**ids).last_hidden_state, result.model(**ids).last_hidden_state)
+
+
+def test_a_falor_budget_the_measured_ranks_cannot_reach_fails_in_one_line_and_leaves_the_model(tmp_path):
+    from fedcore_adapter.errors import NodeError
+
+    model = _deep_encoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # rank 1 everywhere would reach 0.29 of the params; the grid's smallest measured ranks (2 points) only 0.61
+    node = {"kind": "low_rank", "method": "falor", "allocation": "global", "budget": {"ratio": 0.4}, "grid_points": 2}
+    with pytest.raises(NodeError, match=r"budget cannot be met: the measured ranks save at most \d+ of the \d+ "
+                                        r"needed; allowed: a larger budget, or more grid_points") as info:
+        run_setup(tiny_setup(node, measure=False), model, TokenDataModule(), output_dir=tmp_path)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

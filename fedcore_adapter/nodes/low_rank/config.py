@@ -40,7 +40,8 @@ class LowRankConfig(NodeConfig):
                                     description="strategy thresholds (FedCore: energy_thresholds); several -> "
                                                 "each is tried and the smallest model within selection_tolerance wins")
     rank: Optional[int] = Field(None, ge=1, description="fixed rank for spectrum_pruning_strategy='rank'")
-    budget: Optional[Budget] = Field(None, description="global target; replaces the per-layer strategy")
+    budget: Optional[Budget] = Field(None, description="global target; replaces the per-layer strategy (svd) or "
+                                                       "the loss threshold of the global allocation (falor)")
     decomposing_mode: Literal["channel", "spatial"] = "channel"
     layer_types: list[LayerType] = Field(default_factory=lambda: ["linear", "conv", "embedding"], min_length=1)
     include: Optional[list[str]] = Field(None, description="shell patterns of layer names to consider")
@@ -84,6 +85,9 @@ class LowRankConfig(NodeConfig):
                             "weighted by the Gauss-Newton metric of the model's output, E[g g^T] with g the gradient "
                             "of a random projection of the metric output; FWSVD with the full matrix)")
     falor_probes: int = Field(8, ge=1, description="falor_weighting='gradient': random probes per calibration batch")
+    falor_refit_kept: bool = Field(False, description="sequential fit: the searched layers left at full rank are "
+                                                      "refitted too (ridge least squares to the original outputs from "
+                                                      "the compressed inputs; same shape, no parameter added)")
 
     trains_float_weights: ClassVar[bool] = True
 
@@ -128,13 +132,23 @@ class LowRankConfig(NodeConfig):
         if strategy == "rank" and self.rank is None and self.budget is None and self.method == "svd":
             raise ValueError("spectrum_pruning_strategy='rank' needs rank: <int>")
         if self.method == "falor" and self.budget is not None:
-            raise ValueError("budget works with method='svd' only; falor chooses ranks by nsr_threshold")
-        if self.falor_metric == "cosine" and self.cosine_loss_threshold is None:
-            raise ValueError("falor_metric='cosine' needs cosine_loss_threshold: <bound on 1 - mean cosine>")
+            if self.allocation != "global":
+                raise ValueError("budget with method='falor' needs allocation='global' (per_layer bounds each layer "
+                                 "alone)")
+            given = [f for f in ("nsr_threshold", "cosine_loss_threshold", "kl_threshold")
+                     if f in self.model_fields_set and getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"give budget or {given[0]}, not both (with method='falor' the budget replaces the "
+                                 f"loss threshold)")
+        if self.falor_metric == "cosine" and self.cosine_loss_threshold is None and self.budget is None:
+            raise ValueError("falor_metric='cosine' needs cosine_loss_threshold: <bound on 1 - mean cosine> "
+                             "(or a budget)")
         if self.falor_metric == "nsr" and self.cosine_loss_threshold is not None:
             raise ValueError("cosine_loss_threshold works with falor_metric='cosine' only")
         if self.falor_metric == "cosine" and self.kl_threshold is not None:
             raise ValueError("kl_threshold works with falor_metric='nsr' only")
+        if self.falor_refit_kept and self.falor_fit != "sequential":
+            raise ValueError(f"falor_refit_kept works with falor_fit='sequential' only (got falor_fit={self.falor_fit!r})")
         if self.falor_weighting != "none" and self.falor_fit != "sequential":
             raise ValueError(f"falor_weighting={self.falor_weighting!r} works with falor_fit='sequential' only "
                              f"(got falor_fit={self.falor_fit!r})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 from typing import Any, Optional
 
 from torch import nn
@@ -205,14 +206,32 @@ def _svd(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dic
     return chosen["model"], chosen["record"]
 
 
+def _falor_budget_ranks(config: LowRankConfig, targets: dict[str, Target], results: dict, model: nn.Module,
+                        inputs: Any, label: str, key: str) -> Ranks:
+    """Ranks meeting ``budget`` with the least summed loss; an interpolated rank's estimate joins its trials."""
+    total, target = _budget_total(config, model, inputs)
+    params = config.budget.metric == "params"
+    cost_at = {n: targets[n].params_at if params else targets[n].macs_at for n in results}
+    cost_now = {n: targets[n].params if params else targets[n].macs for n in results}
+    try:
+        ranks, estimates = falor_mod.allocate_to_saving(list(results.values()), cost_at, cost_now, total - target, key)
+    except BudgetError as err:
+        raise NodeError(label, f"budget cannot be met: {err}; allowed: a larger budget, or more grid_points") from None
+    for name, trial in estimates.items():
+        results[name].trials.append(trial)
+    return ranks
+
+
 def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dict[str, Target],
-           inputs: list) -> tuple[nn.Module, dict]:
+           inputs: list, label: str) -> tuple[nn.Module, dict]:
     covariances = collect_output_covariances(model, inputs, list(targets),
                                              centered=config.falor_statistic == "covariance")
     work = copy.deepcopy(model)  # the original: searched on (weights restored) and the sequential fit's target
     metric_inputs = inputs[:config.metric_batches]
     metric, key = config.falor_metric, falor_mod.TRIAL_KEY[config.falor_metric]
     threshold = config.nsr_threshold if metric == "nsr" else config.cosine_loss_threshold
+    if config.budget is not None:
+        threshold = math.inf  # the grid measures every rank; the budget, not a loss bound, picks among them
     references = falor_mod.model_outputs(work, metric_inputs, metric)
     output_weights = {}
     if config.falor_weighting == "gradient":  # measured on the original, before any layer changes
@@ -224,7 +243,9 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
                                nsr_threshold=threshold, kl_threshold=config.kl_threshold, metric=metric,
                                grid=config.grid_points if config.allocation == "global" else None)
     results = {r.name: r for r in ctx.map(search, jobs)}
-    if config.allocation == "global":
+    if config.budget is not None:
+        ranks = _falor_budget_ranks(config, targets, results, model, inputs[0], label, key)
+    elif config.allocation == "global":
         ranks = falor_mod.allocate_nsr(list(results.values()), {n: targets[n].params_at for n in results},
                                        {n: targets[n].params for n in results}, threshold,
                                        config.kl_threshold, key)
@@ -235,12 +256,14 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
                                   "metric": metric, "cosine_loss_threshold": config.cosine_loss_threshold,
                                   "statistic": config.falor_statistic, "fit": config.falor_fit,
                                   "allocation": config.allocation, "calibration_batches": len(inputs),
-                                  "metric_batches": len(metric_inputs)})
+                                  "metric_batches": len(metric_inputs),
+                                  "budget": config.budget.model_dump() if config.budget else None})
     if config.falor_fit == "sequential":
         record["meta"]["damping"] = config.falor_damping
         record["meta"]["weighting"] = config.falor_weighting
         if config.falor_weighting == "gradient":
             record["meta"]["probes"] = config.falor_probes
+        record["meta"]["refit_kept"] = sorted(n for n in results if n not in ranks) if config.falor_refit_kept else []
     modules = dict(model.named_modules())
 
     def replace(name: str, a, b, bias="keep") -> None:
@@ -252,11 +275,14 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
                 "macs_before": t.macs, "macs_after": t.macs_at(rank), "evaluations": results[name].evaluations}
         if "kl" in trial:
             meta["kl"] = trial["kl"]
+        if trial.get("interpolated"):
+            meta["interpolated"] = True  # a budget's rank between two measured ones: its loss is an estimate
         record["layers"][name] = describe(layer, new, rank, meta)
         _replace(model, name, new)
 
     if config.falor_fit == "sequential":
-        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace, output_weights)
+        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace, output_weights,
+                       refit=[n for n in results if n not in ranks] if config.falor_refit_kept else ())
     else:
         for name, rank in ranks.items():
             replace(name, *falor_mod.falor_factors(modules[name], results[name].eigvecs[:, :rank]))
@@ -294,7 +320,7 @@ def apply_low_rank(model: nn.Module, config: LowRankConfig, ctx: NodeContext) ->
     targets = {n: make_target(n, m, config.decomposing_mode, extents.get(n, {})) for n, m in layers}
     _validate(config, targets, model, inputs[0], label)
     if config.method == "falor":
-        model, record = _falor(model, config, ctx, targets, inputs)
+        model, record = _falor(model, config, ctx, targets, inputs, label)
     else:
         model, record = _svd(model, config, ctx, targets, inputs, label)
     record["meta"].update({"node": label, "layers_considered": len(targets), "layers_replaced": len(record["layers"])})

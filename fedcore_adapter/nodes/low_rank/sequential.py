@@ -11,13 +11,14 @@ output ``y = W x + b`` on the same tokens. The rank-k factors minimise ``E||y - 
 3. the bias exact: ``b' = W E[x] + b - A B E[x~]`` (the mean output is kept, not projected away).
 
 With ``falor_weighting='gradient'`` step 2 measures the error in the norm the model's output feels
-(:mod:`.output_weights`). Layers fed by the same tensor (attention query, key, value) are fitted from
-one pass. Padded tokens of a text batch are left out, as in every falor statistic. This is the GPTQ /
+(:mod:`.output_weights`). With ``falor_refit_kept`` the searched layers left at full rank get steps 1
+and 3 too (same shape, no parameter added), so they also absorb the error compressed before them.
+Layers fed by the same tensor (attention query, key, value) are fitted from one pass. Padded tokens of a text batch are left out, as in every falor statistic. This is the GPTQ /
 SVD-LLM-v2 style idea: each layer corrects the error accumulated before it instead of compounding it.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -111,6 +112,13 @@ class _Cross:
         return mx, mt, self.tt / self.n - torch.outer(mt, mt), self.xt / self.n - torch.outer(mx, mt)
 
 
+def _ridge(weight: torch.Tensor, ctt: torch.Tensor, cxt: torch.Tensor, damping: float) -> torch.Tensor:
+    """Step 1: ``M = (W C_xx~ + lam W)(C_x~x~ + lam I)^-1``, ``lam`` = ``damping`` x the mean input variance."""
+    lam = damping * float(ctt.diagonal().mean()) + 1e-12
+    eye = torch.eye(ctt.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(ctt + lam * eye, (weight @ cxt + lam * weight).T).T
+
+
 def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross, rank: int,
               damping: float, output_weight: Optional[Pair] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(A, B, b')`` of rank ``rank`` for a layer ``W`` (out x in, float64), see the module docstring.
@@ -118,9 +126,7 @@ def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross,
     ``output_weight``: ``(R, R^-1)``; the rank-k is then the best in the ``R``-weighted output norm
     (``A = R^-1 U``, ``B = U^T R M``, ``U`` the top eigenvectors of ``R M C M^T R``)."""
     mx, mt, ctt, cxt = stats.moments(centred=bias is not None)
-    lam = damping * float(ctt.diagonal().mean()) + 1e-12
-    eye = torch.eye(ctt.shape[0], dtype=torch.float64)
-    m = torch.linalg.solve(ctt + lam * eye, (weight @ cxt + lam * weight).T).T
+    m = _ridge(weight, ctt, cxt, damping)
     if output_weight is None:
         a = top_eigenvectors(m @ ctt @ m.T)[:, :rank]
         b = a.T @ m
@@ -134,28 +140,56 @@ def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross,
     return a, b, weight @ mx + bias.detach().to("cpu", torch.float64) - a @ (b @ mt)
 
 
+def refit_full(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross,
+               damping: float) -> tuple[Tensor, Optional[Tensor]]:
+    """``(M, b')``: a layer left at full rank, refitted to the original outputs from the compressed inputs
+    (steps 1 and 3 only: same shape, no parameter added; ``falor_refit_kept``)."""
+    mx, mt, ctt, cxt = stats.moments(centred=bias is not None)
+    m = _ridge(weight, ctt, cxt, damping)
+    if bias is None:
+        return m, None
+    return m, weight @ mx + bias.detach().to("cpu", torch.float64) - m @ mt
+
+
+def _set_weights(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.device, layer.weight.dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.to(layer.bias.device, layer.bias.dtype))
+
+
 def sequential_fit(original: nn.Module, model: nn.Module, ranks: dict[str, int], inputs: list[Any],
-                   damping: float, replace,
-                   output_weights: Optional[dict[str, Pair]] = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+                   damping: float, replace, output_weights: Optional[dict[str, Pair]] = None,
+                   refit: Iterable[str] = ()) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Fit every layer of ``ranks`` in forward order; ``replace(name, a, b, bias)`` puts each into ``model``
     before the next group is measured. ``original`` stays unchanged (the targets); returns the factors.
-    ``output_weights``: per layer ``(R, R^-1)`` of :func:`output_weights.sqrt_pair` (``falor_weighting``)."""
+    ``output_weights``: per layer ``(R, R^-1)`` of :func:`output_weights.sqrt_pair` (``falor_weighting``).
+    ``refit``: layers kept at full rank whose weights in ``model`` are refitted in place the same way
+    (:func:`refit_full`), so they too absorb the error of the layers compressed before them."""
     output_weights = output_weights or {}
+    refit = [n for n in refit if n not in ranks]
     was = (original.training, model.training)
     original.eval()
     model.eval()
     factors = {}
     try:
-        for group in forward_groups(original, list(ranks), inputs[0]):
+        for group in forward_groups(original, list(ranks) + refit, inputs[0]):
             stats = _Cross()
             for x in inputs:
                 stats.add(_input_rows(original, group[0], x), _input_rows(model, group[0], x))
+            refitted = {}
             for name in group:
                 layer = original.get_submodule(name)
                 w = layer.weight.detach().reshape(layer.weight.shape[0], -1).to("cpu", torch.float64)
-                factors[name] = fit_layer(w, layer.bias, stats, ranks[name], damping, output_weights.get(name))
+                if name in ranks:
+                    factors[name] = fit_layer(w, layer.bias, stats, ranks[name], damping, output_weights.get(name))
+                else:
+                    refitted[name] = refit_full(w, layer.bias, stats, damping)
             for name in group:
-                replace(name, *factors[name])
+                if name in ranks:
+                    replace(name, *factors[name])
+                else:
+                    _set_weights(model.get_submodule(name), *refitted[name])
     finally:
         original.train(was[0])
         model.train(was[1])
