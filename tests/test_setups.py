@@ -69,3 +69,17 @@ def test_override_by_index_changes_only_that_node_even_when_yaml_anchors_share_i
         "nodes:\n  - &t {kind: training, epochs: 2}\n  - *t\n")
     setup = load_setup(tmp_path / "anchored.yaml", {"nodes": {1: {"epochs": 5}}})
     assert [n.epochs for n in setup.nodes] == [2, 5]
+
+
+def test_every_setup_example_in_the_readme_loads():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    setups = [b for b in blocks if isinstance(b, dict) and "nodes" in b]
+    assert len(setups) >= 2
+    for setup in setups:
+        assert load_setup({"name": "README", **setup}).nodes
