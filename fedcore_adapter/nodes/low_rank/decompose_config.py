@@ -18,7 +18,9 @@ Offline flow: decompose in one script, then elsewhere::
     model.load_state_dict(torch.load("state.pt", weights_only=True))
 
 Only the structure at decomposition time is rebuilt: a later node (pruning)
-that narrows these layers replays its own change afterwards.
+that narrows these layers replays its own change afterwards. Layers refitted at
+full rank (``falor_refit_kept``, listed under ``meta.refit_kept``) keep their
+structure: their new weights are in the state dict.
 """
 from __future__ import annotations
 
