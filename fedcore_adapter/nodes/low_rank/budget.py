@@ -31,7 +31,8 @@ class LayerSpectrum:
     s: torch.Tensor  # singular values, descending
 
 
-def _cost(t: Target, metric: str, rank: Optional[int]) -> int:
+def cost(t: Target, metric: str, rank: Optional[int]) -> int:
+    """``t``'s params or MACs (``metric``) at ``rank``, or as it is (``KEEP``)."""
     if metric == "params":
         return t.params if rank is KEEP else t.params_at(rank)
     return t.macs if rank is KEEP else t.macs_at(rank)
@@ -41,9 +42,9 @@ def minimum_total(targets: list[Target], model_total: int, metric: str) -> int:
     """The smallest model total reachable (every layer at its cheapest option); needs no spectrum."""
     total = model_total
     for t in targets:
-        cheapest = min(_cost(t, metric, KEEP), _cost(t, metric, 1)) if t.largest_saving_rank() >= 1 \
-            else _cost(t, metric, KEEP)
-        total -= _cost(t, metric, KEEP) - cheapest
+        cheapest = min(cost(t, metric, KEEP), cost(t, metric, 1)) if t.largest_saving_rank() >= 1 \
+            else cost(t, metric, KEEP)
+        total -= cost(t, metric, KEEP) - cheapest
     return total
 
 
@@ -69,7 +70,7 @@ def allocate(layers: list[LayerSpectrum], model_total: int, target_total: float,
         e = energy[name]
         nxt = rank + 1 if rank + 1 <= t.largest_saving_rank() else KEEP
         gain = float(e[rank:].sum()) if nxt is KEEP else float(e[rank])
-        delta = _cost(t, metric, nxt) - _cost(t, metric, rank)
+        delta = cost(t, metric, nxt) - cost(t, metric, rank)
         ratio = float("inf") if delta <= 0 else gain / delta
         heapq.heappush(heap, (-ratio, order[name], name))
 
@@ -77,9 +78,9 @@ def allocate(layers: list[LayerSpectrum], model_total: int, target_total: float,
         t = layer.target
         e = layer.s.double() ** 2
         energy[t.name] = e / e.sum() if float(e.sum()) > 0 else torch.zeros_like(e)
-        if t.largest_saving_rank() >= 1 and _cost(t, metric, 1) < _cost(t, metric, KEEP):
+        if t.largest_saving_rank() >= 1 and cost(t, metric, 1) < cost(t, metric, KEEP):
             choice[t.name] = 1
-            spent -= _cost(t, metric, KEEP) - _cost(t, metric, 1)
+            spent -= cost(t, metric, KEEP) - cost(t, metric, 1)
             push(t.name)
         else:
             choice[t.name] = KEEP
@@ -87,7 +88,7 @@ def allocate(layers: list[LayerSpectrum], model_total: int, target_total: float,
         _, _, name = heapq.heappop(heap)
         t, rank = by_name[name].target, choice[name]
         nxt = rank + 1 if rank + 1 <= t.largest_saving_rank() else KEEP
-        delta = _cost(t, metric, nxt) - _cost(t, metric, rank)
+        delta = cost(t, metric, nxt) - cost(t, metric, rank)
         if spent + delta > target_total:
             continue  # this layer's later steps cost even more: it stays where it is
         spent += delta

@@ -16,7 +16,7 @@ from ...metrics import count_macs, count_params, evaluate
 from ...registry import register_node
 from ...trainer import train
 from . import falor as falor_mod
-from .budget import BudgetError, allocate, minimum_total
+from .budget import KEEP, BudgetError, allocate, cost, minimum_total
 from .calibration import calibration_inputs, collect_output_covariances, input_statistics
 from .config import LowRankConfig
 from .decompose_config import FILE_NAME, describe, new_config
@@ -210,9 +210,9 @@ def _falor_budget_ranks(config: LowRankConfig, targets: dict[str, Target], resul
                         inputs: Any, label: str, key: str) -> Ranks:
     """Ranks meeting ``budget`` with the least summed loss; an interpolated rank's estimate joins its trials."""
     total, target = _budget_total(config, model, inputs)
-    params = config.budget.metric == "params"
-    cost_at = {n: targets[n].params_at if params else targets[n].macs_at for n in results}
-    cost_now = {n: targets[n].params if params else targets[n].macs for n in results}
+    metric = config.budget.metric
+    cost_at = {n: functools.partial(cost, targets[n], metric) for n in results}
+    cost_now = {n: cost(targets[n], metric, KEEP) for n in results}
     try:
         ranks, estimates = falor_mod.allocate_to_saving(list(results.values()), cost_at, cost_now, total - target, key)
     except BudgetError as err:
@@ -258,12 +258,13 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
                                   "allocation": config.allocation, "calibration_batches": len(inputs),
                                   "metric_batches": len(metric_inputs),
                                   "budget": config.budget.model_dump() if config.budget else None})
+    kept = sorted(n for n in results if n not in ranks) if config.falor_refit_kept else []  # refitted at full rank
     if config.falor_fit == "sequential":
         record["meta"]["damping"] = config.falor_damping
         record["meta"]["weighting"] = config.falor_weighting
         if config.falor_weighting == "gradient":
             record["meta"]["probes"] = config.falor_probes
-        record["meta"]["refit_kept"] = sorted(n for n in results if n not in ranks) if config.falor_refit_kept else []
+        record["meta"]["refit_kept"] = kept
     modules = dict(model.named_modules())
 
     def replace(name: str, a, b, bias="keep") -> None:
@@ -281,8 +282,7 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
         _replace(model, name, new)
 
     if config.falor_fit == "sequential":
-        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace, output_weights,
-                       refit=[n for n in results if n not in ranks] if config.falor_refit_kept else ())
+        sequential_fit(work, model, ranks, inputs, config.falor_damping, replace, output_weights, refit=kept)
     else:
         for name, rank in ranks.items():
             replace(name, *falor_mod.falor_factors(modules[name], results[name].eigvecs[:, :rank]))

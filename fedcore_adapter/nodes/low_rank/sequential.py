@@ -13,8 +13,9 @@ output ``y = W x + b`` on the same tokens. The rank-k factors minimise ``E||y - 
 With ``falor_weighting='gradient'`` step 2 measures the error in the norm the model's output feels
 (:mod:`.output_weights`). With ``falor_refit_kept`` the searched layers left at full rank get steps 1
 and 3 too (same shape, no parameter added), so they also absorb the error compressed before them.
-Layers fed by the same tensor (attention query, key, value) are fitted from one pass. Padded tokens of a text batch are left out, as in every falor statistic. This is the GPTQ /
-SVD-LLM-v2 style idea: each layer corrects the error accumulated before it instead of compounding it.
+Layers fed by the same tensor (attention query, key, value) are fitted from one pass. Padded tokens of
+a text batch are left out, as in every falor statistic. This is the GPTQ / SVD-LLM-v2 style idea: each
+layer corrects the error accumulated before it instead of compounding it.
 """
 from __future__ import annotations
 
@@ -119,6 +120,14 @@ def _ridge(weight: torch.Tensor, ctt: torch.Tensor, cxt: torch.Tensor, damping: 
     return torch.linalg.solve(ctt + lam * eye, (weight @ cxt + lam * weight).T).T
 
 
+def _exact_bias(weight: torch.Tensor, bias: Optional[torch.Tensor], mx: torch.Tensor,
+                fitted_mean: torch.Tensor) -> Optional[torch.Tensor]:
+    """Step 3: ``b' = W E[x] + b - (the fit's mean output without bias)``; ``None`` for a layer without bias."""
+    if bias is None:
+        return None
+    return weight @ mx + bias.detach().to("cpu", torch.float64) - fitted_mean
+
+
 def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross, rank: int,
               damping: float, output_weight: Optional[Pair] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(A, B, b')`` of rank ``rank`` for a layer ``W`` (out x in, float64), see the module docstring.
@@ -135,9 +144,7 @@ def fit_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross,
         rm = r @ m
         u = top_eigenvectors(rm @ ctt @ rm.T)[:, :rank]
         a, b = r_inv @ u, u.T @ rm
-    if bias is None:
-        return a, b, None
-    return a, b, weight @ mx + bias.detach().to("cpu", torch.float64) - a @ (b @ mt)
+    return a, b, _exact_bias(weight, bias, mx, a @ (b @ mt))
 
 
 def refit_full(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross,
@@ -146,9 +153,7 @@ def refit_full(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: _Cross
     (steps 1 and 3 only: same shape, no parameter added; ``falor_refit_kept``)."""
     mx, mt, ctt, cxt = stats.moments(centred=bias is not None)
     m = _ridge(weight, ctt, cxt, damping)
-    if bias is None:
-        return m, None
-    return m, weight @ mx + bias.detach().to("cpu", torch.float64) - m @ mt
+    return m, _exact_bias(weight, bias, mx, m @ mt)
 
 
 def _set_weights(layer: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
