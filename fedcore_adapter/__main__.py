@@ -1,3 +1,5 @@
+"""``python -m fedcore_adapter``: the ``fedcore-adapter`` command (importing this module runs nothing)."""
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()
