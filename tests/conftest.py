@@ -74,6 +74,15 @@ def tiny_setup(*nodes: dict, name: str = "T", **common) -> dict:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and time most stably, on one thread (CI shares 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def dm() -> TinyDataModule:
     return TinyDataModule()
 

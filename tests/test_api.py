@@ -20,12 +20,7 @@ from tests.conftest import TinyDataModule, tiny_mlp
 SEED_KEYS = {"compression_task", "need_pretrain", "common", "model_params", "initial_assumption"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def raw_setup(epochs: int = 1) -> dict:

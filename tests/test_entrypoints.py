@@ -40,12 +40,7 @@ class NoTestData:
         return self.inner.val_dataloader()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose(config_name: str, *overrides: str):

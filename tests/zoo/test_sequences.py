@@ -7,13 +7,7 @@ from fedcore_adapter.data import call_model, split_batch
 from fedcore_adapter.zoo.sequences import EventSequenceDataModule, SeqGRUClassifier, generate_event_sequences
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and time most stably, on one thread (CI shares 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +86,6 @@ def test_hydra_groups_build_the_model_and_the_data():
     assert call_model(model, inputs).shape == (len(target), cfg.data.num_classes)
 
 
-def _composite_1_ready() -> bool:
-    from fedcore_adapter.errors import ConfigError
-    from fedcore_adapter.setups import load_setup
-
-    try:
-        load_setup("COMPOSITE_1")
-    except (ConfigError, ImportError):
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _composite_1_ready(), reason="COMPOSITE_1 or its pruning / low-rank nodes are not there yet")
 def test_composite_1_compresses_the_sequence_encoder_and_the_result_reloads(tmp_path):
     from fedcore_adapter import fedcore_fit, get_experimental_setup, load_model
 

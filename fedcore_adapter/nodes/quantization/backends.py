@@ -1,7 +1,7 @@
 """torch.ao building blocks: the quantized engine, CPU capabilities, observers and qconfigs.
 
 Why torch.ao (eager module swap for dynamic, FX graph mode for static/QAT) and
-not torchao's ``quantize_`` or pt2e: measured in ``benchmarks/quant_backends.py``
+not torchao's ``quantize_`` or pt2e: measured in ``benchmarks/studies/quant_backends.py``
 (see ``benchmarks/RESULTS.md``, Quantization) -- torch.ao modules run int8 kernels in
 plain eager mode and serialise to tensors; the other two are only fast after
 ``torch.compile`` and their weights are not plain state-dict tensors.

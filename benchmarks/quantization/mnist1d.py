@@ -1,6 +1,6 @@
 """MNIST-1D CNN after RAW, then dynamic, static and QAT int8: accuracy, size and latency vs fp32.
 
-    python benchmarks/quant_mnist1d.py [--seed 42] [--raw-epochs 100] [--qat-epochs 10] [--json out.json]
+    python -m benchmarks.quantization.mnist1d [--seed 42] [--raw-epochs 100] [--qat-epochs 10] [--json out.json]
 
 RAW (the named setup: 100 training epochs) trains the fp32 model; every
 quantization node then runs on that model through the engine (``run_setup``),
@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
-from quant_timing import interleaved_latency  # noqa: E402
+from fedcore_adapter import run_setup
+from fedcore_adapter.metrics import evaluate
+from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
+from fedcore_adapter.zoo.models import MNIST1DCNN
 
-from fedcore_adapter import run_setup  # noqa: E402
-from fedcore_adapter.metrics import evaluate  # noqa: E402
-from fedcore_adapter.zoo.datamodules import MNIST1DDataModule  # noqa: E402
-from fedcore_adapter.zoo.models import MNIST1DCNN  # noqa: E402
+from benchmarks.common import environment, markdown
+from benchmarks.timing import interleaved_latency
 
 
 def run_nodes(nodes: list[dict], model: torch.nn.Module, dm, out: Path, seed: int):

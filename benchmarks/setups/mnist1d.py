@@ -10,7 +10,7 @@ results folder (``load_model`` on a freshly built CNN) and timed in alternating 
 batch with 2 threads; the table gives the median of the rounds' medians (the engine's own per-run
 latency is in each run's metrics.csv).
 
-    python benchmarks/composite_setups.py [--setups RAW TEST COMPOSITE_1 COMPOSITE_2 QAT_1 PTQ_1] [--out DIR]
+    python -m benchmarks.setups.mnist1d [--setups RAW TEST COMPOSITE_1 COMPOSITE_2 QAT_1 PTQ_1] [--out DIR]
                                           [--no-variants] [--recovery]
 
 Besides the six named setups (FedCore's exact parameters), the table has the composite setups
@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
+from fedcore_adapter import load_model
+from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.metrics import latency_ms
+from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
+from fedcore_adapter.zoo.models import MNIST1DCNN
 
-from fedcore_adapter import load_model  # noqa: E402
-from fedcore_adapter.jobs import run_from_config  # noqa: E402
-from fedcore_adapter.metrics import latency_ms  # noqa: E402
-from fedcore_adapter.zoo.datamodules import MNIST1DDataModule  # noqa: E402
-from fedcore_adapter.zoo.models import MNIST1DCNN  # noqa: E402
+from benchmarks.common import environment, markdown
 
 BASE = {"tracking": {"name": "none"}, "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
         "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}}

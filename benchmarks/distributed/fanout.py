@@ -1,6 +1,6 @@
 """Four independent setups on a 2-worker local Dask cluster vs the same four one after another (2 cores).
 
-    python benchmarks/distributed_fanout.py [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2] [--train-batches 4]
+    python -m benchmarks.distributed.fanout [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2] [--train-batches 4]
 
 Sequential: ``jobs.run_from_config`` in this process with ``torch.set_num_threads(2)`` (both cores for each
 run), and with 1 thread for reference. Distributed: ``distributed.run_many`` on ``cluster=local`` (2 worker
@@ -17,16 +17,15 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown, median  # noqa: E402
 
-import torch  # noqa: E402
+import torch
 
-from fedcore_adapter.distributed import open_client, run_many, run_tasks  # noqa: E402
-from fedcore_adapter.distributed.runs import estimated_work, longest_first, run_config  # noqa: E402
-from fedcore_adapter.jobs import run_from_config  # noqa: E402
+from fedcore_adapter.distributed import open_client, run_many, run_tasks
+from fedcore_adapter.distributed.runs import estimated_work, longest_first, run_config
+from fedcore_adapter.jobs import run_from_config
+
+from benchmarks.common import environment, markdown, median
 
 CLUSTER = {"name": "local", "n_workers": 2, "threads_per_worker": 1}
 COMMON = {"limit_train_batches": 4, "limit_valid_batches": 1, "limit_test_batches": 2, "latency_repeats": 5}

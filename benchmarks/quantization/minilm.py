@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 int8: speed-up, size ratio and embedding cosine to fp32, measured side by side.
 
-    python benchmarks/quant_minilm.py [--alphas 0.7] [--gains 3] [--all-layers] [--rounds 7] [--json out.json]
+    python -m benchmarks.quantization.minilm [--alphas 0.7] [--gains 3] [--all-layers] [--rounds 7] [--json out.json]
 
 Batch 32 x 128 tokens, 2 threads. Cosine of the mean-pooled sentence embeddings
 to fp32 over 256 real English sentences (disjoint from the 64 used to calibrate
@@ -21,18 +21,16 @@ import argparse
 import copy
 import io
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
-from quant_timing import interleaved_latency  # noqa: E402
+from fedcore_adapter import run_setup
+from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm
 
-from fedcore_adapter import run_setup  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm  # noqa: E402
+from benchmarks.common import environment, markdown
+from benchmarks.timing import interleaved_latency
 
 
 def state_bytes(model: torch.nn.Module) -> int:

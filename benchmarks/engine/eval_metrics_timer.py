@@ -10,7 +10,7 @@ the coefficient of variation of repeated eval_computational_metrics calls
 (target <= 5%), and the size against the bytes of the serialised state dict
 (and, for the int8 model, what the seed's parameter-only size would have said).
 
-    python benchmarks/eval_metrics_timer.py --rounds 7 --json /tmp/eval_metrics.json
+    python -m benchmarks.engine.eval_metrics_timer --rounds 7 --json /tmp/eval_metrics.json
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,12 +27,12 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
 from fedcore_adapter import eval_computational_metrics
 from fedcore_adapter.data import batch_size, call_model, split_batch
 from fedcore_adapter.zoo.models import MNIST1DCNN
 from fedcore_adapter.zoo.sequences import EventSequenceDataModule, SeqGRUClassifier
+
+from benchmarks.common import environment, markdown
 
 
 def cases(n_batches: int) -> dict:

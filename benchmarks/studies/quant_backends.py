@@ -1,6 +1,6 @@
 """Which int8 backend runs fastest here: torch.ao (eager modules) vs torchao ``quantize_`` vs pt2e + Inductor.
 
-    python benchmarks/quant_backends.py [--models mlp cnn minilm] [--rounds 7] [--json out.json]
+    python -m benchmarks.studies.quant_backends [--models mlp cnn minilm] [--rounds 7] [--json out.json]
 
 Models: a 1024->4096->1024 MLP at batch 64 (the anchor), the MNIST-1D CNN at
 batch 256, all-MiniLM-L6-v2 at 32 x 128 tokens. Variants, timed side by side
@@ -24,16 +24,15 @@ import argparse
 import copy
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
-from quant_timing import interleaved_latency  # noqa: E402
+from benchmarks.common import environment, markdown
+from benchmarks.timing import interleaved_latency
+
 
 
 def state_mb(model: nn.Module) -> float | None:

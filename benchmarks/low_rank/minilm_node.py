@@ -7,26 +7,23 @@ batches as ``low_rank_minilm.py --goals``); the grid's cosine is measured on the
 of them. Printed: the node's wall time, Linear params removed, mean / min cosine of the 256 test sentences'
 embeddings to the original's, and latency against the original side by side.
 
-    python benchmarks/low_rank_minilm_node.py --goal 0.25 --damping 1.0
+    python -m benchmarks.low_rank.minilm_node --goal 0.25 --damping 1.0
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
-from low_rank_minilm import EXCLUDE, latencies, linear_params, wide_calibration  # noqa: E402
+from fedcore_adapter import run_setup
+from fedcore_adapter.metrics import count_params
+from fedcore_adapter.zoo.text import TextDataModule, load_minilm, load_tokenizer, sentence_embeddings
 
-from fedcore_adapter import run_setup  # noqa: E402
-from fedcore_adapter.metrics import count_params  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, load_minilm, load_tokenizer, sentence_embeddings  # noqa: E402
+from benchmarks.common import environment, markdown
+from benchmarks.low_rank.minilm import EXCLUDE, latencies, linear_params, wide_calibration
 
 
 class Sentences:

@@ -1,6 +1,6 @@
 """Every named setup on the pretrained all-MiniLM-L6-v2, on unlabeled real sentences.
 
-    python benchmarks/minilm_setups.py [--setups RAW TEST COMPOSITE_1 COMPOSITE_2 QAT_1 PTQ_1]
+    python -m benchmarks.setups.minilm [--setups RAW TEST COMPOSITE_1 COMPOSITE_2 QAT_1 PTQ_1]
                                        [--limit-train-batches 1] [--rounds 5] [--learning-rate LR]
 
 Each setup runs through ``jobs.run_from_config`` exactly as ``fedcore-adapter model=minilm
@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
+from fedcore_adapter import load_model
+from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.setups import load_setup
+from fedcore_adapter.metrics import count_params, latency_ms
+from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm
 
-from fedcore_adapter import load_model  # noqa: E402
-from fedcore_adapter.jobs import run_from_config  # noqa: E402
-from fedcore_adapter.setups import load_setup  # noqa: E402
-from fedcore_adapter.metrics import count_params, latency_ms  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm  # noqa: E402
+from benchmarks.common import environment, markdown
 
 MODEL = {"_target_": "fedcore_adapter.zoo.text.load_minilm"}
 DATA = {"_target_": "fedcore_adapter.zoo.text.TextDataModule", "n_train": 256, "n_val": 64, "n_test": 256,

@@ -7,26 +7,22 @@ removing ``--goal`` of the Linear params; then the sequential fit for every ``fa
 with and without ``falor_refit_kept``. Each is scored by the mean / min cosine of the validation sentences'
 embeddings to the original's. The 256 test sentences are not loaded.
 
-    python benchmarks/low_rank_minilm_select.py --damping 0.1 0.3 1 3 --grid-cache /tmp/minilm_select_grid.pt
+    python -m benchmarks.studies.low_rank_minilm_select --damping 0.1 0.3 1 3 --grid-cache /tmp/minilm_select_grid.pt
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
-from low_rank_minilm import EXCLUDE, build_sequential, cosine_grid, goal_ranks, linear_params, \
-    wide_calibration  # noqa: E402
+from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair
+from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target
+from fedcore_adapter.zoo.text import TextDataModule, load_minilm, sentence_embeddings
 
-from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair  # noqa: E402
-from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, load_minilm, sentence_embeddings  # noqa: E402
-
+from benchmarks.common import environment, markdown
+from benchmarks.low_rank.minilm import EXCLUDE, build_sequential, cosine_grid, goal_ranks, linear_params, \
+    wide_calibration
 
 def main() -> None:
     parser = argparse.ArgumentParser()

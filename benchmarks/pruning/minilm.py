@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 with 50% of attention heads and FFN channels removed: latency and embedding cosine.
 
-    python benchmarks/pruning_minilm.py [--ratio 0.5] [--epochs 8] [--lr 2e-4] [--rounds 7] [--max-length 64] [--threads 1]
+    python -m benchmarks.pruning.minilm [--ratio 0.5] [--epochs 8] [--lr 2e-4] [--rounds 7] [--max-length 64] [--threads 1]
 
 Sentences are real English prose (``zoo.text.english_sentences``): 256 to
 distil on, 256 others to compare on, batch 32 x ``--max-length`` tokens (the
@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
+from fedcore_adapter import run_setup
+from fedcore_adapter.metrics import latency_ms
+from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm
 
-from fedcore_adapter import run_setup  # noqa: E402
-from fedcore_adapter.metrics import latency_ms  # noqa: E402
-from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm  # noqa: E402
+from benchmarks.common import environment, markdown
 
 def side_by_side_latency(models: dict, inputs: dict, rounds: int, threads: int) -> dict[str, float]:
     per_round: dict[str, list[float]] = {name: [] for name in models}

@@ -3,24 +3,21 @@
 Both train the MNIST-1D CNN with Adam for E epochs with per-epoch validation, from the same seed;
 runs alternate (plain, engine, plain, engine, ...) and the ratio of medians is reported.
 
-    python benchmarks/engine_overhead.py [--epochs 10 --repeats 5]
+    python -m benchmarks.engine.overhead [--epochs 10 --repeats 5]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, median  # noqa: E402
+from fedcore_adapter import run_setup
+from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
+from fedcore_adapter.zoo.models import MNIST1DCNN
 
-from fedcore_adapter import run_setup  # noqa: E402
-from fedcore_adapter.zoo.datamodules import MNIST1DDataModule  # noqa: E402
-from fedcore_adapter.zoo.models import MNIST1DCNN  # noqa: E402
+from benchmarks.common import environment, median
 
 
 def plain_loop(dm, epochs: int) -> float:

@@ -1,6 +1,6 @@
 """What Dask costs per task: cluster start, a no-op task, a whole tiny run, a per-layer measurement.
 
-    python benchmarks/distributed_overhead.py [--tasks 200] [--runs 8]
+    python -m benchmarks.distributed.overhead [--tasks 200] [--runs 8]
 
 - cluster start: ``open_client(cluster=local)`` (2 worker processes x 1 thread) until workers are ready;
 - no-op round trip: one ``run_tasks`` task (run lock, cwd, error capture included), median;
@@ -13,22 +13,50 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers: the tiny MLP and data
-from _common import environment, markdown, median  # noqa: E402
 
-import torch  # noqa: E402
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from fedcore_adapter.context import SequentialExecutor  # noqa: E402
-from fedcore_adapter.distributed import DaskExecutor, open_client, run_tasks  # noqa: E402
-from fedcore_adapter.distributed.runs import run_config  # noqa: E402
-from fedcore_adapter.jobs import run_from_config  # noqa: E402
+from fedcore_adapter.context import SequentialExecutor
+from fedcore_adapter.distributed import DaskExecutor, open_client, run_tasks
+from fedcore_adapter.distributed.runs import run_config
+from fedcore_adapter.jobs import run_from_config
+
+from benchmarks.common import environment, markdown, median
 
 CLUSTER = {"name": "local", "n_workers": 2, "threads_per_worker": 1}
+
+
+def build_tiny_mlp() -> nn.Module:
+    """A 387-parameter MLP: 8 features -> 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+class TinyData:
+    """A linearly separable 3-class problem: 96 train, 32 val, 32 test samples of 8 features."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(8, 3, generator=g)
+
+        def make(n: int) -> TensorDataset:
+            x = torch.randn(n, 8, generator=g)
+            return TensorDataset(x, (x @ w).argmax(1))
+
+        self.splits = {"train": make(96), "val": make(32), "test": make(32)}
+
+    def train_dataloader(self):
+        return DataLoader(self.splits["train"], batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self):
+        return DataLoader(self.splits["val"], batch_size=16)
+
+    def test_dataloader(self):
+        return DataLoader(self.splits["test"], batch_size=16)
 
 
 def noop(x):
@@ -38,7 +66,7 @@ def noop(x):
 def tiny(i: int, out: str) -> dict:
     return {"setup": "RAW", "output_dir": out, "model_name": f"m{i}", "tracking": {"name": "none"},
             "common": {"latency_repeats": 2, "latency_warmup": 1}, "nodes": {"0": {"epochs": 1, "progress": False}},
-            "model": {"_target_": "tests.helpers.build_tiny_mlp"}, "data": {"_target_": "tests.helpers.build_tiny_data"}}
+            "model": {"_target_": "benchmarks.distributed.overhead.build_tiny_mlp"}, "data": {"_target_": "benchmarks.distributed.overhead.TinyData"}}
 
 
 def main() -> None:

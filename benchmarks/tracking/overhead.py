@@ -8,7 +8,7 @@ sensitive than wall time to a machine shared with other work). The store (its ta
 first, here, and not counted: it happens once per store, not once per run. The load average is
 printed before and after. ``torch.set_num_threads(2)`` in every run.
 
-    python benchmarks/tracking_overhead.py [--setup RAW --epochs 100 --repeats 3]
+    python -m benchmarks.tracking.overhead [--setup RAW --epochs 100 --repeats 3]
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _common import environment, markdown, median  # noqa: E402
+from benchmarks.common import environment, markdown, median
+
+ROOT = Path(__file__).resolve().parents[2]  # the children run as ``python -m`` from a temp folder
 
 
 def child(args) -> None:
@@ -65,10 +65,11 @@ def _load() -> str:
 
 def run_child(mode: str, args, store: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--child", mode, "--setup", args.setup, "--epochs", str(args.epochs),
+        cmd = [sys.executable, "-m", "benchmarks.tracking.overhead", "--child", mode, "--setup", args.setup, "--epochs", str(args.epochs),
                "--out", out, "--store", str(store)]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=env)
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")

@@ -7,27 +7,25 @@ Params, MACs (per sample) and test accuracy come from the engine's own functions
 count_macs, evaluate); the "no" row is the low_rank node's checkpoint reloaded with load_model.
 Latency: batch 256, ``--latency-threads`` (1), median of interleaved repeats over all final models.
 
-    python benchmarks/low_rank_mnist1d.py [--finetune 10] [--raw-epochs 100] [--quick] [--raw-cache raw.pt]
+    python -m benchmarks.low_rank.mnist1d [--finetune 10] [--raw-epochs 100] [--quick] [--raw-cache raw.pt]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
+from fedcore_adapter import load_model, run_setup
+from fedcore_adapter.metrics import count_macs, count_params, evaluate, latency_ms
+from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
+from fedcore_adapter.zoo.models import MNIST1DCNN
 
-from fedcore_adapter import load_model, run_setup  # noqa: E402
-from fedcore_adapter.metrics import count_macs, count_params, evaluate, latency_ms  # noqa: E402
-from fedcore_adapter.zoo.datamodules import MNIST1DDataModule  # noqa: E402
-from fedcore_adapter.zoo.models import MNIST1DCNN  # noqa: E402
+from benchmarks.common import environment, markdown
 
 VARIANTS = [
     ("energy 0.8", {"thresholds": [0.8]}),

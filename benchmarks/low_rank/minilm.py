@@ -18,7 +18,7 @@ the fits at those ranks: ``projection`` and ``sequential`` (``falor_fit``, dampi
 output error weighted by the gradient Gram of the normalised embedding (``--probes`` per batch, on the wide
 calibration); its ranks come from a grid measured with the same weighting (``--weighted-cosine-cache``).
 
-    python benchmarks/low_rank_minilm.py --budgets 0.02 0.05 0.1 --per-layer 0.01 --ptdeco-nsr 0.01 \
+    python -m benchmarks.low_rank.minilm --budgets 0.02 0.05 0.1 --per-layer 0.01 --ptdeco-nsr 0.01 \
         --cache /tmp/minilm_grid.pt --ptdeco-cache /tmp/minilm_ptdeco.pt
 """
 from __future__ import annotations
@@ -29,25 +29,24 @@ import functools
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
 
-from fedcore_adapter.metrics import latency_ms  # noqa: E402
-from fedcore_adapter.nodes.low_rank import falor as F  # noqa: E402
-from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances  # noqa: E402
-from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair  # noqa: E402
-from fedcore_adapter.nodes.low_rank.sequential import sequential_fit  # noqa: E402
-from fedcore_adapter.nodes.low_rank.svd import factorize  # noqa: E402
-from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target, probe_positions  # noqa: E402
+from fedcore_adapter.metrics import latency_ms
+from fedcore_adapter.nodes.low_rank import falor as F
+from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances
+from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair
+from fedcore_adapter.nodes.low_rank.sequential import sequential_fit
+from fedcore_adapter.nodes.low_rank.svd import factorize
+from fedcore_adapter.nodes.low_rank.targets import find_layers, make_target, probe_positions
 from fedcore_adapter.zoo.text import TextDataModule, english_sentences, load_minilm, load_tokenizer, \
-    sentence_embeddings  # noqa: E402
+    sentence_embeddings
+
+from benchmarks.common import environment, markdown
 
 EXCLUDE = ["pooler.*"]  # the pooler does not feed mean-pooled sentence embeddings: left as it is
 

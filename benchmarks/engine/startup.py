@@ -1,6 +1,6 @@
 """Start-up time of `fedcore-adapter --help` (median of N runs), and the heavy modules it avoids importing.
 
-    python benchmarks/startup.py [--runs 7]
+    python -m benchmarks.engine.startup [--runs 7]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Structured pruning of the MNIST-1D CNN trained by RAW: params, MACs, size, latency, accuracy vs unpruned.
 
-    python benchmarks/pruning_mnist1d.py [--ratios 0.25 0.5 0.75] [--seeds 42] [--rounds 15] [--threads 1]
+    python -m benchmarks.pruning.mnist1d [--ratios 0.25 0.5 0.75] [--seeds 42] [--rounds 15] [--threads 1]
 
 Per seed: RAW (training, 100 epochs) trains the CNN; then, for each ratio, a
 ``pruning`` node (FedCore-style: magnitude importance, importance_norm=1, 3
@@ -18,19 +18,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
+from fedcore_adapter import run_setup
+from fedcore_adapter.metrics import latency_ms
+from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
+from fedcore_adapter.zoo.models import MNIST1DCNN
 
-from fedcore_adapter import run_setup  # noqa: E402
-from fedcore_adapter.metrics import latency_ms  # noqa: E402
-from fedcore_adapter.zoo.datamodules import MNIST1DDataModule  # noqa: E402
-from fedcore_adapter.zoo.models import MNIST1DCNN  # noqa: E402
+from benchmarks.common import environment, markdown
 
 
 def pruning_node(ratio: float) -> dict:

@@ -1,6 +1,6 @@
 """Dynamic int8 convolution kernels on the MNIST-1D CNN's shapes, layer by layer and whole model, vs fp32.
 
-    python benchmarks/quant_conv_kernels.py [--threads 2 1] [--batches 256 1] [--rounds 5]
+    python -m benchmarks.studies.quant_conv_kernels [--threads 2 1] [--batches 256 1] [--rounds 5]
 
 Per conv layer (random weights, BatchNorm with random statistics): the fp32 block
 (conv -> BatchNorm -> ReLU, as the float model runs it) against
@@ -16,26 +16,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown  # noqa: E402
-from quant_timing import interleaved_latency  # noqa: E402
 
-from fedcore_adapter.nodes.quantization.backends import quantized_engine  # noqa: E402
-from fedcore_adapter.nodes.quantization.config import PTQDynamicConfig  # noqa: E402
-from fedcore_adapter.nodes.quantization.conv import Int8Conv, quantize_dynamic_uint8  # noqa: E402
-from fedcore_adapter.nodes.quantization.dynamic import make_plan, swap_dynamic_  # noqa: E402
-from fedcore_adapter.nodes.quantization.modules import DynamicConv  # noqa: E402
-from fedcore_adapter.nodes.quantization.selective import quantizable_layers  # noqa: E402
-from fedcore_adapter.zoo.models import MNIST1DCNN  # noqa: E402
-from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
+from fedcore_adapter.nodes.quantization.backends import quantized_engine
+from fedcore_adapter.nodes.quantization.config import PTQDynamicConfig
+from fedcore_adapter.nodes.quantization.conv import Int8Conv, quantize_dynamic_uint8
+from fedcore_adapter.nodes.quantization.dynamic import make_plan, swap_dynamic_
+from fedcore_adapter.nodes.quantization.modules import DynamicConv
+from fedcore_adapter.nodes.quantization.selective import quantizable_layers
+from fedcore_adapter.zoo.models import MNIST1DCNN
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from benchmarks.common import environment, markdown
+from benchmarks.timing import interleaved_latency
 
 
 def float_model() -> nn.Module:

@@ -1,19 +1,17 @@
 """RAW on MNIST-1D, exactly as `fedcore-adapter tracking=none` runs it: test accuracy and wall time.
 
-    python benchmarks/raw_mnist1d.py [--seeds 0 1 2]
+    python -m benchmarks.engine.raw_mnist1d [--seeds 0 1 2]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown, median  # noqa: E402
 
-from fedcore_adapter.jobs import run_from_config  # noqa: E402
+from fedcore_adapter.jobs import run_from_config
+
+from benchmarks.common import environment, markdown, median
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ on MNIST-1D in chunks of 20 epochs (Adam, distilling from the RAW model with the
 epoch kept), printing the test accuracy after each chunk. If even several times the setup's epochs
 leave it far below RAW, the shortfall is the structure's capacity, not the fine-tune recipe.
 
-    python benchmarks/composite_capacity.py FINAL_DIR RAW_FINAL_DIR [--chunks 4] [--lr 1e-3 3e-3]
+    python -m benchmarks.studies.composite_capacity FINAL_DIR RAW_FINAL_DIR [--chunks 4] [--lr 1e-3 3e-3]
 """
 from __future__ import annotations
 
