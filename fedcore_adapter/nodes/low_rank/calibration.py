@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...context import NodeContext
-from ...data import call_model, limited, split_batch, to_device
-from ...errors import NodeError
+from ...data import call_model
+from ..toolkit import calibration_inputs as _inputs, calibration_limit, evaluating, forward_hooks
 from .layers import FactorizedLayer
 
 DEFAULT_CALIBRATION_BATCHES = 8
@@ -26,12 +26,8 @@ DEFAULT_CALIBRATION_BATCHES = 8
 
 def calibration_inputs(ctx: NodeContext, override: Optional[int]) -> list[Any]:
     """Model inputs of the first ``override`` (else ``limit_valid_batches``, else 8) validation batches."""
-    loader = ctx.val_loader if ctx.val_loader is not None else ctx.train_loader
-    limit = ctx.limit("valid", override) or DEFAULT_CALIBRATION_BATCHES
-    inputs = [split_batch(to_device(batch, ctx.device))[0] for batch in limited(loader, limit)]
-    if not inputs:
-        raise NodeError(ctx.node_label, "the validation loader yielded no batches; low-rank calibration needs data")
-    return inputs
+    return _inputs(ctx, calibration_limit(ctx, override, DEFAULT_CALIBRATION_BATCHES), purpose="low-rank calibration",
+                   device=ctx.device)
 
 
 class _Moments:
@@ -95,20 +91,13 @@ def _patches(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _run(model: nn.Module, inputs: list[Any], hooks: dict[str, Any]) -> None:
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(fn) for name, fn in hooks.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with forward_hooks(model, hooks), evaluating(model), torch.no_grad():
             for x in inputs:
                 _Mask.current = x.get("attention_mask") if isinstance(x, dict) else None
                 call_model(model, x)
     finally:
         _Mask.current = None
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 def input_statistics(model: nn.Module, inputs: list[Any], layers: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ...schema import NodeConfig, StrictModel, TrainParams
+from ..toolkit import inherit_finetune
 from .rank_strategies import STRATEGIES
 
 Strategy = Literal["energy", "explained_variance", "quantile", "rank", "rank_ratio", "params_ratio"]
@@ -108,13 +109,7 @@ class LowRankConfig(NodeConfig):
             data["thresholds"] = [data.pop("threshold")]
         if isinstance(data.get("thresholds"), (int, float)):
             data["thresholds"] = [data["thresholds"]]
-        finetune = data.get("finetune_params")
-        if isinstance(finetune, dict):
-            finetune = {k: v for k, v in finetune.items() if not (k == "custom_loss" and v is None)}
-            if "learning_rate" in data and "learning_rate" not in finetune:
-                finetune["learning_rate"] = data["learning_rate"]
-            data["finetune_params"] = finetune
-        return data
+        return inherit_finetune(data)
 
     @field_validator("thresholds")
     @classmethod

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...data import call_model, primary_output
+from ..toolkit import evaluating
 from .budget import BudgetError
 
 
@@ -173,9 +174,7 @@ def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], referenc
         result.trials.append({"rank": k, key: nsr, **({"kl": kl} if kl is not None else {})})
         return nsr < nsr_threshold and (kl_threshold is None or kl < kl_threshold)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if grid:
             for k in sorted({max(1, round(job.max_rank * (i + 1) / grid)) for i in range(grid)}):
                 trial(k)
@@ -190,8 +189,6 @@ def falor_search(job: FalorJob, *, model: nn.Module, inputs: list[Any], referenc
                 best, hi = mid, mid - 1
             else:
                 lo = mid + 1
-    finally:
-        model.train(was_training)
     chosen = next(t for t in result.trials if t["rank"] == best)
     result.rank, result.nsr, result.kl = best, chosen[key], chosen.get("kl")
     result.eigvecs = vectors[:, :best].clone()

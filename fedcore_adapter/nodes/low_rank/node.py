@@ -15,6 +15,7 @@ from ...errors import NodeError
 from ...metrics import count_macs, count_params, evaluate
 from ...registry import register_node
 from ...trainer import train
+from ..toolkit import per_layer
 from . import falor as falor_mod
 from .budget import KEEP, BudgetError, allocate, cost, minimum_total
 from .calibration import calibration_inputs, collect_output_covariances, input_statistics
@@ -183,7 +184,7 @@ def _svd(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dic
         base = model
         jobs = [SpectrumJob(n, weight_matrix(modules[n], t.mode), stats.get(n),
                             "rows" if t.kind == "embedding" else "cols") for n, t in targets.items()]
-        spectra = {sp.name: sp for sp in ctx.map(rank_sensitivity, jobs)}
+        spectra = per_layer(ctx, rank_sensitivity, jobs)
     if config.budget is not None:
         ranks = _budget_ranks(config, targets, spectra, model, inputs[0], label)
         return _materialize(base, ranks, targets, spectra, config, None, "svd")
@@ -242,7 +243,7 @@ def _falor(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: d
     search = functools.partial(falor_mod.falor_search, model=work, inputs=metric_inputs, references=references,
                                nsr_threshold=threshold, kl_threshold=config.kl_threshold, metric=metric,
                                grid=config.grid_points if config.allocation == "global" else None)
-    results = {r.name: r for r in ctx.map(search, jobs)}
+    results = per_layer(ctx, search, jobs)
     if config.budget is not None:
         ranks = _falor_budget_ranks(config, targets, results, model, inputs[0], label, key)
     elif config.allocation == "global":

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...data import call_model, primary_output
+from ..toolkit import evaluating, forward_hooks
 from . import falor
 from .sequential import layer_rows
 
@@ -71,8 +72,7 @@ def _one_pass(model: nn.Module, inputs: list[Any], names: list[str], metric: str
 
         return keep
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
+    with forward_hooks(model, {n: hook(n) for n in names}):
         for x in inputs:
             outputs.clear()
             with torch.enable_grad():
@@ -91,9 +91,6 @@ def _one_pass(model: nn.Module, inputs: list[Any], names: list[str], metric: str
                             rows = layer_rows(modules[name], g, mask)
                             sums[name] = sums[name] + rows.T @ rows
                             counts[name] += rows.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
     grams = {}
     for name in names:
         size = modules[name].weight.shape[0]
@@ -105,16 +102,12 @@ def gradient_grams(model: nn.Module, inputs: list[Any], names: list[str], metric
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """``G = E[g g^T]`` (float64, outputs x outputs) for every layer in ``names``, over the real tokens of
     ``inputs`` with ``probes`` Gaussian probes per batch (seeded: the same inputs give the same weights)."""
-    was_training = model.training
-    model.eval()
     generator = torch.Generator().manual_seed(seed)
     sizes = {n: int(model.get_submodule(n).weight.shape[0]) for n in names}
     grams: dict[str, torch.Tensor] = {}
-    try:
+    with evaluating(model):
         for group in _passes(names, sizes):
             grams.update(_one_pass(model, inputs, group, metric, probes, generator))
-    finally:
-        model.train(was_training)
     return grams
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ...data import call_model
+from ..toolkit import evaluating, forward_hooks
 from .calibration import token_rows
 from .falor import top_eigenvectors
 
@@ -53,14 +54,11 @@ def _input_rows(model: nn.Module, name: str, inputs: Any) -> torch.Tensor:
         got["rows"] = layer_rows(mod, args[0], mask)
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
+        with forward_hooks(model, pre={module: hook}), torch.no_grad():
             call_model(model, inputs)
     except _Stop:
         pass
-    finally:
-        handle.remove()
     if "rows" not in got:
         raise RuntimeError(f"layer {name} did not run in the forward pass")
     return got["rows"].cpu()
@@ -69,18 +67,15 @@ def _input_rows(model: nn.Module, name: str, inputs: Any) -> torch.Tensor:
 def forward_groups(model: nn.Module, names: list[str], inputs: Any) -> list[list[str]]:
     """``names`` in the order they run, layers fed by the same tensor (e.g. query/key/value) grouped."""
     seen: list[tuple[str, torch.Tensor]] = []  # the input tensors are held, so no address is reused
-    handles = []
-    for name in names:
-        def hook(mod, args, name=name):
+
+    def hook(name: str):
+        def record(mod, args):
             if all(n != name for n, _ in seen):
                 seen.append((name, args[0]))
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+        return record
+
+    with forward_hooks(model, pre={name: hook(name) for name in names}), torch.no_grad():
+        call_model(model, inputs)
     groups: list[list[str]] = []
     last = None
     for name, tensor in seen:
@@ -173,11 +168,8 @@ def sequential_fit(original: nn.Module, model: nn.Module, ranks: dict[str, int],
     (:func:`refit_full`), so they too absorb the error of the layers compressed before them."""
     output_weights = output_weights or {}
     refit = [n for n in refit if n not in ranks]
-    was = (original.training, model.training)
-    original.eval()
-    model.eval()
     factors = {}
-    try:
+    with evaluating(original, model):
         for group in forward_groups(original, list(ranks) + refit, inputs[0]):
             stats = _Cross()
             for x in inputs:
@@ -195,7 +187,4 @@ def sequential_fit(original: nn.Module, model: nn.Module, ranks: dict[str, int],
                     replace(name, *factors[name])
                 else:
                     _set_weights(model.get_submodule(name), *refitted[name])
-    finally:
-        original.train(was[0])
-        model.train(was[1])
     return factors

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...data import batch_size, call_model
+from ..toolkit import evaluating, forward_hooks
 from .layers import FactorizedLayer, io_dims, layer_kind
 from .svd import effective_mode, spatial_ok
 
@@ -109,10 +110,8 @@ def find_layers(model: nn.Module, kinds: Iterable[str], include: Optional[list[s
 def probe_positions(model: nn.Module, inputs: Any, names: list[str]) -> dict[str, dict[str, int]]:
     """Per-sample extent of each named layer on one batch: ``tokens`` (Linear, Embedding) or conv
     output ``positions`` (and ``first_positions`` of a spatial form). Layers not run get zeros."""
-    modules = dict(model.named_modules())
     found: dict[str, dict[str, int]] = {}
     n = max(batch_size(inputs), 1)
-    handles = []
 
     def hook(name):
         def record(module, args, out):
@@ -128,16 +127,8 @@ def probe_positions(model: nn.Module, inputs: Any, names: list[str]) -> dict[str
                 found[name] = {"tokens": int(out.numel() // (n * out.shape[-1]))}
         return record
 
-    for name in names:
-        handles.append(modules[name].register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
+    with forward_hooks(model, {name: hook(name) for name in names}), evaluating(model):
         call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return found
 
 

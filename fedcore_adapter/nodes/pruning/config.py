@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from ...schema import NodeConfig, TrainParams
+from ..toolkit import inherit_finetune
 
 IMPORTANCES = ("magnitude", "taylor", "lamp", "bn_scale", "random")
 UNSTRUCTURED_IMPORTANCES = ("magnitude", "taylor", "random")
@@ -62,14 +63,6 @@ def _check_ratio(value: float, what: str) -> float:
     if not 0 <= value < 1:
         raise ValueError(f"{what} must be in [0, 1) (got {value})")
     return value
-
-
-def _finetune_with_node_lr(data: dict) -> dict:
-    """A ``finetune_params`` mapping without a learning rate inherits the node's ``learning_rate``."""
-    ft = data.get("finetune_params")
-    if isinstance(ft, dict) and "learning_rate" not in ft and "learning_rate" in data:
-        data["finetune_params"] = {**ft, "learning_rate": data["learning_rate"]}
-    return data
 
 
 class _FinetuneFields(NodeConfig):
@@ -128,7 +121,7 @@ class PruningConfig(_FinetuneFields):
         if isinstance(data.get("pruner_name"), str) and _FEDCORE_PRUNERS.get(data["pruner_name"]) == "bn_scale":
             data.setdefault("importance", "bn_scale")
             data.setdefault("bn_sparsity", 1e-4)
-        return _finetune_with_node_lr(data)
+        return inherit_finetune(data)
 
     @field_validator("pruner_name")
     @classmethod
@@ -189,7 +182,7 @@ class UnstructuredPruningConfig(_FinetuneFields):
             data["sparsity"] = data.pop("pruning_ratio")
         if isinstance(data.get("schedule"), str):
             data["schedule"] = _SCHEDULE_ALIASES.get(data["schedule"].lower(), data["schedule"].lower())
-        return _finetune_with_node_lr(data)
+        return inherit_finetune(data)
 
     @field_validator("pruner_name")
     @classmethod

@@ -9,8 +9,7 @@ and, with ``sensitivity_ratios``, ``sensitivity.json`` beside its checkpoint.
 from __future__ import annotations
 
 import copy
-import json
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,16 +18,13 @@ from ...context import NodeContext
 from ...data import limited
 from ...registry import register_node
 from ...trainer import train
+from ..toolkit import calibration_limit, write_report
 from .backend import accumulate_gradients, example_inputs, make_pruner
 from .config import PruningConfig
 from .history import REPLAY_NAME, History
 from .sensitivity import pruning_sensitivity
 
 DEFAULT_CALIBRATION_BATCHES = 16
-
-
-def calibration_batches(ctx: NodeContext, override: Optional[int]) -> int:
-    return ctx.limit("valid", override) or DEFAULT_CALIBRATION_BATCHES
 
 
 def bn_l1(strength: float) -> Callable[[nn.Module], torch.Tensor]:
@@ -53,11 +49,6 @@ def _shapes(model: nn.Module, names: set[str]) -> dict[str, dict[str, list[int]]
     return out
 
 
-def _write_json(ctx: NodeContext, name: str, data) -> None:
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    (ctx.output_dir / name).write_text(json.dumps(data, indent=2))
-
-
 @register_node(PruningConfig)
 def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> nn.Module:
     label = ctx.node_label or config.label
@@ -73,13 +64,14 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
                                    importance=config.importance, importance_norm=config.importance_norm,
                                    loss_fn=ctx.loss_fn, limit_batches=ctx.limit("valid"), executor=ctx,
                                    device=ctx.device, round_to=config.round_to, ignored_layers=config.ignored_layers)
-        _write_json(ctx, "sensitivity.json", rows)
+        write_report(ctx, "sensitivity.json", rows)
     before = {n: list(p.shape) for n, p in work.named_parameters()}
     history = History()
     regularizer = bn_l1(config.bn_sparsity) if config.bn_sparsity else None
     for step in range(1, config.pruning_iterations + 1):
         if config.importance == "taylor":
-            batches = limited(ctx.train_loader, calibration_batches(ctx, config.calibration_batches))
+            batches = limited(ctx.train_loader, calibration_limit(ctx, config.calibration_batches,
+                                                                  DEFAULT_CALIBRATION_BATCHES))
             accumulate_gradients(work, batches, ctx.loss_fn, ctx.device)
         with torch.no_grad():
             pruner.step(history, step)
@@ -90,7 +82,7 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
     if history:
         ctx.record_structure(REPLAY_NAME, history.to_json())
     changed = {n.rpartition(".")[0] for n, p in work.named_parameters() if list(p.shape) != before.get(n)}
-    _write_json(ctx, "pruning_report.json", {
+    write_report(ctx, "pruning_report.json", {
         "backend": type(pruner).__name__, "layer_groups": pruner.group_names(),
         "skipped": getattr(pruner, "skipped", []),
         "params_before": sum(torch.Size(s).numel() for s in before.values()),

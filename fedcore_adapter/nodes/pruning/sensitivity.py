@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ...context import SequentialExecutor
 from ...data import batch_size, call_model, limited, primary_output, split_batch, to_device
 from ...errors import NodeError
+from ..toolkit import per_layer
 from .backend import accumulate_gradients, make_pruner, slice_inputs
 from .history import History
 from .structured import PruningWarning
@@ -115,5 +115,4 @@ def pruning_sensitivity(model: nn.Module, loader: Any, ratios: Iterable[float], 
         groups = wanted
     task = functools.partial(measure_group, model=model, batches=batches, reference=reference, baseline=baseline,
                              metric=metric, loss_fn=loss_fn, device=device, options=options)
-    items = [(g, float(r)) for g in groups for r in ratios]
-    return list((executor or SequentialExecutor()).map(task, items))
+    return list(per_layer(executor, task, [(g, float(r)) for g in groups for r in ratios]).values())

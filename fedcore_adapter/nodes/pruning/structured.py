@@ -18,6 +18,7 @@ from torch import nn
 
 from ...data import call_model, primary_output
 from ...errors import NodeError
+from ..toolkit import forward_hooks
 from .factors import first_factors_of
 from .history import History
 from .layer_pruners import LSTM_PRUNER, FrozenPruner, has_pruner
@@ -90,7 +91,6 @@ def trace_errors(model: nn.Module, label: str) -> Iterator[None]:
     """Turn a failure while tracing into one NodeError naming the innermost layer that was running."""
     stack: list[str] = []
     names = {module: name for name, module in model.named_modules()}
-    handles = []
 
     def enter(name: str) -> None:
         stack.append(name)
@@ -99,11 +99,10 @@ def trace_errors(model: nn.Module, label: str) -> Iterator[None]:
         if stack:
             stack.pop()
 
-    for module, name in names.items():
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: enter(n)))
-        handles.append(module.register_forward_hook(lambda m, a, o: leave()))
     try:
-        yield
+        with forward_hooks(model, {module: lambda m, a, o: leave() for module in names},
+                           pre={module: lambda m, a, n=name: enter(n) for module, name in names.items()}):
+            yield
     except NodeError:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear line
@@ -111,9 +110,6 @@ def trace_errors(model: nn.Module, label: str) -> Iterator[None]:
             else ""
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NodeError(label, f"cannot trace the model for pruning{where}: {type(err).__name__}: {reason}") from None
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def build_importance(name: str, norm: float):

@@ -26,7 +26,8 @@ from ...registry import register_node
 from ...trainer import train
 from .backend import accumulate_gradients
 from .config import UnstructuredPruningConfig
-from .node import calibration_batches
+from ..toolkit import calibration_limit
+from .node import DEFAULT_CALIBRATION_BATCHES
 from .structured import _matches
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
@@ -106,7 +107,7 @@ def apply_unstructured_pruning(model: nn.Module, config: UnstructuredPruningConf
     try:
         for step in range(1, config.pruning_iterations + 1):
             if config.importance == "taylor":
-                batches = limited(ctx.train_loader, calibration_batches(ctx, config.calibration_batches))
+                batches = limited(ctx.train_loader, calibration_limit(ctx, config.calibration_batches, DEFAULT_CALIBRATION_BATCHES))
                 accumulate_gradients(work, batches, ctx.loss_fn, ctx.device)
             target = scheduled_sparsity(config.schedule, config.sparsity, step, config.pruning_iterations)
             masks.update(compute_masks(weight_scores(weights, masks, config.importance), target, config.global_pruning))

@@ -1,11 +1,10 @@
-"""Calibration data and the checks every quantization node runs before touching the model."""
+"""The checks every quantization node runs before touching the model, and example inputs for replaying."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from ...data import limited, split_batch, to_device
 from ...errors import NodeError
 from .backends import supported_engines
 
@@ -15,22 +14,6 @@ def check_engine(engine: str, label: str) -> None:
     if engine not in available:
         raise NodeError(label, f"backend {engine!r} is not available in this torch build; available: "
                                f"{', '.join(available)}")
-
-
-def input_batches(loader: Any, limit: Optional[int]) -> list[Any]:
-    """Model inputs (targets dropped) of up to ``limit`` batches, on the CPU."""
-    if loader is None:
-        return []
-    return [split_batch(to_device(batch, "cpu"))[0] for batch in limited(loader, limit)]
-
-
-def calibration_batches(ctx: Any, limit: Optional[int], label: str, purpose: str) -> list[Any]:
-    """Validation batches (training batches when there are none) for ``purpose``; an error when both are empty."""
-    batches = input_batches(ctx.val_loader, limit) or input_batches(ctx.train_loader, limit)
-    if not batches:
-        raise NodeError(label, f"{purpose} needs calibration data, but the data module's val_dataloader() and "
-                               f"train_dataloader() yielded no batches")
-    return batches
 
 
 def input_spec(inputs: Any) -> list[dict]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from typing import Any, Optional
 
 import torch
@@ -24,12 +23,14 @@ from ...context import NodeContext
 from ...data import call_model
 from ...registry import register_node
 from .backends import quantized_engine, quiet
-from .calibration import calibration_batches, check_engine
+from ..toolkit import calibration_inputs, forward_hooks, write_report
+from .calibration import check_engine
 from .config import PTQDynamicConfig
 from .conv import Int8Conv
 from .folding import conv_bn_pairs, conv_relu_pairs, convs_feeding_convs, fold_batchnorm_
 from .modules import DynamicConv, DynamicLinear, SmoothDynamicLinear, supports_dynamic_conv
-from .selective import choose_float_layers, quantizable_layers, require_layers, skipped_by_patterns
+from .ptq import auto_skip_layers, export_if_asked
+from .selective import quantizable_layers, require_layers, skipped_by_patterns
 
 METHOD = "dynamic"
 
@@ -43,14 +44,10 @@ def input_absmax(model: nn.Module, names: list[str], batches: list[Any]) -> dict
         x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
         stats[name] = torch.maximum(stats[name], x) if name in stats else x
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, n)) for n in names]
-    try:
-        model.eval()
+    model.eval()
+    with forward_hooks(model, pre={n: functools.partial(hook, n) for n in names}):
         for inputs in batches:
             call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return stats
 
 
@@ -164,20 +161,11 @@ def smoothing_gains(model: nn.Module, names: list[str], batches: list[Any], absm
         errors[name][0] += float((plain(args[0]) - out).pow(2).sum())
         errors[name][1] += float((smooth(args[0]) - out).pow(2).sum())
 
-    handles = [model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in names]
-    try:
-        model.eval()
+    model.eval()
+    with forward_hooks(model, {n: functools.partial(hook, n) for n in names}):
         for inputs in batches:
             call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return {n: e[0] / max(e[1], 1e-30) for n, e in errors.items()}
-
-
-def write_report(ctx: NodeContext, name: str, data: Any) -> None:
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    (ctx.output_dir / name).write_text(json.dumps(data, indent=2))
 
 
 @register_node(PTQDynamicConfig)
@@ -191,8 +179,8 @@ def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeConte
     keep_float = skipped_by_patterns(layers, config.skip, label)
     batches: list = []
     if config.smooth_alpha is not None or config.auto_skip is not None:
-        batches = calibration_batches(ctx, ctx.limit("valid", config.calibration_batches), label,
-                                      "smooth_alpha" if config.smooth_alpha is not None else "auto_skip")
+        batches = calibration_inputs(ctx, ctx.limit("valid", config.calibration_batches), label=label,
+                                     purpose="smooth_alpha" if config.smooth_alpha is not None else "auto_skip")
     work = copy.deepcopy(model).cpu().eval()
     linears = [n for n, k in layers.items() if k == "linear" and n not in keep_float]
     absmax, smoothed = {}, frozenset()
@@ -202,17 +190,9 @@ def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeConte
         smoothed = frozenset(n for n, g in gains.items() if g >= config.smooth_min_gain)
         write_report(ctx, "smoothing.json", {"alpha": config.smooth_alpha, "min_gain": config.smooth_min_gain,
                                              "error_ratio": gains, "smoothed": sorted(smoothed)})
-    if config.auto_skip is not None:
-        quantize = functools.partial(_quantized, layers=layers, config=config, absmax=absmax, smoothed=smoothed)
-        keep_float, report = choose_float_layers(
-            ctx, quantize, work, batches[:config.auto_skip.batches], list(layers),
-            config.auto_skip.error_budget, config.auto_skip.max_float_layers, keep_float)
-        write_report(ctx, "sensitivity.json", report)
-        ctx.log({"quant_error": report["error"], "quant_float_layers": float(len(report["kept_float"]))})
+    quantize = functools.partial(_quantized, layers=layers, config=config, absmax=absmax, smoothed=smoothed)
+    keep_float = auto_skip_layers(ctx, config.auto_skip, quantize, work, batches, layers, keep_float)
     quantized, plan = quantize_dynamic_model(work, frozenset(keep_float), layers, config, absmax, smoothed)
     ctx.record_structure("quantize", plan)
-    if config.export:
-        from .export import export_program
-
-        export_program(quantized, batches or None, ctx, label)
+    export_if_asked(quantized, config, batches or None, ctx, label)
     return quantized

@@ -24,6 +24,7 @@ from torch import nn
 
 from ...data import call_model, first_batch, split_batch, to_device
 from ...errors import NodeError
+from ..toolkit import forward_hooks
 from .int8_ops import DYNAMIC, STATIC_CONV, STATIC_LINEAR, fake_quant, reference_module
 
 EXPORT_FILE = "model.pt2"
@@ -86,13 +87,10 @@ def static_input_qparams(model: nn.Module, inputs: Any) -> dict[str, tuple[float
     def hook(name: str, _module: nn.Module, args: tuple) -> None:
         seen[name] = (args[0].q_scale(), args[0].q_zero_point())
 
-    handles = [m.register_forward_pre_hook(functools.partial(hook, n)) for n, m in model.named_modules()
-               if isinstance(m, STATIC_LINEAR + STATIC_CONV) and not isinstance(m, DYNAMIC)]
-    try:
+    hooks = {n: functools.partial(hook, n) for n, m in model.named_modules()
+             if isinstance(m, STATIC_LINEAR + STATIC_CONV) and not isinstance(m, DYNAMIC)}
+    with forward_hooks(model, pre=hooks):
         call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
     return seen
 
 

@@ -15,11 +15,12 @@ from ...errors import DataError, NodeError
 from ...registry import register_node
 from ...schema import TrainParams
 from ...trainer import train
+from ..toolkit import input_batches
 from .ao import calibrate, convert_model, prepare_model
-from .calibration import check_engine, input_batches
+from .calibration import check_engine
 from .config import QATConfig
-from .dynamic import write_report
-from .selective import choose_float_layers, quantizable_layers, require_layers, skipped_by_patterns
+from .ptq import auto_skip_layers, export_if_asked
+from .selective import quantizable_layers, require_layers, skipped_by_patterns
 from .static import KINDS, _quantized as _static_quantized, choose_graph, static_plan
 
 
@@ -56,10 +57,8 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: NodeContext) -> nn.Modul
 
         quantize = functools.partial(_static_quantized, config=PTQStaticConfig(**static_cfg), layers=layers,
                                      graph=graph, batches=batches)
-        keep_float, report = choose_float_layers(ctx, quantize, work.eval(), batches, list(layers),
-                                                 config.auto_skip.error_budget, config.auto_skip.max_float_layers,
-                                                 keep_float)
-        write_report(ctx, "sensitivity.json", report)
+        keep_float = auto_skip_layers(ctx, config.auto_skip, quantize, work.eval(), batches, layers, keep_float,
+                                      log=False)
     plan = static_plan(config, layers, set(keep_float), graph, example, work, method="qat")
     plan["learnable"] = config.learnable_scales
     prepared = prepare_model(work, plan)
@@ -70,8 +69,5 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: NodeContext) -> nn.Modul
     train(prepared, ctx, params, tag="qat")
     quantized = convert_model(prepared, plan)
     ctx.record_structure("quantize", plan)
-    if config.export:
-        from .export import export_program
-
-        export_program(quantized, [example], ctx, label)
+    export_if_asked(quantized, config, [example], ctx, label)
     return quantized

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...data import call_model, primary_output
 from ...errors import NodeError
+from ..toolkit import per_layer
 
 # Exact types only: subclasses (e.g. MultiheadAttention's out_proj) may not be called as plain layers.
 LAYER_TYPES: dict[str, tuple[type, ...]] = {
@@ -87,7 +88,7 @@ def sensitivities(ctx: Any, quantize: Quantizer, model: nn.Module, batches: list
                   reference: list[torch.Tensor]) -> dict[str, float]:
     """Per-layer sensitivity, measured independently (``ctx.map``: on the cluster when distributed)."""
     fn = functools.partial(_only_layer_error, quantize, model, batches, reference, tuple(layers))
-    return dict(zip(layers, ctx.map(fn, layers)))
+    return per_layer(ctx, fn, layers)
 
 
 def choose_float_layers(ctx: Any, quantize: Quantizer, model: nn.Module, batches: list[Any], layers: list[str],

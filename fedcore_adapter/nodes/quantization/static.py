@@ -14,10 +14,11 @@ from ...context import NodeContext
 from ...errors import NodeError
 from ...registry import register_node
 from .ao import base_plan, calibrate, convert_model, prepare_model
-from .calibration import calibration_batches, check_engine, input_spec
+from ..toolkit import calibration_inputs
+from .calibration import check_engine, input_spec
 from .config import PTQStaticConfig
-from .dynamic import write_report
-from .selective import choose_float_layers, quantizable_layers, require_layers, skipped_by_patterns
+from .ptq import auto_skip_layers, export_if_asked
+from .selective import quantizable_layers, require_layers, skipped_by_patterns
 
 log = logging.getLogger("fedcore_adapter")
 KINDS = ("linear", "conv")
@@ -72,20 +73,13 @@ def apply_ptq_static(model: nn.Module, config: PTQStaticConfig, ctx: NodeContext
     layers = quantizable_layers(model, KINDS)
     require_layers(layers, label, KINDS)
     keep_float = skipped_by_patterns(layers, config.skip, label)
-    batches = calibration_batches(ctx, ctx.limit("valid", config.calibration_batches), label, "static quantization")
+    batches = calibration_inputs(ctx, ctx.limit("valid", config.calibration_batches), purpose="static quantization",
+                                 label=label)
     work = copy.deepcopy(model).cpu().eval()
     graph = choose_graph(work, config, layers, keep_float, batches[0], label)
-    if config.auto_skip is not None:
-        quantize = functools.partial(_quantized, config=config, layers=layers, graph=graph, batches=batches)
-        keep_float, report = choose_float_layers(
-            ctx, quantize, work, batches[:config.auto_skip.batches], list(layers),
-            config.auto_skip.error_budget, config.auto_skip.max_float_layers, keep_float)
-        write_report(ctx, "sensitivity.json", report)
-        ctx.log({"quant_error": report["error"], "quant_float_layers": float(len(report["kept_float"]))})
+    quantize = functools.partial(_quantized, config=config, layers=layers, graph=graph, batches=batches)
+    keep_float = auto_skip_layers(ctx, config.auto_skip, quantize, work, batches, layers, keep_float)
     quantized, plan = quantize_static_model(work, frozenset(keep_float), config, layers, graph, batches)
     ctx.record_structure("quantize", plan)
-    if config.export:
-        from .export import export_program
-
-        export_program(quantized, batches, ctx, label)
+    export_if_asked(quantized, config, batches, ctx, label)
     return quantized
