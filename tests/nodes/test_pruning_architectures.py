@@ -10,7 +10,6 @@ from fedcore_adapter.errors import NodeError
 from fedcore_adapter.nodes.pruning import PruningWarning
 from fedcore_adapter.nodes.pruning.backend import make_pruner
 from fedcore_adapter.nodes.pruning.history import History, replay_pruning
-from fedcore_adapter.nodes.pruning.layer_pruners import LSTMPruner
 
 
 def prune(model: nn.Module, inputs, ratio=0.5, **options) -> tuple[nn.Module, History]:
@@ -105,26 +104,7 @@ def test_channels_are_removed_and_the_history_replays_exactly(make, inputs, prun
     assert_replays(make, pruned, history, inputs)
 
 
-def test_lstm_hidden_channel_removal_keeps_the_function_of_the_other_channels():
-    """A hidden unit whose output gate is shut never contributes; removing it leaves the outputs unchanged."""
-    torch.manual_seed(0)
-    lstm = nn.LSTM(4, 5, batch_first=True)
-    with torch.no_grad():
-        lstm.weight_ih_l0[3 * 5 + 2].zero_(), lstm.weight_hh_l0[3 * 5 + 2].zero_()
-        lstm.bias_ih_l0[3 * 5 + 2].fill_(-1e4)  # output gate of unit 2 = 0 -> h_2 = 0
-    x = torch.randn(2, 6, 4)
-    with torch.no_grad():
-        full, _ = lstm(x)
-        pruned = LSTMPruner().prune_out_channels(copy.deepcopy(lstm), [2])
-        small, _ = pruned(x)
-    assert pruned.hidden_size == 4 and pruned.weight_hh_l0.shape == (16, 4)
-    torch.testing.assert_close(small, full[..., [0, 1, 3, 4]])
-
-
 @pytest.mark.parametrize("make, inputs, layer, kind, coupled", [
-    (seeded(lambda: SeqEncoder("gru")), IDS, "rnn", "GRU", "proj"),
-    (seeded(lambda: SeqEncoder("lstm", num_layers=2)), IDS, "rnn", "LSTM", "proj"),
-    (seeded(lambda: SeqEncoder("lstm", bidirectional=True)), IDS, "rnn", "LSTM", "proj"),
     (seeded(lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), LowRankRaw(8, 2), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
                                   nn.Linear(8, 2))), torch.randn(2, 6), "2", "LowRankRaw", "0"),
 ])

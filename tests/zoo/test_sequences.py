@@ -98,10 +98,11 @@ def test_composite_1_compresses_the_sequence_encoder_and_the_result_reloads(tmp_
     params["training_model"]["epochs"] = 2
     params["pruning_model"].update(epochs=1, pruning_iterations=1, finetune_params=once)
     params["low_rank_model"].update(epochs=1, finetune_params=once)
-    with pytest.warns(UserWarning, match="cannot prune layer 'seq_encoder.rnn'"):
-        result = fedcore_fit(model, dm, setup, output_folder=tmp_path / "COMPOSITE_1_seq_gru", limit_train_batches=3,
-                             limit_valid_batches=1)
+    hidden = model.seq_encoder.rnn.hidden_size
+    result = fedcore_fit(model, dm, setup, output_folder=tmp_path / "COMPOSITE_1_seq_gru", limit_train_batches=3,
+                         limit_valid_batches=1)
     assert [r["kind"] for r in result.metrics] == ["input", "training", "pruning", "low_rank", "pruning"]
+    assert result.optimised_model.seq_encoder.rnn.hidden_size < hidden  # the GRU's hidden units are pruned
     assert result.metrics[-1]["params"] < 0.9 * result.metrics[0]["params"]
     assert result.metrics[-1]["macs"] < result.metrics[0]["macs"]
     reloaded = load_model(result.output_dir, SeqGRUClassifier())

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ...data import batch_size, call_model, first_batch, primary_output, split_batch, to_device
+from .padded import is_padded, padded_slice
 from .structured import GraphPruner, Ratio
 from .transformers import TransformerPruner, find_groups
 
@@ -29,9 +30,11 @@ def make_pruner(model: nn.Module, example_inputs: Any, *, label: str, ratio: Rat
 
 
 def slice_inputs(inputs: Any, n: int) -> Any:
-    """The first ``n`` samples of a batch's inputs (tensor, tuple or dict)."""
+    """The first ``n`` samples of a batch's inputs (tensor, tuple, dict or ptls PaddedBatch)."""
     if isinstance(inputs, torch.Tensor):
         return inputs[:n]
+    if is_padded(inputs):
+        return padded_slice(inputs, n)
     if isinstance(inputs, dict):
         return {k: slice_inputs(v, n) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
@@ -42,7 +45,9 @@ def slice_inputs(inputs: Any, n: int) -> Any:
 def example_inputs(loader: Any, device: torch.device, n: int = 2) -> Any:
     """A few samples of the first batch, for tracing the model."""
     inputs, _ = split_batch(to_device(first_batch(loader, "training loader"), device))
-    return slice_inputs(inputs, min(n, batch_size(inputs)))
+    if is_padded(inputs):
+        inputs = inputs.to(device)
+    return slice_inputs(inputs, min(n, len(inputs) if is_padded(inputs) else batch_size(inputs)))
 
 
 def calibration_loss(output: Any, target: Optional[torch.Tensor], loss_fn: Optional[Callable]) -> torch.Tensor:

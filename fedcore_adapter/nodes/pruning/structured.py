@@ -1,10 +1,12 @@
 """Channel pruning of any traceable model through torch-pruning's dependency graph.
 
 Coupled channels (a conv, its BatchNorm, the next layer's inputs, residual
-partners) are removed together. Layers torch-pruning cannot prune (GRU, RNN,
-multi-layer LSTM, custom modules holding raw parameters) are traced as opaque
-blocks and every channel group touching them is kept, with a warning naming
-them; groups that would change the model's output shape are never pruned.
+partners) are removed together; recurrent layers lose hidden units
+(``recurrent``). Layers no pruning function covers (custom modules holding raw
+parameters, LSTMs with ``proj_size``) are traced as opaque blocks and every
+channel group touching them is kept, with a warning naming them; groups that
+would change the model's output shape are never pruned. Inputs and outputs may
+be ptls ``PaddedBatch`` objects (``padded``).
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ...data import call_model, primary_output
+from ...data import call_model
 from ...errors import NodeError
 from ..toolkit import forward_hooks
 from .factors import first_factors_of
 from .history import History
-from .layer_pruners import LSTM_PRUNER, FrozenPruner, has_pruner
+from .identity import identity_equality, plain_modules
+from .layer_pruners import FrozenPruner, has_pruner
+from .padded import floating_tensors, is_padded, traceable, traced_output, with_tensors
+from .recurrent import RECURRENT_PRUNER, initial_state_parameters, is_recurrent, units_of
 
 Ratio = Union[float, dict[str, float]]
 
@@ -31,12 +36,18 @@ class PruningWarning(UserWarning):
 
 
 def unsupported_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Sub-modules with their own parameters whose channels no pruning function can remove."""
+    """Sub-modules with their own parameters whose channels no pruning function can remove.
+
+    A recurrent layer's trainable initial state (``recurrent.initial_state_parameters``) is pruned
+    with the layer, so the module holding it is not one of them.
+    """
+    states = initial_state_parameters(model)
     found = {}
     for name, module in model.named_modules():
         if not name or any(name.startswith(f"{n}.") for n in found):
             continue
-        if any(True for _ in module.parameters(recurse=False)) and not has_pruner(module):
+        own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+        if own and not has_pruner(module) and not all(p in states for p in own):
             found[name] = module
     return found
 
@@ -56,7 +67,6 @@ class _Opaque(torch.autograd.Function):
 @contextmanager
 def _opaque_forward(modules: dict[str, nn.Module]) -> Iterator[None]:
     """While tracing, each of ``modules`` shows as one graph node (its internals hidden)."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
 
     def wrap(module: nn.Module):
         original = module.forward
@@ -64,16 +74,12 @@ def _opaque_forward(modules: dict[str, nn.Module]) -> Iterator[None]:
         def forward(*args, **kwargs):
             with torch.no_grad():
                 out = original(*args, **kwargs)
-            source = next((a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
-                           and a.is_floating_point()), None)
-            leaves, spec = tree_flatten(out)
-            idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            if source is None or not idx:
+            source = next(iter(floating_tensors((args, kwargs))), None)
+            outputs = floating_tensors(out)
+            if source is None or not outputs:
                 return out
-            wrapped = _Opaque.apply(source, *[leaves[i] for i in idx])
-            for i, t in zip(idx, wrapped):
-                leaves[i] = t
-            return tree_unflatten(leaves, spec)
+            out = with_tensors(out, _Opaque.apply(source, *outputs))
+            return traceable(out) if is_padded(out) else out
 
         return forward
 
@@ -183,17 +189,20 @@ class GraphPruner:
         self.model, self.label = model, label
         self.skipped: list[str] = []
         frozen = unsupported_modules(model)
-        customized = {type(m): FrozenPruner() for m in frozen.values() if not isinstance(m, nn.LSTM)}
-        customized[nn.LSTM] = LSTM_PRUNER
+        customized = {type(m): FrozenPruner() for m in frozen.values() if not is_recurrent(m)}
+        customized.update({cls: RECURRENT_PRUNER for cls in RECURRENT_PRUNER.TARGET_MODULES})
+        recurrent = {n: m for n, m in model.named_modules() if is_recurrent(m)}
+        self.states = initial_state_parameters(model)
         ratio_dict = {}
         if isinstance(ratio, dict):
             ratio_dict = {self._module(key, "pruning_ratio"): r for key, r in ratio.items()}
-        ignored = [self._module(name, "ignored_layers") for name in ignored_layers]
+        ignored = plain_modules(self._module(name, "ignored_layers") for name in ignored_layers)
         if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but the model has no "
                                    "BatchNorm layer; use magnitude, taylor, lamp or random")
         was_training = model.training
-        with trace_errors(model, label), _opaque_forward(frozen), warnings.catch_warnings():
+        with trace_errors(model, label), _opaque_forward({**frozen, **recurrent}), identity_equality(model), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch_pruning")
             self.pruner = tp.pruner.BasePruner(
                 model, example_inputs, importance=build_importance(importance, importance_norm),
@@ -201,7 +210,9 @@ class GraphPruner:
                 pruning_ratio_dict=ratio_dict or None, iterative_steps=steps, ignored_layers=ignored,
                 iterative_pruning_ratio_scheduler=lambda r, n: [scheduled_ratio(schedule, r, i, n) for i in range(n + 1)],
                 round_to=round_to, customized_pruners=customized,
-                forward_fn=lambda m, x: call_model(m, x), output_transform=primary_output)
+                root_module_types=[nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase],
+                out_channel_groups={m: 2 for m in recurrent.values() if m.bidirectional},
+                forward_fn=lambda m, x: call_model(m, x), output_transform=traced_output)
         model.train(was_training)
         self._protect(frozen)
         self.groups = self._group_table()
@@ -289,4 +300,16 @@ class GraphPruner:
                     history.add(dg._param_to_name[target.module], side, idxs, target.pruning_dim)
                 elif id(target.module) in names and len(idxs):
                     history.add(names[id(target.module)], side, idxs, target.pruning_dim)
+                    if side == "out" and is_recurrent(target.module):
+                        self._prune_states(names[id(target.module)], units_of(target.module, idxs), history)
             group.prune()
+
+    def _prune_states(self, layer: str, units: list[int], history: History) -> None:
+        """The recurrent ``layer``'s trainable initial states lose its removed hidden ``units`` (last axis)."""
+        from .history import apply_op
+
+        for param, owner in self.states.items():
+            if owner == layer:
+                op = {"module": param, "side": "out", "dim": -1, "idxs": units}
+                apply_op(self.model, op)
+                history.add(param, "out", units, -1)
