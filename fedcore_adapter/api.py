@@ -15,7 +15,6 @@ are looked up case-insensitively and are exactly the ones named.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import statistics
@@ -26,7 +25,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from torch import nn
 
+from .building import build_run, resolve_setup
 from .errors import ConfigError, DataError
+from .fedcore_format import is_fedcore_format, to_fedcore
+from .setups import setup_source
 
 FIT_OPTIONS = ("output_folder", "model_name", "limit_train_batches", "limit_valid_batches", "distributed_compression",
                "need_fedot_pretrain", "need_evo_opt", "cluster", "overrides", "hooks", "executor", "resume", "config")
@@ -43,18 +45,15 @@ def get_experimental_setup(name: Optional[str | Path]) -> tuple[dict, str]:
     in the FedCore or the native format. An unknown name raises a ConfigError listing
     the named setups. The dict is validated, and a fresh copy every call.
     """
-    from .fedcore_format import is_fedcore_format, to_fedcore
-    from .setups import load_setup, setup_source
-
     if name is None:
         return {}, "default"
     data, setup_name = setup_source(name)
-    native = load_setup(data)
+    native = resolve_setup(data)
     if is_fedcore_format(data):
         return copy.deepcopy(data), setup_name
     fedcore = {"name": setup_name, **to_fedcore(copy.deepcopy(data))}
     try:
-        same = load_setup(fedcore).model_dump(exclude={"name", "description"}) == \
+        same = resolve_setup(fedcore).model_dump(exclude={"name", "description"}) == \
             native.model_dump(exclude={"name", "description"})
     except ConfigError:  # a kind without a FedCore node name
         warnings.warn(f"setup {setup_name!r} uses node kinds FedCore has no name for; returned in the native "
@@ -192,35 +191,31 @@ def check_datamodule(dm: Any) -> None:
                         f"train_dataloader(), val_dataloader() and optionally test_dataloader()")
 
 
-def _fedcore_setup(experiment_setup: Any, options: dict) -> tuple[Any, list[str]]:
-    """A validated Setup from the seed's setup argument; the seed's top-level options are moved to ``options``."""
-    from .fedcore_format import from_fedcore
-    from .setups import load_setup
-
-    notes = []
-    if isinstance(experiment_setup, Mapping) and "nodes" not in experiment_setup:
-        data = copy.deepcopy(dict(experiment_setup))
-        for key in _SEED_TOP_KEYS:
-            if key in data:
-                options.setdefault(key, data.pop(key))
-        if not data:
-            raise ConfigError("fedcore_fit: the experiment setup is empty (get_experimental_setup(None) names no "
-                              "chain); pass a named setup such as get_experimental_setup('RAW')[0] or a setup file")
-        experiment_setup = from_fedcore(data, name=data.get("name"))
-    setup = load_setup(experiment_setup, options.get("overrides"))
-    for key in ("need_fedot_pretrain", "need_evo_opt"):
-        if options.get(key):
-            notes.append(_NO_FEDOT.format(f"{key}=True"))
-    return setup, notes
+def _seed_setup(experiment_setup: Any, options: dict) -> Any:
+    """The setup argument with the seed's top-level options (``output_folder``, ``need_*``,
+    ``distributed_compression``) of a FedCore-format dict moved to ``options``."""
+    if not (isinstance(experiment_setup, Mapping) and "nodes" not in experiment_setup):
+        return experiment_setup
+    data = copy.deepcopy(dict(experiment_setup))
+    for key in _SEED_TOP_KEYS:
+        if key in data:
+            options.setdefault(key, data.pop(key))
+    if not data:
+        raise ConfigError("fedcore_fit: the experiment setup is empty (get_experimental_setup(None) names no "
+                          "chain); pass a named setup such as get_experimental_setup('RAW')[0] or a setup file")
+    return data
 
 
-def _placement(folder: Path, setup_name: str) -> tuple[Path, Optional[str], Optional[str]]:
-    """``(root, model_name, new setup name)`` that make the engine's run folder exactly ``folder``."""
-    if folder.name == setup_name:
-        return folder.parent, None, None
-    if folder.name.startswith(f"{setup_name}_"):
-        return folder.parent, folder.name[len(setup_name) + 1:], None
-    return folder.parent, None, folder.name
+def _fit_overrides(options: dict) -> Optional[dict]:
+    """``options['overrides']`` with the seed's batch limits and ``distributed_compression`` in ``common``."""
+    overrides = dict(options.get("overrides") or {})
+    common = {"limit_train_batches": options.get("limit_train_batches"),
+              "limit_valid_batches": options.get("limit_valid_batches"),
+              "distributed_compression": True if options.get("distributed_compression") else None}
+    common = {k: v for k, v in common.items() if v is not None}
+    if common:
+        overrides["common"] = {**(overrides.get("common") or {}), **common}
+    return overrides or None
 
 
 def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = None, n_cls: Optional[int] = None,
@@ -243,10 +238,6 @@ def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = No
     Returns a :class:`FedcoreFitResult`; ``model`` itself is never modified. The metrics
     rows are measured on the validation split: the test split stays held out.
     """
-    from .engine import run
-    from .jobs import executor_for
-    from .setups import load_setup
-
     unknown = sorted(set(kwargs) - set(FIT_OPTIONS))
     if unknown:
         raise ConfigError(f"fedcore_fit: unknown option(s) {unknown}; allowed: {', '.join(FIT_OPTIONS)}")
@@ -254,30 +245,16 @@ def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = No
         raise ConfigError(f"fedcore_fit: n_cls={n_cls!r} must be a positive int or None")
     check_datamodule(dm)
     options = {k: v for k, v in kwargs.items() if v is not None}
-    setup, notes = _fedcore_setup(experiment_setup, options)
-    common = {"limit_train_batches": options.get("limit_train_batches"),
-              "limit_valid_batches": options.get("limit_valid_batches")}
-    if options.get("distributed_compression"):
-        common["distributed_compression"] = True
-    common = {k: v for k, v in common.items() if v is not None}
-    if common:
-        setup = load_setup(setup, {"common": common})
+    spec = _seed_setup(experiment_setup, options)
+    setup = resolve_setup(spec, _fit_overrides(options))
+    notes = [_NO_FEDOT.format(f"{key}=True") for key in ("need_fedot_pretrain", "need_evo_opt") if options.get(key)]
     for note in notes:
         warnings.warn(note, stacklevel=2)
-
-    model_name = options.get("model_name")
-    root = Path("composition_results")
-    if options.get("output_folder"):
-        root, folder_model, new_name = _placement(Path(options["output_folder"]), setup.name)
-        model_name = folder_model
-        if new_name:
-            setup = setup.model_copy(update={"name": new_name})
-    cfg = {"cluster": options.get("cluster") or {"name": "local"}}
-    given = options.get("executor")
-    with executor_for(cfg, setup) if given is None else contextlib.nullcontext(given) as executor:
-        result = run(setup, model, _FitData(dm), loss=resolve_loss(loss), output_dir=root, model_name=model_name,
-                     resume=bool(options.get("resume")), hooks=options.get("hooks") or (), executor=executor,
-                     config={**options["config"], "setup_resolved": setup.to_dict()} if options.get("config") else None)
+    result = build_run(setup, model=model, data=_FitData(dm), loss=resolve_loss(loss),
+                       output_folder=options.get("output_folder"), model_name=options.get("model_name"),
+                       resume=bool(options.get("resume")), hooks=options.get("hooks") or [],
+                       executor=options.get("executor"), cluster=options.get("cluster") or {"name": "local"},
+                       config=options.get("config"))
     return FedcoreFitResult(result.model, model, result.metrics, result.output_dir, result.setup, result.status, notes)
 
 

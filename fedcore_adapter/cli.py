@@ -12,65 +12,22 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-SETUP_SCOPED = ("nodes.", "common.")
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-                "-cd", "--experimental-rerun", "--info", "-i"}
+from . import entrypoints
+from .composition import exit_if_not_composable, normalize_argv, one_line
+from .errors import FedcoreError
+
 log = logging.getLogger("fedcore_adapter")
-
-
-def normalize_argv(argv: list[str]) -> list[str]:
-    """Hydra argv as users write it: flags anywhere, ``nodes.1.epochs=3`` / ``common.seed=1`` without ``++``."""
-    flags, overrides = [], []
-    args = iter(argv)
-    for arg in args:
-        if arg.startswith("-"):
-            flags.append(arg)
-            if arg in _VALUE_FLAGS:
-                value = next(args, None)
-                if value is not None:
-                    flags.append(value)
-        else:
-            overrides.append("++" + arg if arg.startswith(SETUP_SCOPED) and "=" in arg else arg)
-    return flags + overrides
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).split("Config search path:")[0]  # Hydra's search path is noise to a user
-    text = " ".join(text.split()).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
-    return text or type(err).__name__
-
-
-def composition_error(argv: list[str], config_name: str = "config") -> Optional[str]:
-    """Why ``conf/<config_name>.yaml`` does not compose with these overrides, as one line (None when it does).
-
-    A single run is composed once up front so that an unknown config group option (``model=nope``)
-    or key (``setpu=raw``) ends like every other bad input, not in Hydra's multi-line report. Runs
-    with flags (``-m``, ``--help``, ``--cfg`` ...) and ``hydra.*`` overrides are left to Hydra."""
-    if any(a.startswith("-") for a in argv):
-        return None
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .resources import conf_dir
-
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            compose(config_name=config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        return _one_line(err)
-    return None
+# Start-up time: this module serves ``--help`` and ``setups``, so torch (building, results, report) and Hydra's
+# app machinery are imported inside the functions that run a job.
 
 
 def _task(cfg) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from .errors import FedcoreError
-    from .jobs import run_from_config
+    from .building import run_from_config
     from .results import summary_table
 
     logging.getLogger("fedcore_adapter").setLevel(logging.INFO)
@@ -82,7 +39,7 @@ def _task(cfg) -> Optional[float]:
     except (FedcoreError, FileNotFoundError, ImportError) as err:
         if plain.get("debug"):
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     print(summary_table(result.metrics))
     print(f"results: {result.output_dir}")
@@ -91,28 +48,20 @@ def _task(cfg) -> Optional[float]:
 
 
 def show_job_config(argv: list[str]) -> int:
-    """``--cfg job``: the composed config plus ``resolved_setup`` (the setup as it will run), as YAML."""
+    """``--cfg job``: the composed config plus ``setup_resolved`` (the setup as it will run), as YAML."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .jobs import build_setup
+    from .building import config_setup
     from .resources import conf_dir
 
     overrides = [a for a in argv if not a.startswith("-") and a != "job"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["resolved_setup"] = build_setup(plain).to_dict()
+    plain["setup_resolved"] = config_setup(plain).to_dict()
     print(OmegaConf.to_yaml(OmegaConf.create(plain)), end="")
     return 0
-
-
-def exit_if_not_composable(argv: list[str], config_name: str) -> None:
-    """One line on stderr and exit status 2 when the config does not compose (see :func:`composition_error`)."""
-    problem = composition_error(argv, config_name)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _wants_job_config(argv: list[str]) -> bool:
@@ -138,10 +87,11 @@ def run_app(argv: list[str]) -> None:
 
 def list_setups(argv: list[str]) -> int:
     """Print the named setups with their chains."""
-    from .setups import load_setup, named_setups
+    from .building import resolve_setup
+    from .setups import named_setups
 
     for name in named_setups():
-        setup = load_setup(name)
+        setup = resolve_setup(name)
         chain = " -> ".join(n.kind for n in setup.nodes)
         print(f"{name:<12} {chain}")
         if setup.description:
@@ -156,17 +106,14 @@ def _compare(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from .distributed.sweep import main as sweep_main
+    from .distributed.sweep import main as sweep_main  # dask
 
     return sweep_main(argv)
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {"setups": list_setups, "compare": _compare,
-                                                                 "sweep": _sweep}
-from . import entrypoints  # noqa: E402 - import-light: each command imports its module when run
-SUBCOMMANDS["train"] = entrypoints.train
-SUBCOMMANDS["fit-target"] = entrypoints.fit_target
-SUBCOMMANDS["inference"] = entrypoints.inference
+SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {
+    "setups": list_setups, "compare": _compare, "sweep": _sweep, "train": entrypoints.train,
+    "fit-target": entrypoints.fit_target, "inference": entrypoints.inference}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -180,12 +127,10 @@ def _run_subcommand(fn: Callable[[list[str]], Optional[int]], argv: list[str]) -
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import FedcoreError
-
     try:
         code = fn(argv)
     except (FedcoreError, HydraException, OmegaConfBaseException) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         code = 2
     sys.exit(code or 0)
 

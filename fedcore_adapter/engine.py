@@ -147,16 +147,16 @@ class _Run:
         )
 
 
-def run(setup: Any, model: nn.Module, datamodule: Any, *, loss: Any = None, conf_loss: Any = None,
+def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, conf_loss: Any = None,
         output_dir: str | Path = "composition_results", model_name: Optional[str] = None, resume: bool = False,
         hooks: Sequence[Hook] = (), executor: Any = None, config: Optional[dict] = None) -> RunResult:
-    """Run ``setup`` on ``model`` and ``datamodule``; see the package README for the results layout.
+    """Run a resolved ``setup`` on ``model`` and ``datamodule``; see the package README for the results layout.
 
-    The input ``model`` is never modified: the chain works on a copy.
+    The input ``model`` is never modified: the chain works on a copy. Callers build the run with
+    ``building.build_run`` (which resolves and validates the setup once).
     """
-    from .setups import load_setup
-
-    setup = load_setup(setup)
+    if not isinstance(setup, Setup):
+        raise TypeError(f"engine.run takes a Setup (got {type(setup).__name__}); building.resolve_setup makes one")
     r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, root=Path(output_dir), model_name=model_name,
              hooks=hooks, executor=executor, config=config)
     loss_fn = find_loss(model, loss, conf_loss)

@@ -47,6 +47,14 @@ def is_fedcore_format(data: dict) -> bool:
     return bool(_FEDCORE_TOP_KEYS & {"compression_task", "model_params", "initial_assumption"} & set(data))
 
 
+def native_setup(data: dict, name: str | None = None) -> dict[str, Any]:
+    """The native setup mapping of ``data`` in either format (the one place the format is told apart);
+    ``name`` names it unless a native mapping has its own."""
+    if is_fedcore_format(data):
+        return from_fedcore(data, name=name)
+    return {**data, "name": name} if name and "name" not in data else data
+
+
 def from_fedcore(data: dict, name: str | None = None) -> dict[str, Any]:
     """Native setup mapping from a FedCore-format dict; one-line ConfigError on bad input."""
     unknown = set(data) - _FEDCORE_TOP_KEYS - {"name", "description"}

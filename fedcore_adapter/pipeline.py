@@ -6,7 +6,8 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .engine import RunResult, run
+from .building import build_run, resolve_setup
+from .engine import RunResult
 from .hooks import Hook
 
 
@@ -20,8 +21,5 @@ def run_setup(setup: Any, model: nn.Module, datamodule: Any, *, loss: Any = None
     per node, row 0 the input model) and ``.output_dir`` (the results folder).
     ``overrides`` is ``{'common': {...}, 'nodes': {<index or kind>: {...}}}``.
     """
-    from .setups import load_setup
-
-    return run(load_setup(setup, overrides), model, datamodule, loss=loss,
-               output_dir=output_dir or "composition_results", model_name=model_name, resume=resume, hooks=hooks,
-               executor=executor, config=config)
+    return build_run(resolve_setup(setup, overrides), model=model, data=datamodule, loss=loss, output_dir=output_dir,
+                     model_name=model_name, resume=resume, hooks=list(hooks), executor=executor, config=config)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .fedcore_format import native_setup
 
 PositiveInt = Optional[int]
 Auto = Union[bool, Literal["auto"]]
@@ -186,14 +187,11 @@ class Setup(StrictModel):
     @classmethod
     def parse(cls, data: Any) -> "Setup":
         """Validate a native or FedCore-format mapping into a Setup (one-line ConfigError on failure)."""
-        from .fedcore_format import is_fedcore_format, from_fedcore
-
         if isinstance(data, Setup):
             return data
         if not isinstance(data, dict):
             raise ConfigError(f"a setup must be a mapping (got {type(data).__name__})")
-        if is_fedcore_format(data):
-            data = from_fedcore(data)
+        data = native_setup(data)
         try:
             return cls.model_validate(data)
         except ValidationError as err:

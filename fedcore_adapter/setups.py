@@ -1,4 +1,5 @@
-"""Named setups (``setups/*.yaml``), setup files, and overrides of their fields."""
+"""Named setups (``setups/*.yaml``), setup files, and overrides of their fields (``building.resolve_setup``
+turns them into a validated Setup)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,6 @@ import yaml
 
 from .errors import ConfigError
 from .resources import setups_dir
-from .schema import Setup
 
 
 def named_setups() -> dict[str, Path]:
@@ -57,7 +57,7 @@ def _deep_update(target: dict, fields: Mapping[str, Any]) -> None:
             target[key] = copy.deepcopy(value)
 
 
-def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict:
+def apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict:
     """Apply ``{'common': {...}, 'nodes': {<index or kind>: {...}}}`` to a native setup mapping."""
     if not overrides:
         return data
@@ -87,24 +87,3 @@ def _apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict
             for n in matched:
                 _deep_update(n, fields)
     return data
-
-
-def load_setup(spec: Any, overrides: Optional[Mapping[str, Any]] = None) -> Setup:
-    """A validated Setup from a name, a path, a mapping (native or FedCore format) or a Setup."""
-    from .fedcore_format import from_fedcore, is_fedcore_format
-
-    if isinstance(spec, Setup):
-        if not overrides:
-            return spec
-        spec = spec.to_dict()
-    name = None
-    if isinstance(spec, (str, Path)):
-        spec, name = setup_source(spec)
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"a setup is a name, a file path, a mapping or a Setup (got {type(spec).__name__})")
-    data = dict(spec)
-    if is_fedcore_format(data):
-        data = from_fedcore(data, name=name)
-    elif name and "name" not in data:
-        data["name"] = name
-    return Setup.parse(_apply_overrides(data, overrides))

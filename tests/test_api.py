@@ -14,7 +14,8 @@ from fedcore_adapter import eval_computational_metrics, extract_loss, fedcore_fi
 from fedcore_adapter.api import resolve_loss
 from fedcore_adapter.context import SequentialExecutor
 from fedcore_adapter.errors import ConfigError, DataError
-from fedcore_adapter.setups import load_setup, named_setups
+from fedcore_adapter.building import resolve_setup as load_setup
+from fedcore_adapter.setups import named_setups
 from tests.conftest import TinyDataModule, tiny_mlp
 
 SEED_KEYS = {"compression_task", "need_pretrain", "common", "model_params", "initial_assumption"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcore_adapter.cli import normalize_argv
+from fedcore_adapter.composition import normalize_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["tracking=none", "model=custom", "model._target_=tests.helpers.build_tiny_mlp", "data=custom",
@@ -66,7 +66,7 @@ def test_debug_flag_shows_the_full_traceback(tmp_path):
 def test_cfg_job_prints_the_setup_resolved_with_overrides(tmp_path):
     proc = cli("--cfg", "job", "setup=raw", "nodes.0.epochs=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "resolved_setup:" in proc.stdout and "name: RAW" in proc.stdout and "epochs: 3" in proc.stdout
+    assert "setup_resolved:" in proc.stdout and "name: RAW" in proc.stdout and "epochs: 3" in proc.stdout
 
 
 def test_setups_subcommand_lists_names_and_chains(tmp_path):

@@ -16,7 +16,7 @@ from torch import nn
 from fedcore_adapter.context import SequentialExecutor
 from fedcore_adapter.distributed import DaskExecutor, executor_from_config, open_client, run_tasks
 from fedcore_adapter.errors import ConfigError
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 from tests.conftest import TinyDataModule
 
 

@@ -73,22 +73,6 @@ def test_save_encoder_as_a_pickle_file_is_refused_before_anything_runs(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pretrained_encoder_weights_load_into_seq_encoder_and_pickles_are_refused(tmp_path):
-    from fedcore_adapter.entrypoints.common import build_model
-
-    torch.manual_seed(1)
-    source = SeqGRUClassifier()
-    torch.save(source.seq_encoder.state_dict(), tmp_path / "encoder.pt")
-    torch.save(source.seq_encoder, tmp_path / "pickled.pt")
-    model = build_model({"model": {"_target_": "fedcore_adapter.zoo.sequences.SeqGRUClassifier"},
-                         "pretrained": str(tmp_path / "encoder.pt")})
-    torch.testing.assert_close(model.seq_encoder.state_dict(), source.seq_encoder.state_dict())
-    assert not torch.equal(model.head[0].weight, source.head[0].weight)
-    with pytest.raises(ConfigError, match=r"pickled.pt' is not a state-dict file .*pickled modules are never loaded"):
-        build_model({"model": {"_target_": "fedcore_adapter.zoo.sequences.SeqGRUClassifier"},
-                     "pretrained": str(tmp_path / "pickled.pt")})
-
-
 # -- fit-target ------------------------------------------------------------------------------------------------
 def test_fit_target_compresses_and_tests_every_fold_and_writes_the_mean(tmp_path):
     from fedcore_adapter.entrypoints.fit_target import run_fit_target

@@ -1,7 +1,8 @@
 """The six named setups hold exactly the FedCore definitions (reference/fedcore_setups.md)."""
 import pytest
 
-from fedcore_adapter.setups import load_setup, named_setups
+from fedcore_adapter.building import resolve_setup as load_setup
+from fedcore_adapter.setups import named_setups
 
 CHAINS = {
     "RAW": ["training"],

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 from fedcore_adapter.setups import named_setups
 
 LIMITS = {"limit_train_batches": 2, "limit_valid_batches": 2, "limit_test_batches": 2, "latency_repeats": 2,

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from fedcore_adapter.errors import ConfigError
-from fedcore_adapter.setups import load_setup, named_setups
+from fedcore_adapter.building import resolve_setup as load_setup
+from fedcore_adapter.setups import named_setups
 
 
 def test_named_setup_lookup_is_case_insensitive():

@@ -212,7 +212,7 @@ def test_four_processes_logging_to_one_store_at_once_lose_no_run_and_no_metric(s
 def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch):
     monkeypatch.chdir(store["root"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from fedcore_adapter.jobs import run_from_config
+    from fedcore_adapter.building import run_from_config
 
     low_rank = {"kind": "low_rank", "thresholds": [0.9]}
     cfg = {"setup": tiny_setup(TRAIN, low_rank, name="LOCAL"), "tracking": {"name": "mlflow"}, "model_name": "tiny_model",
@@ -234,7 +234,7 @@ def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch)
 
 
 def test_tracking_none_touches_nothing(tmp_path, monkeypatch):
-    from fedcore_adapter.jobs import run_from_config
+    from fedcore_adapter.building import run_from_config
 
     monkeypatch.chdir(tmp_path)
     cfg = {"setup": tiny_setup(TRAIN, name="NONE"), "tracking": {"name": "none"}, "output_dir": str(tmp_path / "out"),

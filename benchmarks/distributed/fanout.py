@@ -23,7 +23,7 @@ import torch
 
 from fedcore_adapter.distributed import open_client, run_many, run_tasks
 from fedcore_adapter.distributed.runs import estimated_work, longest_first, run_config
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 
 from benchmarks.common import environment, markdown, median
 
@@ -35,7 +35,7 @@ SCALE = {"training": {"epochs": 3}, "pruning": {"pruning_iterations": 2, "epochs
 
 
 def configs(setups: list[str], out: str, train_batches: int = 4) -> list[dict]:
-    from fedcore_adapter.setups import load_setup
+    from fedcore_adapter.building import resolve_setup as load_setup
 
     cfgs = []
     for s in setups:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedcore_adapter.context import SequentialExecutor
 from fedcore_adapter.distributed import DaskExecutor, open_client, run_tasks
 from fedcore_adapter.distributed.runs import run_config
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 
 from benchmarks.common import environment, markdown, median
 

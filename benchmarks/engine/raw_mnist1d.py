@@ -9,7 +9,7 @@ import tempfile
 import time
 
 
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 
 from benchmarks.common import environment, markdown, median
 

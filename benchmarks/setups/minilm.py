@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from fedcore_adapter import load_model
-from fedcore_adapter.jobs import run_from_config
-from fedcore_adapter.setups import load_setup
+from fedcore_adapter.building import run_from_config
+from fedcore_adapter.building import resolve_setup as load_setup
 from fedcore_adapter.metrics import count_params, latency_ms
 from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm
 

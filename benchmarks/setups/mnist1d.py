@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fedcore_adapter import load_model
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 from fedcore_adapter.metrics import latency_ms
 from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
 from fedcore_adapter.zoo.models import MNIST1DCNN

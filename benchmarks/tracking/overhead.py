@@ -32,7 +32,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from fedcore_adapter.jobs import run_from_config
+    from fedcore_adapter.building import run_from_config
 
     cfg = {"setup": args.setup, "nodes": {"0": {"epochs": args.epochs, "progress": False}}, "output_dir": args.out,
            "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},

@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from ..building import DEFAULT_SETUP, run_from_config, setup_mapping, setup_overrides
+from ..errors import FedcoreError
 from .cluster import open_client
 from .fanout import TaskResult, run_tasks
 
@@ -23,36 +25,25 @@ SWEEP_FILE = "sweep.json"
 
 def run_config(payload: Mapping[str, Any]) -> dict:
     """Task body: run one composed configuration; return only small, picklable facts (not the model)."""
-    from ..jobs import run_from_config
-
     result = run_from_config(payload["cfg"], model_label=payload.get("model_label"))
     return {"output_dir": str(Path(result.output_dir).absolute()), "status": result.status, "metrics": result.metrics}
 
 
-def setup_name(spec: Any) -> str:
-    """The name a setup's run folder gets, read without validating the setup (no node module imported)."""
-    from ..fedcore_format import is_fedcore_format
-    from ..setups import setup_source
-
-    if isinstance(spec, Mapping):
-        data, name = spec, None
-    else:
-        data, name = setup_source(spec)
-    if is_fedcore_format(dict(data)):
-        return name or data.get("name") or "custom"
-    return data.get("name") or name or "custom"
+def _setup(cfg: Mapping[str, Any]) -> Optional[dict]:
+    """The setup ``cfg`` will run, as the mapping ``building`` validates on the worker (read here without
+    importing torch); None when it does not resolve (the run itself reports why)."""
+    try:
+        return setup_mapping(cfg.get("setup") or DEFAULT_SETUP, setup_overrides(cfg))
+    except (FedcoreError, OSError):
+        return None
 
 
 def planned_folder(cfg: Mapping[str, Any]) -> Optional[Path]:
-    """Where the run of ``cfg`` will write its results (None when its setup cannot even be read)."""
-    if "setup" not in cfg:
+    """Where the run of ``cfg`` will write its results (None when its setup does not resolve)."""
+    setup = _setup(cfg) if "setup" in cfg else None
+    if setup is None:
         return None
-    from ..errors import FedcoreError
-
-    try:
-        name = setup_name(cfg.get("setup") or "RAW")
-    except (FedcoreError, OSError):
-        return None
+    name = setup.get("name") or "custom"
     return Path(cfg.get("output_dir") or "composition_results") / run_folder_name(name, cfg.get("model_name"))
 
 
@@ -67,20 +58,11 @@ def _epochs(node: Any) -> int:
 
 def estimated_work(cfg: Mapping[str, Any]) -> float:
     """A rough size of the run of ``cfg``, to start long runs first: per node, 1 + its epochs (pruning
-    epochs counted once per iteration); 0 when the setup cannot be read (the run will report why)."""
-    from ..errors import FedcoreError
-    from ..fedcore_format import from_fedcore, is_fedcore_format
-    from ..jobs import setup_overrides
-    from ..setups import _apply_overrides, setup_source
-
-    try:
-        spec = cfg.get("setup") or "RAW"
-        data, name = (dict(spec), None) if isinstance(spec, Mapping) else setup_source(spec)
-        if is_fedcore_format(data):
-            data = from_fedcore(data, name=name)
-        nodes = _apply_overrides(data, setup_overrides(cfg)).get("nodes") or []
-    except (FedcoreError, OSError, TypeError, ValueError, AttributeError):
+    epochs counted once per iteration); 0 when the setup does not resolve (the run will report why)."""
+    setup = _setup(cfg)
+    if setup is None:
         return 0.0
+    nodes = setup.get("nodes") or []
     work = 0.0
     for node in nodes:
         if isinstance(node, Mapping):

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    from ..cli import normalize_argv
+    from ..composition import normalize_argv
     from .runs import default_sweep_dir, run_many, summary
 
     flags = [a for a in argv if a.startswith("-")]

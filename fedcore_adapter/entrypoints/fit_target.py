@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError, DataError
-from .common import build_data, build_model, fit_options, plain, reporting_errors, results_folder, run_command
+from ..building import build_data, build_model, instantiate_target
+from ..composition import run_hydra_app
+from .common import command_setup, fit_options, plain, reporting_errors, results_folder
 
 RESULTS_SUFFIX = "_fit_target.json"
 
@@ -24,8 +26,6 @@ RESULTS_SUFFIX = "_fit_target.json"
 def fold_ids(spec: Any) -> list[int]:
     """``fold_list`` as a list of ints: a list, or a ``{_target_: ...}`` that builds one (e.g. builtins.range)."""
     if isinstance(spec, dict) and "_target_" in spec:
-        from ..jobs import instantiate_target
-
         spec = instantiate_target("fold_list", spec)
     try:
         folds = [int(f) for f in spec]
@@ -62,20 +62,21 @@ def test_scores(result: Any, dm: Any, loss: Any, common: Any) -> dict:
 
 def run_fit_target(cfg: Any) -> dict:
     """Run every fold of a fit-target config; returns (and writes) ``{setup, folds: [...], mean: {...}}``."""
-    from ..api import extract_loss, fedcore_fit, get_experimental_setup, provides, resolve_loss
+    from ..api import extract_loss, fedcore_fit, provides, resolve_loss
     from ..checkpoint import write_json
 
     raw = plain(cfg, resolve=False)
     first = _with_fold(raw, 0)
     folds = fold_ids(first.get("fold_list", [0]))
-    setup, name = get_experimental_setup(first.get("setup"))
+    setup = command_setup(first)
+    name = setup.name
     save_path = results_folder(first, name)
     validation = first.get("embedding_validation_results") or {}
     out_path = Path(str(validation.get("output_path") or f"{save_path}{RESULTS_SUFFIX}"))
     results = []
     for fold in folds:
         fold_cfg = _with_fold(raw, fold)
-        model = build_model(fold_cfg)
+        model = build_model(fold_cfg, setup.common.seed)
         dm = build_data(fold_cfg)
         if not provides(dm, "test_dataloader"):
             raise DataError(f"fit-target tests every fold on test_dataloader(); data module {type(dm).__name__} "
@@ -109,4 +110,4 @@ def _task(cfg) -> Optional[float]:
 
 
 def main(argv: list[str]) -> None:
-    run_command(_task, "fit_target", argv)
+    run_hydra_app(_task, "fit_target", argv)

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import ConfigError, DataError
-from .common import STATE_SUFFIXES, build_data, load_weights, plain, reporting_errors, run_command
+from ..building import build_data, instantiate_target, load_pretrained
+from ..composition import run_hydra_app
+from .common import STATE_SUFFIXES, plain, reporting_errors
 
 FORMATS = {"csv": "csv", "parquet": "parquet", "pickle": "pkl"}
 SPLITS = ("test", "val", "train")
@@ -131,7 +133,6 @@ def run_inference(cfg: Mapping[str, Any]) -> list[Path]:
     """Run an inference config; returns the score files written."""
     from ..api import eval_computational_metrics, provides
     from ..data import resolve_device, runtime_device
-    from ..jobs import instantiate_target
 
     cfg = plain(cfg)
     inference, fmt, split, limit = _options(cfg)
@@ -148,7 +149,7 @@ def run_inference(cfg: Mapping[str, Any]) -> list[Path]:
     n_comp = int(cfg.get("n_batches_computational") or 0)
     written = []
     for checkpoint_id, path in checkpoints:
-        model = load_weights(instantiate_target("model", cfg.get("model")), path, "inference_model")
+        model = load_pretrained(instantiate_target("model", cfg.get("model")), path, "inference_model")
         run_on = runtime_device(model, device)
         model.to(run_on)
         if n_comp > 0:
@@ -169,4 +170,4 @@ def _task(cfg) -> None:
 
 
 def main(argv: list[str]) -> None:
-    run_command(_task, "inference", argv)
+    run_hydra_app(_task, "inference", argv)

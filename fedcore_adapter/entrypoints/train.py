@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import ConfigError
-from .common import STATE_SUFFIXES, build_data, build_model, fit_options, plain, reporting_errors, results_folder, \
-    run_command
+from ..building import build_data, build_model
+from ..composition import run_hydra_app
+from .common import STATE_SUFFIXES, command_setup, fit_options, plain, reporting_errors, results_folder
 
 
 def check_save_target(path: Optional[str]) -> None:
@@ -39,14 +40,15 @@ def save_model_folder(result: Any, path: str | Path) -> Path:
 
 def run_train(cfg: Mapping[str, Any]):
     """Run a train command's config; returns the ``FedcoreFitResult``."""
-    from ..api import extract_loss, fedcore_fit, get_experimental_setup
+    from ..api import extract_loss, fedcore_fit
 
     cfg = plain(cfg)
     check_save_target(cfg.get("save_encoder"))
-    setup, name = get_experimental_setup(cfg.get("setup"))
-    model = build_model(cfg)
+    setup = command_setup(cfg)
+    model = build_model(cfg, setup.common.seed)
     dm = build_data(cfg)
-    result = fedcore_fit(model, dm, setup, loss=extract_loss(model, cfg), **fit_options(cfg, results_folder(cfg, name)))
+    result = fedcore_fit(model, dm, setup, loss=extract_loss(model, cfg),
+                         **fit_options(cfg, results_folder(cfg, setup.name)))
     if cfg.get("save_encoder"):
         save_model_folder(result, str(cfg["save_encoder"]))
     return result
@@ -66,4 +68,4 @@ def _task(cfg) -> Optional[float]:
 
 
 def main(argv: list[str]) -> None:
-    run_command(_task, "train", argv)
+    run_hydra_app(_task, "train", argv)

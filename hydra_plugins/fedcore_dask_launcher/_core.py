@@ -76,7 +76,7 @@ def _compose(launcher: Any, overrides: Sequence[str], idx: int, sweep_dir: Path)
 
 
 def _plain(config: DictConfig) -> Optional[dict]:
-    """The job's config as ``fedcore_adapter.jobs`` sees it, for fedcore_adapter apps (None otherwise)."""
+    """The job's config as ``fedcore_adapter.building.run_from_config`` sees it, for fedcore_adapter apps (None otherwise)."""
     if "setup" not in config or "output_dir" not in config:
         return None
     try:

@@ -3,7 +3,7 @@ import pytest
 
 from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.nodes.quantization import AutoSkip, PTQDynamicConfig, PTQStaticConfig, QATConfig
-from fedcore_adapter.setups import load_setup
+from fedcore_adapter.building import resolve_setup as load_setup
 
 
 def fedcore_setup(node: str, params: dict) -> dict:
