@@ -73,6 +73,14 @@ def tiny_setup(*nodes: dict, name: str = "T", **common) -> dict:
     return {"name": name, "common": common, "nodes": list(nodes) or [{"kind": "training", "epochs": 2}]}
 
 
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """A real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1: ``(address, start_worker, workers)``."""
+    from tests.servers import dask_scheduler
+
+    yield from dask_scheduler(tmp_path_factory.mktemp("dask"))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest, and time most stably, on one thread (CI shares 2 cores)."""

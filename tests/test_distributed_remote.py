@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -34,56 +33,6 @@ class SlowData(TinyDataModule):
                 (self.marker_dir / str(os.getpid())).write_text("")
             time.sleep(0.25)
             yield batch
-
-
-def _spawn(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 30) -> None:
-    """SIGTERM, wait up to ``grace_s``, then SIGKILL what is left (warned): no process outlives the tests."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.time() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-            warnings.warn(f"{' '.join(proc.args[2:4])} ignored SIGTERM for {grace_s:g} s; killed")
-
-
-@pytest.fixture(scope="module")
-def scheduler(tmp_path_factory):
-    """``(address, start_worker, workers)``: a scheduler with two nanny-less workers (1 thread each)."""
-    home = tmp_path_factory.mktemp("dask")
-    procs = [_spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--dashboard-address",
-                    "127.0.0.1:0", "--scheduler-file", str(home / "scheduler.json"), cwd=home)]
-    deadline = time.time() + 60
-    while not (home / "scheduler.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    address = json.loads((home / "scheduler.json").read_text())["address"]
-
-    def start_worker(name: str) -> subprocess.Popen:
-        procs.append(_spawn("worker", address, "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1",
-                            "--no-dashboard", "--name", name, cwd=home))
-        return procs[-1]
-
-    workers = [start_worker("w1"), start_worker("w2")]
-    try:
-        with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
-            pass
-        yield address, start_worker, workers
-    finally:
-        # Workers first, then the scheduler: a worker that gets SIGTERM while the closing scheduler also
-        # tells it to close can hang in its shutdown (distributed), which left it running before.
-        _stop(procs[1:])
-        _stop(procs[:1])
-        assert all(proc.poll() is not None for proc in procs)
 
 
 def test_the_scheduler_and_workers_listen_on_localhost(scheduler):
