@@ -68,7 +68,7 @@ def config_setup(cfg: Mapping[str, Any]) -> Setup:
 # -- what the run is built from ----------------------------------------------------------------------------------
 def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with a one-line error naming the section and its _target_."""
-    from hydra.errors import InstantiationException
+    from hydra.errors import InstantiationException  # hydra's instantiate machinery: only when something is built
     from hydra.utils import instantiate
 
     if not isinstance(spec, Mapping) or not spec.get("_target_") or spec.get("_target_") == "???":
@@ -82,7 +82,7 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
 
 def load_state_file(model: Any, path: Path, option: str = "pretrained") -> Any:
     """Load a state-dict file (``weights_only``) into ``model``, or into ``model.seq_encoder`` when it fits that."""
-    import torch
+    import torch  # building is imported where torch is not (the Dask launching side plans runs with it)
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -108,7 +108,7 @@ def load_state_file(model: Any, path: Path, option: str = "pretrained") -> Any:
 def load_pretrained(model: Any, path: str | Path, option: str = "pretrained") -> Any:
     """``model`` with saved weights: a checkpoint or results folder (its ``final``; structure replayed) or a
     ``.pt``/``.pth`` state-dict file (into ``model``, or its ``seq_encoder`` when the keys fit that)."""
-    from .checkpoint import MANIFEST_FILE, load_model
+    from .checkpoint import MANIFEST_FILE, load_model  # torch
 
     p = Path(path)
     if p.is_dir() and ((p / MANIFEST_FILE).exists() or (p / "final" / MANIFEST_FILE).exists()):
@@ -122,7 +122,7 @@ def load_pretrained(model: Any, path: str | Path, option: str = "pretrained") ->
 def build_model(cfg: Mapping[str, Any], seed: int) -> Any:
     """The model of ``cfg.model``, built under ``seed`` (the run's only seeding before the engine's per-node one),
     started from ``cfg.pretrained`` when given."""
-    from .engine import seed_everything
+    from .engine import seed_everything  # torch
 
     seed_everything(seed)
     model = instantiate_target("model", cfg.get("model"))
@@ -185,7 +185,7 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     ``{output_dir}/{SETUP}[_{model_name}]``, or exactly to ``output_folder``. The results' ``config.yaml``
     is ``config`` (default ``cfg``) with ``setup_resolved``.
     """
-    from .engine import run
+    from .engine import run  # torch
 
     given = cfg is not None
     cfg = dict(cfg or {})

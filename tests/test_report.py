@@ -10,7 +10,8 @@ import pytest
 
 from fedcore_adapter import run_setup
 from fedcore_adapter.errors import ConfigError
-from fedcore_adapter.report import comparison_figure, comparison_rows, main, plot_nodes, runs_from_folders
+from fedcore_adapter.plots import comparison_figure, plot_nodes
+from fedcore_adapter.report import comparison_rows, main, runs_from_folders
 from tests.conftest import TinyDataModule, tiny_mlp, tiny_setup
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -217,7 +217,7 @@ class Replayer:
         self.client.log_text(run_id, record["text"].replace("<run_id>", run_id), record["file"])
 
     def _plot(self, record: dict) -> None:
-        from ..report import plot_nodes
+        from ..plots import plot_nodes  # matplotlib: imported only when a plot is logged
 
         path = self.folder() / "metrics.json"
         rows = json.loads(path.read_text()) if path.exists() else []

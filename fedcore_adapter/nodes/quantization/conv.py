@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import _reduce, conv_geometry, im2col_apply
+from .modules import _reduce, conv_geometry, dynamic_qparams, im2col_apply, int8_gemm
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,8 +126,6 @@ class Int8Conv(nn.Module):
                   "relu" if self.relu else "none", [], "")
 
     def _im2col(self, x: torch.Tensor) -> torch.Tensor:
-        from .int8_ops import dynamic_qparams, int8_gemm  # int8_ops imports this module
-
         qmax = 127 if _reduce(self) else 255
         flat = self.qweight.reshape(self.qweight.shape[0], -1)
         weight_t, colsum = flat.t().contiguous(), flat.sum(1, dtype=torch.int32)

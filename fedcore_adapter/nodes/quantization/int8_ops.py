@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conv import Int8Conv
-from .modules import DynamicConv, SmoothDynamicLinear, _reduce, im2col_apply
+from .modules import DynamicConv, SmoothDynamicLinear, _reduce, dynamic_qparams, im2col_apply, int8_gemm
 
 STATIC_LINEAR = (nnq.Linear, nniq.LinearReLU)
 STATIC_CONV = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)
@@ -41,28 +41,6 @@ def _int_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     # copies: the qparams of a temporary quantized tensor may alias memory freed with it
     return (w.int_repr(), w.q_per_channel_scales().to(torch.float32, copy=True),
             w.q_per_channel_zero_points().to(torch.float32, copy=True))
-
-
-def int8_gemm(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int,
-              qweight_t: torch.Tensor, colsum: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded to uint8 ``[0, qmax]`` times int8 ``qweight_t`` ``[in, out]``, as int32 (``aten._int_mm``).
-
-    uint8 ``q`` is fed as int8 ``q - 128``; the shift comes back as ``(128 - zero_point) * colsum``.
-    """
-    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, qmax)  # as fbgemm: times the float inverse
-    acc = torch._int_mm((q - 128).to(torch.int8), qweight_t)
-    return acc + (128 - zero_point).to(torch.int32) * colsum
-
-
-def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor ``(scale, zero point)`` of ``x`` on ``[0, qmax]`` as fbgemm's dynamic kernels choose them:
-    the range widened to include 0, the scale in double then float, the zero point from the end with less error."""
-    lo, hi = x.min().clamp(max=0).double(), x.max().clamp(min=0).double()
-    scale = ((hi - lo) / qmax).float().clamp(min=torch.finfo(torch.float32).eps)
-    s = scale.double()
-    from_min, from_max = -lo / s, qmax - hi / s
-    zp = torch.where((lo / s).abs().neg() < qmax - (hi / s).abs(), from_min, from_max)
-    return scale, zp.round().clamp(0, qmax).float()
 
 
 class Int8Layer(nn.Module):

@@ -6,7 +6,8 @@ where the CPU allows it, a SmoothQuant variant that rescales its input channels 
 torch.ao's dynamic modules always quantize activations to 7 bits (``reduce_range=True``)
 because int8 dot products saturate int16 on CPUs without VNNI. On VNNI CPUs the full 8
 bits are safe and halve the activation rounding error; the choice is made at run time,
-so a checkpoint stays correct on any CPU.
+so a checkpoint stays correct on any CPU. ``int8_gemm`` and ``dynamic_qparams`` are the int8
+arithmetic (as fbgemm rounds) that ``conv.py`` and ``int8_ops.py`` share.
 """
 from __future__ import annotations
 
@@ -18,6 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import has_vnni
+
+
+def int8_gemm(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int,
+              qweight_t: torch.Tensor, colsum: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to uint8 ``[0, qmax]`` times int8 ``qweight_t`` ``[in, out]``, as int32 (``aten._int_mm``).
+
+    uint8 ``q`` is fed as int8 ``q - 128``; the shift comes back as ``(128 - zero_point) * colsum``.
+    """
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, 0, qmax)  # as fbgemm: times the float inverse
+    acc = torch._int_mm((q - 128).to(torch.int8), qweight_t)
+    return acc + (128 - zero_point).to(torch.int32) * colsum
+
+
+def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor ``(scale, zero point)`` of ``x`` on ``[0, qmax]`` as fbgemm's dynamic kernels choose them:
+    the range widened to include 0, the scale in double then float, the zero point from the end with less error."""
+    lo, hi = x.min().clamp(max=0).double(), x.max().clamp(min=0).double()
+    scale = ((hi - lo) / qmax).float().clamp(min=torch.finfo(torch.float32).eps)
+    s = scale.double()
+    from_min, from_max = -lo / s, qmax - hi / s
+    zp = torch.where((lo / s).abs().neg() < qmax - (hi / s).abs(), from_min, from_max)
+    return scale, zp.round().clamp(0, qmax).float()
 
 
 def _reduce(module: nn.Module) -> bool:
