@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .fedcore_format import native_setup
 from .schema import Setup
 from .setups import apply_overrides, setup_source
+from .user_code import import_problem, importable_from_working_directory
 
 DEFAULT_SETUP = "RAW"
 DEFAULT_OUTPUT = "composition_results"
@@ -73,10 +74,12 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
 
     if not isinstance(spec, Mapping) or not spec.get("_target_") or spec.get("_target_") == "???":
         raise ConfigError(f"{section}._target_ is required (e.g. {section}=custom {section}._target_=my_pkg.build_{section})")
+    importable_from_working_directory()
     try:
         return instantiate(dict(spec), **kwargs)
     except InstantiationException as err:
-        reason = " ".join(str(err).split()).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
+        reason = import_problem(spec["_target_"]) or " ".join(str(err).split()).replace(
+            ", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
         raise ConfigError(f"{section}._target_={spec['_target_']!r} could not be built: {reason}") from None
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .user_code import import_problem, importable_from_working_directory
 
 
 def instantiate_loss(spec: Any) -> Callable:
@@ -16,6 +17,7 @@ def instantiate_loss(spec: Any) -> Callable:
         return spec
     from hydra.utils import get_object, instantiate
 
+    importable_from_working_directory()
     try:
         if isinstance(spec, str):
             obj = get_object(spec)
@@ -24,7 +26,9 @@ def instantiate_loss(spec: Any) -> Callable:
             obj = instantiate(spec)
             return obj() if isinstance(obj, type) else obj
     except Exception as err:  # noqa: BLE001 - turned into a one-line config error
-        raise ConfigError(f"loss {spec!r} cannot be built: {err}") from None
+        target = spec if isinstance(spec, str) else spec.get("_target_") if isinstance(spec, dict) else None
+        reason = (import_problem(target) if target else None) or " ".join(str(err).split())
+        raise ConfigError(f"loss {spec!r} cannot be built: {reason}") from None
     raise ConfigError(f"loss must be an import path or a mapping with _target_ (got {spec!r})")
 
 

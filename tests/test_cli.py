@@ -43,7 +43,7 @@ def test_runs_a_setup_on_a_custom_model_and_data_and_prints_the_summary(tmp_path
     ("setup=missing/file.yaml", "error: setup file 'missing/file.yaml' does not exist"),
     ("nodes.0.epochs=-1", "error: nodes[0] (training).epochs = -1: Input should be greater than or equal to 0"),
     ("nodes.0.learning_rate=abc", "error: nodes[0] (training).learning_rate = 'abc': Input should be a valid number"),
-    ("model._target_=nowhere.build", "error: model._target_='nowhere.build' could not be built: Error locating target"),
+    ("model._target_=nowhere.build", "error: model._target_='nowhere.build' could not be built: no module 'nowhere' in the working directory"),
     ("data._target_=tests.helpers.NoTrainLoaderDataModule", "error: data module NoTrainLoaderDataModule has no train_dataloader()"),
     ("data._target_=tests.helpers.EmptyDataModule", "error: train_dataloader() yielded no batches"),
     ("tracking=nope", "error: In 'config': Could not find 'tracking/nope' Available options in 'tracking': mlflow none"),
