@@ -103,7 +103,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 def has_quantized_weights(model: nn.Module) -> bool:
     """True when the model holds packed int8 weights (these run on CPU kernels)."""
+    from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase as QuantizedRNN
+
     for module in model.modules():
+        if isinstance(module, QuantizedRNN):
+            return True
         weight = getattr(module, "weight", None)
         if callable(weight) and not isinstance(weight, nn.Parameter):
             try:

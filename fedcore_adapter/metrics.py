@@ -33,11 +33,23 @@ def _packed_weight(module: nn.Module) -> Optional[torch.Tensor]:
     return None
 
 
+def _recurrent_int8(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"weight": {...}, "bias": {...}}`` of torch's dynamic int8 GRU/LSTM (packed per layer), else empty."""
+    from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase
+
+    if isinstance(module, RNNBase) and module.dtype == torch.qint8:
+        return module._weight_bias()
+    return {}
+
+
 def _weight_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight tensor of the model, float parameters and packed int8 weights alike."""
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             yield f"{module_name}.{name}", p
+        for tensors in _recurrent_int8(module).values():
+            for name, t in tensors.items():
+                yield f"{module_name}.{name}", t
         packed = _packed_weight(module)
         if packed is not None:
             yield f"{module_name}.weight", packed
@@ -78,8 +90,22 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
-def _quantized_module_macs(module: nn.Module, out: torch.Tensor) -> int:
-    """MACs of a quantized Linear/Conv from shapes (flop_counter does not see quantized ops)."""
+def _recurrent_macs(module: nn.Module, output: Any) -> int:
+    """MACs of one call of a recurrent layer (float or int8) from shapes: per step, layer and direction, the
+    matmuls of its input and hidden state with its gate weights (and projection)."""
+    out = output[0] if isinstance(output, tuple) else output
+    if not isinstance(out, torch.Tensor):
+        return 0
+    steps = out.shape[0] * out.shape[1] if out.dim() == 3 else out.shape[0]  # batched or unbatched sequence
+    weights = _recurrent_int8(module).get("weight") or {n: p for n, p in module.named_parameters(recurse=False)
+                                                        if p.dim() == 2}
+    return steps * sum(w.shape[0] * w.shape[1] for w in weights.values())
+
+
+def _quantized_module_macs(module: nn.Module, out: Any) -> int:
+    """MACs of a quantized Linear/Conv/GRU/LSTM from shapes (flop_counter does not see quantized ops)."""
+    if _recurrent_int8(module):
+        return _recurrent_macs(module, out)
     w = _packed_weight(module)
     if w is None or not isinstance(out, torch.Tensor):
         return 0
@@ -91,13 +117,24 @@ def _quantized_module_macs(module: nn.Module, out: torch.Tensor) -> int:
 
 
 @contextmanager
-def _count_quantized_macs(model: nn.Module) -> Iterator[list[int]]:
+def _count_quantized_macs(model: nn.Module, counter: Any) -> Iterator[list[int]]:
+    """MACs flop_counter misses: quantized layers, and float recurrent layers (whose fused CPU kernels it
+    does not count) from their shapes in place of what it counted inside them."""
     total = [0]
     handles = []
+    seen: list[int] = []
+
+    def recurrent_done(module: nn.Module, _inp: Any, out: Any) -> None:
+        counted = (counter.get_total_flops() - seen.pop()) // 2
+        total[0] += _recurrent_macs(module, out) - counted
+
     for module in model.modules():
-        if _packed_weight(module) is not None:
+        if _packed_weight(module) is not None or _recurrent_int8(module):
             handles.append(module.register_forward_hook(
                 lambda m, _inp, out: total.__setitem__(0, total[0] + _quantized_module_macs(m, out))))
+        elif isinstance(module, nn.RNNBase):
+            handles.append(module.register_forward_pre_hook(lambda m, _inp: seen.append(counter.get_total_flops())))
+            handles.append(module.register_forward_hook(recurrent_done))
     try:
         yield total
     finally:
@@ -106,11 +143,11 @@ def _count_quantized_macs(model: nn.Module) -> Iterator[list[int]]:
 
 
 def count_macs(model: nn.Module, inputs: Any) -> int:
-    """Multiply-accumulates per sample (torch.utils.flop_counter; quantized layers from their shapes)."""
+    """Multiply-accumulates per sample (torch.utils.flop_counter; quantized and recurrent layers from shapes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), _count_quantized_macs(model) as quantized, counter:
+    with torch.inference_mode(), _count_quantized_macs(model, counter) as quantized, counter:
         call_model(model, inputs)
     return int((counter.get_total_flops() // 2 + quantized[0]) // max(batch_size(inputs), 1))
 

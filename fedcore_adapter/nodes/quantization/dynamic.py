@@ -3,7 +3,9 @@
 Linear layers become torch.ao dynamic int8 Linears; with ``allow_conv``,
 Conv1d/Conv2d (groups=1, BatchNorm folded in first) become ``Int8Conv``: the input
 quantized per call, then a direct int8 convolution with float output (oneDNN), a
-following ReLU fused into it; with ``allow_emb`` embeddings store int8 rows. ``smooth_alpha`` applies SmoothQuant: per input channel, activation
+following ReLU fused into it; with ``allow_emb`` embeddings store int8 rows; with ``allow_rnn``
+(the default) GRU/LSTM layers run torch's int8 recurrent kernels (``recurrent``).
+``smooth_alpha`` applies SmoothQuant: per input channel, activation
 outliers are divided out and multiplied into the weights before quantization,
 on the Linears where that cuts the layer's own int8 error at least
 ``smooth_min_gain`` times (elsewhere the extra multiply costs time for little).
@@ -30,6 +32,7 @@ from .conv import Int8Conv
 from .folding import conv_bn_pairs, conv_relu_pairs, convs_feeding_convs, fold_batchnorm_
 from .modules import DynamicConv, DynamicLinear, SmoothDynamicLinear, supports_dynamic_conv
 from .ptq import auto_skip_layers, export_if_asked
+from .recurrent import int8_recurrent, supports_dynamic_recurrent
 from .selective import quantizable_layers, require_layers, skipped_by_patterns
 
 METHOD = "dynamic"
@@ -79,6 +82,9 @@ def swap_dynamic_(model: nn.Module, plan: dict, scales: Optional[dict[str, torch
             if kind == "embedding":
                 cls = nnq.Embedding if type(module) is nn.Embedding else nnq.EmbeddingBag
                 model.set_submodule(name, cls.from_float(module))
+                continue
+            if kind == "recurrent":
+                model.set_submodule(name, int8_recurrent(module))
                 continue
             if name in smoothed:
                 s = scales.get(name, torch.ones(module.in_features))
@@ -173,8 +179,10 @@ def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeConte
     label = ctx.node_label or config.label
     check_engine(config.backend, label)
     kinds = ["linear"] + ["conv"] * config.allow_conv + ["embedding"] * config.allow_emb
+    kinds += ["recurrent"] * config.allow_rnn
+    supported = {"conv": supports_dynamic_conv, "recurrent": supports_dynamic_recurrent}
     layers = {n: k for n, k in quantizable_layers(model, kinds).items()
-              if k != "conv" or supports_dynamic_conv(model.get_submodule(n))}
+              if k not in supported or supported[k](model.get_submodule(n))}
     require_layers(layers, label, kinds)
     keep_float = skipped_by_patterns(layers, config.skip, label)
     batches: list = []

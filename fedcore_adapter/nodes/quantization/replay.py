@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase as QuantizedRNN
 from torch import nn
 
 from ...structure import register_replay
@@ -34,5 +35,8 @@ def _repack_after_load(model: nn.Module, _incompatible_keys, engine: str) -> Non
     """Re-pack loaded int8 weights with ``engine``'s kernels (loading packs them with the current engine)."""
     with quantized_engine(engine):
         for module in model.modules():
-            if hasattr(module, "_weight_bias") and hasattr(module, "set_weight_bias"):
+            if isinstance(module, QuantizedRNN):
+                tensors = module._weight_bias()
+                module.set_weight_bias({**tensors["weight"], **tensors["bias"]})
+            elif hasattr(module, "_weight_bias") and hasattr(module, "set_weight_bias"):
                 module.set_weight_bias(*module._weight_bias())

@@ -19,6 +19,7 @@ LAYER_TYPES: dict[str, tuple[type, ...]] = {
     "linear": (nn.Linear,),
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
     "embedding": (nn.Embedding, nn.EmbeddingBag),
+    "recurrent": (nn.GRU, nn.LSTM),
 }
 
 # (model, names kept in float) -> quantized copy; must be picklable (module-level function or partial)

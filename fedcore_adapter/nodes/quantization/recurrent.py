@@ -1,0 +1,84 @@
+"""Dynamic int8 GRU and LSTM: torch's quantized recurrent kernels, saved as plain int8 tensors.
+
+``torch.ao.nn.quantized.dynamic.GRU/LSTM`` hold their weights in packed cell objects
+(TorchScript classes) that a ``weights_only`` load refuses. These subclasses save every
+layer's weights as quantized int8 tensors and biases as float tensors under the float
+layer's own names (``weight_ih_l0``, ``bias_hh_l1_reverse``...) and re-pack them on load,
+so a checkpoint holds tensors only and the replayed plan rebuilds the module.
+"""
+from __future__ import annotations
+
+import torch.ao.nn.quantized.dynamic as nnqd
+from torch import nn
+from torch.ao.nn.quantized.dynamic.modules.rnn import PackedParameter
+
+FLOAT_TYPES = (nn.GRU, nn.LSTM)
+
+
+def supports_dynamic_recurrent(module: nn.Module) -> bool:
+    """GRU/LSTM with biases and no LSTM projection (what torch's int8 recurrent kernels cover)."""
+    return type(module) in FLOAT_TYPES and module.bias and getattr(module, "proj_size", 0) == 0
+
+
+class _Packed(PackedParameter):
+    """A packed cell kept out of the state dict (its owner saves its tensors)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        pass
+
+
+class _PortableRecurrent:
+    """Mix-in for torch's dynamic RNNs: state dict of int8 weight / float bias tensors."""
+
+    def _weight_names(self) -> list[str]:
+        suffixes = ("", "_reverse")[:2 if self.bidirectional else 1]
+        return [f"{kind}_{ihhh}_l{layer}{suffix}" for layer in range(self.num_layers) for suffix in suffixes
+                for kind in ("weight", "bias") for ihhh in ("ih", "hh")]
+
+    def _hide_packed(self) -> None:
+        for packed in self._all_weight_values:
+            packed.__class__ = _Packed
+
+    def set_weight_bias(self, weight_bias_dict):
+        super().set_weight_bias(weight_bias_dict)
+        self._hide_packed()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        tensors = self._weight_bias()
+        for name in self._weight_names():
+            destination[prefix + name] = tensors[name.partition("_")[0]][name]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = self._weight_names()
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        self.version = local_metadata.get("version", self.version)
+        self.set_weight_bias({n: state_dict[prefix + n] for n in names})
+
+    @classmethod
+    def from_float(cls, mod, use_precomputed_fake_quant=False):
+        quantized = super().from_float(mod)
+        quantized.__class__ = cls
+        quantized._hide_packed()
+        return quantized
+
+
+class DynamicInt8GRU(_PortableRecurrent, nnqd.GRU):
+    def _get_name(self) -> str:
+        return "DynamicInt8GRU"
+
+
+class DynamicInt8LSTM(_PortableRecurrent, nnqd.LSTM):
+    def _get_name(self) -> str:
+        return "DynamicInt8LSTM"
+
+
+def int8_recurrent(module: nn.Module) -> nn.Module:
+    """``module`` (its ``qconfig`` set) as a dynamic int8 GRU/LSTM."""
+    return (DynamicInt8GRU if isinstance(module, nn.GRU) else DynamicInt8LSTM).from_float(module)

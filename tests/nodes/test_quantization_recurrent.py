@@ -1,0 +1,177 @@
+"""``ptq_dynamic`` on GRU/LSTM: torch's int8 recurrent kernels, tensors-only checkpoints, measured from shapes."""
+import copy
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedcore_adapter import load_model
+from fedcore_adapter.checkpoint import save_checkpoint
+from fedcore_adapter.context import NodeContext
+from fedcore_adapter.metrics import count_macs, count_params, state_dict_bytes, weight_dtype
+from fedcore_adapter.nodes.quantization import PTQDynamicConfig
+from fedcore_adapter.nodes.quantization.dynamic import apply_ptq_dynamic
+from fedcore_adapter.nodes.quantization.modules import DynamicLinear
+from fedcore_adapter.nodes.quantization.recurrent import DynamicInt8GRU, DynamicInt8LSTM
+from fedcore_adapter.schema import CommonConfig
+from fedcore_adapter.structure import transform_record
+from tests.nodes.test_quantization import run
+
+RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
+INT8 = {"gru": DynamicInt8GRU, "lstm": DynamicInt8LSTM}
+
+
+class SeqClassifier(nn.Module):
+    """A small embedding, a wide recurrent layer (most of the weights), a classifier on the last step."""
+
+    def __init__(self, kind: str = "gru", hidden: int = 256, **options):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.rnn = RNNS[kind](16, hidden, batch_first=True, **options)
+        self.head = nn.Linear(hidden * (2 if options.get("bidirectional") else 1), 4)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.emb(ids))
+        return self.head(out[:, -1])
+
+
+def seeded(make, *args, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return make(*args, **kwargs).eval()
+
+
+class SeqDataModule:
+    def __init__(self, n: int = 32, length: int = 12):
+        g = torch.Generator().manual_seed(0)
+        ids, labels = torch.randint(0, 30, (n, length), generator=g), torch.randint(0, 4, (n,), generator=g)
+        self.data = TensorDataset(ids, labels)
+
+    def _loader(self):
+        return DataLoader(self.data, batch_size=8)
+
+    train_dataloader = val_dataloader = test_dataloader = _loader
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+IDS = torch.randint(0, 30, (5, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("kind, options", [("gru", {}), ("lstm", {}), ("gru", {"num_layers": 2, "bidirectional": True}),
+                                           ("lstm", {"num_layers": 2, "bidirectional": True})])
+def test_gru_and_lstm_run_int8_kernels_the_checkpoint_is_several_times_smaller_and_reloads_exactly(kind, options,
+                                                                                                   tmp_path):
+    model = seeded(SeqClassifier, kind, **options)
+    result = run({"kind": "ptq_dynamic"}, copy.deepcopy(model), SeqDataModule(), tmp_path, measure=True)
+    quantized = result.model
+    assert type(quantized.rnn) is INT8[kind]
+    assert all(w.dtype == torch.qint8 for w in quantized.rnn.get_weight().values())
+    before, after = result.metrics
+    assert before["size_mb"] >= 3 * after["size_mb"]
+    assert after["params"] == before["params"]  # packed int8 weights are counted
+    assert after["macs"] == pytest.approx(before["macs"], rel=0.05)  # from the int8 layers' shapes
+    assert after["dtype"].startswith("int8")
+    with torch.no_grad():
+        assert relative_error(quantized(IDS), model(IDS)) < 0.05
+    loaded = load_model(result.output_dir, seeded(SeqClassifier, kind, seed=9, **options))
+    assert type(loaded.rnn) is INT8[kind]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), quantized(IDS), rtol=0, atol=0)
+
+
+def test_the_checkpoint_holds_int8_tensors_under_the_float_layers_names():
+    model = seeded(SeqClassifier, "gru", num_layers=2)
+    model.rnn.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    state = DynamicInt8GRU.from_float(model.rnn).state_dict()
+    assert sorted(state) == sorted(n for n, _ in model.rnn.named_parameters())
+    assert all(state[n].dtype == (torch.qint8 if n.startswith("weight") else torch.float32) for n in state)
+
+
+def test_int8_recurrent_layers_are_measured_from_their_shapes():
+    model = seeded(SeqClassifier, "lstm", hidden=64, bidirectional=True)
+    quantized = seeded(SeqClassifier, "lstm", hidden=64, bidirectional=True)
+    quantized.rnn.qconfig = torch.ao.quantization.default_dynamic_qconfig
+    quantized.rnn = DynamicInt8LSTM.from_float(quantized.rnn)
+    assert count_params(quantized) == count_params(model)
+    assert weight_dtype(quantized).startswith("int8")
+    steps = IDS.shape[1]
+    gates = 4 * 64 * (16 + 64) * 2  # per step: 4 gates x hidden x (input + hidden), both directions
+    head = 128 * 4
+    assert count_macs(quantized, IDS) == steps * gates + head
+    assert state_dict_bytes(quantized) < state_dict_bytes(model) / 3
+
+
+def test_allow_rnn_false_and_lstm_projections_keep_the_recurrent_layer_in_float(tmp_path):
+    quantized = run({"kind": "ptq_dynamic", "allow_rnn": False}, seeded(SeqClassifier), SeqDataModule(),
+                    tmp_path / "a").model
+    assert type(quantized.rnn) is nn.GRU
+    model = seeded(SeqClassifier, "lstm", hidden=32, proj_size=8)
+    model.head = nn.Linear(8, 4)
+    quantized = run({"kind": "ptq_dynamic"}, model, SeqDataModule(), tmp_path / "b").model
+    assert type(quantized.rnn) is nn.LSTM
+
+
+def test_skip_patterns_name_recurrent_layers(tmp_path):
+    quantized = run({"kind": "ptq_dynamic", "skip": ["rnn"]}, seeded(SeqClassifier), SeqDataModule(), tmp_path).model
+    assert type(quantized.rnn) is nn.GRU and type(quantized.head) is DynamicLinear
+
+
+# -- real pytorch-lifestream modules ---------------------------------------------------------------------
+ptls = pytest.importorskip("ptls")
+torchmetrics = pytest.importorskip("torchmetrics")
+from ptls.data_load.padded_batch import PaddedBatch  # noqa: E402
+from ptls.frames.coles import CoLESModule  # noqa: E402
+from ptls.frames.supervised import SequenceToTarget  # noqa: E402
+from ptls.nn import Head, RnnSeqEncoder, TrxEncoder  # noqa: E402
+
+
+def trx_batch(n=6, length=15, seed=1) -> PaddedBatch:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, length + 1, (n,), generator=g)
+    return PaddedBatch({"mcc": torch.randint(1, 20, (n, length), generator=g),
+                        "amount": torch.randn(n, length, generator=g)}, lens)
+
+
+def encoder(kind="gru") -> RnnSeqEncoder:
+    trx = TrxEncoder(embeddings={"mcc": {"in": 20, "out": 8}}, numeric_values={"amount": "identity"})
+    return RnnSeqEncoder(trx_encoder=trx, hidden_size=256, type=kind)
+
+
+def seq_to_target(kind="gru", seed=0):
+    torch.manual_seed(seed)
+    return SequenceToTarget(encoder(kind), head=nn.Linear(256, 3), loss=nn.CrossEntropyLoss(),
+                            metric_list=torchmetrics.Accuracy(task="multiclass", num_classes=3),
+                            optimizer_partial=partial(torch.optim.Adam, lr=1e-3),
+                            lr_scheduler_partial=partial(torch.optim.lr_scheduler.StepLR, step_size=1)).eval()
+
+
+def coles(seed=0):
+    torch.manual_seed(seed)
+    return CoLESModule(encoder("gru"), head=Head(use_norm_encoder=True),
+                       optimizer_partial=partial(torch.optim.Adam, lr=1e-3),
+                       lr_scheduler_partial=partial(torch.optim.lr_scheduler.StepLR, step_size=1)).eval()
+
+
+@pytest.mark.parametrize("make", [partial(seq_to_target, "gru"), partial(seq_to_target, "lstm"), coles],
+                         ids=["seq_to_target-gru", "seq_to_target-lstm", "coles-gru"])
+def test_ptls_encoders_quantize_their_recurrent_layer_and_reload_onto_a_fresh_module(make, tmp_path):
+    model = make()
+    records = []
+    ctx = NodeContext(train_loader=[trx_batch()], val_loader=[trx_batch()], test_loader=None, loss_fn=None,
+                      device=torch.device("cpu"), teacher=model, output_dir=tmp_path / "work", common=CommonConfig(),
+                      node_label="0:ptq_dynamic",
+                      structure_recorder=lambda name, data: records.append(transform_record(name, data)))
+    quantized = apply_ptq_dynamic(model, PTQDynamicConfig(), ctx)
+    assert type(quantized.seq_encoder.seq_encoder.rnn).__name__.startswith("DynamicInt8")
+    assert state_dict_bytes(quantized) * 3 <= state_dict_bytes(model)
+    x = trx_batch(seed=4)
+    with torch.no_grad():
+        assert relative_error(quantized(x), model(x)) < 0.05
+    save_checkpoint(quantized, tmp_path / "ckpt", records)
+    loaded = load_model(tmp_path / "ckpt", make(seed=7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), quantized(x), rtol=0, atol=0)
