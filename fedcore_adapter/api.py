@@ -269,6 +269,8 @@ def eval_computational_metrics(model: nn.Module, dataloader: Any, save_path: str
     time / total samples. Size is the bytes of the saved state dict (packed int8
     weights count as int8) / 2**20. Appends ``#{id} latency: … throughput: … model_size: …``
     to ``save_path``. ``device`` defaults to where the model is (CPU for int8 models).
+    ``model`` may also be the path of an exported artifact (``model.onnx``, ``model.xml``, ``model.pt2``,
+    or a deploy node's folder): it is measured in its runtime, sized by its files.
     """
     import torch
 
@@ -277,6 +279,10 @@ def eval_computational_metrics(model: nn.Module, dataloader: Any, save_path: str
 
     if not isinstance(n_batches, int) or n_batches < 1:
         raise ConfigError(f"eval_computational_metrics: n_batches={n_batches!r} must be a positive int")
+    if isinstance(model, (str, Path)):
+        from .deploy import load_artifact
+
+        model = load_artifact(model, num_threads)
     target = runtime_device(model, torch.device(device) if device else model_device(model))
     model.to(target)
     batches = list(limited(dataloader, n_batches)) or [first_batch(dataloader, "computational metrics loader")]

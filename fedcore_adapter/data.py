@@ -119,8 +119,9 @@ def has_quantized_weights(model: nn.Module) -> bool:
 
 
 def runtime_device(model: nn.Module, preferred: torch.device) -> torch.device:
-    """Where ``model`` can run: quantized models run on the CPU whatever was preferred."""
-    return torch.device("cpu") if has_quantized_weights(model) else preferred
+    """Where ``model`` can run: quantized models and deployed runtimes (CPU) run on the CPU whatever was preferred."""
+    cpu_only = has_quantized_weights(model) or callable(getattr(model, "artifact_bytes", None))
+    return torch.device("cpu") if cpu_only else preferred
 
 
 def resolve_device(name: str) -> torch.device:

@@ -3,7 +3,12 @@
 Columns (units in the names): ``params``, ``macs`` (multiply-accumulates per
 sample), ``size_mb`` (bytes of the saved checkpoint / 2**20), ``latency_ms``
 (median per batch), ``latency_ms_per_sample``, ``throughput_sps`` (samples per
-second), ``accuracy``, ``loss``, ``sparsity``, ``device``, ``dtype``.
+second), ``accuracy``, ``loss``, ``sparsity``, ``device``, ``dtype``, and where the model runs:
+``runtime`` (``torch`` eager, or the runtime of a deploy runner), ``threads``, ``batch_shape``.
+
+A *runner* (``fedcore_adapter.deploy``) is a callable module running an exported artifact in
+another runtime; it is timed and evaluated like any model, sized by ``artifact_bytes()``, and its
+params/MACs are those of ``reference_model``, the float model it was exported from.
 """
 from __future__ import annotations
 
@@ -225,6 +230,13 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device:
     }
 
 
+def batch_shape(inputs: Any) -> str:
+    """The shape of the first input tensor of a batch, e.g. ``32x128``."""
+    first = inputs if isinstance(inputs, torch.Tensor) else next(
+        (v for v in (inputs.values() if isinstance(inputs, dict) else inputs) if isinstance(v, torch.Tensor)), None)
+    return "x".join(str(d) for d in first.shape) if first is not None else ""
+
+
 def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Optional[Callable] = None,
             limit_batches: Optional[int] = None, warmup: int = 3, repeats: int = 20,
             num_threads: Optional[int] = None, size_bytes: Optional[int] = None) -> dict[str, Any]:
@@ -239,10 +251,16 @@ def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Opt
     n = batch_size(inputs)
     times = latency_ms(model, inputs, device, warmup=warmup, repeats=repeats, num_threads=num_threads)
     median = statistics.median(times)
-    size = size_bytes if size_bytes is not None else state_dict_bytes(model)
+    runner = callable(getattr(model, "artifact_bytes", None))
+    runtime = model.runtime if runner else "torch"
+    reference = getattr(model, "reference_model", None) if runner else model
+    if runner:
+        size = model.artifact_bytes()
+    else:
+        size = size_bytes if size_bytes is not None else state_dict_bytes(model)
     row: dict[str, Any] = {
-        "params": count_params(model),
-        "macs": count_macs(model, inputs),
+        "params": count_params(reference) if reference is not None else None,
+        "macs": count_macs(reference, inputs) if reference is not None else None,
         "size_mb": size / MB,
         "latency_ms": median,
         "latency_ms_per_sample": median / n,
@@ -250,6 +268,9 @@ def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Opt
         "batch_size": n,
     }
     row.update(evaluate(model, loader, loss_fn, device, limit_batches))
-    row.update({"sparsity": sparsity(model), "device": str(device), "dtype": weight_dtype(model)})
+    row.update({"sparsity": sparsity(reference) if reference is not None else None, "device": str(device),
+                "dtype": model.weight_dtype if runner else weight_dtype(model), "runtime": runtime,
+                "threads": model.threads if runner else num_threads or torch.get_num_threads(),
+                "batch_shape": batch_shape(inputs)})
     model.train(was_training)
     return row

@@ -27,6 +27,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "ptq_dynamic": "fedcore_adapter.nodes.quantization",
     "ptq_static": "fedcore_adapter.nodes.quantization",
     "qat": "fedcore_adapter.nodes.quantization",
+    "deploy": "fedcore_adapter.deploy.node",
 }
 
 

@@ -20,11 +20,11 @@ from typing import Any, Iterable, Optional, Sequence
 from .errors import ConfigError
 from .plots import RAW_SETUP, plot_comparison
 
-CSV_COLUMNS = ["run", "setup", "status", "baseline", "chain", "params", "macs", "size_mb", "latency_ms",
-               "throughput_sps", "accuracy", "loss", "params_ratio", "size_mb_ratio", "speedup", "accuracy_delta",
-               "source"]
-MD_COLUMNS = ["run", "setup", "baseline", "chain", "params", "size_mb", "latency_ms", "accuracy", "size_mb_ratio",
-              "speedup", "accuracy_delta"]
+CSV_COLUMNS = ["run", "setup", "status", "baseline", "chain", "runtime", "threads", "batch_shape", "params", "macs",
+               "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss", "params_ratio", "size_mb_ratio", "speedup",
+               "accuracy_delta", "source"]
+MD_COLUMNS = ["run", "setup", "baseline", "chain", "runtime", "params", "size_mb", "latency_ms", "accuracy",
+              "size_mb_ratio", "speedup", "accuracy_delta"]
 
 
 # -- reading runs --------------------------------------------------------------------------------------
@@ -66,7 +66,8 @@ def _ratio(a: Any, b: Any) -> Optional[float]:
 def _final_row(run: dict, final: dict, base: dict, baseline: str = "") -> dict:
     row = {"run": run["run_name"], "setup": run["setup"], "status": run["status"], "baseline": baseline,
            "chain": " -> ".join(str(r.get("kind")) for r in run["rows"][1:]), "source": run["source"],
-           **{k: final.get(k) for k in ("params", "macs", "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss")}}
+           **{k: final.get(k) for k in ("runtime", "threads", "batch_shape", "params", "macs", "size_mb", "latency_ms",
+                                        "throughput_sps", "accuracy", "loss")}}
     row["params_ratio"] = _ratio(final.get("params"), base.get("params"))
     row["size_mb_ratio"] = _ratio(final.get("size_mb"), base.get("size_mb"))
     row["speedup"] = _ratio(base.get("latency_ms"), final.get("latency_ms"))

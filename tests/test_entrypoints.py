@@ -190,7 +190,8 @@ def test_the_commands_run_and_fail_with_one_line(tmp_path):
     proc = cli("inference", *flags, "inference_model=missing", "inference.output=out", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: inference_model='missing': no checkpoints there (expected a checkpoint folder with manifest.json, "
-        "a results folder, a .pt/.pth state-dict file, or a folder of these)"]
+        "a results folder, a .pt/.pth state-dict file, a model.onnx / model.xml / model.pt2 artifact, "
+        "or a folder of these)"]
 
 
 @pytest.mark.parametrize("command", ["train", "fit-target", "inference"])

@@ -46,7 +46,8 @@ def test_compare_writes_csv_markdown_and_plot_with_the_input_baseline_first(resu
     assert float(rows[2]["speedup"]) == pytest.approx(base["latency_ms"] / two["latency_ms"])
     assert float(rows[2]["accuracy_delta"]) == pytest.approx(two["accuracy"] - base["accuracy"])
     markdown = (tmp_path / "comparison.md").read_text()
-    assert "| run | setup | baseline | chain |" in markdown and "| RAW | RAW | RAW | training |" in markdown
+    assert "| run | setup | baseline | chain | runtime |" in markdown
+    assert "| RAW | RAW | RAW | training | torch |" in markdown
     assert (tmp_path / "comparison.png").read_bytes().startswith(PNG)
     assert markdown in capsys.readouterr().out
 

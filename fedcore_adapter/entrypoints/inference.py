@@ -3,8 +3,9 @@
 ``inference_model`` is a checkpoint folder, a ``.pt``/``.pth`` state-dict file,
 or a folder holding several: a results folder gives every node checkpoint
 under ``nodes/`` (pass ``<results>/final`` for the final model only), any other
-folder every checkpoint or results folder and state-dict file directly in it.
-Each is rebuilt on a fresh ``model`` (no pickled modules) and run on the data
+folder every checkpoint or results folder and state-dict file directly in it; an exported
+artifact (``model.onnx``, ``model.xml``, ``model.pt2`` of a deploy node) runs in its runtime.
+Each checkpoint is rebuilt on a fresh ``model`` (no pickled modules) and run on the data
 module's ``inference.split``; its outputs go to ``inference.output`` as
 ``scores[_<checkpoint>].<csv|parquet|pickle>`` (columns ``emb_*`` for a model's
 ``seq_encoder`` embeddings, else ``score_*``; ``target`` when labeled), and with
@@ -42,7 +43,11 @@ def find_checkpoints(spec: str | Path) -> list[tuple[str, Path]]:
     """``[(id, path)]`` of what ``inference_model`` names; id is '' for a single model."""
     from ..checkpoint import MANIFEST_FILE
 
+    from ..deploy.artifacts import SUFFIXES
+
     path = Path(spec)
+    if path.is_file() and path.suffix.lower() in SUFFIXES:  # an exported artifact
+        return [("", path)]
     if path.is_file() and path.suffix.lower() in STATE_SUFFIXES or (path / MANIFEST_FILE).is_file():
         return [("", path)]
     if path.is_dir():
@@ -52,7 +57,8 @@ def find_checkpoints(spec: str | Path) -> list[tuple[str, Path]]:
         if found:
             return [(p.name if p.is_dir() else p.stem, p) for p in found]
     raise ConfigError(f"inference_model={str(spec)!r}: no checkpoints there (expected a checkpoint folder with "
-                      f"manifest.json, a results folder, a .pt/.pth state-dict file, or a folder of these)")
+                      f"manifest.json, a results folder, a .pt/.pth state-dict file, a model.onnx / model.xml / "
+                      f"model.pt2 artifact, or a folder of these)")
 
 
 def _encoder_outputs(model: Any, encoder_only: bool):
@@ -133,6 +139,7 @@ def run_inference(cfg: Mapping[str, Any]) -> list[Path]:
     """Run an inference config; returns the score files written."""
     from ..api import eval_computational_metrics, provides
     from ..data import resolve_device, runtime_device
+    from ..deploy.artifacts import SUFFIXES, load_artifact
 
     cfg = plain(cfg)
     inference, fmt, split, limit = _options(cfg)
@@ -149,7 +156,10 @@ def run_inference(cfg: Mapping[str, Any]) -> list[Path]:
     n_comp = int(cfg.get("n_batches_computational") or 0)
     written = []
     for checkpoint_id, path in checkpoints:
-        model = load_pretrained(instantiate_target("model", cfg.get("model")), path, "inference_model")
+        if path.is_file() and path.suffix.lower() in SUFFIXES:
+            model = load_artifact(path)
+        else:
+            model = load_pretrained(instantiate_target("model", cfg.get("model")), path, "inference_model")
         run_on = runtime_device(model, device)
         model.to(run_on)
         if n_comp > 0:

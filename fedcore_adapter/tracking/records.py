@@ -88,7 +88,7 @@ def ratios(first: Mapping[str, Any], last: Mapping[str, Any], keys: Iterable[str
     return out
 
 
-def text_tags(row: Mapping[str, Any], keys: Iterable[str] = ("device", "dtype")) -> dict[str, str]:
+def text_tags(row: Mapping[str, Any], keys: Iterable[str] = ("device", "dtype", "runtime", "batch_shape")) -> dict[str, str]:
     return {f"fedcore.{k}": str(row[k]) for k in keys if row.get(k) is not None}
 
 

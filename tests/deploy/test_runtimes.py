@@ -1,0 +1,82 @@
+"""Each runtime: export, reload, agreement with the torch model, the metrics row's runtime fields."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedcore_adapter.data import call_model, primary_output, split_batch
+from fedcore_adapter.deploy import load_artifact
+from fedcore_adapter.deploy.runner import relative_error
+from fedcore_adapter.metrics import MB
+
+from .conftest import FP32_TOLERANCE, INT8_TOLERANCE, TokenData, deploy_run, tiny_bert
+
+ARTIFACTS = {"onnxruntime": ["model.onnx"], "openvino": ["model.xml", "model.bin"], "torch_compile": ["model.pt2"]}
+RUNTIMES = [("onnxruntime", "dynamic"), ("onnxruntime", "static"), ("openvino", "static"),
+            pytest.param("torch_compile", "static", marks=pytest.mark.slow)]
+
+
+def _agreement(runner, model, loader) -> float:
+    inputs, _ = split_batch(next(iter(loader)))
+    with torch.inference_mode():
+        return relative_error(call_model(runner, inputs), primary_output(call_model(model, inputs)))
+
+
+@pytest.mark.parametrize("runtime, quantize", RUNTIMES)
+def test_the_cnn_is_exported_quantized_reloaded_and_measured_in_its_runtime(tmp_path, cnn, runtime, quantize):
+    model, dm = cnn
+    result = deploy_run(tmp_path, model, dm, runtime=runtime, quantize=quantize, threads=1, calibration_batches=2)
+    final = result.output_dir / "final"
+    files = ARTIFACTS[runtime]
+    assert all((final / f).is_file() for f in files)
+    info = json.loads((final / "deploy.json").read_text())
+    assert info["runtime"] == runtime and info["quantize"] == quantize and info["relative_error"] <= INT8_TOLERANCE
+
+    reloaded = load_artifact(final / files[0])  # the artifact alone answers, as the torch model does
+    assert _agreement(reloaded, model, dm.test_dataloader()) <= INT8_TOLERANCE
+
+    base, row = result.metrics
+    assert (base["runtime"], base["batch_shape"]) == ("torch", "64x1x40")
+    assert (row["runtime"], row["threads"], row["batch_shape"]) == (runtime, 1, "64x1x40")
+    assert row["size_mb"] == pytest.approx(sum((final / f).stat().st_size for f in files) / MB)
+    assert row["size_mb"] < base["size_mb"] / 2  # int8 weights
+    assert row["params"] == base["params"] and row["macs"] == base["macs"]
+    assert abs(row["accuracy"] - base["accuracy"]) <= 0.03  # quality measured through the runtime
+    assert row["dtype"] == "int8+float32"
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_fp32_in_the_runtime_matches_the_torch_model(tmp_path, cnn, runtime):
+    model, dm = cnn
+    result = deploy_run(tmp_path, model, dm, runtime=runtime, quantize="none")
+    assert _agreement(result.model, model, dm.test_dataloader()) <= FP32_TOLERANCE
+    assert result.metrics[-1]["dtype"] == "float32"
+    assert result.metrics[-1]["accuracy"] == pytest.approx(result.metrics[0]["accuracy"])
+
+
+@pytest.mark.parametrize("runtime, quantize", [("onnxruntime", "dynamic"), ("onnxruntime", "static"),
+                                               ("openvino", "static")])
+def test_a_tiny_bert_takes_its_dict_inputs_in_every_runtime(tmp_path, runtime, quantize):
+    model, dm = tiny_bert(), TokenData()
+    result = deploy_run(tmp_path, model, dm, runtime=runtime, quantize=quantize, calibration_batches=4)
+    runner = result.model
+    assert runner.signature.names == ("input_ids", "attention_mask", "token_type_ids")
+    batch = next(iter(dm.test_dataloader()))
+    short = {k: v[:3, :11] for k, v in batch.items()}  # other batch and sequence sizes: dynamic dims
+    with torch.inference_mode():
+        assert relative_error(runner(**short), model(**short).last_hidden_state) <= INT8_TOLERANCE
+    row = result.metrics[-1]
+    assert (row["runtime"], row["batch_shape"], row["accuracy"]) == (runtime, "8x16", None)
+
+
+def test_the_node_checkpoint_keeps_the_float_model_it_exported(tmp_path, cnn):
+    from fedcore_adapter.checkpoint import load_model
+    from fedcore_adapter.zoo.models import MNIST1DCNN
+
+    model, dm = cnn
+    result = deploy_run(tmp_path, model, dm, runtime="onnxruntime")
+    restored = load_model(result.output_dir / "final", MNIST1DCNN())
+    x = next(iter(dm.test_dataloader()))[0]
+    assert torch.equal(restored(x), model(x))
