@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -11,25 +10,16 @@ from typing import Optional
 from torch import nn
 
 from ..errors import ConfigError
+from .extras import require_extra
 
 INFO_FILE = "deploy.json"
 # artifact suffix -> runtime module; runtime name -> module
 SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino", ".pt2": "torch_compile"}
 
 
-def require_extra(runtime: str, packages: tuple[str, ...]) -> None:
-    """One line naming the extra when a runtime's packages are not installed."""
-    missing = [p for p in packages if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ConfigError(f"runtime {runtime} needs {', '.join(missing)}, which is not installed; "
-                          f"install the deploy extra: pip install 'fedcore-adapter[deploy]'")
-
-
 def runtime_module(runtime: str) -> ModuleType:
     """The module of ``runtime`` after checking its extra is installed."""
-    from .config import PACKAGES
-
-    require_extra(runtime, PACKAGES[runtime])
+    require_extra(runtime)
     return importlib.import_module(f"{__package__}.{runtime}")
 
 

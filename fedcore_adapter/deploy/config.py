@@ -6,6 +6,7 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field, model_validator
 
 from ..schema import NodeConfig
+from .extras import require_extra
 
 # runtime -> the quantize modes its own quantizer offers
 RUNTIMES: dict[str, tuple[str, ...]] = {
@@ -13,12 +14,7 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "openvino": ("static", "none"),
     "torch_compile": ("static", "dynamic", "none"),
 }
-# runtime -> the packages it needs (installed by the ``deploy`` extra; torchao is a core dependency)
-PACKAGES: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("onnx", "onnxruntime"),
-    "openvino": ("openvino", "nncf"),
-    "torch_compile": ("torchao",),
-}
+
 _DEFAULT_QUANTIZE = {"onnxruntime": "dynamic", "openvino": "static", "torch_compile": "static"}
 
 
@@ -48,9 +44,7 @@ class DeployConfig(NodeConfig):
 
     @model_validator(mode="after")
     def _check_quantize(self) -> "DeployConfig":
-        from .artifacts import require_extra
-
-        require_extra(self.runtime, PACKAGES[self.runtime])  # refused at load time, without importing it
+        require_extra(self.runtime)  # refused when the setup loads, without importing the runtime
         allowed = RUNTIMES[self.runtime]
         if self.quantize == "auto":
             object.__setattr__(self, "quantize", _DEFAULT_QUANTIZE[self.runtime])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedcore_adapter.engine import run
+from fedcore_adapter.pipeline import run_setup
 from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
 from fedcore_adapter.zoo.models import MNIST1DCNN
 
@@ -76,7 +76,7 @@ def tiny_bert() -> torch.nn.Module:
 def deploy_run(tmp_path, model, dm, **node):
     setup = {"name": "deploy", "common": {"latency_warmup": 1, "latency_repeats": 3, "limit_test_batches": 2},
              "nodes": [{"kind": "deploy", **node}]}
-    return run(setup, model, dm, output_dir=tmp_path)
+    return run_setup(setup, model, dm, output_dir=tmp_path)
 
 
 @pytest.fixture(scope="module")

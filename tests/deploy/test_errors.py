@@ -105,10 +105,10 @@ def test_an_export_failure_is_one_line_naming_runtime_and_layer_and_keeps_the_ru
 
 
 def test_a_torch_int8_model_is_refused_by_deploy(tmp_path):
+    from fedcore_adapter.pipeline import run_setup
+
+    setup = {"name": "q", "common": {"latency_repeats": 1, "latency_warmup": 0},
+             "nodes": [{"kind": "ptq_dynamic"}, {"kind": "deploy"}]}
     with pytest.raises(NodeError, match=r"node 1:deploy: onnxruntime takes a float model and quantizes it with its "
                                         r"own quantizer; remove the torch int8 node before deploy"):
-        run_setup = {"name": "q", "common": {"latency_repeats": 1, "latency_warmup": 0},
-                     "nodes": [{"kind": "ptq_dynamic"}, {"kind": "deploy"}]}
-        from fedcore_adapter.engine import run
-
-        run(run_setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path)
+        run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path)
