@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 from torch import nn
 
 from .building import build_run, resolve_setup
+from .data import provides  # noqa: F401 - part of the adapter's surface (entry points use it)
 from .errors import ConfigError, DataError
 from .fedcore_format import is_fedcore_format, to_fedcore
 from .setups import setup_source
@@ -172,16 +173,6 @@ class _FitData:
 
     def val_dataloader(self) -> Any:
         return self.dm.val_dataloader() if provides(self.dm, "val_dataloader") else None
-
-
-def provides(dm: Any, method: str) -> bool:
-    """True when ``dm.method()`` exists and is not Lightning's unimplemented placeholder."""
-    fn = getattr(type(dm), method, None) or getattr(dm, method, None)
-    if not callable(fn):
-        return False
-    module = getattr(fn, "__module__", "") or ""
-    placeholder = module.startswith(("lightning.", "pytorch_lightning.")) and "DataHooks" in getattr(fn, "__qualname__", "")
-    return not placeholder
 
 
 def check_datamodule(dm: Any) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import (applied_transforms, checkpoint_bytes, link_or_copy_tree, load_model, mark_transforms,
                          read_manifest, save_checkpoint, write_json)
 from .context import NodeContext, SequentialExecutor
-from .data import resolve_device, runtime_device
+from .data import make_loader, provides, resolve_device, runtime_device
 from .errors import DataError, FedcoreError
 from .hooks import Hook, HookList, RunInfo
 from .losses import find_loss
@@ -63,7 +63,7 @@ def seed_everything(seed: int) -> None:
 
 def _check_datamodule(datamodule: Any) -> None:
     name = type(datamodule).__name__
-    if not callable(getattr(datamodule, "train_dataloader", None)):
+    if not provides(datamodule, "train_dataloader"):
         raise DataError(f"data module {name} has no train_dataloader(); it must provide train_dataloader(), "
                         f"val_dataloader() and optionally test_dataloader()")
     if callable(getattr(datamodule, "prepare_data", None)):
@@ -74,10 +74,7 @@ def _check_datamodule(datamodule: Any) -> None:
 
 def _loaders(datamodule: Any) -> tuple[Any, Any, Any]:
     """Fresh loaders (a node's shuffling never depends on what earlier nodes consumed, so resume is exact)."""
-    train = datamodule.train_dataloader()
-    val = datamodule.val_dataloader() if callable(getattr(datamodule, "val_dataloader", None)) else None
-    test = datamodule.test_dataloader() if callable(getattr(datamodule, "test_dataloader", None)) else None
-    return train, val, test
+    return tuple(make_loader(datamodule, f"{split}_dataloader") for split in ("train", "val", "test"))
 
 
 def _setup_hash(setup: Setup) -> str:
@@ -128,7 +125,7 @@ class _Run:
         return measure(model, test or val or train, device=device, loss_fn=loss_fn,
                        limit_batches=self.common.limit_test_batches, warmup=self.common.latency_warmup,
                        repeats=self.common.latency_repeats, num_threads=self.common.num_threads,
-                       size_bytes=checkpoint_bytes(checkpoint))
+                       size_bytes=checkpoint_bytes(checkpoint), seed=self.common.seed)
 
     def context(self, index: int, label: str, teacher: nn.Module, loss_fn, pending: list[dict]) -> NodeContext:
         node_dir = self.node_dir(index + 1, self.setup.nodes[index].kind)

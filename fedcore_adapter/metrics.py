@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .data import batch_size, call_model, first_batch, limited, primary_output, split_batch, to_device
+from .data import (batch_size, call_model, first_batch, is_batch_object, limited, primary_output, seeded, split_batch,
+                   to_device)
+from .steps import evaluate_steps, own_step
 
 MB = 2**20
 
@@ -199,15 +201,21 @@ def _accuracy_hits(logits: torch.Tensor, target: torch.Tensor) -> Optional[int]:
 
 
 def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device: torch.device,
-             limit_batches: Optional[int] = None) -> dict[str, Optional[float]]:
-    """Mean loss and accuracy over labeled batches; ``{}`` values are None on unlabeled data."""
+             limit_batches: Optional[int] = None, seed: int = 0) -> dict[str, Optional[float]]:
+    """Mean loss and accuracy over labeled batches (None on unlabeled data), the loader read seeded by ``seed``.
+
+    A module defining its own step (Lightning / ptls) is evaluated on its own objective and
+    validation metrics instead (:func:`fedcore_adapter.steps.evaluate_steps`).
+    """
+    if own_step(model) is not None:
+        return evaluate_steps(model, loader, loss_fn, device, limit_batches, seed)
     was_training = model.training
     model.eval()
     loss_sum = 0.0
     hits = seen = 0
     accuracy_ok = True
     labeled = False
-    with torch.inference_mode():
+    with torch.inference_mode(), seeded(seed):
         for batch in limited(loader, limit_batches):
             inputs, target = split_batch(to_device(batch, device))
             if target is None:
@@ -231,7 +239,10 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device:
 
 
 def batch_shape(inputs: Any) -> str:
-    """The shape of the first input tensor of a batch, e.g. ``32x128``."""
+    """The shape of the first input tensor of a batch, e.g. ``32x128`` (a ptls PaddedBatch: of its payload)."""
+    if is_batch_object(inputs):
+        inputs = getattr(inputs, "payload", None)
+        inputs = inputs if isinstance(inputs, (torch.Tensor, dict)) else {}
     first = inputs if isinstance(inputs, torch.Tensor) else next(
         (v for v in (inputs.values() if isinstance(inputs, dict) else inputs) if isinstance(v, torch.Tensor)), None)
     return "x".join(str(d) for d in first.shape) if first is not None else ""
@@ -239,15 +250,19 @@ def batch_shape(inputs: Any) -> str:
 
 def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Optional[Callable] = None,
             limit_batches: Optional[int] = None, warmup: int = 3, repeats: int = 20,
-            num_threads: Optional[int] = None, size_bytes: Optional[int] = None) -> dict[str, Any]:
+            num_threads: Optional[int] = None, size_bytes: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
     """Every metric of ``model`` on ``loader``: the single measuring function of the project.
 
     ``size_bytes`` is the size of the checkpoint already written for this
     model; when absent the state dict is serialised in memory the same way.
+    The loader is read with the random generators seeded by ``seed`` (restored
+    after), so every row of a run measures the very same batches.
     """
     was_training = model.training
     model.eval()
-    inputs, _ = split_batch(to_device(first_batch(loader, "evaluation loader"), device))
+    with seeded(seed):
+        batch = first_batch(loader, "evaluation loader")
+    inputs, _ = split_batch(to_device(batch, device))
     n = batch_size(inputs)
     times = latency_ms(model, inputs, device, warmup=warmup, repeats=repeats, num_threads=num_threads)
     median = statistics.median(times)
@@ -267,7 +282,7 @@ def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Opt
         "throughput_sps": n * 1e3 / median,
         "batch_size": n,
     }
-    row.update(evaluate(model, loader, loss_fn, device, limit_batches))
+    row.update(evaluate(model, loader, loss_fn, device, limit_batches, seed=seed))
     row.update({"sparsity": sparsity(reference) if reference is not None else None, "device": str(device),
                 "dtype": model.weight_dtype if runner else weight_dtype(model), "runtime": runtime,
                 "threads": model.threads if runner else num_threads or torch.get_num_threads(),

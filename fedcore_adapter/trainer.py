@@ -2,6 +2,8 @@
 
 On labeled batches the loss is the task loss (or ``custom_loss``); on
 unlabeled batches the model learns by distillation from ``ctx.teacher``.
+A module that defines its own step (ptls ``shared_step``, Lightning
+``training_step``) learns on it instead, head included (see ``steps``).
 
 Recovery fine-tunes (``recovery=True`` or a ``node_input``, the model as it entered
 a compression node) never end worse on validation than they started
@@ -26,6 +28,7 @@ from .data import call_model, limited, primary_output, split_batch, to_device, b
 from .errors import DataError, NodeError
 from .losses import distillation_mse, instantiate_loss, labeled_distillation, token_mask
 from .metrics import evaluate
+from .steps import own_step, reset_metrics, step_loss, step_output
 from .schema import TrainParams
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
@@ -80,6 +83,29 @@ def default_objective(teacher: nn.Module, task_loss: Callable, distill_from: Opt
     return objective
 
 
+def module_objective(teacher: nn.Module, task_loss: Optional[Callable], distill_from: Optional[nn.Module] = None,
+                     weight: float = 0.5) -> Objective:
+    """The module's own step loss (``steps.step_loss``) on labeled batches; output MSE to ``teacher``'s step
+    output on unlabeled ones. With ``distill_from``: ``(1 - weight) * own + weight * MSE`` of the step outputs
+    (a module's output may be an embedding, so no soft-label KL)."""
+    calls = [0]
+
+    def objective(model: nn.Module, inputs, target: Optional[torch.Tensor]) -> torch.Tensor:
+        index, calls[0] = calls[0], calls[0] + 1
+        if target is None:
+            with torch.no_grad():
+                reference = step_output(teacher, inputs, None)[0]
+            return distillation_mse(step_output(model, inputs, None)[0], reference, token_mask(inputs))
+        loss = step_loss(model, inputs, target, task_loss, index)
+        if distill_from is None or weight == 0:
+            return loss
+        with torch.no_grad():
+            reference = step_output(distill_from, inputs, target)[0]
+        return (1 - weight) * loss + weight * distillation_mse(step_output(model, inputs, target)[0], reference)
+
+    return objective
+
+
 def _resolve(option, recovery: bool) -> bool:
     """``auto`` options are on in recovery fine-tunes, off elsewhere."""
     return recovery if option == "auto" else bool(option)
@@ -103,7 +129,7 @@ def _score(row: dict) -> Optional[tuple]:
 def _validate(model: nn.Module, ctx: NodeContext, task_loss: Callable, device, limit: Optional[int]) -> dict:
     if ctx.val_loader is None:
         return {}
-    val = evaluate(model, ctx.val_loader, task_loss, device, limit)
+    val = evaluate(model, ctx.val_loader, task_loss, device, limit, seed=ctx.common.seed)
     return {f"val_{k}": v for k, v in val.items() if v is not None}
 
 
@@ -132,7 +158,10 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
         distill_from = None
         if _resolve(params.distill, recovery):
             distill_from = (node_input if node_input is not None else teacher).to(device).eval()
-        objective = default_objective(teacher, task_loss, distill_from, params.distill_weight, params.temperature)
+        if own_step(model) is not None and not params.custom_loss:
+            objective = module_objective(teacher, task_loss, distill_from, params.distill_weight)
+        else:
+            objective = default_objective(teacher, task_loss, distill_from, params.distill_weight, params.temperature)
     optimizer = make_optimizer(params, model)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
                  if params.scheduler == "cosine" else None)
@@ -177,6 +206,7 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
             raise DataError("train_dataloader() yielded no batches; the training set is empty")
         if scheduler is not None:
             scheduler.step()
+        reset_metrics(model)  # training metrics a module's own training_step accumulated
         row = {"train_loss": total / seen, "epoch_s": time.perf_counter() - start}
         row.update(_validate(model, ctx, task_loss, device, limit_valid))
         report.history.append({"epoch": epoch + 1, **row})

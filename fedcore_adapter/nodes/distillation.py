@@ -3,7 +3,8 @@
 The teacher is the model as it entered the setup, or a checkpoint given by
 ``teacher_checkpoint`` (rebuilt on the setup's input model). The loss mixes
 KL divergence on temperature-softened logits, MSE on outputs, and the task
-loss on labeled batches; unlabeled data is fine.
+loss on labeled batches; unlabeled data is fine. A module defining its own step
+(ptls ``shared_step``) is distilled on the step's output, head included.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..context import NodeContext
-from ..data import call_model, primary_output
 from ..losses import distillation_mse, soft_target_kl, token_mask
 from ..registry import register_node
 from ..schema import NodeConfig, TrainParams
+from ..steps import step_output
 from ..trainer import train
 
 
@@ -35,7 +36,8 @@ class DistillationConfig(TrainParams, NodeConfig):
     def _some_loss(self) -> "DistillationConfig":
         if self.kl_weight == self.mse_weight == self.task_weight == 0:
             raise ValueError("at least one of kl_weight, mse_weight, task_weight must be > 0")
-        given = sorted({"distill", "distill_weight"} & self.model_fields_set)
+        given = sorted(k for k in {"distill", "distill_weight"} & self.model_fields_set  # a re-validated dump
+                       if getattr(self, k) != TrainParams.model_fields[k].default)  # repeats the defaults
         if given:
             raise ValueError(f"{', '.join(given)}: options of recovery fine-tunes, not of the distillation node; "
                              f"set its loss with kl_weight, mse_weight and task_weight")
@@ -69,9 +71,9 @@ def apply_distillation(model: nn.Module, config: DistillationConfig, ctx: NodeCo
         p.requires_grad_(False)
 
     def objective(student: nn.Module, inputs, target):
-        out = primary_output(call_model(student, inputs))
+        out, target = step_output(student, inputs, target)  # a module's own step output: its head included
         with torch.no_grad():
-            teacher_out = primary_output(call_model(teacher, inputs))
+            teacher_out = step_output(teacher, inputs, target)[0]
         return distillation_loss(out, teacher_out, target, config, ctx.loss_fn, token_mask(inputs))
 
     params = TrainParams.model_validate(config.model_dump(include=set(TrainParams.model_fields)))
