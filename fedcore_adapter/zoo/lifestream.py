@@ -13,7 +13,8 @@ is made of real ptls objects, the way a ptls user builds them:
 - :func:`coles_datamodule` / :func:`target_datamodule`: ``PtlsDataModule`` over
   ``ColesDataset`` (``SampleSlices`` sub-sequences) or ``SeqToTargetDataset``
   (``(PaddedBatch, target)`` batches); clients are split into train/valid/test.
-- :func:`downstream_accuracy`: logistic regression on embeddings (cross-validated).
+- :func:`downstream_accuracy`: logistic regression on embeddings (cross-validated); :func:`embed`,
+  :func:`first_sequences`: embeddings of a loader, a smaller `PaddedBatch`.
 """
 from __future__ import annotations
 
@@ -156,3 +157,13 @@ def embed(seq_encoder: torch.nn.Module, loader: Any, limit: Optional[int] = None
             outs.append(seq_encoder(x).float().reshape(len(y), -1))
             targets.append(y)
     return torch.cat(outs).numpy(), torch.cat(targets).numpy()
+
+
+def first_sequences(batch: Any, n: int) -> Any:
+    """A ``PaddedBatch`` of the first ``n`` sequences of ``batch``, padded to their own longest length."""
+    from ptls.data_load.padded_batch import PaddedBatch
+
+    lengths = batch.seq_lens[:n]
+    longest = int(lengths.max())
+    payload = {k: (v[:n, :longest] if v.dim() >= 2 else v[:n]) for k, v in batch.payload.items()}
+    return PaddedBatch(payload, lengths)
