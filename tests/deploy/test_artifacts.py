@@ -64,3 +64,19 @@ def test_a_path_that_is_no_artifact_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"weights.txt: not an exported model; expected a path ending in "
                                           r"\.onnx, \.xml, \.pt2 \(or the folder of a deploy node\)$"):
         load_artifact(tmp_path / "weights.txt")
+
+
+def test_the_comparison_shows_one_chain_on_several_runtimes_side_by_side(tmp_path):
+    from fedcore_adapter.pipeline import run_setup
+    from fedcore_adapter.report import comparison_rows, runs_from_folders
+
+    for runtime in ("onnxruntime", "openvino"):
+        setup = {"name": f"MLP_{runtime}", "common": {"latency_warmup": 1, "latency_repeats": 2},
+                 "nodes": [{"kind": "training", "epochs": 1, "progress": False},
+                           {"kind": "deploy", "runtime": runtime, "threads": 1, "calibration_batches": 2}]}
+        run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path)
+    rows = comparison_rows(runs_from_folders([tmp_path]))
+    assert [(r["setup"], r["chain"], r["runtime"], r["threads"], r["batch_shape"]) for r in rows] == [
+        ("input", "", "torch", torch.get_num_threads(), "16x8"),
+        ("MLP_onnxruntime", "training -> deploy", "onnxruntime", 1, "16x8"),
+        ("MLP_openvino", "training -> deploy", "openvino", 1, "16x8")]
