@@ -55,12 +55,24 @@ class Feed(nn.Module):
         return torch.from_numpy(np.asarray(self.fn({k: batch[k].numpy() for k in NAMES})))
 
 
+class Encoder(nn.Module):
+    """``(input_ids, attention_mask, token_type_ids) -> last_hidden_state``: what ``torch.onnx.export`` traces."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+
 def ort_by_hand(model: nn.Module, batch: dict, folder: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
     axes = {k: {0: "batch", 1: "seq"} for k in NAMES}
-    torch.onnx.export(model, tuple(batch[k] for k in NAMES), str(fp32), dynamo=False, input_names=list(NAMES),
+    torch.onnx.export(Encoder(model).eval(), tuple(batch[k] for k in NAMES), str(fp32), dynamo=False, input_names=list(NAMES),
                       output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17)
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     return int8
