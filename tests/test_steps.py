@@ -76,3 +76,14 @@ def test_training_a_sequence_to_target_runs_its_training_step_and_resets_its_met
     report = train(model, _ctx(model, dm, tmp_path), TrainParams(epochs=2, learning_rate=1e-2, progress=False))
     assert len(report.history) == 2 and report.history[-1]["val_accuracy"] is not None
     assert model.train_metrics["accuracy"].update_count == 0  # accumulated train-step updates were reset
+
+
+def test_taylor_pruning_gradients_of_a_coles_module_come_from_its_own_loss():
+    from fedcore_adapter.nodes.pruning.backend import accumulate_gradients
+
+    model, batch = coles(), next(iter(coles_data().val_dataloader()))
+    accumulate_gradients(model, [batch], find_loss(model), CPU)
+    taylor = model.seq_encoder.seq_encoder.rnn.weight_hh_l0.grad.clone()
+    model.zero_grad()
+    model._loss(*model.eval().shared_step(*batch)).backward()
+    torch.testing.assert_close(taylor, model.seq_encoder.seq_encoder.rnn.weight_hh_l0.grad)

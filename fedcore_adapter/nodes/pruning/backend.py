@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ...data import batch_size, call_model, first_batch, primary_output, split_batch, to_device
+from ...steps import own_step, step_loss
 from .padded import is_padded, padded_slice
 from .structured import GraphPruner, Ratio
 from .transformers import TransformerPruner, find_groups
@@ -60,7 +61,9 @@ def calibration_loss(output: Any, target: Optional[torch.Tensor], loss_fn: Optio
 
 def accumulate_gradients(model: nn.Module, batches: Iterable[Any], loss_fn: Optional[Callable],
                          device: torch.device) -> int:
-    """Fill ``.grad`` with the gradient summed over ``batches`` (Taylor importance); returns batches used."""
+    """Fill ``.grad`` with the gradient summed over ``batches`` (Taylor importance); returns batches used.
+
+    A module defining its own step is differentiated through it (``steps.step_loss``: its head included)."""
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -68,7 +71,10 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[Any], loss_fn: Opti
     with torch.enable_grad():
         for batch in batches:
             inputs, target = split_batch(to_device(batch, device))
-            calibration_loss(call_model(model, inputs), target, loss_fn).backward()
+            if target is not None and own_step(model) is not None:  # ptls / Lightning: the module's own loss
+                step_loss(model, inputs, target, loss_fn).backward()
+            else:
+                calibration_loss(call_model(model, inputs), target, loss_fn).backward()
             used += 1
     model.train(was_training)
     return used
