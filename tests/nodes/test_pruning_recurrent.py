@@ -165,13 +165,14 @@ def run_pruning_node(model: nn.Module, tmp_path, ratio=0.5) -> tuple[nn.Module, 
     return apply_pruning(model, PruningConfig(pruning_ratio=ratio), ctx), records
 
 
-def assert_reloads(make, pruned: nn.Module, records: list, tmp_path) -> None:
+def assert_reloads(make, pruned: nn.Module, records: list, tmp_path) -> nn.Module:
     """Saved in the checkpoint format, ``load_model`` on a freshly built module computes the same outputs."""
     save_checkpoint(pruned, tmp_path / "ckpt", records)
     loaded = load_model(tmp_path / "ckpt", make())
     x = trx_batch(seed=7)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), pruned.eval()(x))
+    return loaded
 
 
 def gru_params(model: nn.Module) -> int:
@@ -190,12 +191,14 @@ def test_a_ptls_sequence_to_target_with_torchmetrics_loses_half_its_hidden_units
     encoder = pruned.seq_encoder.seq_encoder
     assert encoder.rnn.hidden_size == 16
     assert encoder.starter_h.shape[-1] == 16
+    assert encoder.hidden_size == pruned.seq_encoder.embedding_size == 16  # ptls's own size attributes follow
     assert pruned.head.in_features == model.head.in_features // 2
     assert gru_params(pruned) <= 0.5 * gru_params(model)
     metric = pruned.valid_metrics["MulticlassAccuracy"]
     assert type(metric) is type(model.valid_metrics["MulticlassAccuracy"])  # its own class (and __eq__) again
     assert pruned(trx_batch()).shape == (6, 3)
-    assert_reloads(partial(seq_to_target, kind, seed=5, **options), pruned, records, tmp_path)
+    loaded = assert_reloads(partial(seq_to_target, kind, seed=5, **options), pruned, records, tmp_path)
+    assert loaded.seq_encoder.embedding_size == 16
 
 
 def test_a_ptls_coles_encoder_keeps_its_embedding_size_loses_its_projection_channels_and_reloads(tmp_path):

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedcore_adapter import load_model
 from fedcore_adapter.checkpoint import save_checkpoint
 from fedcore_adapter.context import NodeContext
+from fedcore_adapter.errors import NodeError
 from fedcore_adapter.metrics import count_macs, count_params, state_dict_bytes, weight_dtype
 from fedcore_adapter.nodes.quantization import PTQDynamicConfig
 from fedcore_adapter.nodes.quantization.dynamic import apply_ptq_dynamic
@@ -113,6 +114,12 @@ def test_allow_rnn_false_and_lstm_projections_keep_the_recurrent_layer_in_float(
     model.head = nn.Linear(8, 4)
     quantized = run({"kind": "ptq_dynamic"}, model, SeqDataModule(), tmp_path / "b").model
     assert type(quantized.rnn) is nn.LSTM
+
+
+def test_export_with_int8_recurrent_layers_is_a_one_line_error_naming_them_and_the_ways_out(tmp_path):
+    with pytest.raises(NodeError, match=r"node 0:ptq_dynamic: export=true cannot write int8 GRU/LSTM layers \(rnn\) "
+                                        r"into a torch.export archive; set allow_rnn=false"):
+        run({"kind": "ptq_dynamic", "export": True}, seeded(SeqClassifier, hidden=32), SeqDataModule(), tmp_path)
 
 
 def test_skip_patterns_name_recurrent_layers(tmp_path):

@@ -133,3 +133,17 @@ def initial_state_parameters(model: nn.Module) -> dict[str, str]:
                     found[f"{prefix}{pname}"] = f"{prefix}{child_name}"
                     break
     return found
+
+
+SIZE_ATTRIBUTES = ("hidden_size", "embedding_size", "full_hidden_size")  # the last counts every direction
+
+
+def owner_sizes(owner: nn.Module, layer: nn.RNNBase, removed: int) -> dict[str, int]:
+    """Plain int attributes of the module holding ``layer`` that state its hidden size (``hidden_size``,
+    ``embedding_size``; ``full_hidden_size`` counts both directions), updated for ``removed`` units."""
+    out = {}
+    for key in SIZE_ATTRIBUTES:
+        factor = directions(layer) if key == "full_hidden_size" else 1
+        if type(vars(owner).get(key)) is int and vars(owner)[key] == layer.hidden_size * factor:
+            out[key] = (layer.hidden_size - removed) * factor
+    return out

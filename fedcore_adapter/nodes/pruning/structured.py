@@ -26,7 +26,7 @@ from .history import History
 from .identity import identity_equality, plain_modules
 from .layer_pruners import FrozenPruner, has_pruner
 from .padded import floating_tensors, is_padded, traceable, traced_output, with_tensors
-from .recurrent import RECURRENT_PRUNER, initial_state_parameters, is_recurrent, units_of
+from .recurrent import RECURRENT_PRUNER, initial_state_parameters, is_recurrent, owner_sizes, units_of
 
 Ratio = Union[float, dict[str, float]]
 
@@ -301,11 +301,12 @@ class GraphPruner:
                 elif id(target.module) in names and len(idxs):
                     history.add(names[id(target.module)], side, idxs, target.pruning_dim)
                     if side == "out" and is_recurrent(target.module):
-                        self._prune_states(names[id(target.module)], units_of(target.module, idxs), history)
+                        self._prune_beside(names[id(target.module)], units_of(target.module, idxs), history)
             group.prune()
 
-    def _prune_states(self, layer: str, units: list[int], history: History) -> None:
-        """The recurrent ``layer``'s trainable initial states lose its removed hidden ``units`` (last axis)."""
+    def _prune_beside(self, layer: str, units: list[int], history: History) -> None:
+        """The recurrent ``layer``'s trainable initial states lose its removed hidden ``units`` (last axis), and
+        its owner's size attributes follow (ptls ``RnnEncoder.hidden_size``, read as its embedding size)."""
         from .history import apply_op
 
         for param, owner in self.states.items():
@@ -313,3 +314,10 @@ class GraphPruner:
                 op = {"module": param, "side": "out", "dim": -1, "idxs": units}
                 apply_op(self.model, op)
                 history.add(param, "out", units, -1)
+        owner_name = layer.rpartition(".")[0]
+        owner = self.model.get_submodule(owner_name)
+        sizes = owner_sizes(owner, self.model.get_submodule(layer), len(units))
+        if sizes:
+            for key, value in sizes.items():
+                setattr(owner, key, value)
+            history.set_attributes(owner_name, **sizes)

@@ -23,6 +23,7 @@ import torch.ao.nn.quantized as nnq
 
 from ...context import NodeContext
 from ...data import call_model
+from ...errors import NodeError
 from ...registry import register_node
 from .backends import quantized_engine, quiet
 from ..toolkit import calibration_inputs, forward_hooks, write_report
@@ -185,6 +186,10 @@ def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeConte
               if k not in supported or supported[k](model.get_submodule(n))}
     require_layers(layers, label, kinds)
     keep_float = skipped_by_patterns(layers, config.skip, label)
+    recurrent = [n for n, k in layers.items() if k == "recurrent" and n not in keep_float]
+    if config.export and recurrent:
+        raise NodeError(label, f"export=true cannot write int8 GRU/LSTM layers ({', '.join(recurrent)}) into a "
+                               f"torch.export archive; set allow_rnn=false (they stay float) or export=false")
     batches: list = []
     if config.smooth_alpha is not None or config.auto_skip is not None:
         batches = calibration_inputs(ctx, ctx.limit("valid", config.calibration_batches), label=label,
