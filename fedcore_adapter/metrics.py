@@ -239,10 +239,13 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device:
 
 
 def batch_shape(inputs: Any) -> str:
-    """The shape of the first input tensor of a batch, e.g. ``32x128`` (a ptls PaddedBatch: of its payload)."""
+    """The shape of the first input tensor of a batch, e.g. ``32x128`` (a ptls PaddedBatch: of its first
+    per-event feature, batch x padded length)."""
     if is_batch_object(inputs):
-        inputs = getattr(inputs, "payload", None)
-        inputs = inputs if isinstance(inputs, (torch.Tensor, dict)) else {}
+        payload = getattr(inputs, "payload", None)
+        if isinstance(payload, dict):
+            payload = {k: v for k, v in payload.items() if isinstance(v, torch.Tensor) and v.dim() >= 2}
+        inputs = payload if isinstance(payload, (torch.Tensor, dict)) else {}
     first = inputs if isinstance(inputs, torch.Tensor) else next(
         (v for v in (inputs.values() if isinstance(inputs, dict) else inputs) if isinstance(v, torch.Tensor)), None)
     return "x".join(str(d) for d in first.shape) if first is not None else ""

@@ -62,3 +62,4 @@ def test_a_random_split_strategy_yields_the_same_batches_when_seeded_and_leaves_
     assert torch.equal(first[0].payload["mcc"], again[0].payload["mcc"])
     other = next(iter(loader))
     assert not torch.equal(first[0].seq_lens, other[0].seq_lens)  # unseeded: random slices differ
+

@@ -60,3 +60,13 @@ def test_measure_reports_throughput_consistent_with_latency():
     assert row["batch_size"] == 8
     assert row["throughput_sps"] == pytest.approx(8 * 1000 / row["latency_ms"])
     assert row["dtype"] == "float32" and row["device"] == "cpu" and row["macs"] == 8
+
+
+def test_a_padded_batch_shape_is_its_per_event_features_batch_by_padded_length():
+    from ptls.data_load.padded_batch import PaddedBatch
+
+    from fedcore_adapter.metrics import batch_shape
+
+    x = PaddedBatch({"mcc": torch.randint(1, 9, (3, 5))}, torch.full((3,), 5))
+    # a per-sequence feature first (as ptls collates client ids) does not give the shape
+    assert batch_shape(PaddedBatch({"client_id": torch.arange(3), **x.payload}, x.seq_lens)) == "3x5"
