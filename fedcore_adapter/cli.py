@@ -7,6 +7,7 @@
     fedcore-adapter compare DIR [DIR ...]   comparison table + plot across runs
     fedcore-adapter train | fit-target | inference [overrides...]   the seed's fc_* scripts (entrypoints/)
     fedcore-adapter sweep OVERRIDES...      runs (setups x models x seeds x overrides) on the Dask cluster
+    fedcore-adapter search [overrides...]   multi-objective search over composite chains (search/)
 """
 from __future__ import annotations
 
@@ -111,8 +112,14 @@ def _sweep(argv: list[str]) -> int:
     return sweep_main(argv)
 
 
+def _search(argv: list[str]) -> Optional[int]:
+    from .search.cli import main as search_main
+
+    return search_main(argv)
+
+
 SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {
-    "setups": list_setups, "compare": _compare, "sweep": _sweep, "train": entrypoints.train,
+    "setups": list_setups, "compare": _compare, "sweep": _sweep, "search": _search, "train": entrypoints.train,
     "fit-target": entrypoints.fit_target, "inference": entrypoints.inference}
 
 

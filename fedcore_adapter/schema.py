@@ -17,6 +17,19 @@ PositiveInt = Optional[int]
 Auto = Union[bool, Literal["auto"]]
 
 
+def searchable(low: Any = None, high: Any = None, *, choices: Optional[list] = None, log: bool = False,
+               step: Optional[float] = None, type: Optional[str] = None, default: bool = True) -> dict:
+    """``json_schema_extra`` marking a node config field as searchable by ``fedcore-adapter search``.
+
+    ``low``/``high`` (and ``log``, ``step``) give a numeric range, ``choices`` a categorical one (a bool or
+    Literal field without them: all its values); ``type`` (float, int, categorical) when the annotation does
+    not tell; ``default=False``: declared but searched only when the search's ``space`` names the field.
+    """
+    spec = {"low": low, "high": high, "choices": choices, "log": log or None, "step": step, "type": type,
+            "default": default}
+    return {"search": {k: v for k, v in spec.items() if v is not None}}
+
+
 class StrictModel(BaseModel):
     """A pydantic model that rejects unknown fields (a typo fails at load time)."""
 
@@ -32,8 +45,8 @@ class EarlyStopping(StrictModel):
 class TrainParams(StrictModel):
     """Options of the shared training loop (training node and every fine-tune)."""
 
-    epochs: int = Field(1, ge=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(1, ge=0, json_schema_extra=searchable(1, 20, default=False))
+    learning_rate: float = Field(1e-3, gt=0, json_schema_extra=searchable(1e-4, 1e-2, log=True, default=False))
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -18,14 +18,14 @@ from torch import nn
 from ..context import NodeContext
 from ..losses import distillation_mse, soft_target_kl, token_mask
 from ..registry import register_node
-from ..schema import NodeConfig, TrainParams
+from ..schema import NodeConfig, TrainParams, searchable
 from ..steps import step_output
 from ..trainer import train
 
 
 class DistillationConfig(TrainParams, NodeConfig):
     kind: Literal["distillation"] = "distillation"
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(2.0, gt=0, json_schema_extra=searchable(1.0, 8.0))
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on softened logits")
     mse_weight: float = Field(0.0, ge=0, description="weight of MSE between student and teacher outputs")
     task_weight: float = Field(0.0, ge=0, description="weight of the task loss on labeled batches")

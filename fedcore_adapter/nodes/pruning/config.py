@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ...schema import NodeConfig, TrainParams
+from ...schema import NodeConfig, TrainParams, searchable
 from ..toolkit import inherit_finetune
 
 IMPORTANCES = ("magnitude", "taylor", "lamp", "bn_scale", "random")
@@ -68,8 +68,10 @@ def _check_ratio(value: float, what: str) -> float:
 class _FinetuneFields(NodeConfig):
     """Iterations and fine-tuning shared by both pruning kinds (see the module docstring)."""
 
-    pruning_iterations: int = Field(1, ge=1, description="pruning steps; the ratio is reached at the last one")
-    epochs: int = Field(0, ge=0, description="fine-tune epochs after each step (between steps if finetune_params)")
+    pruning_iterations: int = Field(1, ge=1, description="pruning steps; the ratio is reached at the last one",
+                                    json_schema_extra=searchable(1, 5, default=False))
+    epochs: int = Field(0, ge=0, description="fine-tune epochs after each step (between steps if finetune_params)",
+                        json_schema_extra=searchable(0, 10, default=False))
     learning_rate: float = Field(1e-3, gt=0, description="learning rate of the fine-tunes after each step")
     finetune_params: Optional[TrainParams] = Field(None, description="final fine-tune after the last step")
     pruner_name: Optional[str] = Field(None, description="FedCore pruner name (see the module docstring)")
@@ -97,16 +99,18 @@ class PruningConfig(_FinetuneFields):
 
     kind: Literal["pruning"] = "pruning"
     pruning_ratio: Union[float, dict[str, float]] = Field(
-        0.5, description="fraction of channels removed per layer group; a dict {layer name: ratio} prunes only those")
+        0.5, description="fraction of channels removed per layer group; a dict {layer name: ratio} prunes only those",
+        json_schema_extra=searchable(0.1, 0.9, type="float"))
     head_pruning_ratio: Optional[float] = Field(
         None, description="transformers: fraction of attention heads removed; default pruning_ratio")
-    importance: Literal[IMPORTANCES] = "magnitude"  # type: ignore[valid-type]
+    importance: Literal[IMPORTANCES] = Field(  # type: ignore[valid-type]
+        "magnitude", json_schema_extra=searchable(choices=["magnitude", "lamp", "taylor"]))
     importance_norm: float = Field(2.0, gt=0, description="p of the Lp norm for magnitude and LAMP")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
     bn_sparsity: float = Field(0.0, ge=0, description="L1 penalty on BatchNorm scales during fine-tunes")
     schedule: Literal["linear", "geometric"] = Field(
-        "linear", description="ratio after each of pruning_iterations: linear (torch-pruning's equal shares of the "
+        "linear", json_schema_extra=searchable(default=False), description="ratio after each of pruning_iterations: linear (torch-pruning's equal shares of the "
                               "original channels) or geometric (the same fraction of the remaining channels each "
                               "step, so the last step cuts least)")
     sensitivity_ratios: Optional[list[float]] = Field(
@@ -164,7 +168,8 @@ class UnstructuredPruningConfig(_FinetuneFields):
     """Unstructured sparsity: weights set to zero (dense kernels, so size and latency do not fall)."""
 
     kind: Literal["unstructured_pruning"] = "unstructured_pruning"
-    sparsity: float = Field(0.5, description="fraction of weights set to zero, in [0, 1)")
+    sparsity: float = Field(0.5, description="fraction of weights set to zero, in [0, 1)",
+                            json_schema_extra=searchable(0.1, 0.95))
     importance: Literal[UNSTRUCTURED_IMPORTANCES] = "magnitude"  # type: ignore[valid-type]
     global_pruning: bool = Field(True, description="one threshold across layers; False: the same sparsity per layer")
     schedule: Literal[SCHEDULES] = Field("cubic", description="sparsity across iterations: linear, cubic (AGP), cosine")  # type: ignore[valid-type]

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from ...schema import NodeConfig, StrictModel, TrainParams
+from ...schema import NodeConfig, StrictModel, TrainParams, searchable
 
 Backend = Literal["x86", "fbgemm", "onednn", "qnnpack"]
 GraphMode = Literal["auto", "fx", "eager"]
@@ -34,7 +34,8 @@ class QuantConfigBase(NodeConfig):
 
     dtype: Literal["int8"] = Field("int8", description="weight dtype (int8 kernels only)")
     backend: Backend = Field("x86", description="torch quantized engine whose int8 kernels run the model")
-    per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)",
+                              json_schema_extra=searchable(default=False))
     skip: list[str] = Field(default_factory=list, description="fnmatch patterns of layer names kept in float")
     auto_skip: Optional[AutoSkip] = Field(None, description="keep the most sensitive layers in float automatically")
     export: bool = Field(False, description="also write a torch.export archive (model.pt2: core aten ops, int8 "
@@ -56,7 +57,8 @@ class PTQDynamicConfig(QuantConfigBase):
 
     kind: Literal["ptq_dynamic"] = "ptq_dynamic"
     allow_conv: bool = Field(False, description="also quantize Conv1d/Conv2d with groups=1 (BatchNorm folded in, "
-                                                "a following ReLU fused): input quantized per call, int8 conv kernel")
+                                                "a following ReLU fused): input quantized per call, int8 conv kernel",
+                             json_schema_extra=searchable())
     allow_emb: bool = Field(False, description="also quantize Embedding/EmbeddingBag weights (int8 per row)")
     allow_rnn: bool = Field(True, description="also quantize GRU/LSTM layers (torch's int8 recurrent kernels; "
                                               "LSTMs with proj_size stay float)")
@@ -76,7 +78,8 @@ class PTQStaticConfig(QuantConfigBase):
     calibrated on validation batches, int8 from layer to layer (conv+bn+relu fused)."""
 
     kind: Literal["ptq_static"] = "ptq_static"
-    observer: Observer = Field("histogram", description="how activation ranges are estimated")
+    observer: Observer = Field("histogram", description="how activation ranges are estimated",
+                               json_schema_extra=searchable(choices=["minmax", "histogram", "percentile"]))
     percentile: float = Field(99.99, gt=50, le=100, description="kept share of activations for observer=percentile")
     calibration_batches: Optional[int] = Field(None, ge=1, description="default: the setup's limit_valid_batches")
     epochs: int = Field(1, ge=1, description="passes over the calibration batches (FedCore name)")
@@ -89,9 +92,11 @@ class QATConfig(TrainParams, QuantConfigBase):
     ``epochs`` with the shared loop, then conversion to a real int8 model."""
 
     kind: Literal["qat"] = "qat"
-    epochs: int = Field(1, description="fake-quant training epochs (at least 1)")
+    epochs: int = Field(1, description="fake-quant training epochs (at least 1)",
+                        json_schema_extra=searchable(1, 10, default=False))
     learning_rate: float = Field(1e-4, gt=0)
-    learnable_scales: bool = Field(False, description="LSQ: learn scales by back-propagation after calibration")
+    learnable_scales: bool = Field(False, description="LSQ: learn scales by back-propagation after calibration",
+                                   json_schema_extra=searchable())
     calibration_batches: int = Field(4, ge=1, description="batches that initialise learnable scales")
     scale_lr_factor: float = Field(0.01, gt=0, le=1, description="learnable scales train at this times learning_rate")
     freeze_bn_after: Optional[int] = Field(None, ge=1, description="freeze BatchNorm statistics after this epoch")

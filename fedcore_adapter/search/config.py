@@ -1,0 +1,85 @@
+"""The ``search`` config section: trials, objectives, the accuracy constraint, the space and the moves."""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping, Optional, Union
+
+from pydantic import Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from ..schema import StrictModel, validation_message
+
+# metric column -> direction (the metrics rows of ``metrics.measure``)
+OBJECTIVES = {"macs": "minimize", "params": "minimize", "size_mb": "minimize", "latency_ms": "minimize",
+              "latency_ms_per_sample": "minimize", "throughput_sps": "maximize", "accuracy": "maximize",
+              "loss": "minimize"}
+
+
+class Moves(StrictModel):
+    """Chain moves from the initial assumption (each candidate chain is at most ``depth`` moves away)."""
+
+    drop: bool = Field(True, description="drop one compression node")
+    insert: list[str] = Field(default_factory=list, description="node kinds that may be inserted (one of each, "
+                                                                "where the chain rules allow)")
+    reorder: bool = Field(True, description="swap two neighbouring compression nodes where the chain rules allow")
+    depth: int = Field(1, ge=0, le=3, description="moves combined per candidate chain")
+
+
+class EarlyStop(StrictModel):
+    """Stop a trial whose fine-tune stays below the accuracy constraint (an infeasible trial is dominated)."""
+
+    enabled: bool = True
+    margin: float = Field(0.02, ge=0, description="stop only this far below the constraint line (validation "
+                                                  "accuracy), after ...")
+    patience: int = Field(2, ge=0, description="... this many epochs without improvement")
+    warmup_epochs: int = Field(2, ge=0, description="never stop in a trial's first epochs")
+
+
+class SearchConfig(StrictModel):
+    """``search.*`` of ``conf/search.yaml``; see the README's Search section."""
+
+    trials: int = Field(32, description="finished trials wanted (completed or stopped early)")
+    objectives: list[str] = Field(default_factory=lambda: ["macs", "accuracy"], min_length=1)
+    max_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1, description="constraint: accuracy at most this "
+                                                                             "below the uncompressed model's")
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    seed: int = 0
+    prefix: Union[Literal["auto"], int] = Field("auto", description="leading nodes shared by every trial, run once "
+                                                                    "(auto: the leading training nodes)")
+    share_prefix: bool = Field(True, description="start trials from cached checkpoints of computed prefixes")
+    space: dict[str, Any] = Field(default_factory=dict, description="<kind or node index>: {<field>: spec or "
+                                                                    "false}; spec: low, high, log, step, choices")
+    moves: Moves = Field(default_factory=Moves)
+    insert_templates: dict[str, dict[str, Any]] = Field(default_factory=dict, description="node fields of an "
+                                                                                          "inserted kind")
+    early_stop: EarlyStop = Field(default_factory=EarlyStop)
+    retries: int = Field(2, ge=0, description="re-runs of a trial whose worker was lost")
+    reference_runs: list[str] = Field(default_factory=list, description="results folders plotted beside the "
+                                                                        "front (default: the named setups' runs "
+                                                                        "found in output_dir)")
+
+    @field_validator("trials")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"trials must be a positive number of trials (got {v})")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in OBJECTIVES:
+                raise ValueError(f"objective {name!r} is not a metric; allowed: {', '.join(OBJECTIVES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"objectives must differ (got {v})")
+        return v
+
+    @classmethod
+    def parse(cls, data: Optional[Mapping[str, Any]]) -> "SearchConfig":
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as err:
+            raise ConfigError(validation_message("search", err, cls)) from None
+
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]

@@ -1,0 +1,552 @@
+"""The search driver (the seed's ``need_evo_opt``): above the engine, which never knows it runs in a search.
+
+1. the setup (the initial assumption) and ``search.*`` give the space (``space.derive_space``);
+2. the shared prefix (the leading training nodes) runs once; its checkpoint starts every trial;
+3. Optuna asks for candidates (constrained multi-objective TPE / NSGA-II / random, ask and tell), each a
+   setup validated like any other, run as a real run on a worker (``trial.run_trial``) from the longest
+   prefix already computed, stopped early when its fine-tune stays below the accuracy constraint;
+4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
+   whose worker was lost is asked again with the same parameters;
+5. ``trials.csv``, ``pareto.csv``, ``pareto.png``, ``pareto/trial_<n>.yaml`` and the MLflow parent run.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from ..checkpoint import write_json
+from ..errors import ConfigError, FedcoreError
+from ..schema import Setup
+from .config import SearchConfig
+from .prefix import PrefixCache, identity_of, prefix_key
+from .report import plot_front, reference_points, setup_yaml, trial_row, write_csv
+from .space import SearchSpace, derive_space
+
+log = logging.getLogger("fedcore_adapter.search")
+STATE_FILE = "search.json"
+STUDY = "search"
+FIDELITY = "fidelity"
+
+
+@dataclass
+class SearchResult:
+    folder: Path
+    trials: list[dict]
+    front: list[dict]
+    best: Optional[dict]
+    reference: dict
+    message: str
+    feasible: bool = True
+    study: Any = field(default=None, repr=False)
+
+
+class SequentialPool:
+    """Trials one after another in this process (``cluster=none``), with the Dask pool's interface."""
+
+    slots = 1
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn, self.done = fn, []
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    def submit(self, key: Any, payload: Any) -> None:
+        from ..distributed.fanout import one_line  # plain Python: importing it does not start Dask
+
+        start = time.perf_counter()
+        try:
+            out = {"status": "completed", "value": self.fn(payload), "error": None}
+        except Exception as err:  # noqa: BLE001 - a failing trial is an outcome
+            log.debug("trial %s failed", key, exc_info=True)
+            out = {"status": "failed", "value": None, "error": one_line(err)}
+        self.done.append((key, {**out, "worker": "local", "wall_s": time.perf_counter() - start}))
+
+    def finished(self, timeout: Optional[float] = None) -> list:
+        out, self.done = self.done, []
+        return out
+
+    def close(self) -> None:
+        self.done = []
+
+
+def _sampler(scfg: SearchConfig, constrained: bool) -> Any:
+    import optuna
+
+    constraints = (lambda t: [t.user_attrs.get("constraint", 0.0)]) if constrained else None
+    if scfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=scfg.seed)
+    if scfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=scfg.seed, constraints_func=constraints,
+                                             population_size=max(4, min(20, scfg.trials // 3)))
+    return optuna.samplers.TPESampler(seed=scfg.seed, multivariate=True, group=True, constant_liar=True,
+                                      n_startup_trials=max(4, min(10, scfg.trials // 3)),
+                                      constraints_func=constraints)
+
+
+def _open_folder(folder: Path, resume: bool, signature: str) -> dict:
+    state_path = folder / STATE_FILE
+    if folder.exists() and any(folder.iterdir()):
+        if not resume:
+            raise ConfigError(f"{folder} holds a search already; pass resume=true to continue it, or another "
+                              f"model_name / output_dir for a new one")
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        if state.get("space") != signature:
+            raise ConfigError(f"cannot resume {folder}: the search space differs from the interrupted search's "
+                              f"(setup, overrides or search.* changed); use another model_name / output_dir")
+        return state
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"space": signature}
+
+
+class _Progress:
+    """One line per finished trial: n/N, its metrics, the best trial under the constraint, the ETA."""
+
+    def __init__(self, total: int, done: int, objectives: list[str]):
+        self.total, self.done, self.objectives = total, done, objectives
+        self.start, self.counted = time.time(), 0
+
+    def line(self, row: dict, best: Optional[dict]) -> str:
+        self.done += 1
+        self.counted += 1
+        elapsed = time.time() - self.start
+        left = max(0, self.total - self.done)
+        eta = elapsed / self.counted * left
+        what = _describe(row, self.objectives) if row["state"] in ("complete", "pruned") else f"FAILED: {row['error']}"
+        if row["state"] == "pruned":
+            what = f"stopped early ({row.get('error')})"
+        flag = {True: " [meets constraint]", False: " [misses constraint]"}.get(row.get("feasible"), "")
+        best_text = f"#{best['trial']} {_describe(best, self.objectives)}" if best else "none yet"
+        return (f"trial {self.done}/{self.total} #{row['trial']} {row['chain']}: {what}{flag} | best under the "
+                f"constraint: {best_text} | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def _describe(row: dict, objectives: list[str]) -> str:
+    parts = []
+    for name in dict.fromkeys([*objectives, "accuracy"]):
+        value = row.get(name)
+        if not isinstance(value, (int, float)):
+            continue
+        text = f"{name} {value:.4f}" if isinstance(value, float) and value < 10 else f"{name} {value:,.0f}"
+        if name == "macs" and row.get("macs_reduction"):
+            text += f" ({row['macs_reduction']:.1f}x fewer)"
+        if name == "accuracy" and row.get("accuracy_drop_pt") is not None:
+            text += f" ({-row['accuracy_drop_pt']:+.1f} pt)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+class Search:
+    """One search: its config, space, folder, study, pool and prefix cache."""
+
+    def __init__(self, cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, loss: Any = None,
+                 model_label: Optional[str] = None, setup: Optional[Setup] = None):
+        from ..jobs import build_setup
+
+        self.cfg = copy.deepcopy(dict(cfg))
+        self.scfg = SearchConfig.parse(self.cfg.get("search"))
+        self.setup = setup if setup is not None else build_setup(self.cfg)
+        self.space: SearchSpace = derive_space(self.setup, self.scfg)
+        if self.space.is_empty():
+            chain = " -> ".join(n.kind for n in self.setup.nodes)
+            raise ConfigError(f"search space is empty: setup {self.setup.name} ({chain}) has no searchable field and "
+                              f"no chain move after its shared prefix; widen it with search.space.<kind>.<field>="
+                              f"{{low: ..., high: ...}} or search.moves.insert=[pruning, ...]")
+        if self.scfg.max_accuracy_drop is not None and "accuracy" not in self.scfg.objectives:
+            log.info("constraint on accuracy (not an objective): accuracy is still measured and checked")
+        self.objects = {"model": model, "data": data, "loss": loss}
+        label = model_label or self.cfg.get("model_name") or "model"
+        self.label = label
+        self.folder = Path(self.cfg.get("output_dir") or "composition_results") / f"SEARCH_{self.setup.name}_{label}"
+        self.identity = identity_of(self.cfg, model)
+        self.base_seed = self.setup.common.seed
+
+    # -- payloads ------------------------------------------------------------------------------------------
+    def _payload(self, name: str, nodes: list[dict], start: int, checkpoint: Optional[Path], out: Path,
+                 tracking_name: str, **extra: Any) -> dict:
+        common = {**self.space.common, "seed": self.base_seed + start}
+        cfg = {k: v for k, v in self.cfg.items() if k not in ("search",)}
+        cfg["pretrained"] = None if checkpoint is not None else self.cfg.get("pretrained")
+        cfg["resume"] = False
+        if self.tracker is not None:
+            cfg["tracking"] = self.tracker.trial_tracking(tracking_name)
+        payload = {"setup": {"name": name, "common": common, "nodes": copy.deepcopy(nodes[start:])}, "cfg": cfg,
+                   "start": str(checkpoint) if checkpoint is not None else None, "output_dir": str(out), **extra}
+        return {**payload, **{k: v for k, v in self.objects.items() if v is not None}}
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def run(self, pool_factory: Callable[[], Any]) -> SearchResult:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        resume = bool(self.cfg.get("resume"))
+        self.state = _open_folder(self.folder, resume, self.space.signature())
+        self.state.setdefault("started_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.state["search"] = self.scfg.model_dump(mode="json")
+        self.state["space_description"] = self.space.describe()
+        self._save()
+        from .trial import open_storage
+
+        storage = open_storage(self.folder / "study.journal")
+        constrained = self.scfg.max_accuracy_drop is not None
+        self.study = optuna.create_study(study_name=STUDY, storage=storage, directions=self.scfg.directions(),
+                                         sampler=_sampler(self.scfg, constrained), load_if_exists=True)
+        self.fidelity = optuna.create_study(study_name=FIDELITY, storage=storage, direction="maximize",
+                                            load_if_exists=True)
+        self.cache = PrefixCache(self.folder)
+        self._recover_lost()
+        self.tracker = self._tracker()
+        log.info("search %s: %d trials, objectives %s%s\n%s", self.folder, self.scfg.trials, self.scfg.objectives,
+                 f", accuracy drop <= {self.scfg.max_accuracy_drop * 100:g} pt" if constrained else "",
+                 self.space.describe())
+        pool = pool_factory()
+        status = "failed"
+        try:
+            self._prefix(pool)
+            self._loop(pool)
+            status = "completed"
+        finally:
+            pool.close()
+            result = self._report()
+            self.state["status"] = status
+            self._save()
+            if self.tracker is not None:
+                self.tracker.finish(self._summary_metrics(result), [self.folder / f for f in
+                                    ("trials.csv", "pareto.csv", "pareto.png", "pareto", STATE_FILE)], status)
+        return result
+
+    def _save(self) -> None:
+        write_json(self.folder / STATE_FILE, self.state)
+
+    def _tracker(self) -> Any:
+        tracking = dict(self.cfg.get("tracking") or {})
+        if tracking.get("name", "none") == "none":
+            return None
+        from ..tracking.config import default_experiment
+        from ..tracking.search_run import SearchRun
+
+        experiment = tracking.get("experiment") or default_experiment(self.cfg, self.cfg.get("model_name"))
+        tracker = SearchRun(tracking, experiment, self.folder.name)
+        self.state["mlflow_run_id"] = tracker.start({"setup": self.setup.name, "search": self.state["search"]},
+                                                    self.state.get("mlflow_run_id"))
+        self._save()
+        return tracker
+
+    def _recover_lost(self) -> None:
+        """Trials left running by an interrupted search are failed as lost and asked again (same parameters)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        for study in (self.study, self.fidelity):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                if study is self.study and t.state == TrialState.RUNNING:
+                    optuna.trial.Trial(study, t._trial_id).set_user_attr("lost", True)
+                    study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+                    log.info("trial #%d was interrupted: asked again with the same parameters", t.number)
+                if t.state == TrialState.RUNNING:
+                    study.tell(t.number, state=TrialState.FAIL)
+
+    def _finished(self) -> int:
+        from optuna.trial import TrialState
+
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   or (t.state == TrialState.FAIL and not t.user_attrs.get("lost")))
+
+    @property
+    def reference(self) -> dict:
+        return self.state.get("reference") or {}
+
+    def _line(self) -> Optional[float]:
+        acc = (self.reference.get("row") or {}).get("accuracy")
+        if self.scfg.max_accuracy_drop is None or not isinstance(acc, (int, float)):
+            return None
+        return acc - self.scfg.max_accuracy_drop
+
+    def _prefix(self, pool: Any) -> None:
+        """Run the shared prefix once (or find it computed); its last row is the reference."""
+        n = len(self.space.prefix)
+        if not n:
+            return
+        key = prefix_key(self.identity, {**self.space.common, "seed": self.base_seed}, self.space.prefix)
+        if self.cache.get(key) is not None and self.reference:
+            return
+        log.info("computing the shared prefix (%s) once", " -> ".join(x["kind"] for x in self.space.prefix))
+        payload = self._payload(f"PREFIX_{key[:8]}", self.space.prefix, 0, None, self.folder / "prefix",
+                                "prefix", reference_val=True)
+        pool.submit("prefix", payload)
+        outcome = None
+        while outcome is None:
+            for _, outcome in pool.finished(timeout=30):
+                pass
+        if outcome["status"] != "completed":
+            raise FedcoreError(f"the shared prefix failed: {outcome['error']}")
+        value = outcome["value"]
+        self.cache.put(key, Path(value["output_dir"]) / "final")
+        self.state["reference"] = {"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
+                                   "output_dir": value["output_dir"], "wall_s": outcome.get("wall_s")}
+        self._save()
+
+    def _early_stop_spec(self, trial_id: int) -> Optional[dict]:
+        es = self.scfg.early_stop
+        val = self.reference.get("val_accuracy")
+        if not es.enabled or self.scfg.max_accuracy_drop is None or not isinstance(val, (int, float)):
+            return None
+        return {"storage": str((self.folder / "study.journal").absolute()), "study": FIDELITY, "trial_id": trial_id,
+                "lower": val - self.scfg.max_accuracy_drop - es.margin, "patience": es.patience,
+                "warmup_epochs": es.warmup_epochs}
+
+    def _start_of(self, nodes: list[dict]) -> tuple[int, Optional[Path]]:
+        """Where a trial starts: the longest computed prefix of its chain (at least the shared one)."""
+        n = len(self.space.prefix)
+        common = {**self.space.common, "seed": self.base_seed}
+        shared = self.cache.get(prefix_key(self.identity, common, nodes[:n])) if n else None
+        if not self.scfg.share_prefix or any(x["kind"] == "distillation" for x in nodes[n:]):
+            return (n, shared) if shared is not None else (0, None)
+        j, found = self.cache.longest(self.identity, common, nodes, n)
+        return (j, found) if found is not None else ((n, shared) if shared is not None else (0, None))
+
+    def _ask(self, pool: Any, in_flight: dict) -> bool:
+        from optuna.trial import TrialState
+
+        trial = self.study.ask()
+        try:
+            label, nodes = self.space.suggest(trial)
+            shared = self.cache.get(prefix_key(self.identity, {**self.space.common, "seed": self.base_seed},
+                                               self.space.prefix)) if self.space.prefix else None
+            for node in nodes[len(self.space.prefix):]:
+                if node["kind"] == "distillation" and shared is not None and not node.get("teacher_checkpoint"):
+                    node["teacher_checkpoint"] = str(shared.absolute())  # the trained model, in trial and re-run
+            Setup.parse({"name": self.setup.name, "common": self.space.common, "nodes": copy.deepcopy(nodes)})
+        except ConfigError as err:
+            trial.set_user_attr("error", str(err))
+            self.study.tell(trial, state=TrialState.FAIL)
+            log.info("trial #%d: candidate rejected: %s", trial.number, err)
+            return False
+        start, checkpoint = self._start_of(nodes)
+        trial.set_user_attr("chain", label)
+        trial.set_user_attr("nodes", nodes)
+        trial.set_user_attr("start_node", start)
+        fid = None
+        extra: dict[str, Any] = {}
+        spec = None
+        if start < len(nodes):
+            fid = self.fidelity.ask()
+            spec = self._early_stop_spec(fid._trial_id)
+        if spec:
+            extra["early_stop"] = spec
+        name = f"trial_{trial.number:04d}"
+        payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
+        pool.submit(trial.number, payload)
+        in_flight[trial.number] = (trial, fid, time.time())
+        return True
+
+    def _loop(self, pool: Any) -> None:
+        from optuna.trial import TrialState
+
+        progress = _Progress(self.scfg.trials, self._finished(), self.scfg.objectives)
+        in_flight: dict[int, tuple] = {}
+        retries: dict[str, int] = {}
+        while True:
+            while len(in_flight) < pool.slots and self._finished() + len(in_flight) < self.scfg.trials:
+                self._ask(pool, in_flight)
+                if self._finished() >= self.scfg.trials:
+                    break
+            if not in_flight:
+                break
+            for number, outcome in pool.finished(timeout=30):
+                trial, fid, _ = in_flight.pop(number)
+                row = self._tell(trial, fid, outcome, retries)
+                if row is not None:
+                    print(progress.line(row, self._best()), flush=True)
+            if self._finished() >= self.scfg.trials and not in_flight:
+                break
+
+    def _tell(self, trial: Any, fid: Any, outcome: dict, retries: dict) -> Optional[dict]:
+        from optuna.trial import TrialState
+
+        def close_fid(state, value=None):
+            if fid is not None:
+                self.fidelity.tell(fid, value if state == TrialState.COMPLETE else None, state=state)
+
+        trial.set_user_attr("wall_s", outcome.get("wall_s"))
+        trial.set_user_attr("worker", outcome.get("worker"))
+        if outcome.get("lost"):
+            key = json.dumps(trial.params, sort_keys=True, default=str)
+            retries[key] = retries.get(key, 0) + 1
+            if retries[key] <= self.scfg.retries:
+                trial.set_user_attr("lost", True)
+                self.study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
+                log.warning("trial #%d lost its worker (%s): asked again with the same parameters", trial.number,
+                            outcome.get("error"))
+                self.study.tell(trial, state=TrialState.FAIL)
+                close_fid(TrialState.FAIL)
+                return None
+        if outcome["status"] != "completed":
+            trial.set_user_attr("error", outcome.get("error"))
+            self.study.tell(trial, state=TrialState.FAIL)
+            close_fid(TrialState.FAIL)
+            return self._row(self.study.trials[trial.number])
+        value = outcome["value"]
+        rows = value.get("metrics") or []
+        if not self.reference.get("row") and rows and trial.user_attrs.get("start_node") == 0:
+            self.state["reference"] = {"row": rows[0], "val_accuracy": None}
+            self._save()
+        last = rows[-1] if rows else {}
+        trial.set_user_attr("metrics", {k: v for k, v in last.items() if isinstance(v, (int, float, str))})
+        trial.set_user_attr("output_dir", value.get("output_dir"))
+        trial.set_user_attr("epochs", value.get("epochs"))
+        line = self._line()
+        acc = last.get("accuracy")
+        if line is not None:
+            violation = line - acc if isinstance(acc, (int, float)) else 1.0
+            trial.set_user_attr("constraint", violation)
+            trial.set_user_attr("feasible", violation <= 0 and value["state"] == "complete")
+        if value["state"] == "pruned":
+            trial.set_user_attr("reason", value.get("reason"))
+            if line is None:
+                trial.set_user_attr("constraint", 1.0)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            close_fid(TrialState.PRUNED)
+        else:
+            values = [last.get(o) for o in self.scfg.objectives]
+            if not all(isinstance(v, (int, float)) for v in values):
+                missing = [o for o, v in zip(self.scfg.objectives, values) if not isinstance(v, (int, float))]
+                trial.set_user_attr("error", f"objective(s) {missing} not measured (no labels?)")
+                self.study.tell(trial, state=TrialState.FAIL)
+                close_fid(TrialState.FAIL)
+            else:
+                self.study.tell(trial, values)
+                close_fid(TrialState.COMPLETE, acc if isinstance(acc, (int, float)) else 0.0)
+                self._register(trial.user_attrs["nodes"], trial.user_attrs["start_node"], value["output_dir"])
+        return self._row(self.study.trials[trial.number])
+
+    def _register(self, nodes: list[dict], start: int, output_dir: str) -> None:
+        """Every node checkpoint of a completed trial becomes a computed prefix other trials may start from."""
+        if not self.scfg.share_prefix:
+            return
+        common = {**self.space.common, "seed": self.base_seed}
+        for j in range(start + 1, len(nodes)):
+            folder = Path(output_dir) / "nodes" / f"{j - start}_{nodes[j - 1]['kind']}"
+            if (folder / "manifest.json").exists():
+                self.cache.put(prefix_key(self.identity, common, nodes[:j]), folder)
+
+    # -- results -------------------------------------------------------------------------------------------
+    def _row(self, t: Any) -> dict:
+        state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(t.state.name, t.state.name.lower())
+        return trial_row(t.number, state, t.user_attrs, t.params, self.reference)
+
+    def _rows(self) -> list[dict]:
+        return [self._row(t) for t in self.study.get_trials(deepcopy=False)
+                if t.state.is_finished() and not t.user_attrs.get("lost")]
+
+    def _front(self) -> list[dict]:
+        from optuna.trial import TrialState
+
+        trials = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if self.scfg.max_accuracy_drop is not None:
+            trials = [t for t in trials if t.user_attrs.get("feasible")]
+        signs = [1 if d == "minimize" else -1 for d in self.scfg.directions()]
+        keys = {t.number: [s * v for s, v in zip(signs, t.values)] for t in trials}
+
+        def dominated(a: list[float]) -> bool:
+            return any(all(x <= y for x, y in zip(b, a)) and b != a for b in keys.values())
+
+        return [self._row(t) for t in trials if not dominated(keys[t.number])]
+
+    def _best(self) -> Optional[dict]:
+        front = self._front()
+        if not front:
+            return None
+        first, sign = self.scfg.objectives[0], 1 if self.scfg.directions()[0] == "minimize" else -1
+        return min(front, key=lambda r: sign * r[first])
+
+    def _report(self) -> SearchResult:
+        rows = self._rows()
+        front = self._front()
+        write_csv(self.folder / "trials.csv", rows)
+        write_csv(self.folder / "pareto.csv", front)
+        command = self._rerun_command()
+        (self.folder / "pareto").mkdir(exist_ok=True)
+        for row in front:
+            t = self.study.trials[row["trial"]]
+            path = self.folder / "pareto" / f"trial_{row['trial']:04d}.yaml"
+            text = setup_yaml(f"{self.setup.name}_T{row['trial']}", self.space.common, t.user_attrs["nodes"],
+                              command.replace("<FILE>", str(path)), t.user_attrs.get("metrics") or {})
+            path.write_text(text)
+        refs = [Path(p) for p in self.scfg.reference_runs] or self._named_runs()
+        try:
+            plot_front(self.folder / "pareto.png", rows, front, self.scfg.objectives,
+                       reference_points(refs, self.scfg.objectives), self.reference.get("row") or {}, self._line())
+        except Exception as err:  # noqa: BLE001 - a plot never fails the search
+            log.warning("pareto.png not written: %s", err)
+        best = self._best()
+        feasible = best is not None or self.scfg.max_accuracy_drop is None
+        message = self._final_message(rows, best)
+        self.state.update(trials_finished=self._finished(), best=best, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return SearchResult(self.folder, rows, front, best, self.reference, message, feasible, self.study)
+
+    def _final_message(self, rows: list[dict], best: Optional[dict]) -> str:
+        if best is not None:
+            return (f"best under the constraint: trial #{best['trial']} {best['chain']}: "
+                    f"{_describe(best, self.scfg.objectives)}; setup: "
+                    f"{self.folder / 'pareto' / ('trial_%04d.yaml' % best['trial'])}")
+        measured = [r for r in rows if isinstance(r.get("accuracy"), (int, float))]
+        if self.scfg.max_accuracy_drop is None or not measured:
+            return "no trial completed" if not measured else "search finished"
+        complete = [r for r in measured if r["state"] == "complete"]
+        closest = max(complete or measured, key=lambda r: r["accuracy"])
+        line = self._line()
+        return (f"no trial met the constraint (accuracy >= {line:.4f}, at most "
+                f"{self.scfg.max_accuracy_drop * 100:g} pt below {self.reference['row']['accuracy']:.4f}); closest: "
+                f"trial #{closest['trial']} {closest['chain']} ({closest['state']}"
+                f"{'' if closest['state'] == 'complete' else ', at its last finished node'}): "
+                f"{_describe(closest, self.scfg.objectives)}")
+
+    def _summary_metrics(self, result: SearchResult) -> dict:
+        out = {"trials_finished": float(len(result.trials)), "pareto_size": float(len(result.front))}
+        if result.best:
+            out.update({f"best_{k}": result.best[k] for k in ("macs_reduction", "accuracy_drop_pt", "latency_ratio",
+                                                              "params_reduction") if result.best.get(k) is not None})
+        return out
+
+    def _rerun_command(self) -> str:
+        parts = ["fedcore-adapter", "setup=<FILE>"]
+        for key in ("pretrained",):
+            if self.cfg.get(key):
+                parts.append(f"{key}={self.cfg[key]}")
+        return " ".join(parts) + " (plus the search's model=/data= options)"
+
+    def _named_runs(self) -> list[Path]:
+        from ..setups import named_setups
+
+        root = Path(self.cfg.get("output_dir") or "composition_results")
+        out = []
+        for name in named_setups():
+            for candidate in (root / f"{name}_{self.label}", root / name):
+                if (candidate / "metrics.json").exists():
+                    out.append(candidate)
+                    break
+        return out
+
+
+def run_search(cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, loss: Any = None,
+               model_label: Optional[str] = None, setup: Optional[Setup] = None) -> SearchResult:
+    """Run the search a composed config describes (``cluster``: trials on Dask, else one after another here)."""
+    from .trial import run_trial
+
+    search = Search(cfg, model=model, data=data, loss=loss, model_label=model_label, setup=setup)
+    cluster = dict(cfg.get("cluster") or {})
+    if cluster.get("name", "none") == "none" and not cluster.get("address") and not cluster.get("_target_"):
+        return search.run(lambda: SequentialPool(run_trial))
+    from ..distributed.cluster import open_client
+    from ..distributed.pool import DaskPool
+
+    with open_client(cluster) as client:
+        return search.run(lambda: DaskPool(client, run_trial, cwd=os.getcwd()))

@@ -1,0 +1,331 @@
+"""The search space: candidate chains (moves from a setup's initial assumption) and the fields each node
+config declares searchable (``schema.searchable``), narrowed or widened by ``search.space``.
+
+A node of the initial chain keeps its id (``pruning#1`` is nodes[1]) in every candidate chain, so the
+optimiser learns one ``pruning#1.pruning_ratio`` across chain variants; an inserted node is ``<kind>+``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+from pydantic import BaseModel
+
+from ..errors import ConfigError
+from ..registry import get_node
+from ..schema import Setup
+from .config import SearchConfig
+
+SPEC_KEYS = ("low", "high", "log", "step", "choices", "type")
+TRAINING_KINDS = ("training",)  # what ``prefix: auto`` shares: leading nodes that fit the model
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searchable field of one node: ``name`` is ``<node id>.<field path>``."""
+
+    name: str
+    path: str
+    type: Literal["float", "int", "categorical"]
+    low: Any = None
+    high: Any = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: tuple = ()
+
+    def suggest(self, trial: Any) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log, step=self.step)
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            return f"{self.name} in {list(self.choices)}"
+        return f"{self.name} in [{self.low}, {self.high}]" + (" (log)" if self.log else "")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A node a candidate chain may hold: its fields as in the setup (or the insert template) and its dimensions."""
+
+    id: str
+    node: dict
+    dims: tuple[Dimension, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.node["kind"]
+
+
+@dataclass
+class SearchSpace:
+    setup: Setup
+    prefix: list[dict]
+    templates: dict[str, Template]
+    chains: dict[str, tuple[str, ...]]  # label -> template ids, the initial chain first
+    common: dict = field(default_factory=dict)
+
+    @property
+    def initial(self) -> str:
+        return next(iter(self.chains))
+
+    def dimensions(self) -> list[Dimension]:
+        ids = {t for chain in self.chains.values() for t in chain}
+        return [d for t in self.templates.values() if t.id in ids for d in t.dims]
+
+    def is_empty(self) -> bool:
+        return len(self.chains) < 2 and not self.dimensions()
+
+    def suggest(self, trial: Any) -> tuple[str, list[dict]]:
+        """``(chain label, the chain's nodes)`` for an optuna trial (define-by-run)."""
+        label = trial.suggest_categorical("chain", list(self.chains)) if len(self.chains) > 1 else self.initial
+        nodes = copy.deepcopy(self.prefix)
+        for tid in self.chains[label]:
+            template = self.templates[tid]
+            node = copy.deepcopy(template.node)
+            for dim in template.dims:
+                _set_path(node, dim.path, dim.suggest(trial))
+            nodes.append(node)
+        return label, nodes
+
+    def signature(self) -> str:
+        data = {"prefix": self.prefix, "chains": self.chains, "common": self.common,
+                "templates": {k: [t.node, [d.__dict__ for d in t.dims]] for k, t in self.templates.items()}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        lines = [f"prefix (shared): {' -> '.join(n['kind'] for n in self.prefix) or '(none)'}",
+                 f"chains ({len(self.chains)}): " + ", ".join(self.chains)]
+        lines += [f"  {d.describe()}" for d in self.dimensions()]
+        return "\n".join(lines)
+
+
+def _set_path(node: dict, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _nested_model(annotation: Any) -> Optional[type]:
+    for arg in typing.get_args(annotation) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def declared_fields(config: BaseModel, prefix: str = "") -> dict[str, tuple[Any, dict]]:
+    """``{field path: (annotation, declared spec)}`` of a validated node config, nested configs it holds included."""
+    out: dict[str, tuple[Any, dict]] = {}
+    for name, info in type(config).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if "search" in extra:
+            out[prefix + name] = (info.annotation, dict(extra["search"]))
+        nested = _nested_model(info.annotation)
+        value = getattr(config, name, None)
+        if nested is not None and isinstance(value, BaseModel):
+            out.update(declared_fields(value, f"{prefix}{name}."))
+    return out
+
+
+def _all_fields(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, info in type(config).model_fields.items():
+        out[prefix + name] = info.annotation
+        value = getattr(config, name, None)
+        if isinstance(value, BaseModel):
+            out.update(_all_fields(value, f"{prefix}{name}."))
+    return out
+
+
+def _dimension(name: str, path: str, annotation: Any, spec: dict, where: str) -> Dimension:
+    kind = spec.get("type")
+    literal = [a for a in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else None
+    if kind is None:
+        if spec.get("choices") is not None or annotation is bool or literal:
+            kind = "categorical"
+        elif annotation is int:
+            kind = "int"
+        else:
+            kind = "float"
+    if kind == "categorical":
+        choices = spec.get("choices") or ([False, True] if annotation is bool else literal)
+        if not choices:
+            raise ConfigError(f"{where}: give choices: [...] for a categorical field")
+        return Dimension(name, path, "categorical", choices=tuple(choices))
+    if kind not in ("float", "int"):
+        raise ConfigError(f"{where}.type = {kind!r}: allowed: float, int, categorical")
+    low, high = spec.get("low"), spec.get("high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or not low < high:
+        raise ConfigError(f"{where}: a numeric range needs low < high (got low={low!r}, high={high!r})")
+    if spec.get("log") and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0 (got {low})")
+    return Dimension(name, path, kind, low, high, bool(spec.get("log")), spec.get("step"))
+
+
+def _user_specs(space: Mapping[str, Any], node_index: Optional[int], kind: str) -> dict[str, Any]:
+    """What ``search.space`` says about a node: its kind's entry, then its index's (index wins)."""
+    out: dict[str, Any] = {}
+    for ref in (kind, str(node_index) if node_index is not None else None):
+        entry = space.get(ref) if ref is not None else None
+        if entry is None:
+            continue
+        if entry is False:
+            out["*"] = False
+            continue
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"search.space.{ref} = {entry!r}: expected {{<field>: spec or false}} or false")
+        out.update(_flatten_specs(entry))
+    return out
+
+
+def _flatten_specs(entry: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{finetune_params: {epochs: {low: 1}}}`` -> ``{'finetune_params.epochs': {low: 1}}``."""
+    out = {}
+    for key, value in entry.items():
+        if isinstance(value, Mapping) and value and not set(value) & set(SPEC_KEYS):
+            out.update(_flatten_specs(value, f"{prefix}{key}."))
+        else:
+            out[prefix + str(key)] = value
+    return out
+
+
+def node_dimensions(node_id: str, node: dict, node_index: Optional[int], space: Mapping[str, Any]) -> tuple:
+    """The dimensions of one node: declared defaults, merged with ``search.space``."""
+    kind = node["kind"]
+    config = get_node(kind).config_cls.model_validate(node)
+    declared = declared_fields(config)
+    user = _user_specs(space, node_index, kind)
+    if user.pop("*", None) is False and not user:
+        return ()
+    every = _all_fields(config)
+    dims = []
+    for path in sorted(set(declared) | set(user)):
+        where = f"search.space.{kind}.{path}"
+        if path not in every:
+            allowed = ", ".join(sorted(declared)) or "none declared"
+            raise ConfigError(f"{where}: {kind} has no field {path!r}; its searchable fields: {allowed}")
+        annotation, spec = declared.get(path, (every[path], {}))
+        wanted = user.get(path)
+        if wanted is False or (wanted is None and path in user):
+            continue
+        if isinstance(wanted, Mapping):
+            bad = sorted(set(wanted) - set(SPEC_KEYS))
+            if bad:
+                raise ConfigError(f"{where}.{bad[0]}: unknown key; allowed: {', '.join(SPEC_KEYS)}")
+            spec = {**spec, **wanted, "default": True}
+        elif wanted is not None:
+            raise ConfigError(f"{where} = {wanted!r}: expected a spec {{low, high, log, step, choices}} or false")
+        if not spec.get("default", True):
+            continue
+        dims.append(_dimension(f"{node_id}.{path}", path, annotation, spec, where))
+    return tuple(dims)
+
+
+def _node_mapping(config: BaseModel) -> dict:
+    return {"kind": config.kind, **config.model_dump(mode="json", exclude_unset=True)}
+
+
+def prefix_length(setup: Setup, scfg: SearchConfig) -> int:
+    if scfg.prefix != "auto":
+        if not 0 <= int(scfg.prefix) < len(setup.nodes):
+            raise ConfigError(f"search.prefix = {scfg.prefix}: the setup has {len(setup.nodes)} node(s); the shared "
+                              f"prefix must leave at least one to search (0..{len(setup.nodes) - 1})")
+        return int(scfg.prefix)
+    n = 0
+    while n < len(setup.nodes) - 1 and setup.nodes[n].kind in TRAINING_KINDS:
+        n += 1
+    return n
+
+
+def _moves(chain: tuple[str, ...], templates: dict[str, Template], scfg: SearchConfig) -> list[tuple[str, ...]]:
+    out = []
+    if scfg.moves.drop and len(chain) > 1:
+        out += [chain[:i] + chain[i + 1:] for i in range(len(chain))]
+    present = {templates[t].kind for t in chain}
+    for kind in scfg.moves.insert:
+        if kind in present:
+            continue
+        out += [chain[:i] + (f"{kind}+",) + chain[i:] for i in range(len(chain) + 1)]
+    if scfg.moves.reorder:
+        for i in range(len(chain) - 1):
+            if templates[chain[i]].kind != templates[chain[i + 1]].kind:
+                out.append(chain[:i] + (chain[i + 1], chain[i]) + chain[i + 2:])
+    return out
+
+
+def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
+    """Candidate chains within ``moves.depth`` moves of the setup's chain, each validated as a setup."""
+    n_prefix = prefix_length(setup, scfg)
+    for ref in scfg.space:
+        if not (str(ref).isdigit() or ref in _known_kinds()):
+            raise ConfigError(f"search.space.{ref}: not a node kind or a node index; kinds: {', '.join(_known_kinds())}")
+        if str(ref).isdigit() and not n_prefix <= int(ref) < len(setup.nodes):
+            raise ConfigError(f"search.space.{ref}: node {ref} is not searched (nodes {n_prefix}.."
+                              f"{len(setup.nodes) - 1} are; the first {n_prefix} are the shared prefix)")
+    prefix = [_node_mapping(n) for n in setup.nodes[:n_prefix]]
+    templates: dict[str, Template] = {}
+    initial = []
+    for i in range(n_prefix, len(setup.nodes)):
+        node = _node_mapping(setup.nodes[i])
+        tid = f"{node['kind']}#{i}"
+        templates[tid] = Template(tid, node, node_dimensions(tid, node, i, scfg.space))
+        initial.append(tid)
+    for kind in scfg.moves.insert:
+        get_node(kind)  # an unknown kind fails here, with the registered kinds
+        node = {**copy.deepcopy(scfg.insert_templates.get(kind, {})), "kind": kind}
+        tid = f"{kind}+"
+        try:
+            templates[tid] = Template(tid, node, node_dimensions(tid, node, None, scfg.space))
+        except ConfigError:
+            raise
+        except Exception as err:  # pydantic: a bad insert template
+            raise ConfigError(f"search.insert_templates.{kind}: {' '.join(str(err).split())[:200]}") from None
+    extra = set(scfg.insert_templates) - set(scfg.moves.insert)
+    if extra:
+        raise ConfigError(f"search.insert_templates.{sorted(extra)[0]}: that kind is not in search.moves.insert "
+                          f"({scfg.moves.insert})")
+    common = setup.common.model_dump(mode="json", exclude_unset=True)
+    seen, frontier, order = {tuple(initial)}, [tuple(initial)], [tuple(initial)]
+    for _ in range(scfg.moves.depth):
+        nxt = []
+        for chain in frontier:
+            for cand in _moves(chain, templates, scfg):
+                if cand not in seen:
+                    seen.add(cand)
+                    nxt.append(cand)
+        order += sorted(nxt, key=lambda c: _label(c))
+        frontier = nxt
+    chains = {}
+    for chain in order:
+        nodes = prefix + [templates[t].node for t in chain]
+        try:
+            Setup.parse({"name": setup.name, "common": common, "nodes": copy.deepcopy(nodes)})
+        except ConfigError:
+            if chain == tuple(initial):
+                raise
+            continue  # a move the chain rules forbid (e.g. int8 before a training node)
+        chains[_label(chain)] = chain
+    return SearchSpace(setup, prefix, templates, chains, common)
+
+
+def _label(chain: tuple[str, ...]) -> str:
+    return ">".join(chain)
+
+
+def _known_kinds() -> list[str]:
+    from ..registry import known_kinds
+
+    return known_kinds()

@@ -1,0 +1,123 @@
+"""One trial, where it runs (a Dask worker or this process): a real run of its chain, started from the
+cached checkpoint of its longest computed prefix, stopped early when it stays below the constraint.
+
+The payload is plain and picklable: ``setup`` (a mapping), ``cfg`` (the composed config: model, data,
+loss, tracking...), ``start`` (a checkpoint folder or null: the input model), ``output_dir``, and
+``early_stop`` (where the fidelity study is, which trial reports to it, the pruner's settings). The
+Python API may add ``model`` / ``data`` / ``loss`` objects instead of the config's ``_target_``s.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ..hooks import Hook
+
+
+class TrialStopped(BaseException):
+    """Raised from a hook to end a run early (a BaseException: hooks' own failures are Exceptions, swallowed)."""
+
+
+def open_storage(path: str | Path) -> Any:
+    """The study's storage: an Optuna journal file (safe for several processes on one file system)."""
+    import optuna
+
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def fidelity_pruner(spec: Mapping[str, Any]) -> Any:
+    """Stop when validation accuracy is ``margin`` below the constraint line and has not improved for
+    ``patience`` epochs (optuna's ThresholdPruner wrapped in its PatientPruner)."""
+    import warnings
+
+    import optuna
+
+    threshold = optuna.pruners.ThresholdPruner(lower=spec["lower"], n_warmup_steps=spec["warmup_epochs"])
+    if not spec["patience"]:
+        return threshold
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.PatientPruner(threshold, patience=spec["patience"])
+
+
+class EarlyStopHook(Hook):
+    """Reports every epoch's validation accuracy to the trial's fidelity twin; stops the run when pruned."""
+
+    def __init__(self, spec: Mapping[str, Any]):
+        self.spec = dict(spec)
+        self.step = 0
+        self._trial = None
+
+    def trial(self) -> Any:
+        if self._trial is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.load_study(study_name=self.spec["study"], storage=open_storage(self.spec["storage"]),
+                                      pruner=fidelity_pruner(self.spec))
+            self._trial = optuna.trial.Trial(study, self.spec["trial_id"])
+        return self._trial
+
+    def on_log(self, run: Any, index: int, node: Any, metrics: dict, step: Optional[int]) -> None:
+        value = next((v for k, v in metrics.items() if k.endswith("val_accuracy") and isinstance(v, (int, float))),
+                     None)
+        if value is None:
+            return
+        self.step += 1
+        trial = self.trial()
+        trial.report(float(value), self.step)
+        if trial.should_prune():
+            raise TrialStopped(f"validation accuracy {value:.4f} at epoch {self.step} (node {index}: {node.kind}) "
+                               f"below {self.spec['lower']:.4f} without improving")
+
+
+def _model(payload: Mapping[str, Any], seed: int) -> Any:
+    from ..engine import seed_everything
+    from ..jobs import instantiate_target, load_pretrained
+
+    cfg = payload["cfg"]
+    seed_everything(seed)
+    if payload.get("model") is not None:
+        model = copy.deepcopy(payload["model"])
+    else:
+        model = instantiate_target("model", cfg.get("model"))
+    start = payload.get("start") or cfg.get("pretrained")
+    return load_pretrained(model, str(start)) if start else model
+
+
+def run_trial(payload: Mapping[str, Any]) -> dict:
+    """Run one trial's chain; returns small facts: state (complete / pruned), rows, results folder."""
+    from ..engine import run
+    from ..jobs import instantiate_target, tracking_hooks
+    from ..metrics import evaluate
+    from ..results import PARTIAL_SUFFIX, read_json
+    from ..setups import load_setup
+
+    cfg = dict(payload["cfg"])
+    setup = load_setup(payload["setup"])
+    hooks = tracking_hooks(cfg, cfg.get("model_name"))
+    if payload.get("early_stop"):
+        hooks.append(EarlyStopHook(payload["early_stop"]))
+    model = _model(payload, setup.common.seed)
+    data = payload.get("data") if payload.get("data") is not None else instantiate_target("data", cfg.get("data"))
+    out = Path(payload["output_dir"])
+    try:
+        result = run(setup, model, data, loss=payload.get("loss"), conf_loss=cfg.get("loss"), output_dir=out,
+                     hooks=hooks, config={**cfg, "setup_resolved": setup.to_dict()})
+    except TrialStopped as stop:
+        folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
+        return {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
+                "metrics": read_json(folder / "metrics.json", []), "epochs": hooks[-1].step}
+    facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()), "metrics": result.metrics,
+             "epochs": hooks[-1].step if payload.get("early_stop") else None}
+    if payload.get("reference_val"):
+        from ..data import model_device
+        from ..losses import find_loss
+
+        loader = data.val_dataloader() if callable(getattr(data, "val_dataloader", None)) else None
+        if loader is not None:
+            val = evaluate(result.model, loader, find_loss(result.model, payload.get("loss"), cfg.get("loss")),
+                           model_device(result.model), setup.common.limit_valid_batches)
+            facts["val_accuracy"] = val.get("accuracy")
+    return facts
