@@ -76,18 +76,20 @@ class SequentialPool:
         self.done = []
 
 
-def _sampler(scfg: SearchConfig, constrained: bool) -> Any:
+def _sampler(scfg: SearchConfig) -> Any:
+    """The optimiser; constraints come with each trial (``Trial.set_constraint``), which both samplers honour."""
+    import warnings
+
     import optuna
 
-    constraints = (lambda t: [t.user_attrs.get("constraint", 0.0)]) if constrained else None
     if scfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=scfg.seed)
     if scfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=scfg.seed, constraints_func=constraints,
-                                             population_size=max(4, min(20, scfg.trials // 3)))
-    return optuna.samplers.TPESampler(seed=scfg.seed, multivariate=True, group=True, constant_liar=True,
-                                      n_startup_trials=max(4, min(10, scfg.trials // 3)),
-                                      constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(seed=scfg.seed, population_size=max(4, min(20, scfg.trials // 3)))
+    with warnings.catch_warnings():  # group (conditional spaces: the chains' own fields) is "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=scfg.seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=max(4, min(10, scfg.trials // 3)))
 
 
 def _open_folder(folder: Path, resume: bool, signature: str) -> dict:
@@ -196,7 +198,7 @@ class Search:
         storage = open_storage(self.folder / "study.journal")
         constrained = self.scfg.max_accuracy_drop is not None
         self.study = optuna.create_study(study_name=STUDY, storage=storage, directions=self.scfg.directions(),
-                                         sampler=_sampler(self.scfg, constrained), load_if_exists=True)
+                                         sampler=_sampler(self.scfg), load_if_exists=True)
         self.fidelity = optuna.create_study(study_name=FIDELITY, storage=storage, direction="maximize",
                                             load_if_exists=True)
         self.cache = PrefixCache(self.folder)
@@ -406,12 +408,10 @@ class Search:
         acc = last.get("accuracy")
         if line is not None:
             violation = line - acc if isinstance(acc, (int, float)) else 1.0
-            trial.set_user_attr("constraint", violation)
+            trial.set_constraint("accuracy_drop", violation if value["state"] == "complete" else max(violation, 1e-9))
             trial.set_user_attr("feasible", violation <= 0 and value["state"] == "complete")
         if value["state"] == "pruned":
             trial.set_user_attr("reason", value.get("reason"))
-            if line is None:
-                trial.set_user_attr("constraint", 1.0)
             self.study.tell(trial, state=TrialState.PRUNED)
             close_fid(TrialState.PRUNED)
         else:

@@ -214,6 +214,10 @@ def node_dimensions(node_id: str, node: dict, node_index: Optional[int], space: 
     dims = []
     for path in sorted(set(declared) | set(user)):
         where = f"search.space.{kind}.{path}"
+        parent = next((path[:i] for i in range(len(path)) if path[i] == "." and path[:i] in every), None)
+        if path not in every and parent is not None:
+            raise ConfigError(f"search.space.{kind}.{path}: unknown key {path[len(parent) + 1:]!r} of a spec; allowed: "
+                              f"{', '.join(SPEC_KEYS)}")
         if path not in every:
             allowed = ", ".join(sorted(declared)) or "none declared"
             raise ConfigError(f"{where}: {kind} has no field {path!r}; its searchable fields: {allowed}")
@@ -293,10 +297,6 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
             raise
         except Exception as err:  # pydantic: a bad insert template
             raise ConfigError(f"search.insert_templates.{kind}: {' '.join(str(err).split())[:200]}") from None
-    extra = set(scfg.insert_templates) - set(scfg.moves.insert)
-    if extra:
-        raise ConfigError(f"search.insert_templates.{sorted(extra)[0]}: that kind is not in search.moves.insert "
-                          f"({scfg.moves.insert})")
     common = setup.common.model_dump(mode="json", exclude_unset=True)
     seen, frontier, order = {tuple(initial)}, [tuple(initial)], [tuple(initial)]
     for _ in range(scfg.moves.depth):

@@ -1,0 +1,69 @@
+"""The search driver on the tiny problem, in this process: real runs, a real Optuna study in the results folder."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fedcore_adapter import registry
+from fedcore_adapter.search.driver import run_search
+from tests.search.helpers import config
+
+
+def _rows(folder):
+    with open(folder / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    """How many times the training node really runs (the registry's apply wrapped)."""
+    spec = registry.get_node("training")
+    calls = []
+
+    def counted(model, cfg, ctx):
+        calls.append(ctx.node_label)
+        return spec.apply(model, cfg, ctx)
+
+    monkeypatch.setitem(registry._REGISTRY, "training", registry.NodeSpec("training", spec.config_cls, counted))
+    return calls
+
+
+def test_the_shared_training_prefix_runs_once_and_every_trial_starts_from_its_checkpoint(tmp_path, count_training):
+    result = run_search(config(tmp_path, trials=3))
+    assert len(count_training) == 1
+    rows = _rows(result.folder)
+    assert [r["state"] for r in rows] == ["complete"] * 3
+    assert all(int(r["start_node"]) >= 1 for r in rows)
+    for r in rows:  # a trial's run holds its compression nodes only
+        kinds = [row["kind"] for row in json.loads((result.folder / "trials" / f"trial_{int(r['trial']):04d}"
+                                                    / "metrics.json").read_text())]
+        assert "training" not in kinds and kinds[0] == "input"
+    assert (result.folder / "prefix" / "index.json").exists()
+
+
+def test_constraint_marks_trials_feasible_only_within_the_accuracy_drop(tmp_path):
+    result = run_search(config(tmp_path, trials=3, max_accuracy_drop=0.05,
+                               space={"pruning": {"pruning_ratio": {"low": 0.2, "high": 0.8}}}))
+    ref = result.reference["row"]["accuracy"]
+    rows = _rows(result.folder)
+    for r in rows:
+        assert r["feasible"] == str(ref - float(r["accuracy"]) <= 0.05 + 1e-12)
+    front = {int(r["trial"]) for r in _rows_csv(result.folder / "pareto.csv")}
+    assert front <= {int(r["trial"]) for r in rows if r["feasible"] == "True"}
+
+
+def _rows_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_constraint_no_trial_meets_ends_with_the_closest_trial_named(tmp_path):
+    result = run_search(config(tmp_path, trials=2, max_accuracy_drop=0.0, moves={"drop": False, "reorder": False},
+                               space={"pruning": {"pruning_ratio": {"low": 0.9, "high": 0.95},
+                                                  "finetune_params": {"epochs": {"low": 0, "high": 0.5}}}}))
+    assert not result.feasible and result.best is None
+    assert result.message.startswith("no trial met the constraint")
+    assert "closest: trial #" in result.message
+    assert not _rows_csv(result.folder / "pareto.csv")

@@ -1,0 +1,95 @@
+"""The search space: what each node kind declares searchable, the chain moves, and the user's narrowing."""
+from __future__ import annotations
+
+import pytest
+
+from fedcore_adapter.errors import ConfigError
+from fedcore_adapter.search.config import SearchConfig
+from fedcore_adapter.search.space import derive_space
+from fedcore_adapter.setups import load_setup
+
+
+def _space(nodes, **search):
+    setup = load_setup({"name": "S", "nodes": [{"kind": "training", "epochs": 1}, *nodes]})
+    return derive_space(setup, SearchConfig.parse({"moves": {"insert": [], "drop": False, "reorder": False},
+                                                   **search}))
+
+
+def _dims(space):
+    return {d.name: d for d in space.dimensions()}
+
+
+@pytest.mark.parametrize("node, expected", [
+    ({"kind": "pruning"}, {"pruning#1.pruning_ratio": ("float", 0.1, 0.9),
+                           "pruning#1.importance": ("categorical", ("magnitude", "lamp", "taylor"))}),
+    ({"kind": "unstructured_pruning"}, {"unstructured_pruning#1.sparsity": ("float", 0.1, 0.95)}),
+    ({"kind": "ptq_static"}, {"ptq_static#1.observer": ("categorical", ("minmax", "histogram", "percentile"))}),
+    ({"kind": "ptq_dynamic"}, {"ptq_dynamic#1.allow_conv": ("categorical", (False, True))}),
+    ({"kind": "qat"}, {"qat#1.learnable_scales": ("categorical", (False, True))}),
+    ({"kind": "distillation"}, {"distillation#1.temperature": ("float", 1.0, 8.0)}),
+    ({"kind": "training"}, {}),  # declared (epochs, learning_rate) but searched only when named in search.space
+])
+def test_each_node_kind_declares_its_searchable_fields_and_ranges(node, expected):
+    dims = _dims(_space([node], prefix=1))
+    got = {name: (d.type, d.choices) if d.type == "categorical" else (d.type, d.low, d.high)
+           for name, d in dims.items()}
+    assert got == expected
+
+
+def test_the_leading_training_node_is_the_shared_prefix_and_is_not_searched():
+    space = _space([{"kind": "pruning"}])
+    assert [n["kind"] for n in space.prefix] == ["training"]
+    assert all(not d.name.startswith("training") for d in space.dimensions())
+
+
+def test_the_user_narrows_widens_and_removes_fields_in_yaml():
+    space = _space([{"kind": "pruning", "finetune_params": {"epochs": 2}}], space={
+        "pruning": {"pruning_ratio": {"low": 0.5, "high": 0.8}, "importance": False,
+                    "finetune_params": {"epochs": {"low": 1, "high": 6}}},
+        "1": {"global_pruning": {"choices": [False, True]}}})
+    dims = _dims(space)
+    assert (dims["pruning#1.pruning_ratio"].low, dims["pruning#1.pruning_ratio"].high) == (0.5, 0.8)
+    assert "pruning#1.importance" not in dims
+    assert (dims["pruning#1.finetune_params.epochs"].type, dims["pruning#1.finetune_params.epochs"].high) == ("int", 6)
+    assert dims["pruning#1.global_pruning"].choices == (False, True)
+
+
+def test_chain_moves_drop_insert_and_reorder_where_the_chain_rules_allow():
+    setup = load_setup("composite_1")
+    space = derive_space(setup, SearchConfig.parse({"moves": {"insert": ["ptq_static"], "drop": True,
+                                                              "reorder": True}}))
+    chains = list(space.chains)
+    assert chains[0] == "pruning#1>low_rank#2>pruning#3"  # the initial assumption first
+    assert {"low_rank#2>pruning#3", "pruning#1>pruning#3", "pruning#1>low_rank#2"} <= set(chains)  # drops
+    assert {"low_rank#2>pruning#1>pruning#3", "pruning#1>pruning#3>low_rank#2"} <= set(chains)  # swaps
+    inserted = [c for c in chains if "ptq_static+" in c]
+    assert inserted == ["pruning#1>low_rank#2>pruning#3>ptq_static+"]  # int8 only at the end of the chain
+
+
+def test_every_candidate_chain_is_a_valid_setup_and_suggests_one():
+    import optuna
+
+    setup = load_setup("composite_1")
+    space = derive_space(setup, SearchConfig.parse({"moves": {"insert": ["ptq_static", "distillation"]}}))
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        label, nodes = space.suggest(study.ask())
+        assert [n["kind"] for n in nodes][1:] == [t.split("#")[0].rstrip("+") for t in label.split(">")]
+        load_setup({"name": "x", "nodes": nodes})
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"pruning": {"nope": {"low": 0, "high": 1}}}, "search.space.pruning.nope: pruning has no field 'nope'"),
+    ({"pruning": {"pruning_ratio": {"lo": 0.1}}}, "search.space.pruning.pruning_ratio.lo: unknown key 'lo'"),
+    ({"pruning": {"pruning_ratio": {"low": 0.9, "high": 0.1}}}, "needs low < high"),
+    ({"prunning": {}}, "search.space.prunning: not a node kind or a node index"),
+    ({"0": {"epochs": {"low": 1, "high": 2}}}, "search.space.0: node 0 is not searched"),
+])
+def test_a_bad_space_is_one_line_naming_the_field(space, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        _space([{"kind": "pruning"}], space=space)
+
+
+def test_a_space_with_nothing_to_search_is_empty():
+    space = _space([{"kind": "pruning"}], space={"pruning": False})
+    assert space.is_empty()
