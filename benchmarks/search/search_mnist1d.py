@@ -27,9 +27,9 @@ from _common import environment  # noqa: E402
 
 # COMPOSITE_1 with fewer epochs per node (the machine is shared; the epochs are the same for every trial and
 # both samplers): training 2 more epochs on RAW, pruning 2 iterations (1 epoch between, 3 after), low-rank 3.
-CHAIN = ["nodes.0.epochs=2", "nodes.pruning.pruning_iterations=2", "nodes.pruning.epochs=1",
-         "nodes.pruning.finetune_params.epochs=3", "nodes.low_rank.epochs=0", "nodes.low_rank.finetune_params.epochs=3",
-         "common.latency_repeats=10"]
+CHAIN = ["nodes.0.epochs=5", "nodes.pruning.pruning_iterations=2", "nodes.pruning.epochs=1",
+         "nodes.pruning.finetune_params.epochs=2", "nodes.low_rank.epochs=0", "nodes.low_rank.finetune_params.epochs=2",
+         "common.limit_train_batches=10", "common.latency_repeats=10"]
 
 
 def sh(cmd: list[str], log: Path) -> float:
@@ -96,10 +96,11 @@ def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out:
     for r in picks:
         n = int(r["trial"])
         nodes = json.loads((search_dir / "trials_nodes.json").read_text())[str(n)]
-        cfg = {"setup": {"name": f"FULL_{n}", "common": {"latency_repeats": 10}, "nodes": nodes},
+        cfg = {"setup": {"name": f"FULL_{n}", "nodes": nodes},
                "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
                "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"},
-               "tracking": {"name": "none"}, "pretrained": str(raw), "output_dir": str(out)}
+               "tracking": {"name": "none"}, "pretrained": str(raw), "output_dir": str(out),
+               "common": {"limit_train_batches": 10, "latency_repeats": 10}}
         start = time.perf_counter()
         run_from_config(cfg)
         results.append({"trial": n, "state": r["state"], "search_wall_s": r["wall_s"],
@@ -113,6 +114,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/search_bench")
     p.add_argument("--raw", default="/tmp/search_bench_raw")
+    p.add_argument("--pretrained", default=None, help="a checkpoint to start from instead of RAW (100 epochs)")
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=["tpe", "random"])
@@ -120,7 +122,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = raw_model(Path(args.raw))
+    raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
     summary = {"environment": environment(), "raw": str(raw), "runs": {}}
     for sampler in args.samplers:
         cmd = [sys.executable, "-m", "fedcore_adapter", "search", "setup=composite_1", f"pretrained={raw}",
