@@ -33,7 +33,7 @@ def _task(cfg: Any) -> Optional[float]:
 
 
 def main(argv: list[str]) -> None:
-    from ..entrypoints.common import run_command
+    from ..composition import run_hydra_app
 
     argv = ["++" + a if a.startswith(SEARCH_SCOPED) and "=" in a else a for a in argv]
-    run_command(_task, "search", argv)
+    run_hydra_app(_task, "search", argv)

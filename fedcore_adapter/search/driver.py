@@ -149,11 +149,11 @@ class Search:
 
     def __init__(self, cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, loss: Any = None,
                  model_label: Optional[str] = None, setup: Optional[Setup] = None):
-        from ..jobs import build_setup
+        from ..building import config_setup
 
         self.cfg = copy.deepcopy(dict(cfg))
         self.scfg = SearchConfig.parse(self.cfg.get("search"))
-        self.setup = setup if setup is not None else build_setup(self.cfg)
+        self.setup = setup if setup is not None else config_setup(self.cfg)
         self.space: SearchSpace = derive_space(self.setup, self.scfg)
         if self.space.is_empty():
             chain = " -> ".join(n.kind for n in self.setup.nodes)

@@ -72,49 +72,41 @@ class EarlyStopHook(Hook):
                                f"below {self.spec['lower']:.4f} without improving")
 
 
-def _model(payload: Mapping[str, Any], seed: int) -> Any:
-    from ..engine import seed_everything
-    from ..jobs import instantiate_target, load_pretrained
-
-    cfg = payload["cfg"]
-    seed_everything(seed)
-    if payload.get("model") is not None:
-        model = copy.deepcopy(payload["model"])
-    else:
-        model = instantiate_target("model", cfg.get("model"))
-    start = payload.get("start") or cfg.get("pretrained")
-    return load_pretrained(model, str(start)) if start else model
-
-
 def run_trial(payload: Mapping[str, Any]) -> dict:
-    """Run one trial's chain; returns small facts: state (complete / pruned), rows, results folder."""
-    from ..engine import run
-    from ..jobs import instantiate_target, tracking_hooks
+    """Run one trial's chain through the one run-building path; returns small facts: state (complete /
+    pruned), the metrics rows, the results folder."""
+    from ..building import build_run, load_pretrained, resolve_setup, tracking_hooks
+    from ..data import model_device
+    from ..losses import find_loss
     from ..metrics import evaluate
     from ..results import PARTIAL_SUFFIX, read_json
-    from ..setups import load_setup
 
     cfg = dict(payload["cfg"])
-    setup = load_setup(payload["setup"])
+    setup = resolve_setup(payload["setup"])
+    if payload.get("start"):
+        cfg["pretrained"] = payload["start"]
     hooks = tracking_hooks(cfg, cfg.get("model_name"))
-    if payload.get("early_stop"):
-        hooks.append(EarlyStopHook(payload["early_stop"]))
-    model = _model(payload, setup.common.seed)
-    data = payload.get("data") if payload.get("data") is not None else instantiate_target("data", cfg.get("data"))
+    stopper = EarlyStopHook(payload["early_stop"]) if payload.get("early_stop") else None
+    model = payload.get("model")
+    if model is not None:  # the Python API's model object: a copy, started where the trial starts
+        model = copy.deepcopy(model)
+        model = load_pretrained(model, cfg["pretrained"]) if cfg.get("pretrained") else model
     out = Path(payload["output_dir"])
     try:
-        result = run(setup, model, data, loss=payload.get("loss"), conf_loss=cfg.get("loss"), output_dir=out,
-                     hooks=hooks, config={**cfg, "setup_resolved": setup.to_dict()})
+        result = build_run(setup, cfg=cfg, model=model, data=payload.get("data"), loss=payload.get("loss"),
+                           output_dir=out, hooks=[*hooks, *([stopper] if stopper else [])])
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         return {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
-                "metrics": read_json(folder / "metrics.json", []), "epochs": hooks[-1].step}
+                "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.step}
     facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()), "metrics": result.metrics,
-             "epochs": hooks[-1].step if payload.get("early_stop") else None}
-    if payload.get("reference_val"):
-        from ..data import model_device
-        from ..losses import find_loss
+             "epochs": stopper.step if stopper else None}
+    if payload.get("reference_val"):  # the validation accuracy early stopping compares with
+        data = payload.get("data")
+        if data is None:
+            from ..building import build_data
 
+            data = build_data(cfg)
         loader = data.val_dataloader() if callable(getattr(data, "val_dataloader", None)) else None
         if loader is not None:
             val = evaluate(result.model, loader, find_loss(result.model, payload.get("loss"), cfg.get("loss")),

@@ -3,52 +3,30 @@ processes on 127.0.0.1; the scheduler gives up on a task at its first lost worke
 from __future__ import annotations
 
 import csv
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import optuna
 import pytest
 
 from fedcore_adapter.search.driver import run_search
 from fedcore_adapter.search.trial import open_storage
 from tests.search.helpers import config
-from tests.test_distributed_remote import _stop
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.servers import dask_scheduler
 
 
 @pytest.fixture
-def scheduler(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-
-    def spawn(*args):
-        return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=tmp_path, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    procs = [spawn("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file",
-                   str(tmp_path / "scheduler.json"))]
-    deadline = time.time() + 60
-    while not (tmp_path / "scheduler.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    address = json.loads((tmp_path / "scheduler.json").read_text())["address"]
-    procs += [spawn("worker", address, "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard")
-              for _ in range(2)]
-    try:
-        yield address
-    finally:
-        _stop(procs[1:])
-        _stop(procs[:1])
+def scheduler(tmp_path, monkeypatch):
+    """A scheduler that gives up on a task at its first lost worker (so the search, not Dask, re-runs it)."""
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "0")
+    home = tmp_path / "dask"
+    home.mkdir()
+    yield from dask_scheduler(home)
 
 
 def test_a_trial_whose_worker_died_is_run_again_with_the_same_parameters(tmp_path, scheduler):
+    address, _, _ = scheduler
     marker = tmp_path / "died"
     cfg = config(tmp_path, trials=2, prefix=0)
     cfg["model"] = {"_target_": "tests.search.helpers.die_once", "marker": str(marker)}
-    cfg["cluster"] = {"name": "remote", "address": scheduler, "wait_for_workers": 2, "timeout": 60}
+    cfg["cluster"] = {"name": "remote", "address": address, "wait_for_workers": 2, "timeout": 60}
     result = run_search(cfg)
     assert marker.exists()  # one worker process ended itself in its first trial
     study = optuna.load_study(study_name="search", storage=open_storage(result.folder / "study.journal"))

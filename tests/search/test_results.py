@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from fedcore_adapter.jobs import run_from_config
+from fedcore_adapter.building import run_from_config
 from fedcore_adapter.search.driver import run_search
 from fedcore_adapter.search.trial import open_storage
 from tests.search.helpers import DATA, MODEL, SETUP, config

@@ -6,7 +6,7 @@ import pytest
 from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.search.config import SearchConfig
 from fedcore_adapter.search.space import derive_space
-from fedcore_adapter.setups import load_setup
+from fedcore_adapter.building import resolve_setup as load_setup
 
 
 def _space(nodes, **search):

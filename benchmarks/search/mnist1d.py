@@ -2,7 +2,8 @@
 hypervolume against random search with the same trials, and the trial cost with and without the shared
 prefix and early stopping (the same candidates run as whole chains).
 
-    python benchmarks/search/search_mnist1d.py --out /tmp/search_bench [--trials 32] [--workers 2] [--full-chains 4]
+    python -m benchmarks.search.mnist1d --out /tmp/search_bench [--trials 32] [--workers 2] [--full-chains 4]
+                                        [--pretrained CHECKPOINT]
 
 RAW (100 epochs) is trained once and cached under --raw; every search starts from it (``pretrained=``).
 Each search is the ``fedcore-adapter search`` command (printed), TPE then random, one after the other.
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import environment
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import environment  # noqa: E402
 
 # COMPOSITE_1 with fewer epochs per node (the machine is shared; the epochs are the same for every trial and
 # both samplers): training 2 more epochs on RAW, pruning 2 iterations (1 epoch between, 3 after), low-rank 3.
@@ -88,7 +89,7 @@ def side_by_side_latency(best_dir: Path, ref_dir: Path, rounds: int = 7) -> tupl
 
 def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out: Path) -> list[dict]:
     """The same candidates as whole chains from RAW (training node included), no early stopping, one by one."""
-    from fedcore_adapter.jobs import run_from_config
+    from fedcore_adapter.building import run_from_config
 
     picks = [r for r in rows if r["state"] == "pruned"][: k // 2]
     picks += [r for r in rows if r["state"] == "complete"][: k - len(picks)]
