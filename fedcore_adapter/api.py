@@ -32,7 +32,8 @@ from .fedcore_format import is_fedcore_format, to_fedcore
 from .setups import setup_source
 
 FIT_OPTIONS = ("output_folder", "model_name", "limit_train_batches", "limit_valid_batches", "distributed_compression",
-               "need_fedot_pretrain", "need_evo_opt", "cluster", "overrides", "hooks", "executor", "resume", "config")
+               "need_fedot_pretrain", "need_evo_opt", "search", "cluster", "overrides", "hooks", "executor", "resume",
+               "config")
 _SEED_TOP_KEYS = ("output_folder", "need_fedot_pretrain", "need_evo_opt", "distributed_compression")
 _NO_FEDOT = ("{} is accepted for compatibility and ignored: there is no FEDOT (evolutionary) optimisation here; "
              "the setup's initial_assumption chain runs as given")
@@ -224,8 +225,9 @@ def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = No
     ``composition_results/{SETUP}[_{model_name}]``), ``model_name``,
     ``limit_train_batches`` / ``limit_valid_batches`` (FedCore ``common.batch_limit`` /
     ``calib_batch_limit``), ``distributed_compression`` (with ``cluster``, a cluster
-    config mapping), ``need_fedot_pretrain`` / ``need_evo_opt`` (warned about and
-    ignored), and the engine's ``overrides``, ``hooks``, ``executor``, ``resume``, ``config``.
+    config mapping), ``need_evo_opt`` (the setup is the initial assumption of a search, ``search`` its
+    ``search.*`` options: the result is the search's best trial under its constraint, see
+    :func:`fedcore_adapter.search.run_search`), ``need_fedot_pretrain`` (warned about and ignored), and the engine's ``overrides``, ``hooks``, ``executor``, ``resume``, ``config``.
     Returns a :class:`FedcoreFitResult`; ``model`` itself is never modified. The metrics
     rows are measured on the validation split: the test split stays held out.
     """
@@ -238,9 +240,11 @@ def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = No
     options = {k: v for k, v in kwargs.items() if v is not None}
     spec = _seed_setup(experiment_setup, options)
     setup = resolve_setup(spec, _fit_overrides(options))
-    notes = [_NO_FEDOT.format(f"{key}=True") for key in ("need_fedot_pretrain", "need_evo_opt") if options.get(key)]
+    notes = [_NO_FEDOT.format(f"{key}=True") for key in ("need_fedot_pretrain",) if options.get(key)]
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    if options.get("need_evo_opt"):
+        return _evolve(model, dm, setup, loss, options, notes)
     result = build_run(setup, model=model, data=_FitData(dm), loss=resolve_loss(loss),
                        output_folder=options.get("output_folder"), model_name=options.get("model_name"),
                        resume=bool(options.get("resume")), hooks=options.get("hooks") or [],
@@ -288,3 +292,30 @@ def eval_computational_metrics(model: nn.Module, dataloader: Any, save_path: str
     with open(save_path, "a") as file:
         print(f"#{id}", *(f"{k}: {v:.6g}" for k, v in result.items()), file=file)
     return result
+
+
+def _evolve(model: nn.Module, dm: Any, setup: Any, loss: Any, options: dict, notes: list[str]):
+    """``need_evo_opt=True``: search from the setup's chain (its initial assumption); the best trial under the
+    constraint (the first objective's best on the front) is the optimised model."""
+    import json
+
+    from .checkpoint import load_model
+    from .errors import FedcoreError
+    from .search.driver import run_search
+
+    cfg = dict(options.get("config") or {})
+    cfg["search"] = {**(cfg.get("search") or {}), **(options.get("search") or {})}
+    folder = options.get("output_folder")
+    cfg["output_dir"] = str(Path(folder).parent) if folder else cfg.get("output_dir") or "composition_results"
+    cfg["cluster"] = options.get("cluster") or {"name": "none"}
+    cfg["resume"] = bool(options.get("resume"))
+    cfg.setdefault("tracking", {"name": "none"})
+    label = options.get("model_name") or cfg.get("model_name") or type(model).__name__
+    found = run_search(cfg, model=model, data=_FitData(dm), loss=resolve_loss(loss), model_label=label, setup=setup)
+    if found.best is None:
+        raise FedcoreError(f"need_evo_opt: {found.message} (results in {found.folder})")
+    trial = Path(found.best["output_dir"])
+    optimised = load_model(trial / "final", copy.deepcopy(model))
+    metrics = json.loads((trial / "metrics.json").read_text())
+    best_setup = resolve_setup(found.folder / "pareto" / f"trial_{found.best['trial']:04d}.yaml")
+    return FedcoreFitResult(optimised, model, metrics, found.folder, best_setup, "completed", [*notes, found.message])

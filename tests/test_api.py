@@ -154,12 +154,25 @@ def test_the_seed_loss_factory_is_the_training_loss(tmp_path):
     assert len(calls) >= 6  # 6 training batches, then validation and measurement
 
 
-def test_fedot_options_are_accepted_with_a_warning(tmp_path):
+def test_need_fedot_pretrain_is_accepted_with_a_warning(tmp_path):
     setup = raw_setup()
     setup["need_fedot_pretrain"] = True
-    with pytest.warns(UserWarning, match=r"need_(fedot_pretrain|evo_opt)=True is accepted for compatibility"):
-        result = fedcore_fit(tiny_mlp(), TinyDataModule(), setup, output_folder=tmp_path / "RAW", need_evo_opt=True)
-    assert len(result.notes) == 2
+    with pytest.warns(UserWarning, match=r"need_fedot_pretrain=True is accepted for compatibility"):
+        result = fedcore_fit(tiny_mlp(), TinyDataModule(), setup, output_folder=tmp_path / "RAW")
+    assert len(result.notes) == 1
+
+
+def test_need_evo_opt_searches_from_the_setups_chain_and_returns_its_best_trial(tmp_path):
+    setup = {"name": "TINY", "common": {"latency_repeats": 2, "latency_warmup": 1},
+             "nodes": [{"kind": "training", "epochs": 8, "learning_rate": 0.01},
+                       {"kind": "pruning", "pruning_ratio": 0.5, "finetune_params": {"epochs": 1}}]}
+    result = fedcore_fit(tiny_mlp(), TinyDataModule(), setup, output_folder=tmp_path / "TINY", need_evo_opt=True,
+                         search={"trials": 2, "objectives": ["params", "accuracy"], "max_accuracy_drop": 0.5,
+                                 "moves": {"insert": []}})
+    assert result.output_dir == tmp_path / "SEARCH_TINY_Sequential"
+    assert (result.output_dir / "trials.csv").exists() and result.notes[-1].startswith("best under the constraint")
+    assert [n.kind for n in result.setup.nodes] in (["training", "pruning"], ["training"])
+    assert result.metrics[-1]["params"] == sum(p.numel() for p in result.optimised_model.parameters())
 
 
 class NoTrainLoader:

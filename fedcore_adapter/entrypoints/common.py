@@ -74,6 +74,7 @@ def fit_options(cfg: Mapping[str, Any], output_folder: Path) -> dict:
         "output_folder": str(output_folder),
         "need_fedot_pretrain": bool(cfg.get("need_fedot_pretrain")),
         "need_evo_opt": bool(cfg.get("need_evo_opt")),
+        "search": dict(cfg.get("search") or {}),
         "cluster": dict(cfg.get("cluster") or {}),
         "hooks": tracking_hooks(cfg, model_label(cfg)),
         "resume": bool(cfg.get("resume")),

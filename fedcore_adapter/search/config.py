@@ -18,7 +18,7 @@ class Moves(StrictModel):
     """Chain moves from the initial assumption (each candidate chain is at most ``depth`` moves away)."""
 
     drop: bool = Field(True, description="drop one compression node")
-    insert: list[str] = Field(default_factory=list, description="node kinds that may be inserted (one of each, "
+    insert: list[str] = Field(default_factory=lambda: ["ptq_static", "distillation"], description="node kinds that may be inserted (one of each, "
                                                                 "where the chain rules allow)")
     reorder: bool = Field(True, description="swap two neighbouring compression nodes where the chain rules allow")
     depth: int = Field(1, ge=0, le=3, description="moves combined per candidate chain")
@@ -49,8 +49,10 @@ class SearchConfig(StrictModel):
     space: dict[str, Any] = Field(default_factory=dict, description="<kind or node index>: {<field>: spec or "
                                                                     "false}; spec: low, high, log, step, choices")
     moves: Moves = Field(default_factory=Moves)
-    insert_templates: dict[str, dict[str, Any]] = Field(default_factory=dict, description="node fields of an "
-                                                                                          "inserted kind")
+    insert_templates: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"ptq_static": {"calibration_batches": 8},
+                                 "distillation": {"epochs": 3, "kl_weight": 1.0, "task_weight": 1.0}},
+        description="node fields of an inserted kind")
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
     retries: int = Field(2, ge=0, description="re-runs of a trial whose worker was lost")
     reference_runs: list[str] = Field(default_factory=list, description="results folders plotted beside the "

@@ -94,7 +94,7 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     out = Path(payload["output_dir"])
     try:
         result = build_run(setup, cfg=cfg, model=model, data=payload.get("data"), loss=payload.get("loss"),
-                           output_dir=out, hooks=[*hooks, *([stopper] if stopper else [])])
+                           output_dir=out, model_name="", hooks=[*hooks, *([stopper] if stopper else [])])
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         return {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),

@@ -1,0 +1,58 @@
+"""``fedcore-adapter search`` and ``train need_evo_opt=true`` from the command line: results, and bad input as one
+line with exit status 2, nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.search.helpers import DATA, MODEL, SETUP
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path, command, *extra):
+    setup_file = tmp_path / "tiny.yaml"
+    setup_file.write_text(yaml.safe_dump(SETUP))
+    args = [sys.executable, "-m", "fedcore_adapter", command, f"setup={setup_file}", "model=custom",
+            f"model._target_={MODEL['_target_']}", "data=custom", f"data._target_={DATA['_target_']}",
+            "tracking=none", f"output_dir={tmp_path / 'out'}", "model_name=tiny", "search.moves.insert=[]", *extra]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.objectives=[macs,flops]", "objective 'flops' is not a metric; allowed: macs, params"),
+    ("search.trials=0", "trials must be a positive number of trials (got 0)"),
+    ("search.space.pruning=false", "search space is empty: setup TINY (training -> pruning)"),
+    ("search.space.pruning.pruning_ratio.low=2", "search.space.pruning.pruning_ratio: a numeric range needs low < high"),
+])
+def test_bad_search_input_is_one_line_and_exit_status_2_with_nothing_written(tmp_path, override, message):
+    proc = _run(tmp_path, "search", override, "search.moves.drop=false", "search.moves.reorder=false")
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert proc.stderr.strip().startswith("error: ") and "\n" not in proc.stderr.strip()
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_constraint_no_trial_meets_ends_in_a_line_naming_the_closest_trial_and_exit_status_1(tmp_path):
+    proc = _run(tmp_path, "search", "search.trials=1", "search.max_accuracy_drop=0",
+                "search.space.pruning.pruning_ratio.low=0.9", "search.space.pruning.pruning_ratio.high=0.95",
+                "nodes.1.finetune_params.epochs=0", "search.moves.drop=false")
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    assert "no trial met the constraint" in proc.stdout and "closest: trial #0" in proc.stdout
+    assert "trial 1/1 #0 pruning#1:" in proc.stdout and "ETA" in proc.stdout
+
+
+def test_train_with_need_evo_opt_runs_the_search_from_the_setups_chain(tmp_path):
+    proc = _run(tmp_path, "train", "need_evo_opt=true", "search.trials=2", "search.objectives=[params,accuracy]",
+                "search.max_accuracy_drop=0.5")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "trial 1/2" in proc.stdout and "trial 2/2" in proc.stdout, proc.stdout[-1500:]
+    folder = tmp_path / "out" / "SEARCH_TINY_tiny"
+    assert (folder / "trials.csv").exists() and (folder / "pareto.png").exists()
+    assert list((folder / "pareto").glob("trial_*.yaml"))
