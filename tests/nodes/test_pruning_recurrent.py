@@ -262,3 +262,27 @@ def prune_padded(model):
     work, history = copy.deepcopy(model).eval(), History()
     make_pruner(work, trx_batch(), label="t", ratio=0.5).step(history, 1)
     return work, history
+
+
+# -- through the engine, on a PtlsDataModule ------------------------------------------------------------
+def test_a_ptls_classifier_pruned_then_int8_through_a_setup_is_measured_smaller_and_reloads_exactly(tmp_path):
+    """pruning (a fine-tune epoch on the module's own objective) then ptq_dynamic on a SequenceToTarget and a
+    PtlsDataModule: the GRU loses half its units, then runs in int8; ``load_model`` rebuilds the result."""
+    from fedcore_adapter import run_setup
+    from tests.ptls_helpers import seq_to_target as ptls_classifier
+    from tests.ptls_helpers import target_data
+
+    setup = {"name": "P", "common": {"latency_repeats": 2, "latency_warmup": 1},
+             "nodes": [{"kind": "pruning", "pruning_ratio": 0.5, "epochs": 1},
+                       {"kind": "ptq_dynamic"}]}
+    dm = target_data()
+    result = run_setup(setup, ptls_classifier(hidden=128), dm, output_dir=tmp_path)
+    first, pruned, quantized = result.metrics
+    assert pruned["params"] < 0.5 * first["params"]
+    assert quantized["size_mb"] < pruned["size_mb"] / 2 and quantized["dtype"].startswith("int8")
+    assert type(result.model.seq_encoder.seq_encoder.rnn).__name__ == "DynamicInt8GRU"
+    assert result.model.seq_encoder.seq_encoder.rnn.hidden_size == 64
+    loaded = load_model(result.output_dir, ptls_classifier(hidden=128, seed=4))
+    batch, _ = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), result.model.eval()(batch), rtol=0, atol=0)

@@ -182,3 +182,20 @@ def test_ptls_encoders_quantize_their_recurrent_layer_and_reload_onto_a_fresh_mo
     loaded = load_model(tmp_path / "ckpt", make(seed=7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), quantized(x), rtol=0, atol=0)
+
+
+def test_a_ptls_coles_module_through_a_setup_runs_its_gru_in_int8_and_reloads_exactly(tmp_path):
+    from fedcore_adapter import run_setup
+    from tests.ptls_helpers import coles as ptls_coles
+    from tests.ptls_helpers import coles_data
+
+    setup = {"name": "Q", "common": {"latency_repeats": 2, "latency_warmup": 1}, "nodes": [{"kind": "ptq_dynamic"}]}
+    dm = coles_data()
+    result = run_setup(setup, ptls_coles(hidden=256), dm, output_dir=tmp_path)
+    before, after = result.metrics
+    assert before["size_mb"] >= 3 * after["size_mb"] and after["params"] == before["params"]
+    assert type(result.model.seq_encoder.seq_encoder.rnn) is DynamicInt8GRU
+    loaded = load_model(result.output_dir, ptls_coles(hidden=256, seed=3))
+    batch, _ = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), result.model.eval()(batch), rtol=0, atol=0)
