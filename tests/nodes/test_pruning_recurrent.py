@@ -286,3 +286,11 @@ def test_a_ptls_classifier_pruned_then_int8_through_a_setup_is_measured_smaller_
     batch, _ = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), result.model.eval()(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_a_per_layer_ratio_naming_a_recurrent_layer_prunes_only_it(global_pruning):
+    model = seeded(SeqModel, "gru", 16)()
+    work, history = copy.deepcopy(model).eval(), History()
+    make_pruner(work, IDS, label="t", ratio={"rnn": 0.25}, global_pruning=global_pruning).step(history, 1)
+    assert work.rnn.hidden_size == 12 and work.proj.out_features == 12

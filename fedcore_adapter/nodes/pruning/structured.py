@@ -214,6 +214,7 @@ class GraphPruner:
                 out_channel_groups={m: 2 for m in recurrent.values() if m.bidirectional},
                 forward_fn=lambda m, x: call_model(m, x), output_transform=traced_output)
         model.train(was_training)
+        self._recurrent_ratios(ratio_dict)
         self._protect(frozen)
         self.groups = self._group_table()
         self._validate(ratio, round_to)
@@ -230,6 +231,15 @@ class GraphPruner:
             layers = [n for n, m in self.model.named_modules() if n and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
             raise NodeError(self.label, f"{field} names layer {name!r}, which the model does not have; "
                                         f"its layers include: {', '.join(layers[:12])}") from None
+
+    def _recurrent_ratios(self, ratio_dict: dict[nn.Module, float]) -> None:
+        """Per-layer ratios for recurrent layers, which torch-pruning assigns only to its own layer types."""
+        p = self.pruner
+        for index, (key, ratio) in enumerate(ratio_dict.items()):
+            scope = f"_User_Defined_Scope_{index}"  # torch-pruning's name for this key's scope
+            for n, sub in enumerate(m for m in key.modules() if is_recurrent(m) and m not in p.pruning_ratio_dict):
+                p._layer_to_scope[sub] = (scope if p.global_pruning else f"{scope}_recurrent_{n}", [key])
+                p.pruning_ratio_dict[sub] = p.iterative_pruning_ratio_scheduler(ratio, p.iterative_steps)
 
     def _all_groups(self):
         p = self.pruner
