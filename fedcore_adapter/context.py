@@ -37,10 +37,15 @@ class NodeContext:
     structure_recorder: Callable[[str, Any], None] = lambda name, data: None
     checkpointer: Callable[[nn.Module, str], None] = lambda model, tag: None
     checkpoint_options: dict = field(default_factory=dict)  # extra save_checkpoint options for this node's output
+    notes: list[str] = field(default_factory=list)  # remarks for this node's metrics row (``note`` column)
 
     def log(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         """Log training curves (``train_loss``, ``val_loss``, ``val_accuracy``...) at ``step`` (the epoch)."""
         self.logger(metrics, step)
+
+    def note(self, text: str) -> None:
+        """A remark shown in this node's metrics row (``note``), e.g. why the node left the model unchanged."""
+        self.notes.append(text)
 
     def record_structure(self, name: str, data: Any) -> None:
         """Record a structural change (registered with ``structure.register_replay``) for checkpoints."""

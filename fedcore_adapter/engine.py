@@ -233,7 +233,7 @@ def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn
             shutil.move(str(item), folder / item.name)
         work.rmdir()
     row = {"node_index": index + 1, "node": node.label, "kind": node.kind, **r.measure_row(model, folder, loss_fn),
-           "wall_s": wall}
+           "wall_s": wall, **({"note": "; ".join(ctx.notes)} if ctx.notes else {})}
     r.rows.append(row)
     write_metrics(r.dir, r.rows)
     r.write_run_json(completed_nodes=index + 1)

@@ -105,6 +105,17 @@ def from_fedcore(data: dict, name: str | None = None) -> dict[str, Any]:
     return out
 
 
+def _fedcore_params(kind: str, params: dict) -> dict:
+    """A node's parameters under FedCore's names, where its config class says how (``to_fedcore``)."""
+    from .registry import get_node  # the node families (torch) load only when a setup is converted back
+
+    try:
+        convert = getattr(get_node(kind).config_cls, "to_fedcore", None)
+    except ConfigError:
+        return params
+    return convert(params) if convert is not None else params
+
+
 def to_fedcore(setup_dict: dict) -> dict[str, Any]:
     """FedCore-format dict of a native setup mapping (node parameters of the last node of each kind win)."""
     common_back = {v: k for k, v in _COMMON_KEYS.items()}
@@ -116,7 +127,7 @@ def to_fedcore(setup_dict: dict) -> dict[str, Any]:
         node.pop("name", None)
         fed_name = KIND_TO_FEDCORE_NAME.get(kind, kind)
         chain.append(fed_name)
-        model_params[fed_name] = node
+        model_params[fed_name] = _fedcore_params(kind, node)
     common = {common_back[k]: v for k, v in setup_dict.get("common", {}).items() if k in common_back}
     return {
         "compression_task": "composite_compression",

@@ -45,9 +45,10 @@ def test_each_setup_has_the_reference_parameters(name):
             assert (node.importance, node.importance_norm, node.pruning_ratio, node.learning_rate) == \
                 ("magnitude", 1, 0.75, 0.001)
         if node.kind == "low_rank":
-            assert (node.epochs, node.finetune_params.epochs) == low_rank
-            assert (node.hoyer_loss, node.orthogonal_loss, node.thresholds, node.decomposing_mode,
-                    node.spectrum_pruning_strategy, node.learning_rate) == (0.2, 5, [0.9], "channel", "energy", 0.001)
+            svd = node.method
+            assert (svd.name, svd.epochs, node.finetune_params.epochs) == ("svd", *low_rank)
+            assert (svd.hoyer_loss, svd.orthogonal_loss, svd.thresholds, svd.decomposing_mode,
+                    svd.spectrum_pruning_strategy, svd.learning_rate) == (0.2, 5, [0.9], "channel", "energy", 0.001)
         if node.kind == "qat":
             assert node.epochs == qat
         if node.kind == "ptq_dynamic":

@@ -224,7 +224,7 @@ def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL_tiny_model"  # <SETUP>_<model_name>
     assert parent.data.params["model._target_"] == "tests.helpers.build_tiny_mlp"
     assert parent.data.params["data._target_"] == "tests.helpers.build_tiny_data"
-    assert parent.data.params["setup_resolved.nodes.1.thresholds"] == "[0.9]"
+    assert parent.data.params["setup_resolved.nodes.1.method.thresholds"] == "[0.9]"
     assert parent.info.artifact_uri.startswith(str(store["root"] / "mlruns"))
     assert parent.data.metrics["accuracy"] == pytest.approx(result.metrics[-1]["accuracy"])
     training, decomposed = _runs(client, "tiny_model", "node")

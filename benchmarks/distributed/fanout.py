@@ -31,7 +31,7 @@ CLUSTER = {"name": "local", "n_workers": 2, "threads_per_worker": 1}
 COMMON = {"limit_train_batches": 4, "limit_valid_batches": 1, "limit_test_batches": 2, "latency_repeats": 5}
 # Epochs scaled down (same chains): a setup takes seconds, not the minutes of its full schedule.
 SCALE = {"training": {"epochs": 3}, "pruning": {"pruning_iterations": 2, "epochs": 1, "finetune_params": {"epochs": 1}},
-         "low_rank": {"epochs": 1, "finetune_params": {"epochs": 1}}, "qat": {"epochs": 1}}
+         "low_rank": {"method": {"epochs": 1}, "finetune_params": {"epochs": 1}}, "qat": {"epochs": 1}}
 
 
 def configs(setups: list[str], out: str, train_batches: int = 4) -> list[dict]:

@@ -37,7 +37,7 @@ from torch import nn
 
 
 from fedcore_adapter.metrics import latency_ms
-from fedcore_adapter.nodes.low_rank import falor as F
+from fedcore_adapter.nodes.low_rank import allocation as A, falor as F
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances
 from fedcore_adapter.nodes.low_rank.output_weights import gradient_grams, sqrt_pair
 from fedcore_adapter.nodes.low_rank.sequential import sequential_fit
@@ -210,7 +210,7 @@ def build_sequential(original: nn.Module, calib: list, ranks: dict, damping: flo
 def goal_ranks(results: list, params_at: dict, params_now: dict, base_linear: int, goal: float) -> dict:
     """The node's falor ``budget`` allocation: the least summed cosine loss removing ``goal`` of the Linear
     params (the last greedy move shortened to meet it, its rank possibly between two measured ones)."""
-    ranks, _ = F.allocate_to_saving(results, params_at, params_now, goal * base_linear, "cosine_loss")
+    ranks, _ = A.allocate_to_saving(results, params_at, params_now, goal * base_linear, "cosine_loss")
     return ranks
 
 
@@ -312,7 +312,7 @@ def main() -> None:
 
     variants: dict[str, nn.Module] = {"original": original}
     for budget in args.budgets:
-        ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
+        ranks = A.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
         variants[f"falor global, sum NSR < {budget}"] = build(original, results, ranks)
     others = base_linear - sum(params_now.values())  # Linear params outside the search (the pooler)
     scan = [round(0.001 * 1.1 ** i, 5) for i in range(120)]
@@ -322,7 +322,7 @@ def main() -> None:
 
     for goal in args.removal:
         for budget in scan:
-            ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
+            ranks = A.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
             if removed(ranks) >= goal:
                 variants[f"falor global >= {goal:.0%} removed (sum NSR < {budget})"] = build(original, results, ranks)
                 break
@@ -344,7 +344,7 @@ def main() -> None:
         variants[f"ptdeco falor NSR < {args.ptdeco_nsr} ({args.ptdeco_calib} calibration)"] = theirs
         target = linear_params(theirs)
         for budget in scan:  # the smallest budget within ptdeco's params
-            ranks = F.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
+            ranks = A.allocate_nsr(list(results.values()), params_at, params_now, budget, None)
             if 1 - removed(ranks) <= target / base_linear:
                 variants[f"falor global at ptdeco's params (sum NSR < {budget})"] = build(original, results, ranks)
                 break

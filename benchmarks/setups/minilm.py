@@ -46,8 +46,9 @@ def learning_rate_overrides(setup: str, lr: float | None) -> dict:
     out = {}
     for node in load_setup(setup).nodes:
         if node.kind in ("training", "pruning", "low_rank"):
-            out[node.kind] = {"learning_rate": lr, **({"finetune_params": {"learning_rate": lr}}
-                                                       if getattr(node, "finetune_params", None) else {})}
+            rate = {"method": {"learning_rate": lr}} if node.kind == "low_rank" else {"learning_rate": lr}
+            out[node.kind] = {**rate, **({"finetune_params": {"learning_rate": lr}}
+                                         if getattr(node, "finetune_params", None) else {})}
     return out
 
 

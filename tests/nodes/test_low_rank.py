@@ -11,7 +11,7 @@ from fedcore_adapter.errors import ConfigError, NodeError
 from fedcore_adapter.nodes.low_rank import FactorizedLayer, LowRankConfig
 from fedcore_adapter.zoo.datamodules import DigitsDataModule
 from fedcore_adapter.zoo.models import DigitsCNN
-from tests.conftest import TinyDataModule, tiny_setup
+from tests.conftest import TinyDataModule, tiny_mlp, tiny_setup
 
 
 def low_rank_mlp(seed: int = 0) -> nn.Module:
@@ -94,7 +94,8 @@ def test_bad_input_fails_with_one_line_and_leaves_the_model_untouched(tmp_path, 
 
 
 @pytest.mark.parametrize("node,message", [
-    ({"energy_thresholds": [1.5]}, r"nodes\[0\] \(low_rank\).thresholds = \[1.5\]: .*must be in \(0, 1\] \(got 1.5\)"),
+    ({"energy_thresholds": [1.5]},
+     r"nodes\[0\] \(low_rank\).method.svd.thresholds = \[1.5\]: .*must be in \(0, 1\] \(got 1.5\)"),
     ({"thresholds": [0.0]}, r"must be in \(0, 1\] \(got 0.0\)"),
     ({"spectrum_pruning_strategy": "magic"},
      r"spectrum_pruning_strategy = 'magic': .*'energy', 'explained_variance', 'quantile', 'rank', 'rank_ratio' "
@@ -127,7 +128,7 @@ def test_accepts_fedcore_low_rank_model_parameters_and_trains_u_s_vh(tmp_path):
                    "finetune_params": {"epochs": 1, "custom_loss": None}}}}
     setup = fedcore_adapter.load_setup(fedcore)
     node = setup.nodes[0]
-    assert isinstance(node, LowRankConfig) and node.thresholds == [0.99] and node.finetune_params.epochs == 1
+    assert isinstance(node, LowRankConfig) and node.method.thresholds == [0.99] and node.finetune_params.epochs == 1
     model = low_rank_mlp()
     result = run_setup(fedcore, model, TinyDataModule(), output_dir=tmp_path,
                        overrides={"common": {"measure": False}})
@@ -246,3 +247,65 @@ def test_apply_decompose_config_checks_every_layer_before_changing_any():
         fedcore_adapter.apply_decompose_config(model, result_config)
     assert "\n" not in str(info.value)
     assert isinstance(model[2], nn.Linear)  # the good first record was not applied either
+
+
+class _TrxModel(nn.Module):
+    """ptls's own TrxEncoder (an mcc embedding and amounts) and a linear head, fed dict batches."""
+
+    def __init__(self):
+        super().__init__()
+        from ptls.nn import TrxEncoder
+
+        torch.manual_seed(0)
+        self.trx = TrxEncoder(embeddings={"mcc": {"in": 200, "out": 64}}, numeric_values={"amount": "identity"})
+        self.head = nn.Linear(self.trx.output_size, 3)
+
+    def forward(self, mcc, amount):
+        from ptls.data_load.padded_batch import PaddedBatch
+
+        events = PaddedBatch({"mcc": mcc, "amount": amount}, torch.full((len(mcc),), mcc.shape[1]))
+        return self.head(self.trx(events).payload.mean(1))
+
+
+class _TrxData:
+    @staticmethod
+    def _batch(seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        return {"mcc": torch.randint(0, 260, (16, 20), generator=g), "amount": torch.randn(16, 20, generator=g),
+                "labels": torch.randint(0, 3, (16,), generator=g)}
+
+    def train_dataloader(self):
+        return [self._batch(i) for i in range(2)]
+
+    def val_dataloader(self):
+        return [self._batch(10 + i) for i in range(2)]
+
+
+def test_a_factorised_embedding_still_reads_as_an_nn_embedding_to_ptls_trx_encoder(tmp_path):
+    node = {"kind": "low_rank", "layer_types": ["embedding"],
+            "method": {"name": "svd", "spectrum_pruning_strategy": "rank", "rank": 8}}
+    result = run_setup(tiny_setup(node, measure=False), _TrxModel(), _TrxData(), output_dir=tmp_path)
+    trx = result.model.trx
+    embedding = trx.embeddings["mcc"]
+    assert isinstance(embedding, FactorizedLayer) and embedding.rank == 8
+    assert (embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx) == (200, 64, 0)
+    assert trx.category_max_size == {"mcc": 200} and trx.output_size == 65
+    batch = _TrxData._batch(5)  # mcc ids up to 259: TrxEncoder clips them to num_embeddings - 1
+    assert result.model(batch["mcc"], batch["amount"]).shape == (16, 3)
+    with torch.no_grad():
+        assert float(embedding(torch.tensor([0])).abs().max()) < 1e-6  # the padding row stays (numerically) zero
+    with pytest.raises(AttributeError, match="num_embeddings"):  # only an embedding has it
+        FactorizedLayer(nn.Linear(4, 2), nn.Linear(2, 4), "linear").num_embeddings
+
+
+@pytest.mark.parametrize("method", [{"name": "svd", "epochs": 1}, {"name": "falor"}])
+def test_a_node_with_no_layer_to_factorise_says_so_and_the_run_continues(tmp_path, method):
+    model = tiny_mlp()
+    nodes = [{"kind": "low_rank", "layer_types": ["embedding"], "method": method}, {"kind": "training", "epochs": 1}]
+    result = run_setup(tiny_setup(*nodes, measure=True), model, TinyDataModule(), output_dir=tmp_path)
+    row = next(r for r in result.metrics if r["kind"] == "low_rank")
+    assert row["note"].startswith("no layer to factorise: none of the model's layers is a embedding layer")
+    assert row["params"] == result.metrics[0]["params"]  # the model left as it is
+    record = _config(result)
+    assert record["layers"] == {} and record["meta"]["skipped"] == row["note"]
+    assert [r["kind"] for r in result.metrics] == ["input", "low_rank", "training"]

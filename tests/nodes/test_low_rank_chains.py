@@ -22,7 +22,6 @@ def _reloads(result):
 
 
 def test_pruning_a_decomposed_model_narrows_its_factor_layers_and_reloads(tmp_path):
-    pytest.importorskip("fedcore_adapter.nodes.pruning")
     result = _run(tmp_path, LOW_RANK, PRUNING)
     layer = result.model[2]
     assert isinstance(layer, FactorizedLayer)
@@ -31,14 +30,12 @@ def test_pruning_a_decomposed_model_narrows_its_factor_layers_and_reloads(tmp_pa
 
 
 def test_low_rank_after_pruning_and_again_after_it(tmp_path):
-    pytest.importorskip("fedcore_adapter.nodes.pruning")
     result = _run(tmp_path, PRUNING, LOW_RANK, PRUNING, {**LOW_RANK, "thresholds": [0.9]})
     assert any(isinstance(m, FactorizedLayer) for m in result.model.modules())
     _reloads(result)
 
 
 def test_dynamic_int8_quantization_after_low_rank_quantizes_the_factor_layers(tmp_path):
-    pytest.importorskip("fedcore_adapter.nodes.quantization")
     result = run_setup(tiny_setup(LOW_RANK, {"kind": "ptq_dynamic"}), low_rank_mlp(), TinyDataModule(),
                        output_dir=tmp_path)
     layer = result.model[2]
@@ -50,7 +47,6 @@ def test_dynamic_int8_quantization_after_low_rank_quantizes_the_factor_layers(tm
 
 def test_pruning_keeps_the_inner_rank_of_a_factorised_output_layer(tmp_path):
     """The output layer is never narrowed; factorised, it is still one layer: its rank stays too."""
-    pytest.importorskip("fedcore_adapter.nodes.pruning")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
     with torch.no_grad():

@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from fedcore_adapter import load_model, run_setup
+from fedcore_adapter.nodes.low_rank.allocation import BudgetError, allocate_nsr, allocate_to_saving
 from fedcore_adapter.nodes.low_rank.calibration import collect_output_covariances, input_statistics
-from fedcore_adapter.nodes.low_rank.budget import BudgetError
-from fedcore_adapter.nodes.low_rank.falor import FalorResult, allocate_nsr, allocate_to_saving, noise_to_signal, \
-    top_eigenvectors
+from fedcore_adapter.nodes.low_rank.falor import FalorResult, noise_to_signal, top_eigenvectors
 from fedcore_adapter.nodes.low_rank.layers import FactorizedLayer
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
 

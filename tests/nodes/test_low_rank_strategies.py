@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fedcore_adapter.nodes.low_rank.budget import BudgetError, LayerSpectrum, allocate, minimum_total
+from fedcore_adapter.nodes.low_rank.allocation import BudgetError, LayerSpectrum, allocate, minimum_total
 from fedcore_adapter.nodes.low_rank.rank_strategies import choose_rank, kept_fraction
 from fedcore_adapter.nodes.low_rank.targets import Target
 

@@ -8,7 +8,8 @@ FLOP counter) sees real layers:
 - Linear ``in -> out``:  ``Linear(in, r)`` then ``Linear(r, out)``
 - Conv, ``channel`` mode: ``ConvNd(in, r, k)`` then a 1x1 ``ConvNd(r, out)``
 - Conv2d, ``spatial`` mode: ``Conv2d(in, r, (kh, 1))`` then ``Conv2d(r, out, (1, kw))``
-- Embedding ``num x dim``: ``Embedding(num, r)`` then ``Linear(r, dim)``
+- Embedding ``num x dim``: ``Embedding(num, r)`` then ``Linear(r, dim)``; it keeps ``num_embeddings``,
+  ``embedding_dim`` and ``padding_idx`` (the padding row stays zero), so code reading them still works
 """
 from __future__ import annotations
 
@@ -36,6 +37,25 @@ class FactorizedLayer(nn.Module):
     def rank(self) -> int:
         """Inner width (it may shrink if a later node prunes these layers)."""
         return int(self.second.weight.shape[1])
+
+    def _embedding(self, attribute: str) -> nn.Embedding:
+        if self.kind != "embedding":
+            raise AttributeError(f"a factorised {self.kind} layer has no {attribute} (only a factorised embedding)")
+        return self.first
+
+    # A factorised embedding still reads as an nn.Embedding (ptls's TrxEncoder reads these three).
+    @property
+    def num_embeddings(self) -> int:
+        return self._embedding("num_embeddings").num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        self._embedding("embedding_dim")
+        return self.second.out_features
+
+    @property
+    def padding_idx(self):
+        return self._embedding("padding_idx").padding_idx
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, mode={self.mode}, rank={self.rank}"

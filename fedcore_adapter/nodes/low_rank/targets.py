@@ -19,6 +19,8 @@ from ..toolkit import evaluating, forward_hooks
 from .layers import FactorizedLayer, io_dims, layer_kind
 from .svd import effective_mode, spatial_ok
 
+Ranks = dict[str, Optional[int]]  # layer -> rank, or None: leave the layer as it is
+
 
 @dataclass
 class Target:
@@ -171,4 +173,4 @@ def make_target(name: str, module: nn.Module, mode: str, extent: dict[str, int])
     return Target(name, kind, mode, rows, cols, params, bias, dense_macs, macs_per_rank, current)
 
 
-__all__ = ["Target", "find_layers", "probe_positions", "make_target", "spatial_ok"]
+__all__ = ["Ranks", "Target", "find_layers", "probe_positions", "make_target", "spatial_ok"]
