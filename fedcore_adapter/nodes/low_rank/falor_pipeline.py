@@ -24,6 +24,7 @@ from .svd import factorize
 from .targets import Ranks, Target, find_layers
 
 METHOD = "falor"
+CAN_FACTORISE = " (Linear or 1x1 conv)"
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -35,6 +36,11 @@ def candidates(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Mo
     """The Linear and 1x1 conv layers of ``config.layer_types`` (never an already factorised one)."""
     layers = find_layers(model, config.layer_types, config.include, config.exclude, refactorize=False)
     return [(n, m) for n, m in layers if _eligible(m)]
+
+
+def mode(method: FalorMethod) -> str:
+    """Always ``channel``: falor factorises Linear and 1x1 conv layers."""
+    return "channel"
 
 
 def check(method: FalorMethod, targets: dict[str, Target], label: str) -> None:

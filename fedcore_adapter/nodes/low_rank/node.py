@@ -21,7 +21,8 @@ from .decompose_config import FILE_NAME, new_config
 from .targets import Target, make_target, probe_positions
 
 log = logging.getLogger("fedcore_adapter.low_rank")
-PIPELINES = {"svd": svd_pipeline, "falor": falor_pipeline}  # method name -> its module (candidates, check, run)
+# method name -> its module: candidates, mode, check, run, CAN_FACTORISE
+PIPELINES = {"svd": svd_pipeline, "falor": falor_pipeline}
 
 
 def _check_budget(config: LowRankConfig, targets: dict[str, Target], model: nn.Module, inputs: Any,
@@ -42,9 +43,8 @@ def _nothing_to_factorise(config: LowRankConfig, ctx: NodeContext, label: str) -
     """The record of a node that found no layer it may factorise (also its metrics row's ``note``): the run goes
     on with the model unchanged."""
     reason = (f"no layer to factorise: none of the model's layers is a {'/'.join(config.layer_types)} layer that "
-              f"method {config.method.name!r} can factorise" + (" (Linear or 1x1 conv)" if config.method.name ==
-                                                                "falor" else "")
-              + " and that include/exclude and shared weights leave")
+              f"method {config.method.name!r} can factorise{PIPELINES[config.method.name].CAN_FACTORISE} and that "
+              f"include/exclude and shared weights leave")
     log.warning("node %s: %s", label, reason)
     ctx.note(reason)
     return new_config(config.method.name, {"skipped": reason})
@@ -65,8 +65,7 @@ def apply_low_rank(model: nn.Module, config: LowRankConfig, ctx: NodeContext) ->
     if layers:
         inputs = calibration_inputs(ctx, config.calibration_batches)
         extents = probe_positions(model, inputs[0], [n for n, _ in layers])
-        targets = {n: make_target(n, m, config.method.decomposing_mode if config.method.name == "svd" else "channel",
-                                  extents.get(n, {})) for n, m in layers}
+        targets = {n: make_target(n, m, pipeline.mode(config.method), extents.get(n, {})) for n, m in layers}
         pipeline.check(config.method, targets, label)
         _check_budget(config, targets, model, inputs[0], label)
         model, record = pipeline.run(model, config, ctx, targets, inputs, label)

@@ -25,11 +25,17 @@ from .svd_config import SVDMethod
 from .targets import Ranks, Target, find_layers
 
 METHOD = "svd"
+CAN_FACTORISE = ""  # every Linear, Conv1d/2d (groups 1) and Embedding of layer_types
 
 
 def candidates(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Module]]:
     """Every layer of ``config.layer_types`` (an already factorised one may be narrowed)."""
     return find_layers(model, config.layer_types, config.include, config.exclude, refactorize=True)
+
+
+def mode(method: SVDMethod) -> str:
+    """How convolutions are factorised (``decomposing_mode``)."""
+    return method.decomposing_mode
 
 
 def check(method: SVDMethod, targets: dict[str, Target], label: str) -> None:
