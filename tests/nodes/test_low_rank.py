@@ -250,7 +250,7 @@ def test_apply_decompose_config_checks_every_layer_before_changing_any():
 
 
 class _TrxModel(nn.Module):
-    """ptls's own TrxEncoder (an mcc embedding and amounts) and a linear head, fed dict batches."""
+    """ptls's own TrxEncoder (an mcc embedding and amounts) and a linear head, fed ptls PaddedBatch batches."""
 
     def __init__(self):
         super().__init__()
@@ -260,25 +260,24 @@ class _TrxModel(nn.Module):
         self.trx = TrxEncoder(embeddings={"mcc": {"in": 200, "out": 64}}, numeric_values={"amount": "identity"})
         self.head = nn.Linear(self.trx.output_size, 3)
 
-    def forward(self, mcc, amount):
-        from ptls.data_load.padded_batch import PaddedBatch
-
-        events = PaddedBatch({"mcc": mcc, "amount": amount}, torch.full((len(mcc),), mcc.shape[1]))
+    def forward(self, events):
         return self.head(self.trx(events).payload.mean(1))
 
 
 class _TrxData:
     @staticmethod
-    def _batch(seed: int) -> dict:
+    def _events(seed: int):
+        from ptls.data_load.padded_batch import PaddedBatch
+
         g = torch.Generator().manual_seed(seed)
-        return {"mcc": torch.randint(0, 260, (16, 20), generator=g), "amount": torch.randn(16, 20, generator=g),
-                "labels": torch.randint(0, 3, (16,), generator=g)}
+        payload = {"mcc": torch.randint(0, 260, (16, 20), generator=g), "amount": torch.randn(16, 20, generator=g)}
+        return PaddedBatch(payload, torch.randint(5, 21, (16,), generator=g))
 
     def train_dataloader(self):
-        return [self._batch(i) for i in range(2)]
+        return [(self._events(i), torch.randint(0, 3, (16,))) for i in range(2)]
 
     def val_dataloader(self):
-        return [self._batch(10 + i) for i in range(2)]
+        return [(self._events(10 + i), torch.randint(0, 3, (16,))) for i in range(2)]
 
 
 def test_a_factorised_embedding_still_reads_as_an_nn_embedding_to_ptls_trx_encoder(tmp_path):
@@ -290,8 +289,8 @@ def test_a_factorised_embedding_still_reads_as_an_nn_embedding_to_ptls_trx_encod
     assert isinstance(embedding, FactorizedLayer) and embedding.rank == 8
     assert (embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx) == (200, 64, 0)
     assert trx.category_max_size == {"mcc": 200} and trx.output_size == 65
-    batch = _TrxData._batch(5)  # mcc ids up to 259: TrxEncoder clips them to num_embeddings - 1
-    assert result.model(batch["mcc"], batch["amount"]).shape == (16, 3)
+    # mcc ids up to 259: TrxEncoder clips them to num_embeddings - 1, which it reads from the factorised layer
+    assert result.model(_TrxData._events(5)).shape == (16, 3)
     with torch.no_grad():
         assert float(embedding(torch.tensor([0])).abs().max()) < 1e-6  # the padding row stays (numerically) zero
     with pytest.raises(AttributeError, match="num_embeddings"):  # only an embedding has it
