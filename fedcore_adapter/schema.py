@@ -122,17 +122,28 @@ class NodeConfig(StrictModel):
         return self.name or self.kind
 
 
+def _tagged(models: list[type], tag: Any) -> Optional[type]:
+    """The member of a tagged choice (``Field(discriminator=...)``) whose ``Literal`` tag field is ``tag``."""
+    return next((m for m in models for f in m.model_fields.values()
+                 if typing.get_origin(f.annotation) is Literal and typing.get_args(f.annotation) == (tag,)), None)
+
+
 def _model_at(model: type, loc: tuple) -> Optional[type]:
-    """The pydantic model holding the field at ``loc`` (``Optional[...]`` fields looked through), if any."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
+    """The pydantic model holding the field at ``loc`` (``Optional[...]`` fields looked through, a tagged
+    choice's member picked by the tag pydantic puts in ``loc``), if any."""
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
             return None
         inner = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
                  if isinstance(a, type) and issubclass(a, BaseModel)]
         if not inner:
             return None
-        model = inner[0]
+        member = _tagged(inner, parts[0]) if len(inner) > 1 and parts else None
+        if member is not None:
+            parts.pop(0)
+        model = member or inner[0]
     return model
 
 
