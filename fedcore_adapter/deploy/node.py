@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..context import NodeContext
-from ..data import call_model, first_batch, has_quantized_weights, limited, primary_output, split_batch, to_device
+from ..data import call_model, first_batch, has_quantized_weights, primary_output, split_batch
 from ..errors import NodeError
+from ..nodes.toolkit import input_batches
 from ..registry import register_node
 from .artifacts import runtime_module, write_info
 from .config import DeployConfig
@@ -40,8 +41,8 @@ def apply_deploy(model: nn.Module, config: DeployConfig, ctx: NodeContext) -> nn
     inputs, _ = split_batch(first_batch(loader, "evaluation loader"))
     signature = Signature.of(inputs)
     example = signature.tensors(inputs)
-    calibration = [signature.tensors(split_batch(to_device(b, "cpu"))[0])
-                   for b in limited(ctx.train_loader, config.calibration_batches)] if config.quantize == "static" else []
+    calibration = [signature.tensors(x) for x in input_batches(ctx.train_loader, config.calibration_batches)] \
+        if config.quantize == "static" else []
     folder = ctx.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     try:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import call_model, primary_output
 from ..errors import NodeError
+from ..nodes.toolkit import forward_hooks
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,6 @@ def layer_tracker(model: nn.Module) -> Iterator[list[str]]:
     """The names of the modules running right now (innermost last), kept when an exception leaves them."""
     stack: list[str] = []
     failed: list[str] = []
-    handles = []
 
     def pre(name: str) -> Callable:
         def hook(_module, _inputs) -> None:
@@ -97,18 +97,13 @@ def layer_tracker(model: nn.Module) -> Iterator[list[str]]:
                 stack.pop()
         return hook
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_pre_hook(pre(name)))
-            handles.append(module.register_forward_hook(post(name)))
-    try:
-        yield failed
-    except BaseException:
-        failed.extend(stack)
-        raise
-    finally:
-        for h in handles:
-            h.remove()
+    names = [name for name, _ in model.named_modules() if name]
+    with forward_hooks(model, {n: post(n) for n in names}, pre={n: pre(n) for n in names}):
+        try:
+            yield failed
+        except BaseException:
+            failed.extend(stack)
+            raise
 
 
 def _leaf_inputs(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module, tuple]]:
@@ -119,16 +114,13 @@ def _leaf_inputs(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module, tu
             seen.append((name, module, args))
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
-               if name and not list(m.children())]
-    try:
-        with torch.inference_mode():
-            call_model(model, inputs)
-    except Exception:  # noqa: BLE001 - the layers seen before the failure are still candidates
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    leaves = {name: hook(name) for name, m in model.named_modules() if name and not list(m.children())}
+    with forward_hooks(model, pre=leaves):
+        try:
+            with torch.inference_mode():
+                call_model(model, inputs)
+        except Exception:  # noqa: BLE001 - the layers seen before the failure are still candidates
+            pass
     return seen
 
 
