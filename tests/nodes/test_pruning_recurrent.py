@@ -294,3 +294,19 @@ def test_a_per_layer_ratio_naming_a_recurrent_layer_prunes_only_it(global_prunin
     work, history = copy.deepcopy(model).eval(), History()
     make_pruner(work, IDS, label="t", ratio={"rnn": 0.25}, global_pruning=global_pruning).step(history, 1)
     assert work.rnn.hidden_size == 12 and work.proj.out_features == 12
+
+
+def test_magnitude_importance_removes_the_gru_units_that_never_move_even_when_the_head_reads_them_strongly():
+    """Units 0-3 have no weights (their state stays 0, they add nothing) but the largest head columns: ranking by
+    the head alone would keep them and remove the live units; with the units' own weights they go, losslessly."""
+    model = seeded(SeqModel, "gru", 8)()
+    with torch.no_grad():
+        for name, p in model.rnn.named_parameters():
+            p.view(3, 8, -1)[:, :4] = 0.0
+            if name.startswith("weight_hh"):
+                p[:, :4] = 0.0
+        model.head.weight[:, :4] = 3.0 * model.head.weight[:, 4:].abs().max()
+    pruned, _ = prune(model, IDS, ratio={"rnn": 0.5})
+    assert pruned.rnn.hidden_size == 4
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(IDS), model(IDS))

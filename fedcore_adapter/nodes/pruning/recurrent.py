@@ -147,3 +147,44 @@ def owner_sizes(owner: nn.Module, layer: nn.RNNBase, removed: int) -> dict[str, 
         if type(vars(owner).get(key)) is int and vars(owner)[key] == layer.hidden_size * factor:
             out[key] = (layer.hidden_size - removed) * factor
     return out
+
+
+def unit_magnitudes(layer: nn.RNNBase, p: float) -> torch.Tensor:
+    """Per output feature (direction-major): the Lp mass of its unit's own weights in every layer -- its gate
+    rows of ``weight_ih``/``weight_hh``/biases and its ``weight_hh`` column -- to the power ``1/p``."""
+    hidden, gates, dirs = layer.hidden_size, _gates(layer), directions(layer)
+    mass = torch.zeros(dirs, hidden)
+    for index in range(layer.num_layers):
+        for d, suffix in enumerate(("", "_reverse")[:dirs]):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                param = getattr(layer, f"{name}_l{index}{suffix}", None)
+                if param is None:
+                    continue
+                rows = param.detach().abs().float().pow(p).reshape(gates, hidden, -1)
+                mass[d] += rows.sum(dim=(0, 2)).cpu()
+            mass[d] += getattr(layer, f"weight_hh_l{index}{suffix}").detach().abs().float().pow(p).sum(0).cpu()
+    return mass.reshape(-1).pow(1 / p)
+
+
+class RecurrentMagnitude(tp.importance.Importance):
+    """Magnitude importance that also weighs a recurrent layer's units by their own weights.
+
+    torch-pruning scores a group by the weights of the layers it knows; for a group rooted at a
+    GRU/LSTM that is only the next layer's input columns (a classifier's few rows). The unit's own
+    gate weights are added, both scores mean-normalised, so a unit that never moves counts as such.
+    """
+
+    def __init__(self, base: tp.importance.Importance, p: float):
+        self.base, self.p = base, p
+
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        imp = self.base(group)
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        if not prunable_recurrent(root) or handler != RECURRENT_PRUNER.prune_out_channels:
+            return imp
+        own = unit_magnitudes(root, self.p)
+        own = own / own.mean().clamp_min(1e-12)
+        if imp is None or imp.shape != own.shape:
+            return own
+        imp = imp.float().cpu()
+        return (imp / imp.mean().clamp_min(1e-12) + own).to(imp.device)

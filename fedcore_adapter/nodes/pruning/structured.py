@@ -26,7 +26,7 @@ from .history import History
 from .identity import identity_equality, plain_modules
 from .layer_pruners import FrozenPruner, has_pruner
 from .padded import floating_tensors, is_padded, traceable, traced_output, with_tensors
-from .recurrent import RECURRENT_PRUNER, initial_state_parameters, is_recurrent, owner_sizes, units_of
+from .recurrent import RECURRENT_PRUNER, RecurrentMagnitude, initial_state_parameters, is_recurrent, owner_sizes, units_of
 
 Ratio = Union[float, dict[str, float]]
 
@@ -119,10 +119,11 @@ def trace_errors(model: nn.Module, label: str) -> Iterator[None]:
 
 
 def build_importance(name: str, norm: float):
-    """torch-pruning's importance criterion for a native importance name."""
+    """torch-pruning's importance criterion for a native importance name (magnitude: recurrent units' own
+    weights count too, ``recurrent.RecurrentMagnitude``)."""
     imp = tp.importance
     return {
-        "magnitude": lambda: imp.MagnitudeImportance(p=norm),
+        "magnitude": lambda: RecurrentMagnitude(imp.MagnitudeImportance(p=norm), norm),
         "taylor": lambda: imp.TaylorImportance(),
         "lamp": lambda: imp.LAMPImportance(p=norm),
         "bn_scale": lambda: imp.BNScaleImportance(),
