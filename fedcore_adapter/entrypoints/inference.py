@@ -61,26 +61,21 @@ def find_checkpoints(spec: str | Path) -> list[tuple[str, Path]]:
                       f"model.pt2 artifact, or a folder of these)")
 
 
-def _encoder_outputs(model: Any, encoder_only: bool):
-    """Context: call the model, and capture ``model.seq_encoder``'s output when asked and present."""
-    captured: list = []
-    encoder = getattr(model, "seq_encoder", None) if encoder_only else None
-    handle = encoder.register_forward_hook(lambda m, a, out: captured.append(out)) if encoder is not None else None
-    return captured, handle
-
-
 def predict(model: Any, loader: Any, device: Any, limit: Optional[int], encoder_only: bool = True):
     """A DataFrame with one row per sample: ``emb_*`` / ``score_*`` columns, and ``target`` when labeled."""
     import pandas as pd
     import torch
 
     from ..data import call_model, limited, primary_output, split_batch, to_device
+    from ..nodes.toolkit import forward_hooks
 
-    captured, handle = _encoder_outputs(model, encoder_only)
-    prefix = "emb" if handle is not None else "score"
+    captured: list = []  # model.seq_encoder's output, when asked and present
+    encoder = getattr(model, "seq_encoder", None) if encoder_only else None
+    hooks = {encoder: lambda m, a, out: captured.append(out)} if encoder is not None else {}
+    prefix = "emb" if encoder is not None else "score"
     outputs, targets = [], []
     model.eval()
-    try:
+    with forward_hooks(model, hooks):
         with torch.inference_mode():
             for batch in limited(loader, limit):
                 inputs, target = split_batch(to_device(batch, device))
@@ -94,9 +89,6 @@ def predict(model: Any, loader: Any, device: Any, limit: Optional[int], encoder_
                 outputs.append(out.reshape(out.shape[0], -1).cpu())
                 if target is not None:
                     targets.append(target.reshape(target.shape[0], -1)[:, 0].cpu())
-    finally:
-        if handle is not None:
-            handle.remove()
     if not outputs:
         raise DataError("the inference loader yielded no batches")
     values = torch.cat(outputs).numpy()
