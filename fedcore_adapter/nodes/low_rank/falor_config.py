@@ -94,7 +94,10 @@ class FalorMethod(StrictModel):
     metric_batches: int = Field(1, ge=1, description="calibration batches the metric is measured on")
     fit: Fit = Field(default_factory=Projection, description="projection or sequential")
 
-    _named = field_validator("metric", "fit", mode="before")(classmethod(lambda cls, v: named(v)))
+    @field_validator("metric", "fit", mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return named(v)
 
     @model_validator(mode="after")
     def _budget_or_threshold(self) -> "FalorMethod":
