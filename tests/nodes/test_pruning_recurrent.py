@@ -310,3 +310,31 @@ def test_magnitude_importance_removes_the_gru_units_that_never_move_even_when_th
     assert pruned.rnn.hidden_size == 4
     with torch.no_grad():
         torch.testing.assert_close(pruned(IDS), model(IDS))
+
+
+class PackedModel(nn.Module):
+    """A bidirectional LSTM fed a PackedSequence (variable lengths), unpacked before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.rnn = nn.LSTM(8, 16, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids, lens):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lens, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        return self.head(nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0].mean(1))
+
+
+def test_a_recurrent_layer_called_with_a_packed_sequence_is_kept_whole_with_a_warning_saying_why():
+    """Packing and unpacking slice the sequence axis, which torch-pruning would take for channel slices."""
+    model = seeded(PackedModel)()
+    inputs = (torch.randint(0, 30, (4, 7)), torch.tensor([7, 3, 5, 2]))
+    with pytest.warns(PruningWarning, match=r"cannot prune layer 'rnn' \(LSTM\) \(called with a PackedSequence\); "
+                                            r"it is kept whole"):
+        work = copy.deepcopy(model).eval()
+        make_pruner(work, inputs, label="t", ratio=0.5).step(History(), 1)
+    assert work.rnn.hidden_size == 16
+    with torch.no_grad():
+        torch.testing.assert_close(work(*inputs), model(*inputs))

@@ -65,13 +65,16 @@ class _Opaque(torch.autograd.Function):
 
 
 @contextmanager
-def _opaque_forward(modules: dict[str, nn.Module]) -> Iterator[None]:
-    """While tracing, each of ``modules`` shows as one graph node (its internals hidden)."""
+def _opaque_forward(modules: dict[str, nn.Module], packed: Optional[set[int]] = None) -> Iterator[None]:
+    """While tracing, each of ``modules`` shows as one graph node (its internals hidden); the ids of those
+    called with a ``PackedSequence`` are added to ``packed``."""
 
     def wrap(module: nn.Module):
         original = module.forward
 
         def forward(*args, **kwargs):
+            if packed is not None and args and isinstance(args[0], nn.utils.rnn.PackedSequence):
+                packed.add(id(module))
             with torch.no_grad():
                 out = original(*args, **kwargs)
             source = next(iter(floating_tensors((args, kwargs))), None)
@@ -202,7 +205,8 @@ class GraphPruner:
             raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but the model has no "
                                    "BatchNorm layer; use magnitude, taylor, lamp or random")
         was_training = model.training
-        with trace_errors(model, label), _opaque_forward({**frozen, **recurrent}), identity_equality(model), \
+        packed: set[int] = set()
+        with trace_errors(model, label), _opaque_forward({**frozen, **recurrent}, packed), identity_equality(model), \
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch_pruning")
             self.pruner = tp.pruner.BasePruner(
@@ -216,6 +220,9 @@ class GraphPruner:
                 forward_fn=lambda m, x: call_model(m, x), output_transform=traced_output)
         model.train(was_training)
         self._recurrent_ratios(ratio_dict)
+        # torch-pruning reads the slicing that packs and unpacks sequences as channel slices
+        self.reasons = {n: "called with a PackedSequence" for n, m in recurrent.items() if id(m) in packed}
+        frozen.update({n: recurrent[n] for n in self.reasons})
         self._protect(frozen)
         self.groups = self._group_table()
         self._validate(ratio, round_to)
@@ -267,8 +274,9 @@ class GraphPruner:
         for name, module in frozen.items():
             kept = f", with the channels coupled to it ({', '.join(sorted(coupled[name]))})" if coupled[name] else ""
             self.skipped.append(f"{name} ({type(module).__name__})")
-            warnings.warn(f"node {self.label}: torch-pruning cannot prune layer {name!r} ({type(module).__name__}); "
-                          f"it is kept whole{kept}", PruningWarning, stacklevel=4)
+            why = f" ({self.reasons[name]})" if name in self.reasons else ""
+            warnings.warn(f"node {self.label}: torch-pruning cannot prune layer {name!r} ({type(module).__name__})"
+                          f"{why}; it is kept whole{kept}", PruningWarning, stacklevel=4)
 
     def _group_table(self) -> dict[str, tuple[int, list[nn.Module]]]:
         """Prunable layer groups: root layer name -> (channels, layers whose outputs it prunes)."""
