@@ -43,10 +43,13 @@ def test_a_coles_module_on_a_ptls_data_module_runs_through_fedcore_fit_on_its_ow
 @pytest.mark.parametrize("build, data, node", [
     (coles, coles_data, {"kind": "distillation", "epochs": 1, "kl_weight": 0, "mse_weight": 1}),
     (coles, coles_data, {"kind": "pruning", "pruning_ratio": 0.5, "epochs": 0, "finetune_params": {"epochs": 1}}),
+    (coles, coles_data, {"kind": "low_rank", "method": {"name": "svd", "epochs": 1}, "finetune_params": {"epochs": 1}}),
+    (coles, coles_data, {"kind": "ptq_dynamic"}),
     (seq_to_target, target_data, {"kind": "ptq_dynamic"}),
     (seq_to_target, target_data, {"kind": "pruning", "pruning_ratio": 0.5, "epochs": 0,
                                   "finetune_params": {"epochs": 1}}),
-], ids=["coles-distillation", "coles-pruning", "seq_to_target-ptq_dynamic", "seq_to_target-pruning"])
+], ids=["coles-distillation", "coles-pruning", "coles-low_rank", "coles-ptq_dynamic", "seq_to_target-ptq_dynamic",
+        "seq_to_target-pruning"])
 def test_every_compressed_ptls_model_reloads_onto_a_freshly_built_one_with_the_same_outputs(tmp_path, build, data,
                                                                                              node):
     setup = {"name": "C", "common": QUICK, "nodes": [{"kind": "training", "epochs": 1}, node]}

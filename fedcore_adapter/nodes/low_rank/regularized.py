@@ -61,6 +61,25 @@ class SVDParametrized(nn.Module):
     def weight(self) -> torch.Tensor:
         return matrix_to_weight((self.U * self.S) @ self.Vh, self.template, self.mode)
 
+    # While trained, a parametrized embedding still reads as an nn.Embedding (ptls's TrxEncoder reads these three).
+    @property
+    def num_embeddings(self) -> int:
+        return self._embedding_attribute("num_embeddings")
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._embedding_attribute("embedding_dim")
+
+    @property
+    def padding_idx(self):
+        return self._embedding_attribute("padding_idx")
+
+    def _embedding_attribute(self, name: str):
+        if not isinstance(self.template, nn.Embedding):
+            raise AttributeError(f"a parametrized {type(self.template).__name__} layer has no {name} "
+                                 f"(only a parametrized embedding)")
+        return getattr(self.template, name)
+
     def forward(self, x):
         t, w = self.template, self.weight()
         if isinstance(t, nn.Linear):
