@@ -20,7 +20,7 @@ from ..registry import get_node
 from ..schema import Setup
 from .config import SearchConfig
 
-SPEC_KEYS = ("low", "high", "log", "step", "choices", "type")
+SPEC_KEYS = ("low", "high", "log", "step", "choices", "type", "list")
 TRAINING_KINDS = ("training",)  # what ``prefix: auto`` shares: leading nodes that fit the model
 
 
@@ -36,8 +36,13 @@ class Dimension:
     log: bool = False
     step: Optional[float] = None
     choices: tuple = ()
+    as_list: bool = False
 
     def suggest(self, trial: Any) -> Any:
+        value = self._suggest(trial)
+        return [value] if self.as_list else value
+
+    def _suggest(self, trial: Any) -> Any:
         if self.type == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.type == "int":
@@ -164,7 +169,7 @@ def _dimension(name: str, path: str, annotation: Any, spec: dict, where: str) ->
         choices = spec.get("choices") or ([False, True] if annotation is bool else literal)
         if not choices:
             raise ConfigError(f"{where}: give choices: [...] for a categorical field")
-        return Dimension(name, path, "categorical", choices=tuple(choices))
+        return Dimension(name, path, "categorical", choices=tuple(choices), as_list=bool(spec.get("list")))
     if kind not in ("float", "int"):
         raise ConfigError(f"{where}.type = {kind!r}: allowed: float, int, categorical")
     low, high = spec.get("low"), spec.get("high")
@@ -172,7 +177,8 @@ def _dimension(name: str, path: str, annotation: Any, spec: dict, where: str) ->
         raise ConfigError(f"{where}: a numeric range needs low < high (got low={low!r}, high={high!r})")
     if spec.get("log") and low <= 0:
         raise ConfigError(f"{where}: a log range needs low > 0 (got {low})")
-    return Dimension(name, path, kind, low, high, bool(spec.get("log")), spec.get("step"))
+    return Dimension(name, path, kind, low, high, bool(spec.get("log")), spec.get("step"),
+                     as_list=bool(spec.get("list")))
 
 
 def _user_specs(space: Mapping[str, Any], node_index: Optional[int], kind: str) -> dict[str, Any]:
@@ -235,6 +241,14 @@ def node_dimensions(node_id: str, node: dict, node_index: Optional[int], space: 
         if not spec.get("default", True):
             continue
         dims.append(_dimension(f"{node_id}.{path}", path, annotation, spec, where))
+    for dim in dims:  # a nested field's parents (a default ``method``) written out, so the value has a place
+        parts = dim.path.split(".")[:-1]
+        target, value = node, config
+        for part in parts:
+            value = getattr(value, part)
+            if not isinstance(target.get(part), dict):
+                target[part] = value.model_dump(mode="json", exclude_unset=False)
+            target = target[part]
     return tuple(dims)
 
 

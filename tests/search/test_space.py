@@ -22,6 +22,7 @@ def _dims(space):
 @pytest.mark.parametrize("node, expected", [
     ({"kind": "pruning"}, {"pruning#1.pruning_ratio": ("float", 0.1, 0.9),
                            "pruning#1.importance": ("categorical", ("magnitude", "lamp", "taylor"))}),
+    ({"kind": "low_rank"}, {"low_rank#1.method.thresholds": ("float", 0.5, 0.99)}),  # one energy threshold, [t]
     ({"kind": "unstructured_pruning"}, {"unstructured_pruning#1.sparsity": ("float", 0.1, 0.95)}),
     ({"kind": "ptq_static"}, {"ptq_static#1.observer": ("categorical", ("minmax", "histogram", "percentile"))}),
     ({"kind": "ptq_dynamic"}, {"ptq_dynamic#1.allow_conv": ("categorical", (False, True))}),
@@ -75,6 +76,9 @@ def test_every_candidate_chain_is_a_valid_setup_and_suggests_one():
     for _ in range(10):
         label, nodes = space.suggest(study.ask())
         assert [n["kind"] for n in nodes][1:] == [t.split("#")[0].rstrip("+") for t in label.split(">")]
+        for node in nodes:
+            if node["kind"] == "low_rank":
+                assert node["method"]["name"] == "svd" and len(node["method"]["thresholds"]) == 1
         load_setup({"name": "x", "nodes": nodes})
 
 
