@@ -30,6 +30,7 @@ def _task(cfg) -> Optional[float]:
 
     from .building import run_from_config
     from .results import summary_table
+    from .sweep_report import note_results_folder
 
     logging.getLogger("fedcore_adapter").setLevel(logging.INFO)
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -42,6 +43,7 @@ def _task(cfg) -> Optional[float]:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    note_results_folder(result.output_dir)
     print(summary_table(result.metrics))
     print(f"results: {result.output_dir}")
     last = result.metrics[-1]

@@ -1,4 +1,14 @@
 """Exceptions whose message is the one line a user sees."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def nearest(word: str, allowed: Iterable[str]) -> str:
+    """`` (did you mean X?)`` naming the allowed names closest to ``word`` (difflib), else ''."""
+    close = difflib.get_close_matches(str(word), sorted(map(str, allowed)), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 class FedcoreError(Exception):

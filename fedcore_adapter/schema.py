@@ -5,12 +5,13 @@ found through the registry by their ``kind``, so this module knows no node.
 """
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, nearest
 from .fedcore_format import native_setup
 
 PositiveInt = Optional[int]
@@ -93,6 +94,12 @@ class CommonConfig(StrictModel):
     latency_warmup: int = Field(3, ge=0)
     latency_repeats: int = Field(20, ge=1)
     distributed_compression: bool = False
+    # quick runs: applied to every node when the setup is validated (see Setup._quick_run), then cleared
+    epochs_scale: Optional[float] = Field(None, gt=0, description="multiply every epoch count of every node "
+                                          "(training, fine-tunes, QAT, distillation...; rounded up, at least 1)")
+    max_epochs: PositiveInt = Field(None, ge=1, description="cap every epoch count of every node")
+    limit_batches: PositiveInt = Field(None, ge=1, description="cap every batch count: train, validation, test "
+                                       "and calibration batches of every node and of the measurements")
 
     @field_validator("device")
     @classmethod
@@ -159,7 +166,8 @@ def validation_message(prefix: str, err: ValidationError, model: Optional[type] 
     message = first["msg"]
     owner = _model_at(model, first["loc"]) if model is not None and first["type"] == "extra_forbidden" else None
     if owner is not None:
-        message = f"unknown field; allowed: {', '.join(sorted(owner.model_fields))}"
+        allowed = sorted(owner.model_fields)
+        message = f"unknown field{nearest(first['loc'][-1], allowed)}; allowed: {', '.join(allowed)}"
     return f"{where} = {value!r}: {message}"
 
 
@@ -176,6 +184,27 @@ def validate_node(index: int, data: Any) -> NodeConfig:
         return spec.config_cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(validation_message(f"nodes[{index}] ({data['kind']})", err, spec.config_cls)) from None
+
+
+def _shorten(model: BaseModel, scale: Optional[float], cap: Optional[int], limit: Optional[int]) -> None:
+    """Scale / cap every positive ``epochs`` and cap every set ``*batches`` count of ``model`` and its sub-models."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _shorten(value, scale, cap, limit)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    _shorten(item, scale, cap, limit)
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            continue
+        elif name == "epochs":
+            epochs = max(1, math.ceil(value * scale)) if scale is not None else value
+            epochs = min(epochs, cap) if cap is not None else epochs
+            if epochs != value:
+                setattr(model, name, epochs)
+        elif name.endswith("batches") and limit is not None and value > limit:
+            setattr(model, name, limit)
 
 
 class Setup(StrictModel):
@@ -208,6 +237,24 @@ class Setup(StrictModel):
                 )
             if node.produces_int8:
                 converted_at = i
+        return self
+
+    @model_validator(mode="after")
+    def _quick_run(self) -> "Setup":
+        """``common.epochs_scale`` / ``max_epochs`` / ``limit_batches`` written into every node's fields (every
+        ``epochs`` and every ``*batches`` count, nested fine-tunes included), then cleared so that the setup
+        as it runs re-validates to itself."""
+        common = self.common
+        scale, cap, limit = common.epochs_scale, common.max_epochs, common.limit_batches
+        if scale is None and cap is None and limit is None:
+            return self
+        for i, node in enumerate(self.nodes):
+            self.nodes[i] = node = node.model_copy(deep=True)
+            _shorten(node, scale, cap, limit)
+        if limit is not None:
+            for name in ("limit_train_batches", "limit_valid_batches", "limit_test_batches"):
+                setattr(common, name, min(getattr(common, name) or limit, limit))
+        common.epochs_scale = common.max_epochs = common.limit_batches = None
         return self
 
     @classmethod

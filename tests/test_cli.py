@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedcore_adapter.composition import normalize_argv
 
@@ -43,11 +44,17 @@ def test_runs_a_setup_on_a_custom_model_and_data_and_prints_the_summary(tmp_path
     ("setup=missing/file.yaml", "error: setup file 'missing/file.yaml' does not exist"),
     ("nodes.0.epochs=-1", "error: nodes[0] (training).epochs = -1: Input should be greater than or equal to 0"),
     ("nodes.0.learning_rate=abc", "error: nodes[0] (training).learning_rate = 'abc': Input should be a valid number"),
-    ("model._target_=nowhere.build", "error: model._target_='nowhere.build' could not be built: no module 'nowhere' in the working directory"),
+    ("model._target_=nowhere.build",
+     "error: model._target_='nowhere.build' could not be built: no module 'nowhere' in the working directory"),
     ("data._target_=tests.helpers.NoTrainLoaderDataModule", "error: data module NoTrainLoaderDataModule has no train_dataloader()"),
     ("data._target_=tests.helpers.EmptyDataModule", "error: train_dataloader() yielded no batches"),
     ("tracking=nope", "error: In 'config': Could not find 'tracking/nope' Available options in 'tracking': mlflow none"),
-    ("setpu=raw", "error: Could not override 'setpu'. To append to your config use +setpu=raw"),
+    ("setpu=raw", "error: unknown key 'setpu' in 'setpu=raw' (did you mean setup?); the config's keys: cluster, "),
+    ("+setpu=raw", "error: unknown key 'setpu' in '+setpu=raw' (did you mean setup?); the config's keys: cluster, "),
+    ("tracking.urri=x", "error: unknown key 'tracking.urri'; keys of tracking: name"),
+    ("model.widht=3", "error: unknown key 'model.widht'; keys of model: _target_ (a new argument of model._target_ "
+                      "is passed as +model.widht=...)"),
+    ("nodes.0.epochz=1", "error: nodes[0] (training).epochz = 1: unknown field (did you mean epochs?); allowed: "),
 ])
 def test_bad_input_exits_non_zero_with_one_line(tmp_path, override, message):
     proc = cli(*FAST, "output_dir=out", override, cwd=tmp_path)
@@ -74,10 +81,23 @@ def test_setups_subcommand_lists_names_and_chains(tmp_path):
     assert proc.returncode == 0 and "RAW" in proc.stdout and "training" in proc.stdout
 
 
-def test_multirun_with_the_basic_launcher_runs_each_value(tmp_path):
-    proc = cli("-m", *FAST, "output_dir=out", "model_name=a,b", cwd=tmp_path)
+def test_multirun_with_the_basic_launcher_runs_each_value_and_ends_with_the_comparison(tmp_path):
+    proc = cli("-m", *FAST, "output_dir=out", "model_name=a,b", "hydra.sweep.dir=out/sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "RAW_a" / "run.json").exists() and (tmp_path / "out" / "RAW_b" / "run.json").exists()
+    table = (tmp_path / "out" / "sweep" / "comparison.md").read_text()
+    assert "RAW_a" in table and "RAW_b" in table and (tmp_path / "out" / "sweep" / "comparison.csv").exists()
+    assert table.split("\n\n", 1)[1].strip() in proc.stdout  # printed as well
+
+
+def test_a_quick_named_setup_runs_every_node_for_one_epoch_on_two_batches(tmp_path):
+    proc = cli("setup=ptq_1", "common.max_epochs=1", "common.limit_batches=2", "tracking=none",
+               "common.latency_repeats=2", "output_dir=out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ran = yaml.safe_load((tmp_path / "out" / "PTQ_1" / "config.yaml").read_text())["setup_resolved"]
+    assert [n["kind"] for n in ran["nodes"]] == ["training", "low_rank", "ptq_dynamic"]
+    assert ran["nodes"][0]["epochs"] == ran["nodes"][1]["epochs"] == ran["nodes"][1]["finetune_params"]["epochs"] == 1
+    assert ran["common"]["limit_train_batches"] == ran["common"]["limit_test_batches"] == 2
 
 
 def test_help_imports_neither_mlflow_nor_dask_nor_transformers(tmp_path):

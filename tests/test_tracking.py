@@ -61,7 +61,7 @@ def test_experiment_defaults_to_the_model_name_then_the_model_class():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"name": "mlfow"}, "tracking.name = 'mlfow': Input should be 'mlflow' or 'none'"),
-    ({"name": "mlflow", "url": "x"}, "tracking.url = 'x': unknown field; allowed: experiment, flush_timeout_s, "
+    ({"name": "mlflow", "url": "x"}, "tracking.url = 'x': unknown field (did you mean uri?); allowed: experiment, flush_timeout_s, "
                                      "http_retries, http_timeout_s, log_model, name, run_name, tags, uri"),
     ({"name": "mlflow", "http_retries": -1}, "tracking.http_retries = -1: Input should be greater than or equal to 0"),
 ])

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ..building import DEFAULT_SETUP, run_from_config, setup_mapping, setup_overrides
 from ..errors import FedcoreError
+from ..sweep_report import compare_sweep
 from .cluster import open_client
 from .fanout import TaskResult, run_tasks
 
@@ -94,28 +95,6 @@ def default_sweep_dir(cfgs: Sequence[Mapping[str, Any]]) -> Path:
     return Path(root) / "sweeps" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def write_comparison(folders: Sequence[Path | str], out: Path) -> bool:
-    """The sweep's comparison table (CSV + Markdown) and plot, by ``fedcore_adapter.report``."""
-    folders = [str(f) for f in folders if f and Path(f).is_dir()]
-    if not folders:
-        return False
-    try:
-        from ..report import main as report_main
-    except ImportError as err:
-        log.warning("comparison not written (fedcore_adapter.report unavailable: %s)", err)
-        return False
-    try:
-        code = report_main([*folders, "--out", str(out)])
-    except (Exception, SystemExit) as err:  # noqa: BLE001 - every run's own results are already on disk
-        log.warning("comparison not written: %s", " ".join(str(err).split()) or type(err).__name__)
-        return False
-    if code:
-        log.warning("comparison not written (report exited with %s)", code)
-        return False
-    log.info("comparison of %d run(s) written to %s", len(folders), out)
-    return True
-
-
 def _folder(result: TaskResult) -> Optional[str]:
     return (result.value if isinstance(result.value, Mapping) else {}).get("output_dir")
 
@@ -180,5 +159,5 @@ def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, label
                                 heartbeat_s=heartbeat_s, order=longest_first([estimated_work(c) for c in cfgs]))
     results = sorted([*results, *failed], key=lambda r: r.index)
     write_sweep_record(results, out)
-    write_comparison([r.value["output_dir"] for r in results if r.status == "completed"], out)
+    compare_sweep([r.value["output_dir"] for r in results if r.status == "completed"], out)
     return results

@@ -116,8 +116,8 @@ def _cluster_spec(launcher: Any) -> Any:
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     from fedcore_adapter.distributed.cluster import open_client
     from fedcore_adapter.distributed.fanout import TaskResult, run_tasks
-    from fedcore_adapter.distributed.runs import (estimated_work, longest_first, summary, write_comparison,
-                                                  write_sweep_record)
+    from fedcore_adapter.distributed.runs import estimated_work, longest_first, summary, write_sweep_record
+    from fedcore_adapter.sweep_report import compare_sweep
     from fedcore_adapter.distributed.sweep import varying
 
     setup_globals()
@@ -153,8 +153,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     log.info("sweep summary:\n%s", summary(done, result_folders))
     if launcher.report:
         write_sweep_record(done, sweep_dir, result_folders)
-        write_comparison([f for f, r in zip(result_folders, done) if f is not None and r.status == "completed"],
-                         sweep_dir)
+        compare_sweep([f for f, r in zip(result_folders, done) if f is not None and r.status == "completed"],
+                      sweep_dir)
     return [r.value if isinstance(r.value, JobReturn) else _failed_return(job_overrides[i], r.error or "failed",
                                                                              configs.get(i))
             for i, r in enumerate(done)]
