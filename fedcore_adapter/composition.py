@@ -10,6 +10,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from .errors import nearest
+from .resources import conf_dir
 
 SETUP_SCOPED = ("nodes.", "common.")
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
@@ -53,8 +54,6 @@ def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
 
 def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir  # hydra is imported only where a config is composed
-
-    from .resources import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         return compose(config_name=config_name, overrides=overrides)
@@ -126,8 +125,6 @@ def composition_error(argv: list[str], config_name: str = "config") -> Optional[
 def run_hydra_app(task: Callable[[Any], Any], config_name: str, argv: list[str]) -> None:
     """Run ``task`` as a Hydra app on ``conf/<config_name>.yaml`` with ``argv`` as its command line."""
     import hydra  # hydra's app machinery is imported only to run (setups, compare and --help stay fast)
-
-    from .resources import conf_dir
 
     argv = normalize_argv(argv)
     exit_if_not_composable(argv, config_name)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from ..composition import normalize_argv
 from ..errors import ConfigError
+from ..resources import conf_dir
 from .fanout import TaskResult
+from .runs import default_sweep_dir, run_many, summary
 
 log = logging.getLogger("fedcore_adapter.distributed")
 
@@ -39,8 +42,6 @@ def compose_all(jobs: list[list[str]]) -> list[tuple[Optional[dict], Optional[st
     """``(plain config, model choice, error)`` for every job, composed as ``fedcore-adapter`` composes one."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
-
-    from ..resources import conf_dir
 
     out = []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
@@ -69,9 +70,6 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    from ..composition import normalize_argv
-    from .runs import default_sweep_dir, run_many, summary
-
     flags = [a for a in argv if a.startswith("-")]
     if flags:
         raise ConfigError(f"sweep takes overrides only (got {flags[0]!r}); e.g. fedcore-adapter sweep "

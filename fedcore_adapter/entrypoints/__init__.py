@@ -5,7 +5,7 @@ inference.yaml)::
     fedcore-adapter fit-target setup=composite_1 model=seq_gru data=event_sequences fold_list=[0,1,2]
     fedcore-adapter inference model=seq_gru data=event_sequences inference_model=enc inference.output=out
 
-Kept import-light: each command imports its module (and torch) only when run.
+Kept import-light (``cli`` imports it for ``--help``): each command imports its module, and torch, only when run.
 """
 from __future__ import annotations
 

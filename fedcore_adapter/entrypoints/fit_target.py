@@ -11,13 +11,19 @@ Per-fold test metrics and their mean go to
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError, DataError
+from ..api import extract_loss, fedcore_fit, provides, resolve_loss
 from ..building import build_data, build_model, instantiate_target
+from ..checkpoint import write_json
 from ..composition import run_hydra_app
+from ..data import resolve_device, runtime_device
+from ..errors import ConfigError, DataError
+from ..losses import find_loss
+from ..metrics import measure
 from .common import command_setup, fit_options, plain, reporting_errors, results_folder
 
 RESULTS_SUFFIX = "_fit_target.json"
@@ -46,10 +52,6 @@ def _with_fold(raw: dict, fold: int) -> dict:
 
 def test_scores(result: Any, dm: Any, loss: Any, common: Any) -> dict:
     """The compressed model measured on ``dm.test_dataloader()``: ``test_accuracy``, ``test_loss`` and its costs."""
-    from ..data import resolve_device, runtime_device
-    from ..losses import find_loss
-    from ..metrics import measure
-
     model = result.optimised_model
     device = runtime_device(model, resolve_device(common.device))
     row = measure(model.to(device), dm.test_dataloader(), device=device, loss_fn=find_loss(model, loss),
@@ -62,9 +64,6 @@ def test_scores(result: Any, dm: Any, loss: Any, common: Any) -> dict:
 
 def run_fit_target(cfg: Any) -> dict:
     """Run every fold of a fit-target config; returns (and writes) ``{setup, folds: [...], mean: {...}}``."""
-    from ..api import extract_loss, fedcore_fit, provides, resolve_loss
-    from ..checkpoint import write_json
-
     raw = plain(cfg, resolve=False)
     first = _with_fold(raw, 0)
     folds = fold_ids(first.get("fold_list", [0]))
@@ -98,8 +97,6 @@ def run_fit_target(cfg: Any) -> dict:
 
 
 def _task(cfg) -> Optional[float]:
-    import logging
-
     logging.getLogger("fedcore_adapter").setLevel(logging.INFO)
     summary = reporting_errors(cfg, lambda: run_fit_target(cfg))
     for key, value in summary["mean"].items():

@@ -6,12 +6,14 @@ Results go to ``{output_dir}/{SETUP}[_{model_name}]``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from ..errors import ConfigError
+from ..api import extract_loss, fedcore_fit
 from ..building import build_data, build_model
 from ..composition import run_hydra_app
 from .common import STATE_SUFFIXES, command_setup, fit_options, plain, reporting_errors, results_folder
@@ -40,8 +42,6 @@ def save_model_folder(result: Any, path: str | Path) -> Path:
 
 def run_train(cfg: Mapping[str, Any]):
     """Run a train command's config; returns the ``FedcoreFitResult``."""
-    from ..api import extract_loss, fedcore_fit
-
     cfg = plain(cfg)
     check_save_target(cfg.get("save_encoder"))
     setup = command_setup(cfg)
@@ -55,8 +55,6 @@ def run_train(cfg: Mapping[str, Any]):
 
 
 def _task(cfg) -> Optional[float]:
-    import logging
-
     logging.getLogger("fedcore_adapter").setLevel(logging.INFO)
     result = reporting_errors(cfg, lambda: run_train(cfg))
     print(result.summary())
