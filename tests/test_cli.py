@@ -96,7 +96,8 @@ def test_a_quick_named_setup_runs_every_node_for_one_epoch_on_two_batches(tmp_pa
     assert proc.returncode == 0, proc.stderr
     ran = yaml.safe_load((tmp_path / "out" / "PTQ_1" / "config.yaml").read_text())["setup_resolved"]
     assert [n["kind"] for n in ran["nodes"]] == ["training", "low_rank", "ptq_dynamic"]
-    assert ran["nodes"][0]["epochs"] == ran["nodes"][1]["epochs"] == ran["nodes"][1]["finetune_params"]["epochs"] == 1
+    low_rank = ran["nodes"][1]
+    assert ran["nodes"][0]["epochs"] == low_rank["method"]["epochs"] == low_rank["finetune_params"]["epochs"] == 1
     assert ran["common"]["limit_train_batches"] == ran["common"]["limit_test_batches"] == 2
 
 

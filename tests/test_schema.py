@@ -125,8 +125,8 @@ def test_node_overrides_by_index_and_kind_still_apply_before_the_quick_options()
     from fedcore_adapter.building import resolve_setup
 
     quick = resolve_setup("COMPOSITE_1", {"common": {"epochs_scale": 0.5},
-                                          "nodes": {"0": {"epochs": 8}, "low_rank": {"epochs": 6}}})
-    assert (quick.nodes[0].epochs, quick.nodes[2].epochs) == (4, 3)
+                                          "nodes": {"0": {"epochs": 8}, "low_rank": {"method": {"epochs": 6}}}})
+    assert (quick.nodes[0].epochs, quick.nodes[2].method.epochs) == (4, 3)
 
 
 @pytest.mark.parametrize("field, value, message", [
