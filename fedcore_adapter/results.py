@@ -22,8 +22,10 @@ METRIC_COLUMNS = [
     "node_index", "node", "kind", "params", "macs", "size_mb", "latency_ms", "latency_ms_per_sample",
     "throughput_sps", "accuracy", "loss", "sparsity", "batch_size", "device", "dtype", "wall_s",
 ]
-RATIO_COLUMNS = ["params", "macs", "size_mb", "latency_ms", "throughput_sps", "accuracy"]
+RATIO_COLUMNS = ["params", "macs", "size_mb", "latency_ms", "throughput_sps"]  # a ratio to the input means something
+DIFFERENCE_COLUMNS = {"accuracy": ("_pt", 100.0), "loss": ("", 1.0)}  # quality: (suffix, scale) of final - input
 PARTIAL_SUFFIX = ".partial"
+MINUS = "\N{MINUS SIGN}"
 
 
 def run_folder_name(setup_name: str, model_name: Optional[str] = None) -> str:
@@ -63,8 +65,25 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _change(column: str, value: Any, base: Any) -> str:
+    """`` (0.25x)`` for a ratio column, `` (-0.2 pt)`` / `` (+0.013)`` for a quality one, else nothing."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, base))
+    if not numbers:
+        return ""
+    if column in RATIO_COLUMNS:
+        return f" ({value / base:.2f}x)" if base else ""
+    if column in DIFFERENCE_COLUMNS:
+        suffix, scale = DIFFERENCE_COLUMNS[column]
+        unit = " pt" if suffix == "_pt" else ""
+        delta = (value - base) * scale
+        text = (f"{delta:+.1f}" if unit else f"{delta:+.3g}").replace("-", MINUS)
+        return f" ({text}{unit})"
+    return ""
+
+
 def summary_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
-    """Plain-text table: each metric per node and, in brackets, its ratio to row 0."""
+    """Plain-text table: each metric per node and, in brackets, its change from row 0 (the input model):
+    a ratio for sizes and speeds (``0.25x``), a difference for quality (``accuracy`` in points, ``loss``)."""
     if not rows:
         return "(no rows)"
     base = rows[0]
@@ -72,15 +91,7 @@ def summary_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
                                       "accuracy", "loss", "dtype", "wall_s"] if any(c in r for r in rows)]
     table = [columns]
     for row in rows:
-        cells = []
-        for c in columns:
-            v = row.get(c)
-            cell = _fmt(v)
-            b = base.get(c)
-            if c in RATIO_COLUMNS and isinstance(v, (int, float)) and isinstance(b, (int, float)) and b and row is not base:
-                cell += f" ({v / b:.2f}x)"
-            cells.append(cell)
-        table.append(cells)
+        table.append([_fmt(row.get(c)) + ("" if row is base else _change(c, row.get(c), base.get(c))) for c in columns])
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
