@@ -127,9 +127,27 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _print_help(argv):
+        return
     if argv and argv[0] in SUBCOMMANDS:
         return _run_subcommand(SUBCOMMANDS[argv[0]], argv[1:])
     run_app(argv)
+
+
+def _print_help(argv: list[str]) -> bool:
+    """``--help`` of the main command, and of the subcommands that have no argument parser of their own."""
+    from .help import command_help, main_help, wants_help
+
+    if not wants_help(argv):
+        return False
+    if argv[0] in SUBCOMMANDS:
+        text = command_help(argv[0])
+        if text is None:
+            return False  # the subcommand prints its own
+    else:
+        text = main_help(SUBCOMMANDS)
+    print(text)
+    return True
 
 
 def _run_subcommand(fn: Callable[[list[str]], Optional[int]], argv: list[str]) -> None:
