@@ -184,7 +184,7 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     What is not given comes from ``cfg`` (a composed config: ``model``, ``data``, ``loss``, ``pretrained``,
     ``output_dir``, ``model_name``, ``resume``, ``tracking``, ``cluster``): the model is built under
     ``common.seed`` and started from ``pretrained`` (a given ``model`` is used as it is); hooks are the
-    tracking hook; the executor is ``cluster``'s when ``common.distributed_compression`` is on. Results go to
+    tracking hook and the progress bars; the executor is ``cluster``'s when ``common.distributed_compression`` is on. Results go to
     ``{output_dir}/{SETUP}[_{model_name}]``, or exactly to ``output_folder``. The results' ``config.yaml``
     is ``config`` (default ``cfg``) with ``setup_resolved``.
     """
@@ -201,7 +201,9 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     if output_folder is not None:
         root, model_name, setup = placement(output_folder, setup)
     if hooks is None:
-        hooks = tracking_hooks(cfg, model_label or cfg.get("model_name"))
+        from .progress import RunProgress
+
+        hooks = [*tracking_hooks(cfg, model_label or cfg.get("model_name")), RunProgress()]
     config = cfg if config is None and given else config
     config = {**config, "setup_resolved": setup.to_dict()} if config is not None else None
     resume = bool(cfg.get("resume")) if resume is None else resume

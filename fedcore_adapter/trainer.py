@@ -15,7 +15,6 @@ they also distil from ``node_input`` on labeled batches (``distill_weight``,
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -24,10 +23,11 @@ import torch
 from torch import nn
 
 from .context import NodeContext
-from .data import call_model, limited, primary_output, split_batch, to_device, batch_size
+from .data import call_model, primary_output, split_batch, to_device, batch_size
 from .errors import DataError, NodeError
 from .losses import distillation_mse, instantiate_loss, labeled_distillation, token_mask
 from .metrics import evaluate
+from .progress import batch_bar, epoch_bar
 from .steps import own_step, reset_metrics, step_loss, step_output
 from .schema import TrainParams
 
@@ -177,14 +177,11 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
         kept_state = copy.deepcopy(model.state_dict()) if kept_score is not None else None
     label = ctx.node_label or tag
 
-    from tqdm.auto import tqdm
-
+    epochs = epoch_bar(params.epochs, label, params.progress)
     for epoch in range(params.epochs):
         model.train()
         total, seen, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(limited(ctx.train_loader, limit_train), desc=f"{label} epoch {epoch + 1}/{params.epochs}",
-                   total=limit_train, leave=False, disable=not params.progress or not sys.stderr.isatty(),
-                   unit="batch")
+        bar = batch_bar(ctx.train_loader, limit_train, f"{label} epoch {epoch + 1}/{params.epochs}", params.progress)
         for step, batch in enumerate(bar):
             inputs, target = split_batch(to_device(batch, device))
             loss = objective(model, inputs, target)
@@ -211,6 +208,8 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
         row.update(_validate(model, ctx, task_loss, device, limit_valid))
         report.history.append({"epoch": epoch + 1, **row})
         report.epochs_run = epoch + 1
+        epochs.update(1)
+        epochs.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss", "val_accuracy")})
         ctx.log({f"{tag}_{k}" if tag != "train" else k: v for k, v in row.items()}, epoch + 1)
         if ctx.common.save_each > 0 and (epoch + 1) % ctx.common.save_each == 0:
             ctx.save_intermediate(model, f"epoch_{epoch + 1:04d}")
@@ -227,6 +226,7 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
                 if bad_epochs >= stop.patience:
                     report.stopped_early = True
                     break
+    epochs.close()
     if best_state is not None and not (keep_best and best_of_all):
         model.load_state_dict(best_state)
     if kept_state is not None:  # keep_best with a validation score
