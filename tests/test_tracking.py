@@ -52,17 +52,21 @@ def test_tracking_none_gives_no_hook():
     assert hook_from_config({"name": "none"}, {}, "m") is None
 
 
-def test_experiment_defaults_to_the_model_name_then_the_model_class():
+def test_experiment_defaults_to_the_model_and_data_names():
+    data = {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}
+    assert hook_from_config({"name": "mlflow"}, {"data": data}, "mnist1d_cnn").config.experiment == "mnist1d_cnn on mnist1d"
     assert hook_from_config({"name": "mlflow"}, {}, "mnist1d_cnn").config.experiment == "mnist1d_cnn"
-    cfg = {"model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"}}
-    assert hook_from_config({"name": "mlflow"}, cfg, None).config.experiment == "MNIST1DCNN"
+    cfg = {"model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"}, "data": data}
+    assert hook_from_config({"name": "mlflow"}, cfg, None).config.experiment == "mnist1d_cnn on mnist1d"
+    custom = {"model": {"_target_": "my_pkg.models.build_model"}, "data": {"_target_": "my_pkg.data.MyData"}}
+    assert hook_from_config({"name": "mlflow"}, custom, "custom").config.experiment == "build_model on MyData"
     assert hook_from_config({"name": "mlflow", "experiment": "mine"}, cfg, "x").config.experiment == "mine"
 
 
 @pytest.mark.parametrize("cfg, message", [
     ({"name": "mlfow"}, "tracking.name = 'mlfow': Input should be 'mlflow' or 'none'"),
     ({"name": "mlflow", "url": "x"}, "tracking.url = 'x': unknown field (did you mean uri?); allowed: experiment, flush_timeout_s, "
-                                     "http_retries, http_timeout_s, log_model, name, run_name, tags, uri"),
+                                     "http_retries, http_timeout_s, log_model, name, parent_run_id, run_name, tags, uri"),
     ({"name": "mlflow", "http_retries": -1}, "tracking.http_retries = -1: Input should be greater than or equal to 0"),
 ])
 def test_bad_tracking_option_is_one_line_naming_the_field(cfg, message):
@@ -220,14 +224,14 @@ def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch)
            "data": {"_target_": "tests.helpers.build_tiny_data"}}
     result = run_from_config(cfg)
     client = _client(store["uri"])
-    [parent] = _runs(client, "tiny_model", "setup")  # the experiment is the model name
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL_tiny_model"  # <SETUP>_<model_name>
+    [parent] = _runs(client, "tiny_model on build_tiny_data", "setup")  # the experiment: model and data names
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL \N{MIDDLE DOT} tiny_model \N{MIDDLE DOT} seed=42"
     assert parent.data.params["model._target_"] == "tests.helpers.build_tiny_mlp"
     assert parent.data.params["data._target_"] == "tests.helpers.build_tiny_data"
     assert parent.data.params["setup_resolved.nodes.1.method.thresholds"] == "[0.9]"
     assert parent.info.artifact_uri.startswith(str(store["root"] / "mlruns"))
     assert parent.data.metrics["accuracy"] == pytest.approx(result.metrics[-1]["accuracy"])
-    training, decomposed = _runs(client, "tiny_model", "node")
+    training, decomposed = _runs(client, "tiny_model on build_tiny_data", "node")
     assert [a.path for a in client.list_artifacts(training.info.run_id)] == ["manifest.json"]
     assert sorted(a.path for a in client.list_artifacts(decomposed.info.run_id)) == [  # the node's files, no weights
         "decompose_config.json", "manifest.json"]

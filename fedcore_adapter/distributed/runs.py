@@ -151,6 +151,9 @@ def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, label
     indices = list(indices) if indices is not None else list(range(len(cfgs)))
     out = Path(sweep_dir) if sweep_dir else default_sweep_dir(cfgs)
     separate_folders(cfgs, [out / str(i) for i in indices])
+    from ..tracking.parents import SWEEP_FILES, close_parents, open_parents, outcome
+
+    parents = open_parents(cfgs, name=f"sweep {out.name}", model_labels=model_labels, tags={"fedcore.sweep_dir": str(out)})
     payloads = [{"cfg": c, "model_label": m} for c, m in zip(cfgs, model_labels)]
     results: list[TaskResult] = []
     if cfgs:
@@ -160,4 +163,5 @@ def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, label
     results = sorted([*results, *failed], key=lambda r: r.index)
     write_sweep_record(results, out)
     compare_sweep([r.value["output_dir"] for r in results if r.status == "completed"], out)
+    close_parents(parents, *outcome([r.status for r in results]), [out / name for name in SWEEP_FILES])
     return results

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from .config import TrackingConfig, default_experiment, parse_tracking_config, resolve_uri
+from .config import TrackingConfig, default_experiment, model_label, parse_tracking_config, resolve_uri
 from .journal import PENDING_FILE, sync_pending
 
 if TYPE_CHECKING:
@@ -34,8 +34,8 @@ def hook_from_config(tracking_cfg: Mapping[str, Any] | None, config: Optional[Ma
                      model_name: Optional[str] = None) -> Optional["MlflowHook"]:
     """The hook for the composed ``tracking`` group; None for ``tracking=none``.
 
-    ``tracking.experiment`` defaults to ``model_name`` (else the model's class name), so runs of
-    every setup on one model land in one experiment.
+    ``tracking.experiment`` defaults to ``<model> on <data>`` (``model_name``, else the config choice or
+    the ``_target_``'s name), so runs of every setup on one model and data land in one experiment.
     """
     cfg = parse_tracking_config(tracking_cfg)
     if cfg.name == "none":
@@ -43,7 +43,9 @@ def hook_from_config(tracking_cfg: Mapping[str, Any] | None, config: Optional[Ma
     from .hook import MlflowHook
 
     experiment = cfg.experiment or default_experiment(config, model_name)
-    return MlflowHook(cfg.model_copy(update={"experiment": experiment}))
+    hook = MlflowHook(cfg.model_copy(update={"experiment": experiment}))
+    hook.model_label = model_label(config, model_name)
+    return hook
 
 
 def load_logged_model(run_id: str, base_model, tracking_uri: Optional[str] = None, artifact_path: str = "model"):

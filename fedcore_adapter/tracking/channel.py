@@ -33,7 +33,7 @@ class _Connection:
         self.alive = True
         self._outbox: "queue.Queue" = queue.Queue()
         root = str(Path(__file__).resolve().parents[2])  # the folder holding fedcore_adapter
-        env = {"MLFLOW_LOGGING_LEVEL": "WARNING", **os.environ,
+        env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", **os.environ,
                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen([sys.executable, "-m", "fedcore_adapter.tracking.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)

@@ -20,8 +20,12 @@ class TrackingConfig(StrictModel):
     name: Literal["mlflow", "none"] = "mlflow"
     uri: Optional[str] = Field(None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
                                                  "working directory (what `mlflow ui` opens there)")
-    experiment: Optional[str] = Field(None, description="null: the model name")
-    run_name: Optional[str] = Field(None, description="null: the results folder name (<SETUP>_<model_name>)")
+    experiment: Optional[str] = Field(None, description="null: '<model> on <data>' (config names, or the "
+                                                        "_target_'s name for a custom model or data)")
+    run_name: Optional[str] = Field(None, description="null: '<SETUP> · <model> · seed=<seed>' and the setup's "
+                                                      "overrides; ' #2', ' #3'... when the experiment has it already")
+    parent_run_id: Optional[str] = Field(None, description="nest the setup run under this run (a sweep's or a "
+                                                           "search's; set by the sweep launchers)")
     log_model: bool = True
     tags: dict[str, str] = Field(default_factory=dict)
     flush_timeout_s: float = Field(120.0, gt=0, description="end of run: wait this long for logging to finish")
@@ -49,12 +53,43 @@ def resolve_uri(uri: Optional[str]) -> str:
     return uri
 
 
-def default_experiment(config: Optional[Mapping[str, Any]], model_name: Optional[str]) -> str:
-    """The model name, else the model's ``_target_`` class name, else ``fedcore_adapter``."""
-    if model_name:
-        return str(model_name)
+def target_name(spec: Any) -> Optional[str]:
+    """The last dotted part of a config section's ``_target_`` (``my_pkg.build_model`` -> ``build_model``)."""
+    target = spec.get("_target_") if isinstance(spec, Mapping) else None
+    return str(target).rsplit(".", 1)[-1] if target and target != "???" else None
+
+
+def _choice(section: str, spec: Any) -> Optional[str]:
+    """The name of the ``conf/<section>/*.yaml`` option with the same ``_target_`` (``custom`` never counts)."""
+    target = spec.get("_target_") if isinstance(spec, Mapping) else None
+    if not target:
+        return None
+    from ..resources import conf_dir
+
+    for path in sorted((conf_dir() / section).glob("*.yaml")):
+        if path.stem != "custom" and f"_target_: {target}\n" in path.read_text():
+            return path.stem
+    return None
+
+
+def model_label(config: Optional[Mapping[str, Any]], label: Optional[str] = None) -> str:
+    """What to call the model: ``label`` (``model_name`` or the config choice) unless it is ``custom``, else
+    the matching config option, else the ``_target_``'s name, else ``model``."""
     model = (config or {}).get("model")
-    target = model.get("_target_") if isinstance(model, Mapping) else None
-    if target and target != "???":
-        return str(target).rsplit(".", 1)[-1]
-    return DEFAULT_EXPERIMENT
+    if label and label != "custom":
+        return str(label)
+    return _choice("model", model) or target_name(model) or "model"
+
+
+def data_label(config: Optional[Mapping[str, Any]]) -> Optional[str]:
+    data = (config or {}).get("data")
+    return _choice("data", data) or target_name(data)
+
+
+def default_experiment(config: Optional[Mapping[str, Any]], model_name: Optional[str]) -> str:
+    """``<model> on <data>`` (see :func:`model_label`), ``<model>`` without a data config, else ``fedcore_adapter``."""
+    model = model_label(config, model_name)
+    data = data_label(config)
+    if model == "model" and not data:
+        return DEFAULT_EXPERIMENT
+    return f"{model} on {data}" if data else model

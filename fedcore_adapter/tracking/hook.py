@@ -3,9 +3,12 @@
 Each engine event becomes a few records (plain dicts) streamed to a logger process
 (:class:`~.channel.LoggerProcess`), so training never imports mlflow nor waits on the store:
 
-- parent: the flattened configuration and package versions as params; each row's
-  metrics at ``step = node index`` (row 0 also as ``input_<metric>``, the baseline),
-  ``<metric>_ratio`` (final / input) at the end; tags ``fedcore.setup``,
+- parent (named ``<SETUP> · <model> · seed=<seed>`` and the setup's overrides, unique in its
+  experiment; nested under ``parent_run_id``, a sweep's or a search's run, when given): the
+  flattened configuration and package versions as params; each row's metrics at ``step = node
+  index`` (row 0 also as ``input_<metric>``, the baseline), so the latest value is the final
+  model's; at the end the headline against the input (``records.headline``: ``size_mb_ratio``,
+  ``compression_ratio``, ``speedup``, ``accuracy_delta_pt``...); tags ``fedcore.setup``,
   ``fedcore.status``, ``fedcore.chain``, git commit; artifacts ``config.yaml``,
   ``metrics.csv``, ``metrics_by_node.png`` and the final model under ``model/``.
 - child per node: the node's fields as params, its row's metrics, training curves
@@ -23,9 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..hooks import Hook, RunInfo
-from ..results import RATIO_COLUMNS
-from .config import TrackingConfig, default_experiment, parse_tracking_config, resolve_uri
-from .records import StepCounter, flatten, git_commit, numeric_metrics, ratios, run_params, short, text_tags
+from .config import TrackingConfig, default_experiment, model_label, parse_tracking_config, resolve_uri
+from .records import (StepCounter, default_run_name, flatten, git_commit, headline, numeric_metrics, run_params, short,
+                      text_tags)
 
 log = logging.getLogger("fedcore_adapter")
 PLOT_FILE = "metrics_by_node.png"
@@ -57,6 +60,7 @@ class MlflowHook(Hook):
         self._keys: dict[int, str] = {}
         self._closed: set[str] = set()
         self._steps = StepCounter()
+        self.model_label: Optional[str] = None  # names the run; default: from the run's config
 
     # -- engine events -------------------------------------------------------------------------------
     def before_run(self, run: RunInfo) -> None:
@@ -77,6 +81,8 @@ class MlflowHook(Hook):
                 "fedcore.results_dir": str(self._final_dir(run)), **self.config.tags}
         if run.resumed and parent_id:
             tags["fedcore.resumed"] = "true"
+        if self.config.parent_run_id:
+            tags["mlflow.parentRunId"] = self.config.parent_run_id
         if setup.description:
             tags["mlflow.note.content"] = short(setup.description)
         commit = git_commit()
@@ -84,7 +90,7 @@ class MlflowHook(Hook):
             tags["mlflow.source.git.commit"] = commit
         self._submit(target)
         self._submit({"op": "open_parent", "key": "parent", "run_id": parent_id, "tags": tags,
-                      "name": self.config.run_name or run.run_name})
+                      "name": self.config.run_name or self._run_name(run)})
         self._submit({"op": "params", "key": "parent", "params": run_params(run.config)})
 
     def after_measure_input(self, run: RunInfo, row: dict, checkpoint: Path) -> None:
@@ -124,7 +130,7 @@ class MlflowHook(Hook):
             self.sink.move_folder(self._output_dir)
         rows = result.metrics
         if rows:
-            self._metrics("parent", ratios(rows[0], rows[-1], RATIO_COLUMNS), len(rows) - 1)
+            self._metrics("parent", headline(rows[0], rows[-1]), len(rows) - 1)
         self._log_results_files()
         if self.config.log_model:
             self._log_model(run)
@@ -178,7 +184,26 @@ class MlflowHook(Hook):
         if self.sink is not None:
             self.sink.close(self.config.flush_timeout_s)
             self._remember_parent(run)
+            links = self.links()
+            if links:
+                log.info("MLflow run: %s  (setups side by side: %s)", links["run"], links["runs"])
             self.sink = None
+
+    def _run_name(self, run: RunInfo) -> str:
+        label = model_label(run.config, self.model_label)
+        return default_run_name(run.setup.name, None if label == "model" else label, run.setup.common.seed, run.config)
+
+    def links(self) -> dict[str, str]:
+        """MLflow UI links of a tracking server: ``run`` (this setup run) and ``runs`` (the experiment's runs
+        table with the headline columns); empty for a local store or before the run exists."""
+        from .store import headline_url
+
+        ids = self.sink.ids if self.sink is not None else {}
+        if not self.uri.startswith(("http://", "https://")) or not ids.get("parent") or not ids.get("experiment"):
+            return {}
+        base = self.uri.rstrip("/")
+        return {"run": f"{base}/#/experiments/{ids['experiment']}/runs/{ids['parent']}",
+                "runs": headline_url(base, ids["experiment"])}
 
     def _remember_parent(self, run: RunInfo) -> None:
         """Copy the parent run id into ``run.state`` (persisted in run.json) from the engine's thread."""

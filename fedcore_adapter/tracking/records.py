@@ -83,9 +83,43 @@ def ratios(first: Mapping[str, Any], last: Mapping[str, Any], keys: Iterable[str
     out = {}
     for key in keys:
         a, b = first.get(key), last.get(key)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and math.isfinite(a) and math.isfinite(b):
+        if _finite(a) and _finite(b) and a:
             out[f"{key}_ratio"] = float(b) / float(a)
     return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def headline(first: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, float]:
+    """The final model against the input one, as a setup run's headline metrics.
+
+    Ratios where a ratio means something (``params_ratio``, ``macs_ratio``, ``size_mb_ratio``,
+    ``latency_ms_ratio``, ``throughput_sps_ratio``: final / input; ``compression_ratio``: input / final
+    bytes, ``speedup``: input / final latency); differences for quality (``accuracy_delta_pt``: final -
+    input accuracy in percentage points, ``loss_delta``).
+    """
+    from ..results import DIFFERENCE_COLUMNS, RATIO_COLUMNS
+
+    out = ratios(first, last, RATIO_COLUMNS)
+    for key, name in (("size_mb", "compression_ratio"), ("latency_ms", "speedup")):
+        if _finite(first.get(key)) and _finite(last.get(key)) and last[key]:
+            out[name] = float(first[key]) / float(last[key])
+    for key, (suffix, scale) in DIFFERENCE_COLUMNS.items():
+        if _finite(first.get(key)) and _finite(last.get(key)):
+            out[f"{key}_delta{suffix}"] = (float(last[key]) - float(first[key])) * scale
+    return out
+
+
+def default_run_name(setup: str, model: Optional[str], seed: Any, config: Optional[Mapping[str, Any]] = None) -> str:
+    """``RAW · mnist1d_cnn · seed=0`` and the setup's overrides (``nodes.0.epochs=1``) from ``config``."""
+    config = config or {}
+    overrides = flatten({"nodes": config.get("nodes") or {}, "common": {k: v for k, v in dict(
+        config.get("common") or {}).items() if k != "seed"}})
+    shown = {k: v for k, v in overrides.items() if not k.endswith(".progress")}  # display options differ no result
+    parts = [setup, *([model] if model else []), f"seed={seed}"] + [f"{k}={v}" for k, v in shown.items()]
+    return short(" \N{MIDDLE DOT} ".join(str(p) for p in parts), 250)
 
 
 def text_tags(row: Mapping[str, Any], keys: Iterable[str] = ("device", "dtype", "runtime", "batch_shape")) -> dict[str, str]:

@@ -23,6 +23,12 @@ COUNT_METRICS = ("params", "macs", "batch_size")
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _SKIP_CODES = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
 _ENV_SET_HERE: set[str] = set()
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3: "genai_development" or "custom_model_development"
+TRAINING_KIND = "custom_model_development"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # MLflow UI: saved runs-table views, opened by viewStateShareKey
+HEADLINE_VIEW = "fedcore-headline"
+HEADLINE_COLUMNS = ("accuracy", "accuracy_delta_pt", "compression_ratio", "size_mb", "params_ratio", "macs_ratio",
+                    "latency_ms", "speedup", "throughput_sps")
 
 
 class SkipRecord(Exception):
@@ -90,13 +96,53 @@ def connect(uri: Optional[str], experiment: Optional[str] = None, *, http_timeou
         if found is not None and found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
         if found is not None:
+            _mark_training_experiment(client, found)
             return client, found.experiment_id
         try:
-            return client, client.create_experiment(experiment)
+            return client, client.create_experiment(experiment, tags=experiment_tags())
         except MlflowException as err:  # another process created it first
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return client, client.get_experiment_by_name(experiment).experiment_id
+
+
+def experiment_tags() -> dict[str, str]:
+    """A model-training experiment (MLflow 3's UI shows its runs, not the GenAI overview) and the headline
+    view of its runs table (open it with ``?viewStateShareKey=`` + ``HEADLINE_VIEW``)."""
+    return {EXPERIMENT_KIND_TAG: TRAINING_KIND, f"{SHARED_VIEW_PREFIX}{HEADLINE_VIEW}": json.dumps(headline_view())}
+
+
+def headline_view() -> dict:
+    """MLflow UI state of the runs table: the setup runs' headline metrics as columns, newest first."""
+    return {"selectedColumns": [f"metrics.`{name}`" for name in HEADLINE_COLUMNS] + ["attributes.`Source`"],
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def headline_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI of ``server``, model-training side, headline columns."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={HEADLINE_VIEW}")
+
+
+def _mark_training_experiment(client: Any, experiment: Any) -> None:
+    """Tag an existing experiment as model training unless someone chose another kind on purpose."""
+    tags = experiment.tags or {}
+    kind = tags.get(EXPERIMENT_KIND_TAG, "")
+    missing = {k: v for k, v in experiment_tags().items() if tags.get(k) != v and k != EXPERIMENT_KIND_TAG}
+    if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+        missing[EXPERIMENT_KIND_TAG] = TRAINING_KIND
+    for key, value in missing.items():
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def unique_run_name(client: Any, experiment_id: str, name: str) -> str:
+    """``name``, or ``name #2``, ``#3``... when runs of the experiment already carry it."""
+    prefix = name.split("'")[0].split("\\")[0]
+    taken = {r.info.run_name for r in client.search_runs([experiment_id], f"attributes.run_name LIKE '{prefix}%'",
+                                                         max_results=1000)}
+    if name not in taken:
+        return name
+    return next(f"{name} #{i}" for i in range(2, len(taken) + 3) if f"{name} #{i}" not in taken)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -146,6 +192,7 @@ class Replayer:
             return
         self.client, self.experiment_id = connect(record["uri"], record["experiment"], **self.http)
         self.target = target
+        self.ids["experiment"] = self.experiment_id  # reported like a run id (the run's link needs it)
 
     def _open_parent(self, record: dict) -> None:
         previous = self.ids.get("parent") or record.get("run_id")
@@ -154,8 +201,9 @@ class Replayer:
             self._tags({"key": "parent", "tags": record["tags"]}, run_id=previous)
             self.ids["parent"] = previous
             return
+        name = unique_run_name(self.client, self.experiment_id, record["name"])
         run = self.client.create_run(self.experiment_id, start_time=record.get("time"), tags=record["tags"],
-                                     run_name=record["name"])
+                                     run_name=name)
         self.ids["parent"] = run.info.run_id
 
     def _open_child(self, record: dict) -> None:

@@ -105,6 +105,23 @@ def _separate_result_folders(configs: list[DictConfig], sweep_dir: Path) -> list
     return folders
 
 
+def _nest_under_sweep_runs(configs: list[DictConfig], sweep_dir: Path) -> list:
+    """Open the sweep's MLflow parent runs (one per experiment) and point each job's tracking at its own."""
+    from fedcore_adapter.tracking.parents import open_parents
+
+    plains = [_plain(c) or {} for c in configs]
+    labels = [p.get("model_name") or OmegaConf.select(c, "hydra.runtime.choices.model", default=None)
+              for p, c in zip(plains, configs)]
+    parents = open_parents(plains, name=f"sweep {sweep_dir.name}", model_labels=labels,
+                           tags={"fedcore.sweep_dir": str(sweep_dir)})
+    for config, plain in zip(configs, plains):
+        parent = (plain.get("tracking") or {}).get("parent_run_id")
+        if parent:
+            with open_dict(config):
+                config.tracking.parent_run_id = parent
+    return parents
+
+
 def _cluster_spec(launcher: Any) -> Any:
     if launcher.cluster:
         return OmegaConf.to_container(launcher.cluster, resolve=True) if isinstance(launcher.cluster, DictConfig) \
@@ -138,6 +155,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             log.error("\t#%d : FAILED: %s", initial_job_idx + i, results[i].error)
     positions = sorted(configs)
     folders = dict(zip(positions, _separate_result_folders([configs[i] for i in positions], sweep_dir)))
+    parents = _nest_under_sweep_runs([configs[i] for i in positions], sweep_dir)
     state = Singleton.get_state()
     if positions:
         payloads = [(configs[i], launcher.hydra_context, launcher.task_function, state) for i in positions]
@@ -155,6 +173,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         write_sweep_record(done, sweep_dir, result_folders)
         compare_sweep([f for f, r in zip(result_folders, done) if f is not None and r.status == "completed"],
                       sweep_dir)
+    if parents:
+        from fedcore_adapter.tracking.parents import SWEEP_FILES, close_parents, outcome
+
+        close_parents(parents, *outcome([r.status for r in done]), [sweep_dir / name for name in SWEEP_FILES])
     return [r.value if isinstance(r.value, JobReturn) else _failed_return(job_overrides[i], r.error or "failed",
                                                                              configs.get(i))
             for i, r in enumerate(done)]
