@@ -2,14 +2,6 @@
 ``mlflow server`` on 127.0.0.1 for tracking tests (started once per session, on first use)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -109,58 +101,9 @@ def model() -> nn.Module:
     return tiny_mlp()
 
 
-# -- a real MLflow tracking server ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Runs the server in its own process group and kills the group once pytest is gone (even killed -9),
-# so no server outlives the test session; argv: pytest's pid, then the server command.
-_WATCHDOG = """
-import os, signal, subprocess, sys, time
-parent = int(sys.argv[1])
-server = subprocess.Popen(sys.argv[2:])
-while server.poll() is None and os.getppid() == parent:
-    time.sleep(0.5)
-os.killpg(0, signal.SIGKILL)
-"""
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on 127.0.0.1:<free port>, SQLite backend, artifacts in a temporary folder; yields its URI.
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts in a temporary folder); yields its URI."""
+    from tests.servers import mlflow_server as serve
 
-    Ready once a real API call answers (polled); killed with its process group at the end.
-    """
-    import requests
-
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner worker pool
-    env.pop("MLFLOW_TRACKING_URI", None)
-    server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-              "--workers", "1"]
-    log_file = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *server], stdout=log_file,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the watchdog, the server and its uvicorn worker; nothing to save
-        proc.wait()
-        log_file.close()
+    yield from serve(tmp_path_factory.mktemp("mlflow_server"))

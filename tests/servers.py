@@ -1,8 +1,12 @@
-"""Real servers for the tests, started as processes on 127.0.0.1 and always stopped: a Dask scheduler with workers."""
+"""Real servers for the tests, started as processes on 127.0.0.1 and always stopped: a Dask scheduler with
+workers, an MLflow tracking server."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,3 +66,58 @@ def dask_scheduler(home: Path, workers: int = 2) -> Iterator[tuple[str, Callable
         stop(procs[1:])
         stop(procs[:1])
         assert all(proc.poll() is not None for proc in procs)
+
+
+# -- MLflow -------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Runs the server in its own process group and kills the group once pytest is gone (even killed -9),
+# so no server outlives the test session; argv: pytest's pid, then the server command.
+_WATCHDOG = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+while server.poll() is None and os.getppid() == parent:
+    time.sleep(0.5)
+os.killpg(0, signal.SIGKILL)
+"""
+
+
+def mlflow_server(root: Path) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1:<free port>, SQLite backend, artifacts in a temporary folder; yields its URI.
+
+    Ready once a real API call answers (polled); killed with its process group at the end.
+    """
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner worker pool
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+              "--workers", "1"]
+    log_file = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *server], stdout=log_file,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the watchdog, the server and its uvicorn worker; nothing to save
+        proc.wait()
+        log_file.close()
