@@ -119,3 +119,17 @@ def test_a_dask_launcher_sweep_is_the_parent_of_its_setup_runs(mlflow_server, tm
     assert sweep.info.status == "FINISHED" and sweep.data.metrics["completed"] == 2
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
     assert {"sweep.json", "comparison.md", "comparison.csv"} <= artifacts  # the sweep's table, on its run
+
+
+def test_an_unreachable_store_leaves_the_sweep_runs_unnested_with_a_warning_per_experiment(caplog):
+    from tests.servers import free_port
+    from fedcore_adapter.tracking.parents import open_parents
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfgs = [{"tracking": {"name": "mlflow", "uri": uri, "http_timeout_s": 1, "http_retries": 0}, "model_name": m}
+            for m in ("a", "a", "b")] + [{"tracking": {"name": "none"}}]
+    with caplog.at_level("WARNING", logger="fedcore_adapter"):
+        assert open_parents(cfgs, name="sweep x") == []
+    assert not any(c["tracking"].get("parent_run_id") for c in cfgs)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all(uri in w and "without a parent" in w for w in warnings)  # one per experiment
