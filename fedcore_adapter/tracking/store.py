@@ -113,9 +113,12 @@ def experiment_tags() -> dict[str, str]:
 
 
 def headline_view() -> dict:
-    """MLflow UI state of the runs table: the setup runs' headline metrics as columns, newest first."""
-    return {"selectedColumns": [f"metrics.`{name}`" for name in HEADLINE_COLUMNS] + ["attributes.`Source`"],
-            "orderByKey": "attributes.start_time", "orderByAsc": False}
+    """MLflow UI state of the runs table: the setup runs' headline metrics as columns, newest first, the run
+    names wide enough to read (MLflow's column ids)."""
+    metrics = [f"metrics.`{name}`" for name in HEADLINE_COLUMNS]
+    return {"selectedColumns": metrics, "orderByKey": "attributes.start_time", "orderByAsc": False,
+            "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", "duration", *metrics],
+            "columnWidths": {"attributes.`Run Name`": 400, **{column: 125 for column in metrics}}}
 
 
 def headline_url(server: str, experiment_id: str) -> str:
