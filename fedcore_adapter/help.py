@@ -22,7 +22,7 @@ COMMANDS = {  # one line each; a command added to cli.SUBCOMMANDS without a line
     "search": "search the chain's settings (Optuna) and report the Pareto front",
 }
 HYDRA_COMMANDS = {"train": "entrypoints/train.py", "fit-target": "entrypoints/fit_target.py",
-                  "inference": "entrypoints/inference.py"}  # Hydra apps: their help is their module docstring
+                  "inference": "entrypoints/inference.py", "search": "search/cli.py"}  # Hydra apps: help = docstring
 DOCSTRING_COMMANDS = {"sweep": "distributed/sweep.py"}  # help = the module docstring, read without importing it
 OVERRIDES = [
     ("setup=composite_1", "a named setup (case-insensitive) or a path to your setup .yaml"),
