@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--goal", type=float, default=0.25, help="falor: fraction of the Linear params removed")
     parser.add_argument("--falor-cache", type=Path, help="folder keeping the falor model between runs")
+    parser.add_argument("--no-falor", action="store_true", help="leave out the composite (falor) variants")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -183,8 +184,12 @@ def main() -> None:
     seconds["OpenVINO by hand"] = time.perf_counter() - start
     built["OpenVINO int8 (by hand)"] = (lambda t: ov_session(ov_path, t),
                                         (ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size) / 2**20)
-    falor, seconds["falor node"] = falor_model(model, dm, args.goal, args.falor_cache)
-    for label, base in (("", model), ("falor + ", falor)):
+    bases = [("", model)]
+    if not args.no_falor:
+        falor, seconds["falor node"] = falor_model(model, dm, args.goal, args.falor_cache)
+        bases.append(("falor + ", falor))
+        built["falor torch fp32"] = (lambda t: falor, state_mb(falor))
+    for label, base in bases:
         for runtime in ("onnxruntime", "openvino"):
             start = time.perf_counter()
             folder = deploy(base, dm, runtime, tmp / f"{label.strip(' +')}{runtime}")
@@ -192,7 +197,6 @@ def main() -> None:
             runner = load_artifact(folder)
             built[f"{label}deploy {runtime}"] = (lambda t, f=folder: load_artifact(f, threads=t),
                                                  runner.artifact_bytes() / 2**20)
-    built["falor torch fp32"] = (lambda t: falor, state_mb(falor))
 
     reference = sentence_embeddings(model, dm.test_dataloader())
     quality = {}
