@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--raw-epochs", type=int, default=30)
-    parser.add_argument("--prune", type=float, default=0.5)
+    parser.add_argument("--prune", type=float, default=0.5, help="0: leave out the pruned variants")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--json", type=Path)
@@ -124,14 +124,18 @@ def main() -> None:
     ov_path = ov_by_hand(fp32, calibration, tmp)
     built["OpenVINO int8 (by hand)"] = (lambda t: ov_session(ov_path, t),
                                         ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size)
-    start = time.perf_counter()
-    prune_node = {"kind": "pruning", "pruning_ratio": args.prune, "pruning_iterations": 3, "epochs": 5,
-                  "learning_rate": 1e-3, "importance": "MagnitudeImportance", "importance_norm": 1,
-                  "finetune_params": {"epochs": 20, "progress": False}}
-    pruned = run_nodes([prune_node], fp32, dm, tmp / "pruned", args.seed)
-    seconds["pruning node"] = time.perf_counter() - start
-    built["pruned torch fp32"] = (lambda t: pruned.model, (pruned.output_dir / "final" / "state.pt").stat().st_size)
-    for label, base in (("", fp32), ("pruned + ", pruned.model)):
+    bases = [("", fp32)]
+    if args.prune > 0:
+        start = time.perf_counter()
+        prune_node = {"kind": "pruning", "pruning_ratio": args.prune, "pruning_iterations": 3, "epochs": 5,
+                      "learning_rate": 1e-3, "importance": "MagnitudeImportance", "importance_norm": 1,
+                      "finetune_params": {"epochs": 20, "progress": False}}
+        pruned = run_nodes([prune_node], fp32, dm, tmp / "pruned", args.seed)
+        seconds["pruning node"] = time.perf_counter() - start
+        built["pruned torch fp32"] = (lambda t: pruned.model,
+                                      (pruned.output_dir / "final" / "state.pt").stat().st_size)
+        bases.append(("pruned + ", pruned.model))
+    for label, base in bases:
         for runtime in ("onnxruntime", "openvino"):
             node = {"kind": "deploy", "runtime": runtime, "quantize": "static"}
             result = run_nodes([node], base, dm, tmp / f"{label.strip(' +')}{runtime}", args.seed)

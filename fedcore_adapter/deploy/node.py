@@ -29,6 +29,14 @@ def _build_options(config: DeployConfig) -> dict[str, Any]:
     return {}
 
 
+def _real_tokens(output: torch.Tensor, inputs: Any) -> torch.Tensor:
+    """Token outputs at the real tokens only (``attention_mask`` 1): padded positions carry no meaning."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and output.dim() >= 2 and output.shape[:2] == mask.shape:
+        return output[mask.bool()]
+    return output
+
+
 @register_node(DeployConfig)
 def apply_deploy(model: nn.Module, config: DeployConfig, ctx: NodeContext) -> nn.Module:
     """The runtime's int8 (or fp32) model of ``model``, as a runner; the artifact lands in the node folder."""
@@ -61,8 +69,9 @@ def apply_deploy(model: nn.Module, config: DeployConfig, ctx: NodeContext) -> nn
     runner = runtime.load(files[0], threads, model, weight_dtype)
     with torch.inference_mode():
         expected = primary_output(call_model(model, inputs))
-        error = relative_error(call_model(runner, inputs), expected)
+        error = relative_error(_real_tokens(call_model(runner, inputs), inputs), _real_tokens(expected, inputs))
     if not error <= config.tolerance:
+        shutil.rmtree(folder, ignore_errors=True)
         raise NodeError(ctx.node_label, f"the reloaded {config.runtime} model disagrees with the torch model: relative "
                                         f"output error {error:.3g} > tolerance {config.tolerance}")
     write_info(folder, {"runtime": config.runtime, "artifact": files[0].name, "files": [f.name for f in files],

@@ -80,3 +80,14 @@ def test_the_node_checkpoint_keeps_the_float_model_it_exported(tmp_path, cnn):
     restored = load_model(result.output_dir / "final", MNIST1DCNN())
     x = next(iter(dm.test_dataloader()))[0]
     assert torch.equal(restored(x), model(x))
+
+
+def test_the_agreement_check_reads_the_real_tokens_only():
+    from fedcore_adapter.deploy.node import _real_tokens
+
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(_real_tokens(hidden, {"attention_mask": mask}), hidden[mask.bool()])  # 3 tokens x 2
+    logits = torch.randn(2, 5)
+    assert _real_tokens(logits, {"attention_mask": mask}) is logits  # not token outputs: all of it
+    assert _real_tokens(hidden, hidden) is hidden  # no mask
