@@ -85,14 +85,13 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
 
 def load_state_file(model: Any, path: Path, option: str = "pretrained") -> Any:
     """Load a state-dict file (``weights_only``) into ``model``, or into ``model.seq_encoder`` when it fits that."""
-    import torch  # building is imported where torch is not (the Dask launching side plans runs with it)
+    from .checkpoint import load_tensors  # torch: building is imported where torch is not (Dask launching side)
+    from .errors import FedcoreError
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - e.g. a pickled module, refused for safety
-        reason = " ".join(str(err).split())[:160]
-        raise ConfigError(f"{option}={str(path)!r} is not a state-dict file ({type(err).__name__}: {reason}); "
-                          f"pickled modules are never loaded: save model.state_dict() or pass a checkpoint folder")
+        state = load_tensors(path)
+    except FedcoreError as err:  # e.g. a pickled module, refused for safety
+        raise ConfigError(f"{option}={err}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ConfigError(f"{option}={str(path)!r} holds a {type(state).__name__}, not a state dict")

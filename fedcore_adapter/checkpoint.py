@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from collections import OrderedDict
@@ -108,11 +109,31 @@ def checkpoint_bytes(directory: Path | str) -> int:
     return (Path(directory) / STATE_FILE).stat().st_size
 
 
+def load_tensors(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a file holding pickled objects is refused in one line that says
+    how to make a safe one (never torch's hint to load it unsafely)."""
+    import pickle
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*[Ss]parse")  # "sparse CSR support is in beta"
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|(invalid load key, [^.]*)", str(err))
+        what = f" (it needs {found.group(1)})" if found and found.group(1) else ""
+        raise FedcoreError(f"{path} is not a safe checkpoint: it holds pickled Python objects{what}, which are never "
+                           f"loaded; save tensors only, e.g. torch.save(model.state_dict(), path), or pass a "
+                           f"checkpoint or results folder written by fedcore_adapter") from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" in str(err) or "zip archive" in str(err):
+            raise FedcoreError(f"{path} is not a torch checkpoint (torch.load cannot read it); pass a state-dict "
+                               f"file written by torch.save or a fedcore_adapter checkpoint folder") from None
+        raise
+
+
 def load_state(directory: Path | str, map_location: str | torch.device = "cpu") -> dict:
     """The saved tensors (sparse ones made dense, in their recorded shapes), loaded with ``weights_only=True``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*[Ss]parse")  # "sparse CSR support is in beta"
-        state = torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+    state = load_tensors(Path(directory) / STATE_FILE, map_location)
     manifest_path = Path(directory) / MANIFEST_FILE
     shapes = json.loads(manifest_path.read_text()).get("sparse_shapes", {}) if manifest_path.is_file() else {}
     out: dict = OrderedDict()

@@ -36,18 +36,34 @@ def _task(cfg) -> Optional[float]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     choices = HydraConfig.get().runtime.choices
     label = plain.get("model_name") or choices.get("model")
+    plain["output_dir"] = job_output_dir(plain.get("output_dir"))
     try:
         result = run_from_config(plain, model_label=label)
-    except (FedcoreError, FileNotFoundError, ImportError) as err:
+    except Exception as err:  # noqa: BLE001 - every failure is one line (debug=true: the traceback)
         if plain.get("debug"):
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        message = one_line(err)
+        if not isinstance(err, (FedcoreError, FileNotFoundError, ImportError)):
+            message = f"{type(err).__name__}: {message} (debug=true shows the traceback)"
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     note_results_folder(result.output_dir)
     print(summary_table(result.metrics))
     print(f"results: {result.output_dir}")
     last = result.metrics[-1]
     return last.get("accuracy") if isinstance(last.get("accuracy"), float) else None
+
+
+def job_output_dir(output_dir: Optional[str]) -> str:
+    """A multirun job writes into its own job folder (``<sweep dir>/<job number>``) under any launcher, so
+    that no two jobs of a sweep share a results folder and ``compare <sweep dir>`` finds them all."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.runtime.output_dir:
+        return str(hydra_cfg.runtime.output_dir)
+    return output_dir or "composition_results"
 
 
 def show_job_config(argv: list[str]) -> int:
@@ -126,12 +142,31 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """Ctrl-C and SIGTERM end every command the same way: one line on stderr, exit status 130 / 143."""
+    from .signals import exit_status, sigterm_interrupts
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if _print_help(argv):
         return
-    if argv and argv[0] in SUBCOMMANDS:
-        return _run_subcommand(SUBCOMMANDS[argv[0]], argv[1:])
-    run_app(argv)
+    try:
+        with sigterm_interrupts():
+            _set_resume_command(argv)
+            if argv and argv[0] in SUBCOMMANDS:
+                return _run_subcommand(SUBCOMMANDS[argv[0]], argv[1:])
+            run_app(argv)
+    except KeyboardInterrupt as err:
+        text = " ".join(str(err).split()) or "interrupted"
+        print(text if text.startswith("interrupted") else f"interrupted: {text}", file=sys.stderr)
+        sys.exit(exit_status(err))
+
+
+def _set_resume_command(argv: list[str]) -> None:
+    import shlex
+
+    from .signals import RESUME_COMMAND
+
+    kept = [a for a in argv if not a.lstrip("+").startswith("resume=")]
+    RESUME_COMMAND.set(shlex.join(["fedcore-adapter", *kept, "resume=true"]))
 
 
 def _print_help(argv: list[str]) -> bool:

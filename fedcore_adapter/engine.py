@@ -11,10 +11,12 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
+import threading
 import time
+import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,12 +27,13 @@ from .checkpoint import (applied_transforms, checkpoint_bytes, link_or_copy_tree
                          read_manifest, save_checkpoint, write_json)
 from .context import NodeContext, SequentialExecutor
 from .data import make_loader, provides, resolve_device, runtime_device
-from .errors import DataError, FedcoreError
+from .errors import DataError, FedcoreError, RunError
 from .hooks import Hook, HookList, RunInfo
 from .losses import find_loss
 from .metrics import measure
+from .placement import Heartbeat, finish, now_iso, place
 from .registry import get_node
-from .results import PARTIAL_SUFFIX, finalize_folder, read_json, run_folder_name, write_metrics, write_text
+from .results import read_json, run_folder_name, write_metrics, write_text
 from .schema import Setup
 from .structure import transform_record
 
@@ -46,8 +49,7 @@ class RunResult:
     status: str = "completed"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+_now = now_iso
 
 
 def seed_everything(seed: int) -> None:
@@ -66,10 +68,15 @@ def _check_datamodule(datamodule: Any) -> None:
     if not provides(datamodule, "train_dataloader"):
         raise DataError(f"data module {name} has no train_dataloader(); it must provide train_dataloader(), "
                         f"val_dataloader() and optionally test_dataloader()")
-    if callable(getattr(datamodule, "prepare_data", None)):
-        datamodule.prepare_data()
-    if callable(getattr(datamodule, "setup", None)):
-        datamodule.setup("fit")
+    for step, call in (("prepare_data()", lambda: datamodule.prepare_data()), ("setup('fit')", lambda: datamodule.setup("fit"))):
+        if callable(getattr(datamodule, step.split("(")[0], None)):
+            try:
+                call()
+            except FedcoreError:
+                raise
+            except Exception as err:  # noqa: BLE001 - user code: one line, the original as __cause__
+                raise RunError(f"data module {name}: {step} failed: {_cause(err)}; fix the data module "
+                               f"(debug=true shows the traceback)") from err
 
 
 def _loaders(datamodule: Any) -> tuple[Any, Any, Any]:
@@ -90,12 +97,11 @@ def _to_yaml(data: dict) -> str:
 class _Run:
     """One execution of a setup: the state the engine loop carries between nodes."""
 
-    def __init__(self, setup: Setup, datamodule: Any, *, loss: Any, conf_loss: Any, root: Path,
-                 model_name: Optional[str], hooks: Sequence[Hook], executor: Any, config: Optional[dict]):
+    def __init__(self, setup: Setup, datamodule: Any, *, loss: Any, conf_loss: Any, model_name: Optional[str],
+                 hooks: Sequence[Hook], executor: Any, config: Optional[dict]):
         self.setup = setup
         self.common = setup.common
-        self.final_dir = root / run_folder_name(setup.name, model_name)
-        self.dir = self.final_dir.with_name(self.final_dir.name + PARTIAL_SUFFIX)
+        self.name = run_folder_name(setup.name, model_name)
         _check_datamodule(datamodule)
         self.datamodule = datamodule
         self.device = resolve_device(self.common.device)
@@ -105,13 +111,19 @@ class _Run:
         self.config = config if config is not None else {"setup": setup.to_dict()}
         self.rows: list[dict] = []
         self.transforms: list[dict] = []
-        self.info = RunInfo(setup=setup, output_dir=self.dir, run_name=self.final_dir.name, config=self.config)
         self.run_json: dict = {}
+        self.current_work: Optional[Path] = None
+        self._json_lock = threading.Lock()
+
+    def use_folder(self, final: Path, partial: Path) -> None:
+        self.final_dir, self.dir = final, partial
+        self.info = RunInfo(setup=self.setup, output_dir=self.dir, run_name=final.name, config=self.config)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def write_run_json(self, **fields: Any) -> None:
-        self.run_json.update(fields, state=self.info.state)
-        write_json(self.dir / "run.json", self.run_json)
+        with self._json_lock:
+            self.run_json.update(fields, state=self.info.state, heartbeat_at=_now())
+            write_json(self.dir / "run.json", self.run_json)
 
     def node_dir(self, row_index: int, kind: str) -> Path:
         return self.dir / "nodes" / f"{row_index}_{kind}"
@@ -129,6 +141,7 @@ class _Run:
 
     def context(self, index: int, label: str, teacher: nn.Module, loss_fn, pending: list[dict]) -> NodeContext:
         node_dir = self.node_dir(index + 1, self.setup.nodes[index].kind)
+        self.current_work = node_dir.with_name(f".{node_dir.name}.work")
 
         def save_intermediate(model: nn.Module, tag: str) -> None:
             save_checkpoint(model, node_dir.parent / f"{node_dir.name}.{tag}", self.transforms + pending)
@@ -136,12 +149,26 @@ class _Run:
         train, val, test = _loaders(self.datamodule)
         return NodeContext(
             train_loader=train, val_loader=val, test_loader=test,
-            loss_fn=loss_fn, device=self.device, teacher=teacher, output_dir=node_dir.with_name(f".{node_dir.name}.work"),
+            loss_fn=loss_fn, device=self.device, teacher=teacher, output_dir=self.current_work,
             common=self.common, node_index=index, node_label=label, executor=self.executor,
             logger=lambda metrics, step=None: self.hooks.on_log(self.info, index, self.setup.nodes[index], metrics, step),
             structure_recorder=lambda name, data: pending.append(transform_record(name, data)),
             checkpointer=save_intermediate,
         )
+
+    def where(self, index: Optional[int]) -> str:
+        return f"node {index}:{self.setup.nodes[index].label}" if index is not None else "node input (measuring the input model)"
+
+    def resume_hint(self, index: Optional[int]) -> str:
+        node = f"node {index} ({self.setup.nodes[index].kind})" if index is not None else "the input model"
+        return f"results so far in {self.dir}; after fixing, rerun with resume=true to continue from {node}"
+
+    def remove_partial_work(self) -> None:
+        """A node's unfinished files (``.<i>_<kind>.work``, half-written ``.tmp`` checkpoints) go."""
+        nodes = self.dir / "nodes"
+        for path in nodes.iterdir() if nodes.is_dir() else ():
+            if path.name.startswith(".") and path.name.endswith((".work", ".tmp")):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, conf_loss: Any = None,
@@ -150,37 +177,50 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
     """Run a resolved ``setup`` on ``model`` and ``datamodule``; see the package README for the results layout.
 
     The input ``model`` is never modified: the chain works on a copy. Callers build the run with
-    ``building.build_run`` (which resolves and validates the setup once).
+    ``building.build_run`` (which resolves and validates the setup once). The run gets its own folder
+    (``placement``): a finished or live run's folder is never replaced. A failure of user code, data,
+    model or the file system is raised as :class:`~.errors.RunError` naming the node (the original as
+    ``__cause__``); an interrupt (Ctrl-C, SIGTERM) as :class:`~.signals.RunInterrupted` with the resume hint.
     """
+    from .signals import sigterm_interrupts
+
     if not isinstance(setup, Setup):
         raise TypeError(f"engine.run takes a Setup (got {type(setup).__name__}); building.resolve_setup makes one")
-    r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, root=Path(output_dir), model_name=model_name,
-             hooks=hooks, executor=executor, config=config)
+    r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, model_name=model_name, hooks=hooks,
+             executor=executor, config=config)
     loss_fn = find_loss(model, loss, conf_loss)
     r.transforms = applied_transforms(model)  # a compressed start point (pretrained=) keeps its history
-    start_index = 0
-    if resume and r.final_dir.exists() and not r.dir.exists():
-        log.info("%s already completed; nothing to resume", r.final_dir)
-        rows = read_json(r.final_dir / "metrics.json", [])
-        return RunResult(load_model(r.final_dir / "final", copy.deepcopy(model)), rows, r.final_dir, setup)
-    if resume and r.dir.exists():
-        start_index, teacher, current = _restore(r, model)
-    else:
-        if r.dir.exists():
-            log.warning("discarding the unfinished run in %s (pass resume=true to continue it)", r.dir)
-            shutil.rmtree(r.dir)
-        (r.dir / "nodes").mkdir(parents=True)
-        teacher = copy.deepcopy(model).eval()
-        current = copy.deepcopy(model)
-        r.run_json = {"status": "running", "setup": setup.name, "run_name": r.final_dir.name,
-                      "setup_hash": _setup_hash(setup), "started_at": _now(), "finished_at": None,
-                      "completed_nodes": 0, "total_nodes": len(setup.nodes), "error": None}
-        write_text(r.dir / "config.yaml", _to_yaml(r.config))
-    r.info.resumed = start_index > 0 or resume
-    r.write_run_json(status="running")
-    r.hooks.before_run(r.info)
-    index: Optional[int] = None
+    with sigterm_interrupts():
+        placed = place(Path(output_dir), r.name, resume=resume, setup_hash=_setup_hash(setup))
+        if placed.completed is not None:
+            log.info("%s already completed; nothing to resume", placed.completed)
+            rows = read_json(placed.completed / "metrics.json", [])
+            return RunResult(load_model(placed.completed / "final", copy.deepcopy(model)), rows, placed.completed, setup)
+        r.use_folder(placed.final, placed.partial)
+        r.run_json = read_json(r.dir / "run.json", {})
+        with Heartbeat(lambda: r.write_run_json()):
+            return _execute(r, model, loss_fn, resumed=placed.resume)
+
+
+def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool) -> RunResult:
+    setup = r.setup
+    start_index, index = 0, None
+    if resumed:
+        try:
+            start_index, teacher, current = _restore(r, model)
+        except BaseException:
+            write_json(r.dir / "run.json", {**r.run_json, "status": r.run_json.get("previous_status") or "failed"})
+            raise
     try:
+        if not resumed:
+            teacher = copy.deepcopy(model).eval()
+            current = copy.deepcopy(model)
+            r.run_json.update({"setup": setup.name, "finished_at": None, "completed_nodes": 0,
+                               "total_nodes": len(setup.nodes), "error": None})
+            write_text(r.dir / "config.yaml", _to_yaml(r.config))
+        r.info.resumed = start_index > 0 or resumed
+        r.write_run_json(status="running")
+        r.hooks.before_run(r.info)
         if start_index == 0 and not r.rows:
             checkpoint = save_checkpoint(current, r.node_dir(0, "input"), r.transforms, {"node": "input"})
             r.rows.append({"node_index": 0, "node": "input", "kind": "input", **r.measure_row(current, checkpoint, loss_fn)})
@@ -188,26 +228,98 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
             r.hooks.after_measure_input(r.info, r.rows[0], checkpoint)
         for index in range(start_index, len(setup.nodes)):
             current = _run_node(r, index, current, teacher, loss_fn)
+        link_or_copy_tree(r.node_dir(len(setup.nodes), setup.nodes[-1].kind), r.dir / "final")
+        r.write_run_json(status="completed", finished_at=_now())
+    except KeyboardInterrupt as err:
+        raise _interrupted(r, index, err) from None
     except BaseException as err:
-        node = setup.nodes[index] if index is not None else None
-        r.write_run_json(status="failed", finished_at=_now(), error=f"{type(err).__name__}: {err}")
-        r.hooks.on_error(r.info, index, node, err)
-        r.write_run_json()  # keep what hooks learned by now in the state (e.g. a tracking run id, for resume)
-        if isinstance(err, FedcoreError) and index is not None:
-            _add_resume_hint(err, r, index)
-        raise
-    link_or_copy_tree(r.node_dir(len(setup.nodes), setup.nodes[-1].kind), r.dir / "final")
-    r.write_run_json(status="completed", finished_at=_now())
-    finalize_folder(r.dir, r.final_dir)
-    r.info.output_dir = r.final_dir
-    result = RunResult(current, r.rows, r.final_dir, setup)
+        raise _failed(r, index, err)
+    final = finish(r.dir, r.final_dir)
+    r.info.output_dir = final
+    if final != r.final_dir:
+        log.warning("%s was taken meanwhile; the results are in %s", r.final_dir, final)
+    result = RunResult(current, r.rows, final, setup)
     r.hooks.after_run(r.info, result)
     return result
 
 
-def _add_resume_hint(err: FedcoreError, r: _Run, index: int) -> None:
-    err.args = (f"{err.args[0] if err.args else err}  [results so far in {r.dir}; after fixing, rerun with "
-                f"resume=true to continue from node {index} ({r.setup.nodes[index].kind})]",)
+def _cause(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# What to do, for causes users meet most (matched on the original message); the default: the generic advice.
+_ADVICE = [
+    (r"num_samples should be a positive integer", "a data loader's dataset is empty; give the data module data "
+                                                   "for every split the run uses"),
+    (r"batch_size should be a positive integer", "batch_size must be 1 or more"),
+    (r"(size|shape|dimension)s? .*(match|must|mismatch|expected)|mat1 and mat2|Expected input batch_size|"
+     r"target .*(expected|out of bounds|size)|multi-target|out of bounds", "the model's outputs and the targets do not fit the loss: check the "
+                                               "model's output size, the targets' shape and dtype, and loss._target_"),
+    (r"No space left|Read-only file system|Permission denied|Disk quota", "free space or choose a writable output_dir"),
+]
+
+
+def _advice(err: BaseException) -> str:
+    text = str(err)
+    for pattern, advice in _ADVICE:
+        if re.search(pattern, text, flags=re.IGNORECASE):
+            return advice
+    return "fix the model, data or setup it names"
+
+
+def _failed(r: _Run, index: Optional[int], err: BaseException) -> BaseException:
+    """Record the failure (run.json ``failed``, hooks) and return the error to raise: FedcoreErrors keep their
+    class with the resume hint; other exceptions become a RunError naming the node (original as ``__cause__``)."""
+    node = r.setup.nodes[index] if index is not None else None
+    if isinstance(err, FedcoreError):
+        message = str(err.args[0] if err.args else err)
+        out: BaseException = err
+    elif isinstance(err, Exception):
+        message = f"{r.where(index)} failed: {_cause(err)}; {_advice(err)} (debug=true shows the traceback)"
+        out = RunError(message, node=r.where(index))
+        out.__cause__, out.__suppress_context__ = err, True
+    else:  # SystemExit, GeneratorExit...: not ours to rephrase
+        message, out = _cause(err), err
+    r.remove_partial_work()
+    try:
+        r.write_run_json(status="failed", finished_at=_now(), error=message,
+                         traceback="".join(traceback.format_exception(err)))
+    except OSError as write_err:  # the file system may be what failed
+        log.warning("could not mark %s failed: %s", r.dir, write_err)
+    r.hooks.on_error(r.info, index, node, err)
+    try:
+        r.write_run_json()  # keep what hooks learned by now in the state (e.g. a tracking run id, for resume)
+    except OSError:
+        pass
+    if isinstance(out, FedcoreError):
+        out.args = (f"{message}  [{r.resume_hint(index)}]",)
+    return out
+
+
+def _interrupted(r: _Run, index: Optional[int], err: KeyboardInterrupt) -> BaseException:
+    """Clean up after Ctrl-C / SIGTERM: partial work removed, run.json ``interrupted``, hooks told; the one line."""
+    from .signals import RESUME_COMMAND, RunInterrupted, signal_of, signals_deferred
+
+    import signal as _signal
+
+    signum = signal_of(err)
+    node = r.setup.nodes[index] if index is not None else None
+    command = RESUME_COMMAND.get() or "rerun with resume=true (run_setup(..., resume=True) / fedcore_fit(..., resume=True))"
+    message = (f"interrupted by {_signal.Signals(signum).name} during {r.where(index)}; results so far in {r.dir}; "
+               f"resume with: {command}")
+    with signals_deferred():
+        r.remove_partial_work()
+        try:
+            r.write_run_json(status="interrupted", finished_at=_now(), error=message, resume_command=command)
+        except OSError as write_err:
+            log.warning("could not mark %s interrupted: %s", r.dir, write_err)
+        r.hooks.on_interrupt(r.info, index, node, signum)
+        try:
+            r.write_run_json()
+        except OSError:
+            pass
+    return RunInterrupted(message, signum)
 
 
 def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn) -> nn.Module:
@@ -244,11 +356,11 @@ def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn
 
 def _restore(r: _Run, model: nn.Module) -> tuple[int, nn.Module, nn.Module]:
     """Continue an interrupted run: reload its rows, teacher and the last finished node's model."""
-    r.run_json = read_json(r.dir / "run.json", {})
     if r.run_json.get("setup_hash") != _setup_hash(r.setup):
         raise FedcoreError(f"cannot resume {r.dir}: the setup differs from the interrupted run's; "
                            f"run without resume=true to start over")
     r.info.state = r.run_json.get("state", {})
+    r.run_json["resumed_at"] = _now()
     done = int(r.run_json.get("completed_nodes", 0))
     r.rows = [row for row in read_json(r.dir / "metrics.json", []) if row["node_index"] <= done]
     teacher = load_model(r.node_dir(0, "input"), copy.deepcopy(model)) if (r.node_dir(0, "input")).exists() \

@@ -30,3 +30,11 @@ class NodeError(FedcoreError, RuntimeError):
 
 class DataError(FedcoreError):
     """A data module or batch does not follow the expected protocol."""
+
+
+class RunError(FedcoreError, RuntimeError):
+    """User code, data, model or the file system failed during a run (the original error is ``__cause__``)."""
+
+    def __init__(self, message: str, node: str = ""):
+        super().__init__(message)
+        self.node = node

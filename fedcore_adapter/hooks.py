@@ -33,6 +33,8 @@ class Hook:
     def after_measure_input(self, run: RunInfo, row: dict, checkpoint: Path) -> None: ...
     def after_run(self, run: RunInfo, result: Any) -> None: ...
     def on_error(self, run: RunInfo, index: Optional[int], node: Any, error: BaseException) -> None: ...
+    def on_interrupt(self, run: RunInfo, index: Optional[int], node: Any, signum: int) -> None:
+        """Ctrl-C or SIGTERM stopped the run (``signum``); end what is open as killed, quickly."""
 
 
 class HookList(Hook):
@@ -55,3 +57,4 @@ class HookList(Hook):
     def after_measure_input(self, *a): self._call("after_measure_input", *a)
     def after_run(self, *a): self._call("after_run", *a)
     def on_error(self, *a): self._call("on_error", *a)
+    def on_interrupt(self, *a): self._call("on_interrupt", *a)

@@ -4,7 +4,8 @@
 ``metrics.json``, ``metrics.csv``, ``nodes/<i>_<kind>/`` checkpoints and
 ``final/``. While a run is under way (or after it failed) the folder is
 ``<name>.partial``; it is renamed when the run completes, so a folder without
-that suffix is always complete.
+that suffix is always complete. Which name a run gets, and who owns a folder, is
+``placement``'s job.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import csv
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -103,13 +103,3 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
-
-
-def finalize_folder(partial: Path, final: Path) -> None:
-    """Replace ``final`` by the completed ``partial`` folder (the old one is removed only after)."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,11 @@
 """Importable targets for CLI tests (``model._target_=tests.helpers...``)."""
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from tests.conftest import TinyDataModule, tiny_mlp
 
 
@@ -6,8 +13,43 @@ def build_tiny_mlp():
     return tiny_mlp()
 
 
-def build_tiny_data():
-    return TinyDataModule()
+def build_tiny_data(batch_size: int = 16, n_train: int = 96):
+    return TinyDataModule(batch_size=batch_size, n_train=n_train)
+
+
+class SlowTinyData(TinyDataModule):
+    """Training batches that take ``$FEDCORE_TEST_BATCH_SLEEP`` seconds each (default 0.2): a run that lasts."""
+
+    def train_dataloader(self):
+        delay = float(os.environ.get("FEDCORE_TEST_BATCH_SLEEP", "0.2"))
+
+        def slow(batch):
+            time.sleep(delay)
+            return torch.utils.data.default_collate(batch)
+
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, collate_fn=slow,
+                          generator=torch.Generator().manual_seed(0))
+
+
+class BrokenForward(nn.Module):
+    """A model whose forward raises (user code failing mid-run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        raise ValueError("this model's forward is broken on purpose")
+
+
+class WrongTargetsData(TinyDataModule):
+    """Targets of shape [N, 5] for a 3-class model."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("train", "val", "test"):
+            x, _ = getattr(self, name).tensors
+            setattr(self, name, TensorDataset(x, torch.rand(len(x), 5)))
 
 
 class NoTrainLoaderDataModule:

@@ -75,15 +75,17 @@ def test_pretrained_encoder_weights_load_into_seq_encoder_and_pickles_are_refuse
                          "pretrained": str(tmp_path / "encoder.pt")})
     torch.testing.assert_close(model.seq_encoder.state_dict(), source.seq_encoder.state_dict())
     assert not torch.equal(model.head[0].weight, source.head[0].weight)
-    with pytest.raises(ConfigError, match=r"pickled.pt' is not a state-dict file .*pickled modules are never loaded"):
+    with pytest.raises(ConfigError, match=r"pickled.pt is not a safe checkpoint: it holds pickled Python objects .*"
+                                          r"never loaded; save tensors only"):
         build_model(seed=42, cfg={"model": {"_target_": "fedcore_adapter.zoo.sequences.SeqGRUClassifier"},
                      "pretrained": str(tmp_path / "pickled.pt")})
 
 
 def test_a_pickled_module_given_as_pretrained_is_refused_on_the_cli_route_too(tmp_path):
     torch.save(tiny_mlp(), tmp_path / "pickled.pt")
-    with pytest.raises(ConfigError, match=r"pretrained='.*pickled.pt' is not a state-dict file"):
+    with pytest.raises(ConfigError, match=r"^pretrained=.*pickled.pt is not a safe checkpoint") as err:
         run_from_config({**TINY, "output_dir": str(tmp_path), "pretrained": str(tmp_path / "pickled.pt")})
+    assert "weights_only" not in str(err.value)  # never torch's hint to load it unsafely
 
 
 def _run_cli_route(tmp_path):

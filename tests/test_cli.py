@@ -84,10 +84,29 @@ def test_setups_subcommand_lists_names_and_chains(tmp_path):
 def test_multirun_with_the_basic_launcher_runs_each_value_and_ends_with_the_comparison(tmp_path):
     proc = cli("-m", *FAST, "output_dir=out", "model_name=a,b", "hydra.sweep.dir=out/sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "out" / "RAW_a" / "run.json").exists() and (tmp_path / "out" / "RAW_b" / "run.json").exists()
-    table = (tmp_path / "out" / "sweep" / "comparison.md").read_text()
-    assert "RAW_a" in table and "RAW_b" in table and (tmp_path / "out" / "sweep" / "comparison.csv").exists()
-    assert table.split("\n\n", 1)[1].strip() in proc.stdout  # printed as well
+    sweep = tmp_path / "out" / "sweep"
+    assert (sweep / "0" / "RAW_a" / "run.json").exists() and (sweep / "1" / "RAW_b" / "run.json").exists()
+    table = (sweep / "comparison.md").read_text()
+    assert "RAW_a" in table and "RAW_b" in table and (sweep / "comparison.csv").exists()
+    assert table.split("
+
+", 1)[1].strip() in proc.stdout  # printed as well
+
+
+def test_the_readme_seed_sweep_keeps_every_job_and_compare_finds_them_all(tmp_path):
+    """``-m setup=raw common.seed=0,1``: two jobs, one setup and model; neither replaces the other."""
+    proc = cli("-m", *FAST, "output_dir=out", "setup=raw", "common.seed=0,1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    [sweep] = (tmp_path / "out" / "sweeps").iterdir()
+    seeds = [yaml.safe_load((sweep / job / "RAW" / "config.yaml").read_text())["setup_resolved"]["common"]["seed"]
+             for job in ("0", "1")]
+    assert seeds == [0, 1]
+    compare = cli("compare", str(sweep), "--out", "cmp", cwd=tmp_path)
+    assert compare.returncode == 0, compare.stderr
+    import csv
+
+    rows = [r for r in csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()) if r["status"] == "completed"]
+    assert sorted(Path(r["source"]).parent.name for r in rows) == ["0", "1"]
 
 
 def test_a_quick_named_setup_runs_every_node_for_one_epoch_on_two_batches(tmp_path):

@@ -22,7 +22,8 @@ from tests.conftest import TinyDataModule
 
 @pytest.fixture(scope="module")
 def client():
-    with open_client({"name": "local", "n_workers": 1, "threads_per_worker": 2}) as c:
+    # plain TCP (security=false): some tests reach this scheduler by address, without its credentials
+    with open_client({"name": "local", "n_workers": 1, "threads_per_worker": 2, "security": False}) as c:
         yield c
 
 
@@ -109,6 +110,22 @@ def test_security_true_runs_the_local_cluster_over_temporary_tls_and_tls_setting
         assert str(err.value) == (f"cluster.address = {c.scheduler.address!r}: a TLS scheduler needs TLS settings; "
                                   f"give cluster.security.tls_ca_file, tls_client_cert and tls_client_key (or "
                                   f"Dask's distributed.comm.tls configuration)")
+
+
+def test_the_local_cluster_refuses_a_client_without_its_credentials_by_default():
+    """cluster=local: temporary TLS unless security=false; another local process cannot run code in it."""
+    from distributed import Client
+    from distributed.security import Security
+
+    with open_client({"name": "local", "n_workers": 1}) as c:
+        address = c.scheduler.address
+        assert address.startswith("tls://127.0.0.1:") and c.submit(abs, -2, pure=False).result() == 2
+        for intruder in (Security.temporary(), None):  # credentials of its own / none at all (plain TCP)
+            with pytest.raises((OSError, TimeoutError)):
+                Client(address if intruder else address.replace("tls://", "tcp://"), security=intruder, timeout=3,
+                       set_as_default=False)
+    with open_client({"name": "local", "n_workers": 1, "security": False}) as plain:
+        assert plain.scheduler.address.startswith("tcp://127.0.0.1:")
 
 
 def test_map_on_the_cluster_returns_the_sequential_results_in_input_order(client):

@@ -98,3 +98,83 @@ def test_a_worker_killed_while_its_run_is_under_way_has_the_run_redone_elsewhere
         assert len(list(markers.iterdir())) == 2  # the killed run started, then ran again in the survivor
     finally:
         start_worker("w3")  # back to two workers for any later test
+
+
+TWO_NODES = """\
+name: TWO
+common: {latency_repeats: 2, latency_warmup: 1}
+nodes:
+  - {kind: training, epochs: 1, progress: false}
+  - {kind: training, epochs: 8, progress: false}
+"""
+
+
+def _wait_for(condition, timeout_s: float = 180, what: str = "") -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _completed_nodes(run_json: Path) -> int:
+    try:
+        return json.loads(run_json.read_text()).get("completed_nodes", 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_a_run_lost_with_its_worker_resumes_from_its_last_finished_node_on_a_shared_folder(scheduler, tmp_path):
+    address, start_worker, workers = scheduler
+    (tmp_path / "two.yaml").write_text(TWO_NODES)
+    cfg = {**TINY, "setup": str(tmp_path / "two.yaml"), "nodes": {}, "output_dir": str(tmp_path / "out"),
+           "data": {"_target_": "tests.helpers.SlowTinyData"}}  # 0.2 s a training batch
+    results = []
+    sweep = threading.Thread(target=lambda: results.extend(
+        run_many([cfg], {"address": address}, sweep_dir=tmp_path / "sweep", heartbeat_s=2)), daemon=True)
+    sweep.start()
+    run_json = tmp_path / "out" / "TWO.partial" / "run.json"
+    try:
+        _wait_for(lambda: _completed_nodes(run_json) == 1, what="the first node")
+        first = json.loads(run_json.read_text())
+        finished_node = tmp_path / "out" / "TWO.partial" / "nodes" / "1_training" / "state.pt"
+        stamp = finished_node.stat().st_mtime_ns
+        victim = next(w for w in workers if w.pid == first["pid"])  # the run's owner is its worker process
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        sweep.join(timeout=240)
+        assert not sweep.is_alive() and [r.status for r in results] == ["completed"], [r.error for r in results]
+        folder = Path(results[0].value["output_dir"])
+        run = json.loads((folder / "run.json").read_text())
+        assert folder == tmp_path / "out" / "TWO" and run["status"] == "completed" and run["completed_nodes"] == 2
+        assert run["attempt"] == 2 and run["pid"] != first["pid"] and run["resumed_at"]
+        assert (folder / "nodes" / "1_training" / "state.pt").stat().st_mtime_ns == stamp  # node 1 was not redone
+    finally:
+        workers.remove(victim)
+        workers.append(start_worker("w-resume"))
+
+
+def test_a_sweep_whose_last_worker_dies_fails_after_a_bounded_wait_with_one_line(scheduler, tmp_path, caplog):
+    address, start_worker, workers = scheduler
+    cfg = {**TINY, "output_dir": str(tmp_path / "out"), "nodes": {"0": {"epochs": 50, "progress": False}},
+           "data": {"_target_": "tests.helpers.SlowTinyData"}}  # 0.2 s a training batch
+    results = []
+    sweep = threading.Thread(target=lambda: results.extend(
+        run_many([cfg], {"address": address, "no_worker_timeout": 5}, sweep_dir=tmp_path / "sweep", heartbeat_s=30)),
+        daemon=True)
+    sweep.start()
+    try:
+        _wait_for(lambda: (tmp_path / "out" / "RAW.partial" / "run.json").exists(), what="the run to start")
+        for worker in list(workers):
+            worker.kill()
+            worker.wait(timeout=30)
+            workers.remove(worker)
+        sweep.join(timeout=90)  # 5 s without a worker, not the 30 s heartbeat, nor forever
+        assert not sweep.is_alive(), "the sweep kept waiting with no worker"
+        [result] = results
+        assert result.status == "failed" and result.error.startswith("no live Dask worker for 5 s, so the unfinished "
+                                                                     "runs failed; start workers with `dask worker ")
+        assert any(r.levelname == "ERROR" and r.getMessage() == result.error for r in caplog.records)
+    finally:
+        workers.extend([start_worker("w-again-1"), start_worker("w-again-2")])
+        with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
+            pass

@@ -39,6 +39,10 @@ class TorchThreads(WorkerPlugin):
 
 
 def _security(cfg: ClusterConfig) -> Optional[Security]:
+    """TLS settings: a cluster started here uses temporary credentials unless ``security=false``, so that no
+    other process on the machine can connect to it; a running scheduler gets the user's ``Security`` settings."""
+    if cfg.security is None and cfg.mode == "local":
+        return Security.temporary()
     if cfg.security is None or cfg.security is False:
         return None
     if cfg.security is True:
@@ -153,6 +157,7 @@ def open_client(spec: Any) -> Iterator[Client]:
             stack.callback(cluster.close)
             client = Client(cluster, set_as_default=False, timeout=cfg.timeout)
         stack.callback(client.close)
+        client.fedcore_no_worker_timeout = cfg.no_worker_timeout  # read by fanout.run_tasks
         _wait_for_workers(client, cfg)
         client.register_plugin(TorchThreads(cfg.torch_threads), name=PLUGIN_NAME)
         log.info("dask: %s", describe_client(client))

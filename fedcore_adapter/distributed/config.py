@@ -19,7 +19,8 @@ from ..schema import validation_message
 
 Mode = Literal["local", "address", "manager"]
 # Keys this module reads itself; with ``_target_`` every other key is an argument of the manager class.
-_OWN_KEYS = {"name", "address", "_target_", "timeout", "allowed_failures", "torch_threads", "wait_for_workers"}
+_OWN_KEYS = {"name", "address", "_target_", "timeout", "allowed_failures", "torch_threads", "wait_for_workers",
+             "no_worker_timeout"}
 _LOCAL_KEYS = {"n_workers", "threads_per_worker", "memory_limit", "dashboard_address", "security"}
 
 
@@ -35,10 +36,12 @@ class ClusterConfig(BaseModel):
     threads_per_worker: int = Field(1, ge=1, description="local: Dask threads per worker process")
     memory_limit: Union[str, float, int, None] = Field("auto", description="local: memory limit per worker")
     dashboard_address: Optional[str] = Field(None, description="local: e.g. ':8787' (served on 127.0.0.1); null: off")
-    security: Union[bool, dict, None] = Field(None, description="true: temporary TLS (local); a mapping: "
-                                                                 "distributed.Security(**mapping)")
+    security: Union[bool, dict, None] = Field(None, description="local: temporary TLS unless false (null: the "
+                                                                 "default, TLS); a mapping: distributed.Security(**mapping)")
     timeout: float = Field(10.0, gt=0, description="seconds to reach the scheduler and see a worker")
     wait_for_workers: int = Field(1, ge=0, description="workers to wait for before submitting")
+    no_worker_timeout: float = Field(120.0, gt=0, description="seconds runs wait with no live worker before they "
+                                                                "fail (the cluster lost its workers)")
     allowed_failures: int = Field(3, ge=0, description="local scheduler: worker deaths a task survives (retries)")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads in each worker (default: its Dask threads)")
 

@@ -2,7 +2,9 @@
 
 A task that fails for its own reason (a bad override...) is an outcome with its one-line error, never
 an exception that stops the others. A worker process that dies mid-task is Dask's business: the
-scheduler gives the task to another worker (up to ``cluster.allowed_failures`` deaths).
+scheduler gives the task to another worker (up to ``cluster.allowed_failures`` deaths), and the run
+resumes there from its last finished node when the results folder is shared. A cluster left with no live
+worker for ``cluster.no_worker_timeout`` seconds fails the unfinished runs with one line saying so.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from distributed import Client, get_worker, wait
+from distributed import Client, get_client, get_worker, wait
 
 from ..errors import FedcoreError
 
 log = logging.getLogger("fedcore_adapter.distributed")
 _RUN_LOCK = threading.Lock()  # one whole run at a time per worker process (global RNG, cwd, Hydra state)
+ATTEMPTS = "fedcore-attempts"  # scheduler metadata: task key -> attempts started
+NO_WORKER_TIMEOUT_S = 120.0
+POLL_S = 2.0
 
 
 @dataclass
@@ -80,13 +85,31 @@ def exclusive_run(cwd: Optional[str]) -> Iterator[None]:
             os.chdir(before)
 
 
+def _attempt() -> Optional[dict]:
+    """This task's key and how many times it has started (the scheduler reruns a task whose worker died)."""
+    try:
+        key = get_worker().get_current_task()
+        client = get_client()
+        n = int(client.get_metadata([ATTEMPTS, str(key)], default=0)) + 1
+        client.set_metadata([ATTEMPTS, str(key)], n)
+    except Exception:  # noqa: BLE001 - outside a worker, or the scheduler unreachable: a first attempt
+        return None
+    return {"token": str(key), "attempt": n}
+
+
 def run_task(fn: Callable[[Any], Any], payload: Any, cwd: Optional[str]) -> dict:
-    """Worker side of every fanned-out run: never raises, reports its error in one line."""
+    """Worker side of every fanned-out run: never raises, reports its error in one line.
+
+    The run knows its task's attempt (``placement.RUN_ATTEMPT``): a run whose worker died is resumed
+    from its last finished node by the next attempt when the results folder is shared."""
+    from ..placement import RUN_ATTEMPT
+
     start = time.perf_counter()
     try:
         worker = get_worker().address
     except ValueError:
         worker = None
+    attempt = RUN_ATTEMPT.set(_attempt())
     with exclusive_run(cwd):
         tail, saved = _TailWriter(sys.stderr), sys.stderr
         sys.stderr = tail
@@ -99,6 +122,7 @@ def run_task(fn: Callable[[Any], Any], payload: Any, cwd: Optional[str]) -> dict
             value, status, error = None, "failed", one_line(err)
         finally:
             sys.stderr = saved
+            RUN_ATTEMPT.reset(attempt)
     return {"status": status, "value": value, "error": error, "worker": worker, "wall_s": time.perf_counter() - start}
 
 
@@ -154,6 +178,31 @@ def run_slots(client: Client) -> int:
         return 1
 
 
+class _WorkerWatch:
+    """Notices a cluster left with no live worker; after ``timeout`` seconds of that, says so in one line."""
+
+    def __init__(self, client: Client, timeout: float):
+        self.client, self.timeout = client, timeout
+        self.since: Optional[float] = None
+
+    def check(self) -> Optional[str]:
+        try:
+            alive = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+        except Exception:  # noqa: BLE001 - the scheduler itself unreachable counts as no worker
+            alive = 0
+        if alive:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("no live Dask worker; waiting up to %g s for one (cluster.no_worker_timeout)", self.timeout)
+        if time.monotonic() - self.since < self.timeout:
+            return None
+        address = getattr(self.client.scheduler, "address", "the scheduler")
+        return (f"no live Dask worker for {self.timeout:g} s, so the unfinished runs failed; start workers with "
+                f"`dask worker {address}` and run them again (finished runs keep their results)")
+
+
 def run_tasks(client: Client, fn: Callable[[Any], Any], payloads: Sequence[Any], labels: Sequence[str], *,
               indices: Optional[Sequence[int]] = None, cwd: Optional[str] = None, heartbeat_s: float = 30.0,
               error_of: Optional[Callable[[Any], Optional[str]]] = None,
@@ -185,16 +234,31 @@ def run_tasks(client: Client, fn: Callable[[Any], Any], payloads: Sequence[Any],
             future = client.submit(run_task, fn, payloads[i], cwd, key=f"fedcore-run-{numbers[i]}-{tag}", pure=False)
             progress.in_flight[future.key], position[future.key] = future, i
 
+    no_worker_timeout = float(getattr(client, "fedcore_no_worker_timeout", NO_WORKER_TIMEOUT_S))
+    watch = _WorkerWatch(client, no_worker_timeout)
+    last_beat = time.monotonic()
     try:
         top_up()
         log.info("submitted %d run(s): %s", len(payloads), progress.counts())
         while progress.in_flight:
             try:
                 with client.as_current():
-                    finished = wait(list(progress.in_flight.values()), timeout=heartbeat_s,
+                    finished = wait(list(progress.in_flight.values()), timeout=min(heartbeat_s, POLL_S),
                                     return_when="FIRST_COMPLETED").done
             except TimeoutError:
-                log.info("[%s] still working", progress.counts())
+                lost = watch.check()
+                if lost:
+                    log.error("%s", lost)
+                    for future in list(progress.in_flight.values()) + [None] * len(waiting):
+                        i = position[future.key] if future is not None else waiting.popleft()
+                        results[i] = TaskResult(numbers[i], labels[i], "failed", error=lost)
+                        progress.failed += 1
+                    client.cancel(list(progress.in_flight.values()))
+                    progress.in_flight.clear()
+                    break
+                if time.monotonic() - last_beat >= heartbeat_s:
+                    last_beat = time.monotonic()
+                    log.info("[%s] still working", progress.counts())
                 continue
             for future in sorted(finished, key=lambda f: position[f.key]):
                 i = position[future.key]

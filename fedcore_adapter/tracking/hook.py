@@ -32,6 +32,7 @@ from .records import (StepCounter, default_run_name, flatten, git_commit, headli
 
 log = logging.getLogger("fedcore_adapter")
 PLOT_FILE = "metrics_by_node.png"
+INTERRUPT_FLUSH_S = 10.0
 MODEL_README = """# Final model of this run (fedcore_adapter checkpoint format)
 
 `state.pt` holds the tensors (load with `weights_only=True`), `manifest.json` the structural
@@ -138,9 +139,19 @@ class MlflowHook(Hook):
         self._flush(run)
 
     def on_error(self, run: RunInfo, index: Optional[int], node: Any, error: BaseException) -> None:
-        self._remember_parent(run)
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
-        reason = {"fedcore.error": short(f"{type(error).__name__}: {error}")}
+        self._end(run, index, status, short(f"{type(error).__name__}: {error}"), self.config.flush_timeout_s)
+
+    def on_interrupt(self, run: RunInfo, index: Optional[int], node: Any, signum: int) -> None:
+        import signal
+
+        # Ended KILLED; what is not sent within a few seconds stays in the journal (sent by the next run or resume).
+        self._end(run, index, "killed", f"interrupted by {signal.Signals(signum).name}",
+                  min(self.config.flush_timeout_s, INTERRUPT_FLUSH_S))
+
+    def _end(self, run: RunInfo, index: Optional[int], status: str, reason_text: str, flush_timeout_s: float) -> None:
+        self._remember_parent(run)
+        reason = {"fedcore.error": reason_text}
         key = self._keys.get(index) if index is not None else None
         if key is not None and key not in self._closed:
             self._submit({"op": "tags", "key": key, "tags": reason})
@@ -148,7 +159,7 @@ class MlflowHook(Hook):
         self._submit({"op": "tags", "key": "parent", "tags": reason})
         self._log_results_files()
         self._close("parent", status)
-        self._flush(run)
+        self._flush(run, flush_timeout_s)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _submit(self, record: dict) -> None:
@@ -179,10 +190,10 @@ class MlflowHook(Hook):
         except (OSError, ValueError, KeyError):
             pass
 
-    def _flush(self, run: RunInfo) -> None:
+    def _flush(self, run: RunInfo, timeout_s: Optional[float] = None) -> None:
         """Wait for the logger process (at most ``flush_timeout_s``), then note the parent run id."""
         if self.sink is not None:
-            self.sink.close(self.config.flush_timeout_s)
+            self.sink.close(self.config.flush_timeout_s if timeout_s is None else timeout_s)
             self._remember_parent(run)
             links = self.links()
             if links:

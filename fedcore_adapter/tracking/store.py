@@ -200,6 +200,8 @@ class Replayer:
     def _open_parent(self, record: dict) -> None:
         previous = self.ids.get("parent") or record.get("run_id")
         if previous and self._alive(previous):
+            if record.get("run_id") == previous:  # a resume: the interrupted attempt's open node runs end KILLED
+                self._end_orphans(previous)
             self.client.update_run(previous, status="RUNNING")
             self._tags({"key": "parent", "tags": record["tags"]}, run_id=previous)
             self.ids["parent"] = previous
@@ -208,6 +210,13 @@ class Replayer:
         run = self.client.create_run(self.experiment_id, start_time=record.get("time"), tags=record["tags"],
                                      run_name=name)
         self.ids["parent"] = run.info.run_id
+
+    def _end_orphans(self, parent_id: str) -> None:
+        orphans = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' "
+                                                                 f"and attributes.status = 'RUNNING'")
+        for child in orphans:
+            self.client.set_tag(child.info.run_id, "fedcore.status", "killed")
+            self.client.set_terminated(child.info.run_id, status="KILLED")
 
     def _open_child(self, record: dict) -> None:
         tags = {**record["tags"], "mlflow.parentRunId": self._run_id({"key": "parent"}), "fedcore.key": record["key"]}

@@ -2,7 +2,7 @@
 
 Jobs are composed on the launching side (a composition error fails that job only), sent with Hydra's
 global state, and run on a worker by Hydra's own ``run_job`` (in the launching folder when it exists
-there). For fedcore_adapter jobs, runs that would share a results folder get their own job folder, and
+there). Each fedcore_adapter job writes its results into its own job folder, and
 when all jobs have finished the sweep folder gets ``sweep.json`` and the comparison table and plot.
 """
 from __future__ import annotations
@@ -93,15 +93,20 @@ def _job_dir(config: DictConfig, sweep_dir: Path) -> Path:
 
 
 def _separate_result_folders(configs: list[DictConfig], sweep_dir: Path) -> list[Optional[Path]]:
-    from fedcore_adapter.distributed.runs import separate_folders
+    """Every fedcore_adapter job writes into its own job folder (``<sweep dir>/<job number>``), as under
+    Hydra's basic launcher (``fedcore_adapter.cli.job_output_dir``); returns every job's results folder."""
+    from fedcore_adapter.distributed.runs import planned_folder
 
-    plains = [_plain(c) or {} for c in configs]
-    before = [p.get("output_dir") for p in plains]
-    folders = separate_folders(plains, [_job_dir(c, sweep_dir) for c in configs])
-    for config, plain, old in zip(configs, plains, before):
-        if plain.get("output_dir") != old:
+    folders: list[Optional[Path]] = []
+    for config in configs:
+        plain = _plain(config)
+        folder = planned_folder(plain) if plain is not None else None
+        if folder is not None:
+            job_dir = _job_dir(config, sweep_dir)
             with open_dict(config):
-                config.output_dir = plain["output_dir"]
+                config.output_dir = str(job_dir)
+            folder = job_dir / folder.name
+        folders.append(folder)
     return folders
 
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def scheduler_address():
     """A local cluster the suites' jobs run on, reached by address (each job: one Dask task)."""
-    with open_client({"name": "local", "n_workers": 2, "threads_per_worker": 1}) as client:
+    # plain TCP (security=false): the jobs' processes reach it by address, without its credentials
+    with open_client({"name": "local", "n_workers": 2, "threads_per_worker": 1, "security": False}) as client:
         yield client.scheduler.address
 
 
@@ -99,12 +100,14 @@ def test_a_fedcore_multirun_on_dask_completes_every_good_job_and_reports_the_bad
     assert lines[-2:] == ["nodes[0] (training).learning_rate = -1: Input should be greater than 0",
                           "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."], lines[-6:]
     assert "Traceback" not in proc.stderr
-    for name in ("RAW_a", "RAW_b"):
-        assert json.loads((tmp_path / "out" / name / "run.json").read_text())["status"] == "completed"
     sweep = next((tmp_path / "out" / "sweeps").iterdir())
+    for job, name in (("0", "RAW_a"), ("1", "RAW_b")):  # every job in its own job folder
+        assert json.loads((sweep / job / name / "run.json").read_text())["status"] == "completed"
     record = json.loads((sweep / "sweep.json").read_text())
+    where = str(sweep.relative_to(tmp_path))
     assert [(r["label"], r["status"], r["output_dir"]) for r in record] == [
-        ("setup=raw model_name=a", "completed", "out/RAW_a"), ("setup=raw model_name=b", "completed", "out/RAW_b"),
+        ("setup=raw model_name=a", "completed", f"{where}/0/RAW_a"),
+        ("setup=raw model_name=b", "completed", f"{where}/1/RAW_b"),
         ("setup=bad.yaml model_name=a", "failed", None), ("setup=bad.yaml model_name=b", "failed", None)]
     table = (sweep / "comparison.csv").read_text()
     assert "RAW_a" in table and "RAW_b" in table and "BAD" not in table
