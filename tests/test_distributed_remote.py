@@ -116,6 +116,20 @@ def _wait_for(condition, timeout_s: float = 180, what: str = "") -> None:
         time.sleep(0.1)
 
 
+def _kill_workers(address: str, only: int = 0) -> None:
+    """SIGKILL the scheduler's workers (or the one with pid ``only``); returns once they are gone."""
+    import psutil
+
+    with open_client({"address": address, "wait_for_workers": 0}) as client:
+        pids = [pid for pid in client.run(os.getpid).values() if not only or pid == only]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        _wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                  timeout_s=30, what=f"worker {pid} to die")
+
+
 def _completed_nodes(run_json: Path) -> int:
     try:
         return json.loads(run_json.read_text()).get("completed_nodes", 0)
@@ -138,9 +152,7 @@ def test_a_run_lost_with_its_worker_resumes_from_its_last_finished_node_on_a_sha
         first = json.loads(run_json.read_text())
         finished_node = tmp_path / "out" / "TWO.partial" / "nodes" / "1_training" / "state.pt"
         stamp = finished_node.stat().st_mtime_ns
-        victim = next(w for w in workers if w.pid == first["pid"])  # the run's owner is its worker process
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait(timeout=30) == -signal.SIGKILL
+        _kill_workers(address, only=first["pid"])  # the run's owner is its worker process
         sweep.join(timeout=240)
         assert not sweep.is_alive() and [r.status for r in results] == ["completed"], [r.error for r in results]
         folder = Path(results[0].value["output_dir"])
@@ -149,8 +161,9 @@ def test_a_run_lost_with_its_worker_resumes_from_its_last_finished_node_on_a_sha
         assert run["attempt"] == 2 and run["pid"] != first["pid"] and run["resumed_at"]
         assert (folder / "nodes" / "1_training" / "state.pt").stat().st_mtime_ns == stamp  # node 1 was not redone
     finally:
-        workers.remove(victim)
-        workers.append(start_worker("w-resume"))
+        start_worker("w-resume")
+        with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
+            pass  # two live workers again before any later test
 
 
 def test_a_sweep_whose_last_worker_dies_fails_after_a_bounded_wait_with_one_line(scheduler, tmp_path, caplog):
@@ -161,13 +174,12 @@ def test_a_sweep_whose_last_worker_dies_fails_after_a_bounded_wait_with_one_line
     sweep = threading.Thread(target=lambda: results.extend(
         run_many([cfg], {"address": address, "no_worker_timeout": 5}, sweep_dir=tmp_path / "sweep", heartbeat_s=30)),
         daemon=True)
+    with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
+        pass  # every worker started so far has joined: none joins after the kill
     sweep.start()
     try:
         _wait_for(lambda: (tmp_path / "out" / "RAW.partial" / "run.json").exists(), what="the run to start")
-        for worker in list(workers):
-            worker.kill()
-            worker.wait(timeout=30)
-            workers.remove(worker)
+        _kill_workers(address)
         sweep.join(timeout=90)  # 5 s without a worker, not the 30 s heartbeat, nor forever
         assert not sweep.is_alive(), "the sweep kept waiting with no worker"
         [result] = results
@@ -175,6 +187,6 @@ def test_a_sweep_whose_last_worker_dies_fails_after_a_bounded_wait_with_one_line
                                                                      "runs failed; start workers with `dask worker ")
         assert any(r.levelname == "ERROR" and r.getMessage() == result.error for r in caplog.records)
     finally:
-        workers.extend([start_worker("w-again-1"), start_worker("w-again-2")])
+        start_worker("w-again-1"), start_worker("w-again-2")
         with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
             pass

@@ -134,3 +134,15 @@ def test_two_cli_runs_racing_for_one_name_both_keep_their_results(tmp_path):
         pids.add(run["pid"])
     assert pids == {first.pid, second.pid}
     assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_a_rerun_task_that_cannot_see_its_lost_attempts_folder_says_it_restarted(tmp_path, dm, caplog):
+    """A Dask task run again after its worker died, on a machine where the results folder is not shared."""
+    token = placement.RUN_ATTEMPT.set({"token": "fedcore-run-0-abc", "attempt": 2})
+    try:
+        result = run_setup(tiny_setup(name="X"), tiny_mlp(), dm, output_dir=tmp_path)
+    finally:
+        placement.RUN_ATTEMPT.reset(token)
+    assert "previous attempt was lost with its worker and its results folder is not visible here" in caplog.text
+    assert "restarts from the first node" in caplog.text
+    assert json.loads((result.output_dir / "run.json").read_text())["attempt"] == 2
