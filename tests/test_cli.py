@@ -88,9 +88,7 @@ def test_multirun_with_the_basic_launcher_runs_each_value_and_ends_with_the_comp
     assert (sweep / "0" / "RAW_a" / "run.json").exists() and (sweep / "1" / "RAW_b" / "run.json").exists()
     table = (sweep / "comparison.md").read_text()
     assert "RAW_a" in table and "RAW_b" in table and (sweep / "comparison.csv").exists()
-    assert table.split("
-
-", 1)[1].strip() in proc.stdout  # printed as well
+    assert table.split("\n\n", 1)[1].strip() in proc.stdout  # printed as well
 
 
 def test_the_readme_seed_sweep_keeps_every_job_and_compare_finds_them_all(tmp_path):
