@@ -1,7 +1,7 @@
 """A ptls GRU encoder on generated transactions: RAW, PTQ_1, COMPOSITE_2 and hidden-unit pruning side by side.
 
     python -m benchmarks.ptls.end_to_end [--clients 2000] [--hidden 256] [--epochs 2] [--finetune-epochs 1]
-                                         [--limit-batches 10] [--rounds 3] [--threads 1]
+                                         [--limit-batches 10] [--rounds 3] [--threads 1] [--reuse DIR] [--setups ...]
 
 The model is a real pytorch-lifestream ``SequenceToTarget``: ``TrxEncoder`` (an mcc embedding,
 a transaction-type embedding, log amounts) -> GRU (``--hidden`` units) -> linear head, with a
@@ -21,13 +21,17 @@ logistic regression on the encoder's embeddings (5-fold cross-validated).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from fedcore_adapter import fedcore_fit
+from fedcore_adapter import fedcore_fit, load_model
 from fedcore_adapter.metrics import latency_ms
 from fedcore_adapter.zoo import lifestream
 
@@ -46,6 +50,13 @@ def setups(args) -> dict[str, tuple[object, dict]]:
         "PRUNE_0.5": ({"name": "PRUNE_0.5", "nodes": [{"kind": "pruning", "pruning_ratio": 0.5, "epochs": 0,
                                                        "finetune_params": fine}]}, {}),
     }
+
+
+def reuse(folder: Path, build) -> Optional[tuple]:
+    """``(model, metrics rows)`` of a completed run folder, the model rebuilt with ``load_model``; else None."""
+    if not (folder / "final").is_dir():
+        return None
+    return load_model(folder / "final", build()), json.loads((folder / "metrics.json").read_text())
 
 
 def downstream(model, loader) -> tuple[float, float]:
@@ -84,36 +95,47 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", help="results folder of an earlier run: its completed models are reloaded "
+                                        "(load_model onto a freshly built one), the others run")
+    parser.add_argument("--setups", nargs="*", help="run only these (default: PTQ_1 COMPOSITE_2 PRUNE_0.5)")
     args = parser.parse_args()
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     dm = lifestream.target_datamodule(num_clients=args.clients, batch_size=64, seed=args.seed)
     common = {"num_threads": args.threads, "latency_repeats": 3, "latency_warmup": 1, "save_each": -1,
               "seed": args.seed}
-    out = tempfile.mkdtemp(prefix="ptls_bench_")
-    raw = fedcore_fit(lifestream.sequence_to_target(hidden_size=args.hidden), dm, "RAW",
-                      output_folder=f"{out}/RAW",
-                      overrides={"common": common, "nodes": {"training": {"epochs": args.epochs,
-                                                                          "learning_rate": 3e-3}}},
-                      limit_train_batches=args.limit_batches)
-    results = {"RAW": raw}
+    out = args.reuse or tempfile.mkdtemp(prefix="ptls_bench_")
+    build = partial(lifestream.sequence_to_target, hidden_size=args.hidden)
+    results = {name: reloaded for name in ("RAW", *setups(args)) if (reloaded := reuse(Path(out) / name, build))}
+    if "RAW" not in results:
+        raw = fedcore_fit(build(), dm, "RAW", output_folder=f"{out}/RAW",
+                          overrides={"common": common, "nodes": {"training": {"epochs": args.epochs,
+                                                                              "learning_rate": 3e-3}}},
+                          limit_train_batches=args.limit_batches)
+        results["RAW"] = (raw.optimised_model, raw.metrics)
     failed = {}
     for name, (setup, overrides) in setups(args).items():
+        if name in results or (args.setups and name not in args.setups):
+            continue
         try:
-            results[name] = fedcore_fit(raw.optimised_model, dm, setup, output_folder=f"{out}/{name}",
-                                        overrides={"common": common, **overrides},
-                                        limit_train_batches=args.limit_batches)
+            fit = fedcore_fit(results["RAW"][0], dm, setup, output_folder=f"{out}/{name}",
+                              overrides={"common": common, **overrides}, limit_train_batches=args.limit_batches)
+            results[name] = (fit.optimised_model, fit.metrics)
         except Exception as err:  # noqa: BLE001 - reported in the table, the other setups still run
             failed[name] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    for name in setups(args):  # completed meanwhile by another process writing into --reuse
+        if name not in results and name not in failed and (reloaded := reuse(Path(out) / name, build)):
+            results[name] = reloaded
+    results = {name: results[name] for name in ("RAW", *setups(args)) if name in results}
     x, _ = next(iter(dm.test_dataloader()))
     one = lifestream.first_sequences(x, 1)
-    models = {name: r.optimised_model for name, r in results.items()}
+    models = {name: model for name, (model, _) in results.items()}
     latency = side_by_side(models, {1: one, 64: x}, args.rounds, args.threads)
     rows = []
-    for name, result in results.items():
-        row = result.metrics[-1]
-        accuracy, lr_accuracy = downstream(result.optimised_model, dm.test_dataloader())
-        rows.append({"model": name, "nodes": "+".join(r["kind"] for r in result.metrics[1:]),
+    for name, (model, metrics) in results.items():
+        row = metrics[-1]
+        accuracy, lr_accuracy = downstream(model, dm.test_dataloader())
+        rows.append({"model": name, "nodes": "+".join(r["kind"] for r in metrics[1:]),
                      "params": row["params"], "size_mb": row["size_mb"], "dtype": row["dtype"],
                      "latency_b1_ms": latency[name, 1], "latency_b64_ms": latency[name, 64],
                      "test_accuracy": accuracy, "downstream_lr_accuracy": lr_accuracy})
