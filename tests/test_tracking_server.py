@@ -132,6 +132,7 @@ def test_compare_reads_the_runs_from_the_tracking_store(tracked, tmp_path):
     final = tracked["result"].metrics[-1]
     srv = next(r for r in rows if r["setup"] == "SRV")
     assert float(srv["accuracy"]) == pytest.approx(final["accuracy"]) and int(srv["params"]) == final["params"]
+    assert (srv["runtime"], srv["batch_shape"]) == (final["runtime"], final["batch_shape"])  # text columns too
     assert [r["baseline"] for r in rows if r["setup"] == "input"] == ["input"]
 
 

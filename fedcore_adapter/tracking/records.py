@@ -122,7 +122,10 @@ def default_run_name(setup: str, model: Optional[str], seed: Any, config: Option
     return short(" \N{MIDDLE DOT} ".join(str(p) for p in parts), 250)
 
 
-def text_tags(row: Mapping[str, Any], keys: Iterable[str] = ("device", "dtype", "runtime", "batch_shape")) -> dict[str, str]:
+TEXT_COLUMNS = ("device", "dtype", "runtime", "batch_shape")  # metrics columns logged as tags (text, not numbers)
+
+
+def text_tags(row: Mapping[str, Any], keys: Iterable[str] = TEXT_COLUMNS) -> dict[str, str]:
     return {f"fedcore.{k}": str(row[k]) for k in keys if row.get(k) is not None}
 
 

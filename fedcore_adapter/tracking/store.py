@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..errors import ConfigError
 from .config import resolve_uri
+from .records import TEXT_COLUMNS
 
 COUNT_METRICS = ("params", "macs", "batch_size")
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -358,7 +359,7 @@ def fetch_runs(tracking_uri: Optional[str] = None, experiment: Optional[str] = N
                 nodes[index] = child
         rows = [_counts_as_int(r) for r in [input_row] + [
             {"node_index": i + 1, "node": c.data.tags.get("fedcore.node", ""), "kind": c.data.tags.get("fedcore.node_kind", ""),
-             **c.data.metrics, **{k: c.data.tags[f"fedcore.{k}"] for k in ("dtype", "device") if f"fedcore.{k}" in c.data.tags}}
+             **c.data.metrics, **{k: c.data.tags[f"fedcore.{k}"] for k in TEXT_COLUMNS if f"fedcore.{k}" in c.data.tags}}
             for i, c in sorted(nodes.items())]]
         summaries.append({"source": f"{client.tracking_uri}#{parent.info.run_id}", "run_id": parent.info.run_id,
                           "run_name": parent.info.run_name, "setup": tags.get("fedcore.setup", ""),
