@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..checkpoint import load_model
 from ..context import NodeContext
 from ..losses import distillation_mse, soft_target_kl, token_mask
 from ..registry import register_node
@@ -63,8 +64,6 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, targ
 def apply_distillation(model: nn.Module, config: DistillationConfig, ctx: NodeContext) -> nn.Module:
     teacher = ctx.teacher
     if config.teacher_checkpoint:
-        from ..checkpoint import load_model
-
         teacher = load_model(config.teacher_checkpoint, copy.deepcopy(ctx.teacher))
     teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():

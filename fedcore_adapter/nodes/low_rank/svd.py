@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import FactorizedLayer
+from .layers import FactorizedLayer, io_dims
 
 Tensor = torch.Tensor
 
@@ -104,8 +104,6 @@ def _bias(module: nn.Module):
 
 def build_factorized(module: nn.Module, mode: str, rank: int) -> FactorizedLayer:
     """An empty :class:`FactorizedLayer` of rank ``rank`` replacing ``module`` (same device and dtype)."""
-    from .layers import io_dims
-
     cin, cout = io_dims(module)
     plain = _plain(module)
     has_bias = _bias(module) is not None

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...errors import FedcoreError
 from ...structure import register_replay
+from .layer_pruners import pruner_for
 
 REPLAY_NAME = "pruning"
 
@@ -59,8 +60,6 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, Any]:
 def apply_op(model: nn.Module, op: dict[str, Any]) -> None:
     """Remove ``op['idxs']`` from one module (or unwrapped parameter) with torch-pruning's layer function."""
     from torch_pruning.pruner import function as tp_function
-
-    from .layer_pruners import pruner_for
 
     parent, attr, target = _resolve(model, op["module"])
     if isinstance(target, nn.Parameter):

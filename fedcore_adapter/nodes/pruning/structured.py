@@ -22,7 +22,7 @@ from ...data import call_model
 from ...errors import NodeError
 from ..toolkit import forward_hooks
 from .factors import first_factors_of
-from .history import History
+from .history import History, apply_op
 from .identity import identity_equality, plain_modules
 from .layer_pruners import FrozenPruner, has_pruner
 from .padded import floating_tensors, is_padded, traceable, traced_output, with_tensors
@@ -326,8 +326,6 @@ class GraphPruner:
     def _prune_beside(self, layer: str, units: list[int], history: History) -> None:
         """The recurrent ``layer``'s trainable initial states lose its removed hidden ``units`` (last axis), and
         its owner's size attributes follow (ptls ``RnnEncoder.hidden_size``, read as its embedding size)."""
-        from .history import apply_op
-
         for param, owner in self.states.items():
             if owner == layer:
                 op = {"module": param, "side": "out", "dim": -1, "idxs": units}

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Optional
 from torch import nn
 
 from ..toolkit import write_report
+from .export import export_program
 from .selective import Quantizer, choose_float_layers
 
 
@@ -27,6 +28,4 @@ def auto_skip_layers(ctx: Any, auto_skip: Any, quantize: Quantizer, model: nn.Mo
 def export_if_asked(quantized: nn.Module, config: Any, batches: Optional[list[Any]], ctx: Any, label: str) -> None:
     """With ``config.export``: the quantized model exported beside its checkpoint (see :mod:`.export`)."""
     if config.export:
-        from .export import export_program  # torch.export machinery: only when asked
-
         export_program(quantized, batches, ctx, label)

@@ -18,7 +18,7 @@ from ...trainer import train
 from ..toolkit import input_batches
 from .ao import calibrate, convert_model, prepare_model
 from .calibration import check_engine
-from .config import QATConfig
+from .config import PTQStaticConfig, QATConfig
 from .ptq import auto_skip_layers, export_if_asked
 from .selective import quantizable_layers, require_layers, skipped_by_patterns
 from .static import KINDS, _quantized as _static_quantized, choose_graph, static_plan
@@ -53,8 +53,6 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: NodeContext) -> nn.Modul
     if config.auto_skip is not None:  # sensitivity measured with static PTQ (fast), before training
         batches = input_batches(ctx.val_loader, config.auto_skip.batches) or [example]
         static_cfg = config.model_dump(include={"backend", "per_channel"})
-        from .config import PTQStaticConfig
-
         quantize = functools.partial(_static_quantized, config=PTQStaticConfig(**static_cfg), layers=layers,
                                      graph=graph, batches=batches)
         keep_float = auto_skip_layers(ctx, config.auto_skip, quantize, work.eval(), batches, layers, keep_float,
