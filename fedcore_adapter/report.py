@@ -54,7 +54,35 @@ def runs_from_folders(paths: Iterable[str | Path], include_partial: bool = False
         if not folder.is_dir():
             raise ConfigError(f"compare: {path!r} is not a folder (give results folders, e.g. composition_results)")
         visit(folder, 0)
-    return found
+    return _distinct_names(found)
+
+
+def _seed(folder: Path) -> Any:
+    import yaml
+
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        setup = config.get("setup_resolved") or config.get("setup")  # the CLI's config / the Python API's
+        return ((setup if isinstance(setup, dict) else {}).get("common") or {}).get("seed")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def _distinct_names(runs: list[dict]) -> list[dict]:
+    """Runs sharing a name (a sweep's seeds, reruns) are told apart: ``RAW seed=1`` when their seeds differ,
+    else ``RAW (<folder>)``."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["run_name"], []).append(run)
+    for name, same in groups.items():
+        if len(same) < 2:
+            continue
+        seeds = [_seed(Path(run["source"])) for run in same]
+        distinct = None not in seeds and len(set(seeds)) == len(seeds)
+        for run, seed in zip(same, seeds):
+            source = Path(run["source"])
+            run["run_name"] = f"{name} seed={seed}" if distinct else f"{name} ({source.parent.name}/{source.name})"
+    return runs
 
 
 # -- the table -------------------------------------------------------------------------------------------

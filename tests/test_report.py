@@ -102,3 +102,14 @@ def test_a_results_folder_reads_its_status_setup_and_rows(results):
     [run] = [r for r in runs_from_folders([results["root"] / "RAW"])]
     assert (run["setup"], run["status"], run["run_name"]) == ("RAW", "completed", "RAW")
     assert run["rows"] == json.loads((results["root"] / "RAW" / "metrics.json").read_text())
+
+
+def test_runs_of_the_same_name_are_told_apart_by_seed_else_by_folder(tmp_path):
+    setup = tiny_setup({"kind": "training", "epochs": 1, "progress": False}, name="RAW")
+    for job, seed in (("0", 0), ("1", 1)):
+        run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path / "sweep" / job,
+                  overrides={"common": {"seed": seed}})
+    assert sorted(r["run_name"] for r in runs_from_folders([tmp_path / "sweep"])) == ["RAW seed=0", "RAW seed=1"]
+    shutil.copytree(tmp_path / "sweep" / "0", tmp_path / "sweep" / "2")  # the same seed twice: the folders
+    names = sorted(r["run_name"] for r in runs_from_folders([tmp_path / "sweep"]))
+    assert names == ["RAW (0/RAW)", "RAW (1/RAW)", "RAW (2/RAW)"]
