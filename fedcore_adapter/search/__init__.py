@@ -11,6 +11,7 @@ from typing import Any
 __all__ = ["run_search", "SearchConfig", "derive_space"]
 
 
+# Lazy: `fedcore-adapter search --help` imports this package, and the driver imports torch.
 def __getattr__(name: str) -> Any:
     if name == "run_search":
         from .driver import run_search

@@ -12,12 +12,15 @@ import logging
 import sys
 from typing import Any, Optional
 
+from ..composition import run_hydra_app
+
 SEARCH_SCOPED = ("search.space.", "search.insert_templates.")
 
 
 def _task(cfg: Any) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
+    # the task's imports (torch, pydantic): `search --help` imports none of them
     from ..entrypoints.common import plain, reporting_errors
     from .driver import run_search
 
@@ -33,7 +36,5 @@ def _task(cfg: Any) -> Optional[float]:
 
 
 def main(argv: list[str]) -> None:
-    from ..composition import run_hydra_app
-
     argv = ["++" + a if a.startswith(SEARCH_SCOPED) and "=" in a else a for a in argv]
     run_hydra_app(_task, "search", argv)

@@ -20,13 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from ..building import config_setup
 from ..checkpoint import write_json
 from ..errors import ConfigError, FedcoreError
 from ..schema import Setup
+from ..setups import named_setups
+from ..tracking.config import default_experiment
+from ..tracking.search_run import SearchRun
 from .config import SearchConfig
 from .prefix import PrefixCache, identity_of, prefix_key
 from .report import plot_front, reference_points, setup_yaml, trial_row, write_csv
 from .space import SearchSpace, derive_space
+from .trial import open_storage, run_trial
 
 log = logging.getLogger("fedcore_adapter.search")
 STATE_FILE = "search.json"
@@ -58,7 +63,7 @@ class SequentialPool:
         return len(self.done)
 
     def submit(self, key: Any, payload: Any) -> None:
-        from ..distributed.fanout import one_line  # plain Python: importing it does not start Dask
+        from ..distributed.fanout import one_line  # dask (fanout imports it): not imported by a search without a cluster
 
         start = time.perf_counter()
         try:
@@ -149,8 +154,6 @@ class Search:
 
     def __init__(self, cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, loss: Any = None,
                  model_label: Optional[str] = None, setup: Optional[Setup] = None):
-        from ..building import config_setup
-
         self.cfg = copy.deepcopy(dict(cfg))
         self.scfg = SearchConfig.parse(self.cfg.get("search"))
         self.setup = setup if setup is not None else config_setup(self.cfg)
@@ -193,8 +196,6 @@ class Search:
         self.state["search"] = self.scfg.model_dump(mode="json")
         self.state["space_description"] = self.space.describe()
         self._save()
-        from .trial import open_storage
-
         storage = open_storage(self.folder / "study.journal")
         constrained = self.scfg.max_accuracy_drop is not None
         self.study = optuna.create_study(study_name=STUDY, storage=storage, directions=self.scfg.directions(),
@@ -230,9 +231,6 @@ class Search:
         tracking = dict(self.cfg.get("tracking") or {})
         if tracking.get("name", "none") == "none":
             return None
-        from ..tracking.config import default_experiment
-        from ..tracking.search_run import SearchRun
-
         experiment = tracking.get("experiment") or default_experiment(self.cfg, self.cfg.get("model_name"))
         tracker = SearchRun(tracking, experiment, self.folder.name)
         self.state["mlflow_run_id"] = tracker.start({"setup": self.setup.name, "search": self.state["search"]},
@@ -524,8 +522,6 @@ class Search:
         return " ".join(parts) + " (plus the search's model=/data= options)"
 
     def _named_runs(self) -> list[Path]:
-        from ..setups import named_setups
-
         root = Path(self.cfg.get("output_dir") or "composition_results")
         out = []
         for name in named_setups():
@@ -539,13 +535,11 @@ class Search:
 def run_search(cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, loss: Any = None,
                model_label: Optional[str] = None, setup: Optional[Setup] = None) -> SearchResult:
     """Run the search a composed config describes (``cluster``: trials on Dask, else one after another here)."""
-    from .trial import run_trial
-
     search = Search(cfg, model=model, data=data, loss=loss, model_label=model_label, setup=setup)
     cluster = dict(cfg.get("cluster") or {})
     if cluster.get("name", "none") == "none" and not cluster.get("address") and not cluster.get("_target_"):
         return search.run(lambda: SequentialPool(run_trial))
-    from ..distributed.cluster import open_client
+    from ..distributed.cluster import open_client  # dask: a search without a cluster does not import it
     from ..distributed.pool import DaskPool
 
     with open_client(cluster) as client:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping, Optional
 from pydantic import BaseModel
 
 from ..errors import ConfigError
-from ..registry import get_node
+from ..registry import get_node, known_kinds
 from ..schema import Setup
 from .config import SearchConfig
 
@@ -288,8 +288,8 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
     """Candidate chains within ``moves.depth`` moves of the setup's chain, each validated as a setup."""
     n_prefix = prefix_length(setup, scfg)
     for ref in scfg.space:
-        if not (str(ref).isdigit() or ref in _known_kinds()):
-            raise ConfigError(f"search.space.{ref}: not a node kind or a node index; kinds: {', '.join(_known_kinds())}")
+        if not (str(ref).isdigit() or ref in known_kinds()):
+            raise ConfigError(f"search.space.{ref}: not a node kind or a node index; kinds: {', '.join(known_kinds())}")
         if str(ref).isdigit() and not n_prefix <= int(ref) < len(setup.nodes):
             raise ConfigError(f"search.space.{ref}: node {ref} is not searched (nodes {n_prefix}.."
                               f"{len(setup.nodes) - 1} are; the first {n_prefix} are the shared prefix)")
@@ -338,8 +338,3 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
 def _label(chain: tuple[str, ...]) -> str:
     return ">".join(chain)
 
-
-def _known_kinds() -> list[str]:
-    from ..registry import known_kinds
-
-    return known_kinds()

@@ -12,7 +12,12 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..building import build_data, build_run, load_pretrained, resolve_setup, tracking_hooks
+from ..data import model_device
 from ..hooks import Hook
+from ..losses import find_loss
+from ..metrics import evaluate
+from ..results import PARTIAL_SUFFIX, read_json
 
 
 class TrialStopped(BaseException):
@@ -75,12 +80,6 @@ class EarlyStopHook(Hook):
 def run_trial(payload: Mapping[str, Any]) -> dict:
     """Run one trial's chain through the one run-building path; returns small facts: state (complete /
     pruned), the metrics rows, the results folder."""
-    from ..building import build_run, load_pretrained, resolve_setup, tracking_hooks
-    from ..data import model_device
-    from ..losses import find_loss
-    from ..metrics import evaluate
-    from ..results import PARTIAL_SUFFIX, read_json
-
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
     if payload.get("start"):
@@ -104,8 +103,6 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     if payload.get("reference_val"):  # the validation accuracy early stopping compares with
         data = payload.get("data")
         if data is None:
-            from ..building import build_data
-
             data = build_data(cfg)
         loader = data.val_dataloader() if callable(getattr(data, "val_dataloader", None)) else None
         if loader is not None:
