@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .fedcore_format import native_setup
 from .schema import Setup
 from .setups import apply_overrides, setup_source
+from .tracking import hook_from_config
 from .user_code import import_problem, importable_from_working_directory
 
 DEFAULT_SETUP = "RAW"
@@ -155,8 +156,6 @@ def tracking_hooks(cfg: Mapping[str, Any], model_label: Optional[str]) -> list:
     tracking = dict(cfg.get("tracking") or {})
     if tracking.get("name", "none") == "none":
         return []
-    from .tracking import hook_from_config  # mlflow is imported only when tracking is on
-
     hook = hook_from_config(tracking, dict(cfg), model_label)
     return [hook] if hook is not None else []
 
@@ -200,7 +199,7 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     if output_folder is not None:
         root, model_name, setup = placement(output_folder, setup)
     if hooks is None:
-        from .progress import RunProgress
+        from .progress import RunProgress  # torch
 
         hooks = [*tracking_hooks(cfg, model_label or cfg.get("model_name")), RunProgress()]
     config = cfg if config is None and given else config

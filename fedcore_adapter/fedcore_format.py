@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 from .errors import ConfigError
+from .registry import get_node
 
 FEDCORE_NODE_KINDS: dict[str, str] = {
     "training_model": "training",
@@ -107,8 +108,6 @@ def from_fedcore(data: dict, name: str | None = None) -> dict[str, Any]:
 
 def _fedcore_params(kind: str, params: dict) -> dict:
     """A node's parameters under FedCore's names, where its config class says how (``to_fedcore``)."""
-    from .registry import get_node  # the node families (torch) load only when a setup is converted back
-
     try:
         convert = getattr(get_node(kind).config_cls, "to_fedcore", None)
     except ConfigError:

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any, Iterable, Mapping, Optional
 
+from .data import limited
 from .hooks import Hook, RunInfo
 
 
@@ -56,8 +57,6 @@ def epoch_bar(epochs: int, label: str, show: bool = True):
 
 def batch_bar(loader: Iterable, limit: Optional[int], label: str, show: bool = True):
     """An epoch's batches (at most ``limit``); the total is ``len(loader)`` (capped) when the loader has one."""
-    from .data import limited
-
     try:
         total = len(loader)  # type: ignore[arg-type]
     except TypeError:

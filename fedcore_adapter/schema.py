@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, nearest
 from .fedcore_format import native_setup
+from .registry import get_node
 
 PositiveInt = Optional[int]
 Auto = Union[bool, Literal["auto"]]
@@ -173,8 +174,6 @@ def validation_message(prefix: str, err: ValidationError, model: Optional[type] 
 
 def validate_node(index: int, data: Any) -> NodeConfig:
     """Validate one node mapping by its ``kind``; errors name the index, field and value."""
-    from .registry import get_node
-
     if isinstance(data, NodeConfig):
         return data
     if not isinstance(data, dict) or "kind" not in data:

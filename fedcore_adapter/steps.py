@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .data import batch_size, call_model, limited, primary_output, seeded, split_batch, to_device
+from .errors import DataError
 
 LOG_PREFIXES = ("valid/", "validation/", "val/", "valid_", "val_")
 
@@ -106,8 +107,6 @@ def step_loss(model: nn.Module, inputs: Any, target: Any, loss_fn: Optional[Call
         result = model.training_step(join_batch(inputs, target), index)
     loss = result.get("loss") if isinstance(result, dict) else result
     if not isinstance(loss, torch.Tensor):
-        from .errors import DataError
-
         raise DataError(f"{type(model).__name__}.training_step returned {type(result).__name__}; "
                         f"it must return the loss tensor or a dict with 'loss'")
     return loss

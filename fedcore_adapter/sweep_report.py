@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .report import main as report_main
+
 log = logging.getLogger("fedcore_adapter")
 RESULTS_POINTER = "results_folder.txt"
 _OWN_REPORT_LAUNCHERS = ("fedcore_dask_launcher",)  # launchers that call compare_sweep themselves
@@ -23,8 +25,6 @@ _OWN_REPORT_LAUNCHERS = ("fedcore_dask_launcher",)  # launchers that call compar
 def compare_sweep(folders: Sequence[Optional[Path | str]], out: Path | str) -> bool:
     """Print the comparison of the runs in ``folders`` and write it (CSV, Markdown, plot) into ``out``.
     Never raises: every run's own results are already on disk; returns whether it was written."""
-    from .report import main as report_main  # the report imports the results module, hence torch
-
     folders = [str(f) for f in folders if f and Path(f).is_dir()]
     if not folders:
         return False

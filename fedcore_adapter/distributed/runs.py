@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ..building import DEFAULT_SETUP, run_from_config, setup_mapping, setup_overrides
 from ..errors import FedcoreError
 from ..sweep_report import compare_sweep
+from ..tracking.parents import SWEEP_FILES, close_parents, open_parents, outcome
 from .cluster import open_client
 from .fanout import TaskResult, run_tasks
 
@@ -151,7 +152,6 @@ def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, label
     indices = list(indices) if indices is not None else list(range(len(cfgs)))
     out = Path(sweep_dir) if sweep_dir else default_sweep_dir(cfgs)
     separate_folders(cfgs, [out / str(i) for i in indices])
-    from ..tracking.parents import SWEEP_FILES, close_parents, open_parents, outcome
 
     parents = open_parents(cfgs, name=f"sweep {out.name}", model_labels=model_labels, tags={"fedcore.sweep_dir": str(out)})
     payloads = [{"cfg": c, "model_label": m} for c, m in zip(cfgs, model_labels)]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import call_model, limited, split_batch, to_device
+from ..data import call_model, limited, primary_output, split_batch, to_device
 
 
 def minilm_path() -> str:
@@ -113,8 +113,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 def sentence_embeddings(model: nn.Module, loader: Any, limit_batches: Optional[int] = None,
                         device: str | torch.device = "cpu") -> torch.Tensor:
     """Mean-pooled last hidden states (the all-MiniLM-L6-v2 sentence embedding, before normalisation)."""
-    from ..data import primary_output
-
     model.eval()
     out = []
     for batch in limited(loader, limit_batches):
