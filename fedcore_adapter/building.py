@@ -11,6 +11,10 @@
 Callers: the CLI and the Hydra launchers (:func:`run_from_config`), the Python API
 (``pipeline.run_setup``, ``api.fedcore_fit``), the train / fit-target / inference commands
 (``entrypoints/``), the Dask fan-out and the ``sweep`` command (``distributed/runs``), and the search.
+
+The imports of what needs torch (engine, checkpoint, progress) and dask (the executor) sit in the
+functions that use them, marked: the CLI's setup checks and the Dask launching side import this module
+without either.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, FedcoreError
 from .fedcore_format import native_setup
 from .schema import Setup
 from .setups import apply_overrides, setup_source
@@ -87,7 +91,6 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
 def load_state_file(model: Any, path: Path, option: str = "pretrained") -> Any:
     """Load a state-dict file (``weights_only``) into ``model``, or into ``model.seq_encoder`` when it fits that."""
     from .checkpoint import load_tensors  # torch: building is imported where torch is not (Dask launching side)
-    from .errors import FedcoreError
 
     try:
         state = load_tensors(path)
