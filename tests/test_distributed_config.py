@@ -146,10 +146,12 @@ def test_the_launching_process_plans_folders_without_importing_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["o/RAW_x", "False"]
 
 
-def test_runs_that_would_share_a_results_folder_each_get_their_own_job_folder(tmp_path):
+def test_runs_sharing_a_results_root_each_get_their_own_job_folder_and_a_root_of_its_own_is_kept(tmp_path):
     cfgs = [{"setup": "raw", "output_dir": "out"}, {"setup": "raw", "output_dir": "out", "common": {"seed": 2}},
-            {"setup": "raw", "output_dir": "out", "model_name": "b"}, {"setup": "nope", "output_dir": "out"}]
-    jobs = [tmp_path / str(i) for i in range(4)]
+            {"setup": "raw", "output_dir": "out", "model_name": "b"}, {"setup": "nope", "output_dir": "out"},
+            {"setup": "raw", "output_dir": "mine"}]
+    jobs = [tmp_path / str(i) for i in range(5)]
     folders = separate_folders(cfgs, jobs)
-    assert [str(f) if f else None for f in folders] == [str(jobs[0] / "RAW"), str(jobs[1] / "RAW"), "out/RAW_b", None]
-    assert [c["output_dir"] for c in cfgs] == [str(jobs[0]), str(jobs[1]), "out", "out"]
+    assert [str(f) if f else None for f in folders] == [str(jobs[0] / "RAW"), str(jobs[1] / "RAW"),
+                                                        str(jobs[2] / "RAW_b"), None, "mine/RAW"]
+    assert [c["output_dir"] for c in cfgs] == [str(jobs[0]), str(jobs[1]), str(jobs[2]), "out", "mine"]

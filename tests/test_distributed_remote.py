@@ -59,7 +59,7 @@ def test_the_sweep_command_runs_every_combination_and_reports_bad_overrides_whil
     assert [r["label"] for r in record] == ["++nodes.0.epochs=1 ++common.seed=1", "++nodes.0.epochs=1 ++common.seed=2",
                                             "++nodes.0.epochs=-1 ++common.seed=1", "++nodes.0.epochs=-1 ++common.seed=2"]
     assert record[2]["error"] == "nodes[0] (training).epochs = -1: Input should be greater than or equal to 0"
-    for r in record[:2]:  # same setup and model: each seed in its own job folder
+    for r in record[:2]:  # every run in its own job folder
         assert Path(r["output_dir"]).parent.parent == tmp_path / sweep
         assert json.loads((Path(r["output_dir"]) / "run.json").read_text())["status"] == "completed"
     seeds = [json.loads((Path(r["output_dir"]) / "run.json").read_text()) for r in record[:2]]

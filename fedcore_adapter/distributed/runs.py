@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from ..building import DEFAULT_SETUP, run_from_config, setup_mapping, setup_overrides
+from ..building import DEFAULT_OUTPUT, DEFAULT_SETUP, run_from_config, setup_mapping, setup_overrides
 from ..errors import FedcoreError
 from ..sweep_report import compare_sweep
 from ..tracking.parents import SWEEP_FILES, close_parents, open_parents, outcome
@@ -46,7 +46,7 @@ def planned_folder(cfg: Mapping[str, Any]) -> Optional[Path]:
     if setup is None:
         return None
     name = setup.get("name") or "custom"
-    return Path(cfg.get("output_dir") or "composition_results") / run_folder_name(name, cfg.get("model_name"))
+    return Path(cfg.get("output_dir") or DEFAULT_OUTPUT) / run_folder_name(name, cfg.get("model_name"))
 
 
 def _epochs(node: Any) -> int:
@@ -80,12 +80,14 @@ def run_folder_name(setup: str, model_name: Optional[str]) -> str:
 
 
 def separate_folders(cfgs: Sequence[dict], job_dirs: Sequence[Path]) -> list[Optional[Path]]:
-    """Runs that would share a results folder (same setup and model, other seeds...) each write into their
-    own job folder instead (``output_dir`` set to ``job_dirs[i]``, in place); returns every run's folder."""
+    """Runs of a sweep that share a results root each write into their own job folder (``output_dir`` set to
+    ``job_dirs[i]``, in place), as under the Hydra launchers, so no two runs share a folder and ``compare <sweep
+    folder>`` finds them all; a run given a root of its own keeps it. Returns every run's folder (None where the
+    setup does not resolve)."""
     folders = [planned_folder(c) for c in cfgs]
-    counts = Counter(str(f) for f in folders if f is not None)
+    roots = Counter(str(Path(c.get("output_dir") or DEFAULT_OUTPUT)) for c in cfgs)
     for i, folder in enumerate(folders):
-        if folder is not None and counts[str(folder)] > 1:
+        if folder is not None and roots[str(Path(cfgs[i].get("output_dir") or DEFAULT_OUTPUT))] > 1:
             cfgs[i]["output_dir"] = str(job_dirs[i])
             folders[i] = Path(job_dirs[i]) / folder.name
     return folders
