@@ -34,8 +34,9 @@ def _folder_summary(folder: Path) -> dict:
             "status": run.get("status", "unknown"), "rows": json.loads((folder / "metrics.json").read_text())}
 
 
-def runs_from_folders(paths: Iterable[str | Path], include_partial: bool = False, depth: int = 3) -> list[dict]:
-    """Summaries of the results folders under ``paths`` (a results folder, or a folder holding some)."""
+def runs_from_folders(paths: Iterable[str | Path], include_partial: bool = False, depth: int = 4) -> list[dict]:
+    """Summaries of the results folders under ``paths`` (a results folder, or a folder holding some): ``depth``
+    reaches a sweep's runs from the output folder (``composition_results/sweeps/<time>/<job>/<name>``)."""
     from .results import PARTIAL_SUFFIX  # torch (results imports it): not imported by `compare --help`
 
     found: list[dict] = []

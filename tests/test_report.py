@@ -110,6 +110,10 @@ def test_runs_of_the_same_name_are_told_apart_by_seed_else_by_folder(tmp_path):
         run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path / "sweep" / job,
                   overrides={"common": {"seed": seed}})
     assert sorted(r["run_name"] for r in runs_from_folders([tmp_path / "sweep"])) == ["RAW seed=0", "RAW seed=1"]
+    nested = tmp_path / "composition_results" / "sweeps" / "2026-01-01_00-00-00"  # where a sweep's jobs write
+    shutil.copytree(tmp_path / "sweep", nested)
+    assert len(runs_from_folders([tmp_path / "composition_results"])) == 2  # found from the output folder too
+    shutil.rmtree(tmp_path / "composition_results")
     shutil.copytree(tmp_path / "sweep" / "0", tmp_path / "sweep" / "2")  # the same seed twice: the folders
     names = sorted(r["run_name"] for r in runs_from_folders([tmp_path / "sweep"]))
     assert names == ["RAW (0/RAW)", "RAW (1/RAW)", "RAW (2/RAW)"]
