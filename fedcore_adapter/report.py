@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import yaml
+
 from .errors import ConfigError
 from .plots import RAW_SETUP, plot_comparison
 
@@ -59,8 +61,6 @@ def runs_from_folders(paths: Iterable[str | Path], include_partial: bool = False
 
 
 def _seed(folder: Path) -> Any:
-    import yaml
-
     try:
         config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
         setup = config.get("setup_resolved") or config.get("setup")  # the CLI's config / the Python API's
