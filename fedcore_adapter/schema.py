@@ -164,7 +164,7 @@ def validation_message(prefix: str, err: ValidationError, model: Optional[type] 
     loc = ".".join(str(p) for p in first["loc"])
     value = first.get("input")
     where = f"{prefix}.{loc}" if loc else prefix
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")  # a validator's own sentence, without pydantic's label
     owner = _model_at(model, first["loc"]) if model is not None and first["type"] == "extra_forbidden" else None
     if owner is not None:
         allowed = sorted(owner.model_fields)

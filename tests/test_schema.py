@@ -137,3 +137,23 @@ def test_node_overrides_by_index_and_kind_still_apply_before_the_quick_options()
 def test_quick_options_are_validated(field, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         Setup.parse({"common": {field: value}, "nodes": [{"kind": "training"}]})
+
+
+def test_a_validators_own_message_is_the_error_without_pydantics_label():
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from fedcore_adapter.schema import validation_message
+
+    class Odd(BaseModel):
+        n: int
+
+        @field_validator("n")
+        @classmethod
+        def _odd(cls, v):
+            if v % 2 == 0:
+                raise ValueError(f"n must be odd (got {v})")
+            return v
+
+    with pytest.raises(ValidationError) as err:
+        Odd(n=2)
+    assert validation_message("odd", err.value, Odd) == "odd.n = 2: n must be odd (got 2)"

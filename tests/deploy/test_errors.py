@@ -42,7 +42,7 @@ def test_loading_an_artifact_without_the_extra_is_refused_the_same_way(tmp_path,
 
 @pytest.mark.parametrize("node, message", [
     ({"runtime": "openvino", "quantize": "dynamic"},
-     r"^nodes\[0\] \(deploy\) = .*: Value error, runtime openvino quantizes with static, none "
+     r"^nodes\[0\] \(deploy\) = .*: runtime openvino quantizes with static, none "
      r"\(got quantize='dynamic'\)$"),
     ({"runtime": "tensorrt"}, r"^nodes\[0\] \(deploy\)\.runtime = 'tensorrt': Input should be 'onnxruntime', "
                               r"'openvino' or 'torch_compile'$"),
