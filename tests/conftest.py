@@ -107,3 +107,9 @@ def mlflow_server(tmp_path_factory):
     from tests.servers import mlflow_server as serve
 
     yield from serve(tmp_path_factory.mktemp("mlflow_server"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Hydra's own launcher suites (tests/hydra_plugins) run first: they are written for a process in which no
+    Hydra app has run yet (a run before them leaves Hydra's job working-directory rule changed for their jobs)."""
+    items.sort(key=lambda item: 0 if "hydra_plugins" in item.nodeid.split("::")[0] else 1)
