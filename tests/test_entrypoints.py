@@ -207,3 +207,14 @@ def test_an_unknown_config_option_or_key_is_one_line_and_status_2(tmp_path, comm
         assert lines[0].startswith(f"error: unknown key 'modle_name' in '{override}' (did you mean model_name?); "
                                    f"the config's keys: cluster, common, data, "), proc.stderr
     assert not (tmp_path / "composition_results").exists()
+
+
+def test_the_commands_name_the_tracked_model_as_the_main_command_does():
+    from fedcore_adapter.entrypoints.common import fit_options
+
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / "seq_gru.yaml").read_text())
+    config = {"model": cfg, "data": {"_target_": "my_pkg.MyData"}, "tracking": {"name": "mlflow"}}
+    hook = fit_options(config, Path("out"))["hooks"][0]
+    assert hook.model_label == "seq_gru" and hook.config.experiment == "seq_gru on MyData"  # the option, not the class
+    named = fit_options({**config, "model_name": "mine"}, Path("out"))["hooks"][0]
+    assert named.model_label == "mine" and named.config.experiment == "mine on MyData"

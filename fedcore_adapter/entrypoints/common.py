@@ -52,10 +52,9 @@ def results_folder(cfg: Mapping[str, Any], setup_name: str) -> Path:
 
 
 def model_label(cfg: Mapping[str, Any]) -> Optional[str]:
-    if cfg.get("model_name"):
-        return cfg["model_name"]
-    target = str((cfg.get("model") or {}).get("_target_", ""))
-    return target.rsplit(".", 1)[-1] or None
+    """``model_name`` when given; else None, so that tracking names the model as the main command does (its
+    config option, e.g. ``ptls_coles``, else its ``_target_``'s name)."""
+    return cfg.get("model_name") or None
 
 
 def command_setup(cfg: Mapping[str, Any]) -> Setup:
