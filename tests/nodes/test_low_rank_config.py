@@ -91,7 +91,7 @@ def test_hydra_overrides_reach_every_method_option():
                                                     r"orthogonal_loss, rank, selection_tolerance, "
                                                     r"spectrum_pruning_strategy, thresholds$"),
     ({"method": {"name": "falor", "metric": {"name": "cosine", "kl_threshold": 0.1}}},
-     r"method.falor.metric.cosine.kl_threshold = 0.1: unknown field; allowed: name, threshold$"),
+     r"method.falor.metric.cosine.kl_threshold = 0.1: unknown field \(did you mean threshold\?\); allowed: name, threshold$"),
     ({"method": {"name": "falor", "metric": "cosine"}}, r"metric 'cosine' needs threshold"),
     ({"method": "pca"}, r"method = .*'pca'.*'svd', 'falor'"),
     ({"method": {"epochs": 3}}, r"method = .*name"),
