@@ -104,7 +104,8 @@ def command_help(name: str) -> Optional[str]:
 
 
 def _docstring(module_file: str) -> str:
-    return ast.get_docstring(ast.parse((_PACKAGE / module_file).read_text())) or ""
+    """A module's docstring as terminal text: reST's ``literal`` quotes become plain `literal` ones."""
+    return (ast.get_docstring(ast.parse((_PACKAGE / module_file).read_text())) or "").replace("``", "`")
 
 
 def wants_help(argv: list[str]) -> bool:

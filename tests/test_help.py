@@ -45,6 +45,7 @@ def test_every_command_has_its_help(tmp_path, command):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: fedcore-adapter {command}"), proc.stdout[:200]
     assert "powered by Hydra" not in proc.stdout and not (tmp_path / "composition_results").exists()
+    assert "``" not in proc.stdout  # terminal text, not the docstring's reST markup
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["setup=raw", "-h"], *[[c, "--help"] for c in SUBCOMMANDS]])
