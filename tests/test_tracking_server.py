@@ -133,6 +133,9 @@ def test_compare_reads_the_runs_from_the_tracking_store(tracked, tmp_path):
     srv = next(r for r in rows if r["setup"] == "SRV")
     assert float(srv["accuracy"]) == pytest.approx(final["accuracy"]) and int(srv["params"]) == final["params"]
     assert (srv["runtime"], srv["batch_shape"]) == (final["runtime"], final["batch_shape"])  # text columns too
+    base = next(r for r in rows if r["setup"] == "input")
+    assert (base["runtime"], base["batch_shape"]) == (tracked["result"].metrics[0]["runtime"],
+                                                      tracked["result"].metrics[0]["batch_shape"])
     assert [r["baseline"] for r in rows if r["setup"] == "input"] == ["input"]
 
 

@@ -96,6 +96,8 @@ class MlflowHook(Hook):
 
     def after_measure_input(self, run: RunInfo, row: dict, checkpoint: Path) -> None:
         self._metrics("parent", {**numeric_metrics(row), **numeric_metrics(row, prefix="input_")}, 0)
+        self._submit({"op": "tags", "key": "parent", "tags": {  # the input row's text columns (compare reads them)
+            f"fedcore.input_{k[len('fedcore.'):]}": v for k, v in text_tags(row).items()}})
 
     def before_node(self, run: RunInfo, index: int, node: Any) -> None:
         self._remember_parent(run)

@@ -351,7 +351,8 @@ def fetch_runs(tracking_uri: Optional[str] = None, experiment: Optional[str] = N
     for parent in sorted(parents, key=lambda r: r.info.start_time or 0):
         tags = parent.data.tags
         input_row = {"node_index": 0, "node": "input", "kind": "input",
-                     **{k[len("input_"):]: v for k, v in parent.data.metrics.items() if k.startswith("input_")}}
+                     **{k[len("input_"):]: v for k, v in parent.data.metrics.items() if k.startswith("input_")},
+                     **{k: tags[f"fedcore.input_{k}"] for k in TEXT_COLUMNS if f"fedcore.input_{k}" in tags}}
         nodes: dict[int, Any] = {}
         for child in sorted(children.get(parent.info.run_id, []), key=lambda r: r.info.start_time or 0):
             index = int(child.data.tags.get("fedcore.node_index", -1))
