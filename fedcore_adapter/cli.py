@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Optional
 
@@ -142,7 +143,16 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Ctrl-C and SIGTERM end every command the same way: one line on stderr, exit status 130 / 143."""
+    """Ctrl-C and SIGTERM end every command the same way: one line on stderr, exit status 130 / 143. Output piped
+    into a reader that stops early (``fedcore-adapter setups | head -1``) ends quietly."""
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(1)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     from .signals import exit_status, sigterm_interrupts
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -55,3 +55,13 @@ def test_help_imports_neither_torch_nor_mlflow_nor_dask(tmp_path, argv):
     proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv", [["setups"], ["--help"], ["sweep", "--help"]])
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(argv):
+    script = Path(sys.executable).with_name("fedcore-adapter")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fedcore_adapter"]
+    proc = subprocess.Popen([*command, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # `| head -0`: the reader is gone before anything is written
+    assert proc.stderr.read() == b"" and proc.wait(timeout=120) == 1
