@@ -17,17 +17,26 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+import torch
 from torch import nn
 
 from .building import build_run, resolve_setup
+from .checkpoint import load_model
+from .data import first_batch, limited, model_device, runtime_device
 from .data import provides  # noqa: F401 - part of the adapter's surface (entry points use it)
-from .errors import ConfigError, DataError
+from .deploy import load_artifact
+from .errors import ConfigError, DataError, FedcoreError
+from .losses import instantiate_loss
+from .metrics import measure
+from .results import summary_table
+from .search.driver import run_search
 from .fedcore_format import is_fedcore_format, to_fedcore
 from .setups import setup_source
 
@@ -95,8 +104,6 @@ def extract_loss(model: nn.Module, conf: Optional[Mapping] = None) -> Optional[L
     if spec is None:
         return None
     spec = _plain(spec)
-    from .losses import instantiate_loss
-
     return LossFactory(lambda: instantiate_loss(spec), f"conf.loss={spec!r}")
 
 
@@ -147,8 +154,6 @@ class FedcoreFitResult:
 
     def summary(self) -> str:
         """The metrics table, each value with its ratio to the input model."""
-        from .results import summary_table
-
         return summary_table(self.metrics)
 
 
@@ -267,16 +272,9 @@ def eval_computational_metrics(model: nn.Module, dataloader: Any, save_path: str
     ``model`` may also be the path of an exported artifact (``model.onnx``, ``model.xml``, ``model.pt2``,
     or a deploy node's folder): it is measured in its runtime, sized by its files.
     """
-    import torch
-
-    from .data import first_batch, limited, model_device, runtime_device
-    from .metrics import measure
-
     if not isinstance(n_batches, int) or n_batches < 1:
         raise ConfigError(f"eval_computational_metrics: n_batches={n_batches!r} must be a positive int")
     if isinstance(model, (str, Path)):
-        from .deploy import load_artifact
-
         model = load_artifact(model, num_threads)
     target = runtime_device(model, torch.device(device) if device else model_device(model))
     model.to(target)
@@ -297,12 +295,6 @@ def eval_computational_metrics(model: nn.Module, dataloader: Any, save_path: str
 def _evolve(model: nn.Module, dm: Any, setup: Any, loss: Any, options: dict, notes: list[str]):
     """``need_evo_opt=True``: search from the setup's chain (its initial assumption); the best trial under the
     constraint (the first objective's best on the front) is the optimised model."""
-    import json
-
-    from .checkpoint import load_model
-    from .errors import FedcoreError
-    from .search.driver import run_search
-
     cfg = dict(options.get("config") or {})
     cfg["search"] = {**(cfg.get("search") or {}), **(options.get("search") or {})}
     folder = options.get("output_folder")

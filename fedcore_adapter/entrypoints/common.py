@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional
 from ..building import DEFAULT_SETUP, resolve_setup, setup_overrides, tracking_hooks
 from ..composition import one_line
 from ..errors import ConfigError, FedcoreError
+from ..results import run_folder_name
 from ..schema import Setup
 
 log = logging.getLogger("fedcore_adapter")
@@ -46,8 +47,6 @@ def plain(cfg: Any, resolve: bool = True) -> dict:
 
 def results_folder(cfg: Mapping[str, Any], setup_name: str) -> Path:
     """``{output_dir}/{setup_name}[_{model_name}]``: where a command's results go."""
-    from ..results import run_folder_name
-
     return Path(cfg.get("output_dir") or "composition_results") / run_folder_name(setup_name, cfg.get("model_name"))
 
 

@@ -14,14 +14,23 @@ module's ``inference.split``; its outputs go to ``inference.output`` as
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..errors import ConfigError, DataError
+import pandas as pd
+import torch
+
+from ..api import eval_computational_metrics, provides
 from ..building import build_data, instantiate_target, load_pretrained
+from ..checkpoint import MANIFEST_FILE
 from ..composition import run_hydra_app
+from ..data import call_model, limited, primary_output, resolve_device, runtime_device, split_batch, to_device
+from ..deploy.artifacts import SUFFIXES, load_artifact
+from ..errors import ConfigError, DataError
+from ..nodes.toolkit import forward_hooks
 from .common import STATE_SUFFIXES, plain, reporting_errors
 
 FORMATS = {"csv": "csv", "parquet": "parquet", "pickle": "pkl"}
@@ -33,18 +42,12 @@ def _order(path: Path) -> tuple:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    from ..checkpoint import MANIFEST_FILE
-
     return path.is_dir() and not path.name.startswith(".") and not path.name.endswith(".partial") and \
         ((path / MANIFEST_FILE).exists() or (path / "final" / MANIFEST_FILE).exists())
 
 
 def find_checkpoints(spec: str | Path) -> list[tuple[str, Path]]:
     """``[(id, path)]`` of what ``inference_model`` names; id is '' for a single model."""
-    from ..checkpoint import MANIFEST_FILE
-
-    from ..deploy.artifacts import SUFFIXES
-
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in SUFFIXES:  # an exported artifact
         return [("", path)]
@@ -63,12 +66,6 @@ def find_checkpoints(spec: str | Path) -> list[tuple[str, Path]]:
 
 def predict(model: Any, loader: Any, device: Any, limit: Optional[int], encoder_only: bool = True):
     """A DataFrame with one row per sample: ``emb_*`` / ``score_*`` columns, and ``target`` when labeled."""
-    import pandas as pd
-    import torch
-
-    from ..data import call_model, limited, primary_output, split_batch, to_device
-    from ..nodes.toolkit import forward_hooks
-
     captured: list = []  # model.seq_encoder's output, when asked and present
     encoder = getattr(model, "seq_encoder", None) if encoder_only else None
     hooks = {encoder: lambda m, a, out: captured.append(out)} if encoder is not None else {}
@@ -129,10 +126,6 @@ def _options(cfg: Mapping[str, Any]) -> tuple[dict, str, str, Optional[int]]:
 
 def run_inference(cfg: Mapping[str, Any]) -> list[Path]:
     """Run an inference config; returns the score files written."""
-    from ..api import eval_computational_metrics, provides
-    from ..data import resolve_device, runtime_device
-    from ..deploy.artifacts import SUFFIXES, load_artifact
-
     cfg = plain(cfg)
     inference, fmt, split, limit = _options(cfg)
     checkpoints = find_checkpoints(str(cfg.get("inference_model") or ""))
@@ -164,8 +157,6 @@ def run_inference(cfg: Mapping[str, Any]) -> list[Path]:
 
 
 def _task(cfg) -> None:
-    import logging
-
     logging.getLogger("fedcore_adapter").setLevel(logging.INFO)
     for path in reporting_errors(cfg, lambda: run_inference(cfg)):
         print(f"written: {path}")
