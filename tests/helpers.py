@@ -69,3 +69,17 @@ class EmptyDataModule(TinyDataModule):
         from torch.utils.data import DataLoader
 
         return DataLoader(self.train, batch_size=16)
+
+
+def mlflow_client(uri):
+    """An MlflowClient on ``uri`` (mlflow imported only by the tests that track)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def runs_of(client, experiment: str, role: str) -> list:
+    """The runs of ``experiment`` tagged with ``fedcore.role`` = ``role``, oldest first."""
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment!r} is not in the store"
+    return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])

@@ -18,22 +18,11 @@ from fedcore_adapter.tracking import PENDING_FILE, TrackingConfig, hook_from_con
 from fedcore_adapter.tracking.journal import PARTIAL_SUFFIX
 from fedcore_adapter.tracking.records import StepCounter, flatten, git_commit, numeric_metrics, run_params
 from tests.conftest import TinyDataModule, tiny_mlp, tiny_setup
+from tests.helpers import mlflow_client, runs_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # inside mlflow
 TRAIN = {"kind": "training", "epochs": 3, "progress": False}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def _runs(client, experiment: str, role: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment!r} is not in the store"
-    return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
@@ -199,11 +188,11 @@ def store(tmp_path_factory):
 
 
 def test_four_processes_logging_to_one_store_at_once_lose_no_run_and_no_metric(store):
-    client = _client(store["uri"])
-    parents = _runs(client, "concurrent", "setup")
+    client = mlflow_client(store["uri"])
+    parents = runs_of(client, "concurrent", "setup")
     assert sorted(p.data.tags["fedcore.setup"] for p in parents) == ["P0", "P1", "P2", "P3"]
     assert all(p.info.status == "FINISHED" for p in parents)
-    children = _runs(client, "concurrent", "node")
+    children = runs_of(client, "concurrent", "node")
     assert sorted(c.data.tags["mlflow.parentRunId"] for c in children) == sorted(p.info.run_id for p in parents)
     for child in children:
         assert _steps(client, child.info.run_id, "train_loss") == [1, 2, 3, 4]
@@ -223,15 +212,15 @@ def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch)
            "output_dir": str(store["root"] / "local"), "model": {"_target_": "tests.helpers.build_tiny_mlp"},
            "data": {"_target_": "tests.helpers.build_tiny_data"}}
     result = run_from_config(cfg)
-    client = _client(store["uri"])
-    [parent] = _runs(client, "tiny_model on build_tiny_data", "setup")  # the experiment: model and data names
+    client = mlflow_client(store["uri"])
+    [parent] = runs_of(client, "tiny_model on build_tiny_data", "setup")  # the experiment: model and data names
     assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL \N{MIDDLE DOT} tiny_model \N{MIDDLE DOT} seed=42"
     assert parent.data.params["model._target_"] == "tests.helpers.build_tiny_mlp"
     assert parent.data.params["data._target_"] == "tests.helpers.build_tiny_data"
     assert parent.data.params["setup_resolved.nodes.1.method.thresholds"] == "[0.9]"
     assert parent.info.artifact_uri.startswith(str(store["root"] / "mlruns"))
     assert parent.data.metrics["accuracy"] == pytest.approx(result.metrics[-1]["accuracy"])
-    training, decomposed = _runs(client, "tiny_model on build_tiny_data", "node")
+    training, decomposed = runs_of(client, "tiny_model on build_tiny_data", "node")
     assert [a.path for a in client.list_artifacts(training.info.run_id)] == ["manifest.json"]
     assert sorted(a.path for a in client.list_artifacts(decomposed.info.run_id)) == [  # the node's files, no weights
         "decompose_config.json", "manifest.json"]
@@ -269,9 +258,9 @@ def test_dead_server_never_fails_the_run_warns_once_and_keeps_everything_for_lat
 
     assert sync_pending(result.output_dir, tracking_uri=store["uri"]) is True  # sent later, to a store that is up
     assert not (result.output_dir / PENDING_FILE).exists()
-    client = _client(store["uri"])
-    [parent] = _runs(client, "dead_model", "setup")
-    children = _runs(client, "dead_model", "node")
+    client = mlflow_client(store["uri"])
+    [parent] = runs_of(client, "dead_model", "setup")
+    children = runs_of(client, "dead_model", "node")
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert _steps(client, children[0].info.run_id, "train_loss") == [1, 2, 3]
     assert _steps(client, parent.info.run_id, "accuracy") == [0, 1, 2]

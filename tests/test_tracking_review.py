@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.helpers import mlflow_client, runs_of
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=custom", "model._target_=tests.helpers.build_tiny_mlp", "data=custom",
         "data._target_=tests.helpers.build_tiny_data", "nodes.0.epochs=1", "nodes.0.progress=false",
@@ -34,24 +36,12 @@ def cli(*args, cwd, uri, experiment=None):
     return proc
 
 
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def _runs(client, experiment: str, role: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment!r} is not in the store"
-    return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])
-
-
 @pytest.fixture(scope="module")
 def single(mlflow_server, tmp_path_factory):
     """One RAW run of a custom model, typed as a user types it."""
     proc = cli("setup=raw", cwd=tmp_path_factory.mktemp("single"), uri=mlflow_server)
-    client = _client(mlflow_server)
-    [parent] = _runs(client, EXPERIMENT, "setup")
+    client = mlflow_client(mlflow_server)
+    [parent] = runs_of(client, EXPERIMENT, "setup")
     return {"proc": proc, "client": client, "parent": parent, "uri": mlflow_server,
             "rows": json.loads(Path(parent.data.tags["fedcore.results_dir"], "metrics.json").read_text())}
 
@@ -94,15 +84,15 @@ def test_run_names_say_setup_model_seed_and_overrides_and_stay_unique(single, tm
     name = "RAW \N{MIDDLE DOT} build_tiny_mlp \N{MIDDLE DOT} seed=42 \N{MIDDLE DOT} nodes.0.epochs=1"
     assert single["parent"].info.run_name == name + " \N{MIDDLE DOT} common.latency_repeats=2"
     cli("setup=raw", cwd=tmp_path, uri=single["uri"])  # the same run again
-    names = [r.info.run_name for r in _runs(single["client"], EXPERIMENT, "setup")]
+    names = [r.info.run_name for r in runs_of(single["client"], EXPERIMENT, "setup")]
     assert len(names) == len(set(names)) == 2 and names[1] == names[0] + " #2"
 
 
 def test_a_basic_launcher_sweep_is_the_parent_of_its_setup_runs(mlflow_server, tmp_path):
     cli("-m", "setup=raw", "common.seed=0,1", cwd=tmp_path, uri=mlflow_server, experiment="basic_sweep")
-    client = _client(mlflow_server)
-    [sweep] = _runs(client, "basic_sweep", "sweep")
-    setups = _runs(client, "basic_sweep", "setup")
+    client = mlflow_client(mlflow_server)
+    [sweep] = runs_of(client, "basic_sweep", "sweep")
+    setups = runs_of(client, "basic_sweep", "setup")
     assert [r.data.tags["mlflow.parentRunId"] for r in setups] == [sweep.info.run_id] * 2
     assert [r.info.run_name.split(" \N{MIDDLE DOT} ")[2] for r in setups] == ["seed=0", "seed=1"]
     assert sweep.info.status == "FINISHED" and sweep.info.run_name.startswith("sweep ")
@@ -112,9 +102,9 @@ def test_a_basic_launcher_sweep_is_the_parent_of_its_setup_runs(mlflow_server, t
 def test_a_dask_launcher_sweep_is_the_parent_of_its_setup_runs(mlflow_server, tmp_path):
     cli("-m", "hydra/launcher=dask", "cluster=local", "cluster.n_workers=1", "setup=raw", "common.seed=0,1",
         cwd=tmp_path, uri=mlflow_server, experiment="dask_sweep")
-    client = _client(mlflow_server)
-    [sweep] = _runs(client, "dask_sweep", "sweep")
-    setups = _runs(client, "dask_sweep", "setup")
+    client = mlflow_client(mlflow_server)
+    [sweep] = runs_of(client, "dask_sweep", "sweep")
+    setups = runs_of(client, "dask_sweep", "setup")
     assert sorted(r.data.tags["mlflow.parentRunId"] for r in setups) == [sweep.info.run_id] * 2
     assert sweep.info.status == "FINISHED" and sweep.data.metrics["completed"] == 2
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}

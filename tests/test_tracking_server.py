@@ -19,20 +19,9 @@ from fedcore_adapter import run_setup
 from fedcore_adapter.hooks import Hook
 from fedcore_adapter.tracking import MlflowHook, PENDING_FILE, load_logged_model, sync_pending
 from tests.conftest import TinyDataModule, tiny_mlp, tiny_setup
+from tests.helpers import mlflow_client, runs_of
 
 CHAIN = ({"kind": "training", "epochs": 3, "progress": False}, {"kind": "distillation", "epochs": 2, "progress": False})
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def _runs(client, experiment: str, role: str) -> list:
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment!r} is not in the store"
-    return client.search_runs([exp.experiment_id], f"tags.`fedcore.role` = '{role}'", order_by=["start_time ASC"])
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
@@ -47,9 +36,9 @@ def tracked(mlflow_server, tmp_path_factory):
     result = run_setup(tiny_setup(*CHAIN, name="SRV"), tiny_mlp(), TinyDataModule(), output_dir=out, hooks=[hook])
     pending = result.output_dir / PENDING_FILE
     assert not pending.exists(), f"not logged to the server: {pending.read_text()[:1500]}"
-    client = _client(mlflow_server)
-    [parent] = _runs(client, "server_tiny", "setup")
-    children = _runs(client, "server_tiny", "node")
+    client = mlflow_client(mlflow_server)
+    [parent] = runs_of(client, "server_tiny", "setup")
+    children = runs_of(client, "server_tiny", "node")
     return {"uri": mlflow_server, "result": result, "client": client, "parent": parent, "children": children}
 
 
@@ -223,9 +212,9 @@ def test_server_lost_mid_run_finishes_the_run_warns_once_keeps_and_later_sends_t
     finally:
         proxy.close()
     assert not pending.exists()
-    client = _client(mlflow_server)
-    [parent] = _runs(client, "server_cut", "setup")  # the same parent run, not a second one
-    children = _runs(client, "server_cut", "node")
+    client = mlflow_client(mlflow_server)
+    [parent] = runs_of(client, "server_cut", "setup")  # the same parent run, not a second one
+    children = runs_of(client, "server_cut", "node")
     assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     assert _steps(client, children[0].info.run_id, "train_loss") == [1, 2, 3]
     assert _steps(client, children[1].info.run_id, "distill_train_loss") == [1, 2]
@@ -247,16 +236,16 @@ def test_resume_continues_logging_into_the_same_parent_run(mlflow_server, tmp_pa
         run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path,
                   hooks=[MlflowHook(uri=mlflow_server, experiment="server_resume")])
     state = json.loads((tmp_path / "RES.partial" / "run.json").read_text())["state"]["mlflow"]
-    client = _client(mlflow_server)
-    [first] = _runs(client, "server_resume", "setup")
+    client = mlflow_client(mlflow_server)
+    [first] = runs_of(client, "server_resume", "setup")
     assert state["parent_run_id"] == first.info.run_id and first.info.status == "KILLED"
 
     monkeypatch.setitem(registry._REGISTRY, "distillation", spec)
     run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path, resume=True,
               hooks=[MlflowHook(uri=mlflow_server, experiment="server_resume")])
-    [parent] = _runs(client, "server_resume", "setup")
+    [parent] = runs_of(client, "server_resume", "setup")
     assert parent.info.run_id == first.info.run_id and parent.info.status == "FINISHED"
     assert parent.data.tags["fedcore.resumed"] == "true" and parent.data.tags["fedcore.status"] == "completed"
-    nodes = [(c.data.tags["fedcore.node_index"], c.info.status) for c in _runs(client, "server_resume", "node")]
+    nodes = [(c.data.tags["fedcore.node_index"], c.info.status) for c in runs_of(client, "server_resume", "node")]
     assert nodes == [("1", "FINISHED"), ("2", "KILLED"), ("2", "FINISHED")]
     assert _steps(client, parent.info.run_id, "accuracy") == [0, 1, 2]
