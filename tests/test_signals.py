@@ -66,8 +66,13 @@ def mlflow_runs(tmp_path: Path) -> list:
     return client.search_runs(experiments)
 
 
+def is_setup_run(run) -> bool:
+    return run.data.tags.get("fedcore.role") == "setup"
+
+
 def statuses(runs: list) -> dict:
-    return {r.info.run_name: r.info.status for r in runs}
+    """Each run's status by its name; the setup's parent run under ``"setup"``."""
+    return {("setup" if is_setup_run(r) else r.info.run_name): r.info.status for r in runs}
 
 
 @pytest.mark.parametrize("signum, send_to_group, status", [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)],
@@ -92,7 +97,7 @@ def test_an_interrupted_cli_run_ends_cleanly_and_its_resume_command_finishes_it(
     assert sorted(p.name for p in (partial / "nodes").iterdir()) == ["0_input", "1_training"]  # no partial work
     if tracked:
         assert set(statuses(mlflow_runs(tmp_path)).values()) == {"FINISHED", "KILLED"}
-        assert statuses(mlflow_runs(tmp_path))["SLOW_mlp"] == "KILLED"
+        assert statuses(mlflow_runs(tmp_path))["setup"] == "KILLED"
 
     resume = shlex.split(run["resume_command"])
     assert resume[0] == "fedcore-adapter"
@@ -103,7 +108,7 @@ def test_an_interrupted_cli_run_ends_cleanly_and_its_resume_command_finishes_it(
     assert final["status"] == "completed" and final["completed_nodes"] == 2
     if tracked:
         runs = statuses(mlflow_runs(tmp_path))
-        assert runs["SLOW_mlp"] == "FINISHED" and "RUNNING" not in runs.values()
+        assert runs["setup"] == "FINISHED" and "RUNNING" not in runs.values()
 
 
 def test_a_resume_after_kill_9_ends_the_orphaned_child_run_killed(tmp_path):
@@ -121,7 +126,7 @@ def test_a_resume_after_kill_9_ends_the_orphaned_child_run_killed(tmp_path):
     runs = mlflow_runs(tmp_path)
     assert "RUNNING" not in {r.info.status for r in runs}
     killed = [r for r in runs if r.info.status == "KILLED"]
-    assert [r.info.run_id for r in killed] == [r.info.run_id for r in orphans if r.info.run_name != "SLOW_mlp"]
+    assert [r.info.run_id for r in killed] == [r.info.run_id for r in orphans if not is_setup_run(r)]
 
 
 WORK_NODE = textwrap.dedent("""\

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -100,11 +101,21 @@ def connect(uri: Optional[str], experiment: Optional[str] = None, *, http_timeou
             _mark_training_experiment(client, found)
             return client, found.experiment_id
         try:
-            return client, client.create_experiment(experiment, tags=experiment_tags())
+            return client, client.create_experiment(experiment, artifact_location=local_artifact_location(uri, experiment),
+                                                    tags=experiment_tags())
         except MlflowException as err:  # another process created it first
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return client, client.get_experiment_by_name(experiment).experiment_id
+
+
+def local_artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Beside a SQLite store, ``<store folder>/mlruns/<experiment>``: MLflow's default ``./mlruns`` would follow the
+    working directory of the logging process, not the store (None for servers, which choose their own)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
+    return str(Path(uri[len("sqlite:///"):]).parent / "mlruns" / slug)
 
 
 def experiment_tags() -> dict[str, str]:
