@@ -64,11 +64,12 @@ def read_trials(folder: Path) -> list[dict]:
     return rows
 
 
-def hv(rows: list[dict], ref_macs: float, line: float) -> float:
+def hv(rows: list[dict], ref_macs: float, line: float, column: str = "val_accuracy") -> float:
+    """Hypervolume of the completed trials on (MACs / reference MACs, ``column``: the accuracy selected on)."""
     from fedcore_adapter.search.report import hypervolume
 
-    pts = [[r["macs"] / ref_macs, r["accuracy"]] for r in rows
-           if r["state"] == "complete" and isinstance(r.get("macs"), float) and isinstance(r.get("accuracy"), float)]
+    pts = [[r["macs"] / ref_macs, r[column]] for r in rows
+           if r["state"] == "complete" and isinstance(r.get("macs"), float) and isinstance(r.get(column), float)]
     return hypervolume(pts, ["minimize", "maximize"], [1.0, line])
 
 
@@ -135,14 +136,16 @@ def main() -> None:
         state = json.loads((folder / "search.json").read_text())
         ref = state["reference"]["row"]
         rows = read_trials(folder)
-        line = ref["accuracy"] - 0.01
+        on_val = state.get("selection", "validation") == "validation"
+        line = (state["reference"]["val_accuracy"] if on_val else ref["accuracy"]) - 0.01
         feasible = [r for r in rows if r["state"] == "complete" and r["feasible"] == "True"]
         best = max(feasible, key=lambda r: r["macs_reduction"]) if feasible else None
         info = {"command": " ".join(cmd[2:]), "wall_s": wall, "reference": ref, "trials": len(rows),
                 "complete": sum(r["state"] == "complete" for r in rows),
                 "pruned": sum(r["state"] == "pruned" for r in rows),
                 "failed": sum(r["state"] == "failed" for r in rows), "feasible": len(feasible),
-                "hypervolume": hv(rows, ref["macs"], line), "best": best,
+                "selection": "validation" if on_val else "test",
+                "hypervolume": hv(rows, ref["macs"], line, "val_accuracy" if on_val else "accuracy"), "best": best,
                 "mean_trial_wall_s": statistics.mean(r["wall_s"] for r in rows if isinstance(r["wall_s"], float)),
                 "prefix_wall_s": state["reference"].get("wall_s")}
         if best:

@@ -135,16 +135,18 @@ class _Progress:
 
 
 def _describe(row: dict, objectives: list[str]) -> str:
+    """The row's objectives, then its validation accuracy (what the search selects on) and test accuracy (held out)."""
     parts = []
-    for name in dict.fromkeys([*objectives, "accuracy"]):
+    for name in dict.fromkeys([*[o for o in objectives if o != "accuracy"], "val_accuracy", "accuracy"]):
         value = row.get(name)
         if not isinstance(value, (int, float)):
             continue
-        text = f"{name} {value:.4f}" if isinstance(value, float) and value < 10 else f"{name} {value:,.0f}"
+        label = {"val_accuracy": "val accuracy", "accuracy": "test accuracy"}.get(name, name)
+        text = f"{label} {value:.4f}" if isinstance(value, float) and value < 10 else f"{label} {value:,.0f}"
         if name == "macs" and row.get("macs_reduction"):
             text += f" ({row['macs_reduction']:.1f}x fewer)"
-        if name == "accuracy" and row.get("accuracy_drop_pt") is not None:
-            text += f" ({-row['accuracy_drop_pt']:+.1f} pt)"
+        if row.get(f"{name}_drop_pt") is not None:
+            text += f" ({-row[f'{name}_drop_pt']:+.1f} pt)"
         parts.append(text)
     return ", ".join(parts)
 
@@ -206,7 +208,7 @@ class Search:
         self._recover_lost()
         self.tracker = self._tracker()
         log.info("search %s: %d trials, objectives %s%s\n%s", self.folder, self.scfg.trials, self.scfg.objectives,
-                 f", accuracy drop <= {self.scfg.max_accuracy_drop * 100:g} pt" if constrained else "",
+                 f", validation accuracy drop <= {self.scfg.max_accuracy_drop * 100:g} pt" if constrained else "",
                  self.space.describe())
         pool = pool_factory()
         status = "failed"
@@ -263,9 +265,36 @@ class Search:
     def reference(self) -> dict:
         return self.state.get("reference") or {}
 
+    @property
+    def on_validation(self) -> bool:
+        """Trials are selected on the validation split (unless the data module has none: then on test)."""
+        return self.state.get("selection", "validation") == "validation"
+
+    def _note_split(self, value: Mapping[str, Any]) -> None:
+        """The first finished run tells whether the data module has a validation loader (search.json: selection)."""
+        if "selection" in self.state or "val_split" not in value:
+            return
+        self.state["selection"] = "validation" if value["val_split"] else "test"
+        if not value["val_split"]:
+            self.state["selection_note"] = "the data module has no val_dataloader(): selected on the test split"
+            log.warning("the data module has no val_dataloader(): the search selects trials on the test split "
+                        "(no held-out figure)")
+        self._save()
+
+    def _selected(self, value: Mapping[str, Any], row: Mapping[str, Any], name: str) -> Any:
+        """``accuracy`` / ``loss`` as the search selects on it: the validation figure, or the row's (test) one."""
+        if name in ("accuracy", "loss") and self.on_validation:
+            return value.get(f"val_{name}")
+        return row.get(name)
+
+    def _reference_accuracy(self) -> Optional[float]:
+        ref = self.reference
+        acc = ref.get("val_accuracy") if self.on_validation else (ref.get("row") or {}).get("accuracy")
+        return acc if isinstance(acc, (int, float)) else None
+
     def _line(self) -> Optional[float]:
-        acc = (self.reference.get("row") or {}).get("accuracy")
-        if self.scfg.max_accuracy_drop is None or not isinstance(acc, (int, float)):
+        acc = self._reference_accuracy()
+        if self.scfg.max_accuracy_drop is None or acc is None:
             return None
         return acc - self.scfg.max_accuracy_drop
 
@@ -278,8 +307,7 @@ class Search:
         if self.cache.get(key) is not None and self.reference:
             return
         log.info("computing the shared prefix (%s) once", " -> ".join(x["kind"] for x in self.space.prefix))
-        payload = self._payload(f"PREFIX_{key[:8]}", self.space.prefix, 0, None, self.folder / "prefix",
-                                "prefix", reference_val=True)
+        payload = self._payload(f"PREFIX_{key[:8]}", self.space.prefix, 0, None, self.folder / "prefix", "prefix")
         pool.submit("prefix", payload)
         outcome = None
         while outcome is None:
@@ -288,6 +316,7 @@ class Search:
         if outcome["status"] != "completed":
             raise FedcoreError(f"the shared prefix failed: {outcome['error']}")
         value = outcome["value"]
+        self._note_split(value)
         self.cache.put(key, Path(value["output_dir"]) / "final")
         self.state["reference"] = {"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
                                    "output_dir": value["output_dir"], "wall_s": outcome.get("wall_s")}
@@ -341,6 +370,8 @@ class Search:
             spec = self._early_stop_spec(fid._trial_id)
         if spec:
             extra["early_stop"] = spec
+        if start == 0 and not isinstance(self.reference.get("val_accuracy"), (int, float)):
+            extra["input_val"] = True  # no prefix ran: the input model's validation accuracy is the reference
         name = f"trial_{trial.number:04d}"
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
@@ -394,16 +425,23 @@ class Search:
             close_fid(TrialState.FAIL)
             return self._row(self.study.trials[trial.number])
         value = outcome["value"]
+        self._note_split(value)
         rows = value.get("metrics") or []
         if not self.reference.get("row") and rows and trial.user_attrs.get("start_node") == 0:
-            self.state["reference"] = {"row": rows[0], "val_accuracy": None}
+            # no prefix ran: the trial's input row (test split) and its input model's validation accuracy
+            self.state["reference"] = {"row": rows[0], "val_accuracy": value.get("input_val_accuracy")}
+            self._save()
+        elif "val_accuracy" in self.reference and self.reference["val_accuracy"] is None \
+                and isinstance(value.get("input_val_accuracy"), (int, float)):
+            self.state["reference"]["val_accuracy"] = value["input_val_accuracy"]
             self._save()
         last = rows[-1] if rows else {}
         trial.set_user_attr("metrics", {k: v for k, v in last.items() if isinstance(v, (int, float, str))})
+        trial.set_user_attr("val_accuracy", value.get("val_accuracy"))
         trial.set_user_attr("output_dir", value.get("output_dir"))
         trial.set_user_attr("epochs", value.get("epochs"))
         line = self._line()
-        acc = last.get("accuracy")
+        acc = self._selected(value, last, "accuracy")
         if line is not None:
             violation = line - acc if isinstance(acc, (int, float)) else 1.0
             trial.set_constraint("accuracy_drop", violation if value["state"] == "complete" else max(violation, 1e-9))
@@ -413,7 +451,7 @@ class Search:
             self.study.tell(trial, state=TrialState.PRUNED)
             close_fid(TrialState.PRUNED)
         else:
-            values = [last.get(o) for o in self.scfg.objectives]
+            values = [self._selected(value, last, o) for o in self.scfg.objectives]
             if not all(isinstance(v, (int, float)) for v in values):
                 missing = [o for o, v in zip(self.scfg.objectives, values) if not isinstance(v, (int, float))]
                 trial.set_user_attr("error", f"objective(s) {missing} not measured (no labels?)")
@@ -459,11 +497,12 @@ class Search:
         return [self._row(t) for t in trials if not dominated(keys[t.number])]
 
     def _best(self) -> Optional[dict]:
+        """The front's trial best on the first objective (as selected: validation accuracy / loss)."""
         front = self._front()
         if not front:
             return None
-        first, sign = self.scfg.objectives[0], 1 if self.scfg.directions()[0] == "minimize" else -1
-        return min(front, key=lambda r: sign * r[first])
+        sign = 1 if self.scfg.directions()[0] == "minimize" else -1
+        return min(front, key=lambda r: sign * self.study.trials[r["trial"]].values[0])
 
     def _report(self) -> SearchResult:
         rows = self._rows()
@@ -480,8 +519,11 @@ class Search:
             path.write_text(text)
         refs = [Path(p) for p in self.scfg.reference_runs] or self._named_runs()
         try:
+            accuracy = "val_accuracy" if self.on_validation else "accuracy"
             plot_front(self.folder / "pareto.png", rows, front, self.scfg.objectives,
-                       reference_points(refs, self.scfg.objectives), self.reference.get("row") or {}, self._line())
+                       reference_points(refs, self.scfg.objectives),
+                       {**(self.reference.get("row") or {}), "val_accuracy": self.reference.get("val_accuracy")},
+                       self._line(), {"accuracy": accuracy})
         except Exception as err:  # noqa: BLE001 - a plot never fails the search
             log.warning("pareto.png not written: %s", err)
         best = self._best()
@@ -495,14 +537,16 @@ class Search:
             return (f"best under the constraint: trial #{best['trial']} {best['chain']}: "
                     f"{_describe(best, self.scfg.objectives)}; setup: "
                     f"{self.folder / 'pareto' / ('trial_%04d.yaml' % best['trial'])}")
-        measured = [r for r in rows if isinstance(r.get("accuracy"), (int, float))]
-        if self.scfg.max_accuracy_drop is None or not measured:
+        column = "val_accuracy" if self.on_validation else "accuracy"
+        measured = [r for r in rows if isinstance(r.get(column), (int, float))]
+        line = self._line()
+        if self.scfg.max_accuracy_drop is None or not measured or line is None:
             return "no trial completed" if not measured else "search finished"
         complete = [r for r in measured if r["state"] == "complete"]
-        closest = max(complete or measured, key=lambda r: r["accuracy"])
-        line = self._line()
-        return (f"no trial met the constraint (accuracy >= {line:.4f}, at most "
-                f"{self.scfg.max_accuracy_drop * 100:g} pt below {self.reference['row']['accuracy']:.4f}); closest: "
+        closest = max(complete or measured, key=lambda r: r[column])
+        split = "validation" if self.on_validation else "test"
+        return (f"no trial met the constraint ({split} accuracy >= {line:.4f}, at most "
+                f"{self.scfg.max_accuracy_drop * 100:g} pt below {self._reference_accuracy():.4f}); closest: "
                 f"trial #{closest['trial']} {closest['chain']} ({closest['state']}"
                 f"{'' if closest['state'] == 'complete' else ', at its last finished node'}): "
                 f"{_describe(closest, self.scfg.objectives)}")
@@ -510,8 +554,9 @@ class Search:
     def _summary_metrics(self, result: SearchResult) -> dict:
         out = {"trials_finished": float(len(result.trials)), "pareto_size": float(len(result.front))}
         if result.best:
-            out.update({f"best_{k}": result.best[k] for k in ("macs_reduction", "accuracy_drop_pt", "latency_ratio",
-                                                              "params_reduction") if result.best.get(k) is not None})
+            out.update({f"best_{k}": result.best[k] for k in ("macs_reduction", "val_accuracy_drop_pt",
+                                                              "accuracy_drop_pt", "latency_ratio", "params_reduction")
+                        if result.best.get(k) is not None})
         return out
 
     def _rerun_command(self) -> str:

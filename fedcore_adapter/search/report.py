@@ -12,9 +12,11 @@ import yaml
 
 from ..results import write_text
 
-SUMMARY = ["trial", "state", "chain", "start_node", "accuracy", "accuracy_drop_pt", "macs", "macs_reduction",
-           "params", "params_reduction", "size_mb", "latency_ms", "latency_ratio", "throughput_sps", "feasible",
-           "wall_s", "epochs", "worker", "output_dir", "error"]
+# val_accuracy: on the validation split, what the search selects on (constraint, objective, front);
+# accuracy: on the test split, the held-out figure (as in every run's metrics rows)
+SUMMARY = ["trial", "state", "chain", "start_node", "val_accuracy", "val_accuracy_drop_pt", "accuracy",
+           "accuracy_drop_pt", "macs", "macs_reduction", "params", "params_reduction", "size_mb", "latency_ms",
+           "latency_ratio", "throughput_sps", "feasible", "wall_s", "epochs", "worker", "output_dir", "error"]
 
 
 def _reduction(reference: Optional[float], value: Optional[float]) -> Optional[float]:
@@ -22,14 +24,22 @@ def _reduction(reference: Optional[float], value: Optional[float]) -> Optional[f
         else None
 
 
+def _drop_pt(reference: Optional[float], value: Optional[float]) -> Optional[float]:
+    return (reference - value) * 100 if isinstance(reference, (int, float)) and isinstance(value, (int, float)) \
+        else None
+
+
 def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dict) -> dict:
-    """One line of trials.csv: the trial's last measured row, its reductions against the reference, its params."""
+    """One line of trials.csv: the trial's validation accuracy, its last measured row (test split), the drops and
+    reductions against the reference, its params."""
     last = attrs.get("metrics") or {}
     ref = reference.get("row") or {}
     acc, ref_acc = last.get("accuracy"), ref.get("accuracy")
+    val, ref_val = attrs.get("val_accuracy"), reference.get("val_accuracy")
     row = {"trial": number, "state": state, "chain": attrs.get("chain"), "start_node": attrs.get("start_node"),
+           "val_accuracy": val, "val_accuracy_drop_pt": _drop_pt(ref_val, val),
            **{k: last.get(k) for k in ("accuracy", "macs", "params", "size_mb", "latency_ms", "throughput_sps")},
-           "accuracy_drop_pt": (ref_acc - acc) * 100 if acc is not None and ref_acc is not None else None,
+           "accuracy_drop_pt": _drop_pt(ref_acc, acc),
            "macs_reduction": _reduction(ref.get("macs"), last.get("macs")),
            "params_reduction": _reduction(ref.get("params"), last.get("params")),
            "latency_ratio": _reduction(ref.get("latency_ms"), last.get("latency_ms")),
@@ -76,16 +86,19 @@ def reference_points(folders: Iterable[Path], objectives: Sequence[str]) -> list
 
 
 def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], objectives: Sequence[str],
-               references: Sequence[tuple[str, list[float]]], reference_row: dict, line: Optional[float]) -> bool:
-    """``pareto.png``: every finished trial on the first two objectives, the front, the named setups' points."""
+               references: Sequence[tuple[str, list[float]]], reference_row: dict, line: Optional[float],
+               columns: Optional[dict] = None) -> bool:
+    """``pareto.png``: every finished trial on the first two objectives (each read from ``columns.get(objective,
+    objective)`` of the rows: the figure the search selects on), the front, the named setups' points."""
     if len(objectives) < 2:
         return False
+    columns = columns or {}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, y = objectives[:2]
+    (ox, oy), (x, y) = objectives[:2], [columns.get(o, o) for o in objectives[:2]]
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [t for t in trials if isinstance(t.get(x), (int, float)) and isinstance(t.get(y), (int, float))]
     ax.scatter([t[x] for t in done], [t[y] for t in done], c="lightgray", edgecolors="gray", label="trials")
@@ -97,11 +110,12 @@ def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], object
     for name, (rx, ry, *_) in references:
         ax.scatter([rx], [ry], marker="s", color="tab:blue")
         ax.annotate(name, (rx, ry), textcoords="offset points", xytext=(4, -10), fontsize=8, color="tab:blue")
+    # the named setups' points are their runs' metrics rows (test split)
     if isinstance(reference_row.get(x), (int, float)) and isinstance(reference_row.get(y), (int, float)):
         ax.scatter([reference_row[x]], [reference_row[y]], marker="*", s=150, color="black", label="uncompressed")
-    if line is not None and y == "accuracy":
+    if line is not None and oy == "accuracy":
         ax.axhline(line, linestyle="--", color="tab:green", label="accuracy constraint")
-    if x in ("macs", "params", "size_mb", "latency_ms"):
+    if ox in ("macs", "params", "size_mb", "latency_ms"):
         ax.set_xscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(y)

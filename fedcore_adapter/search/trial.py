@@ -12,8 +12,8 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..building import build_data, build_run, load_pretrained, resolve_setup, tracking_hooks
-from ..data import model_device
+from ..building import build_data, build_model, build_run, load_pretrained, resolve_setup, tracking_hooks
+from ..data import make_loader, model_device
 from ..hooks import Hook
 from ..losses import find_loss
 from ..metrics import evaluate
@@ -52,6 +52,7 @@ class EarlyStopHook(Hook):
     def __init__(self, spec: Mapping[str, Any]):
         self.spec = dict(spec)
         self.step = 0
+        self.last: Optional[float] = None  # the last validation accuracy reported
         self._trial = None
 
     def trial(self) -> Any:
@@ -70,6 +71,7 @@ class EarlyStopHook(Hook):
         if value is None:
             return
         self.step += 1
+        self.last = float(value)
         trial = self.trial()
         trial.report(float(value), self.step)
         if trial.should_prune():
@@ -77,36 +79,57 @@ class EarlyStopHook(Hook):
                                f"below {self.spec['lower']:.4f} without improving")
 
 
+def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> dict:
+    """``val_split`` (the data module has a validation loader) and the model's ``val_accuracy`` / ``val_loss`` on it."""
+    loader = make_loader(data, "val_dataloader")
+    if loader is None:
+        return {"val_split": False}
+    val = evaluate(model, loader, find_loss(model, payload.get("loss"), cfg.get("loss")), model_device(model),
+                   setup.common.limit_valid_batches)
+    return {"val_split": True, "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss")}
+
+
+def _input_model(payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> Any:
+    """The model the trial's chain starts from (the input model: no prefix was run)."""
+    model = payload.get("model")
+    if model is not None:
+        model = copy.deepcopy(model)
+        return load_pretrained(model, cfg["pretrained"]) if cfg.get("pretrained") else model
+    return build_model(cfg, setup.common.seed)
+
+
 def run_trial(payload: Mapping[str, Any]) -> dict:
     """Run one trial's chain through the one run-building path; returns small facts: state (complete /
-    pruned), the metrics rows, the results folder."""
+    pruned), the metrics rows (measured on the test split), the results folder, and the final model's
+    validation accuracy and loss (``val_accuracy``, ``val_loss``: what the search selects on; ``val_split``
+    false when the data module has no validation loader). ``input_val``: also the input model's validation
+    accuracy (``input_val_accuracy``: the reference when no shared prefix was run)."""
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
     if payload.get("start"):
         cfg["pretrained"] = payload["start"]
     hooks = tracking_hooks(cfg, cfg.get("model_name"))
     stopper = EarlyStopHook(payload["early_stop"]) if payload.get("early_stop") else None
+    data = payload.get("data")
+    if data is None:
+        data = build_data(cfg)
     model = payload.get("model")
     if model is not None:  # the Python API's model object: a copy, started where the trial starts
-        model = copy.deepcopy(model)
-        model = load_pretrained(model, cfg["pretrained"]) if cfg.get("pretrained") else model
+        model = _input_model(payload, cfg, setup)
     out = Path(payload["output_dir"])
     try:
-        result = build_run(setup, cfg=cfg, model=model, data=payload.get("data"), loss=payload.get("loss"),
+        result = build_run(setup, cfg=cfg, model=model, data=data, loss=payload.get("loss"),
                            output_dir=out, model_name="", hooks=[*hooks, *([stopper] if stopper else [])])
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
-        return {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
-                "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.step}
-    facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()), "metrics": result.metrics,
-             "epochs": stopper.step if stopper else None}
-    if payload.get("reference_val"):  # the validation accuracy early stopping compares with
-        data = payload.get("data")
-        if data is None:
-            data = build_data(cfg)
-        loader = data.val_dataloader() if callable(getattr(data, "val_dataloader", None)) else None
-        if loader is not None:
-            val = evaluate(result.model, loader, find_loss(result.model, payload.get("loss"), cfg.get("loss")),
-                           model_device(result.model), setup.common.limit_valid_batches)
-            facts["val_accuracy"] = val.get("accuracy")
+        facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
+                 "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.step,
+                 "val_accuracy": stopper.last}
+    else:
+        facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()),
+                 "metrics": result.metrics, "epochs": stopper.step if stopper else None,
+                 **_validation(result.model, data, payload, cfg, setup)}
+    if payload.get("input_val"):  # after the run: the data module is set up
+        facts["input_val_accuracy"] = _validation(_input_model(payload, cfg, setup), data, payload, cfg,
+                                                  setup).get("val_accuracy")
     return facts

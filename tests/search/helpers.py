@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.conftest import tiny_mlp
+from tests.conftest import TinyDataModule, tiny_mlp
 
 MODEL = {"_target_": "tests.helpers.build_tiny_mlp"}
 DATA = {"_target_": "tests.helpers.build_tiny_data"}
@@ -34,3 +34,13 @@ def die_once(marker: str):
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     os._exit(1)
+
+
+class TinyDataNoVal(TinyDataModule):
+    """The tiny problem without a validation loader (train and test only)."""
+
+    val_dataloader = None
+
+
+def build_tiny_data_no_val():
+    return TinyDataNoVal()

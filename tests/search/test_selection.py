@@ -1,0 +1,74 @@
+"""Trials are selected on the validation split; the test split stays the held-out figure."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+from fedcore_adapter.search.driver import run_search
+from tests.search.helpers import config
+
+NO_VAL = {"_target_": "tests.search.helpers.build_tiny_data_no_val"}
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_trial_whose_test_accuracy_meets_the_line_but_validation_does_not_is_infeasible(tmp_path):
+    result = run_search(config(tmp_path, trials=3, max_accuracy_drop=0.05,
+                               space={"pruning": {"pruning_ratio": {"low": 0.2, "high": 0.8}}}))
+    ref = result.reference
+    rows = _rows(result.folder / "trials.csv")
+    test_meets_val_misses = [r for r in rows if ref["row"]["accuracy"] - float(r["accuracy"]) <= 0.05
+                             and ref["val_accuracy"] - float(r["val_accuracy"]) > 0.05]
+    assert test_meets_val_misses  # the tiny problem gives such a trial (seed 0)
+    assert all(r["feasible"] == "False" for r in test_meets_val_misses)
+    assert not {r["trial"] for r in test_meets_val_misses} & {r["trial"] for r in _rows(result.folder / "pareto.csv")}
+    assert json.loads((result.folder / "search.json").read_text())["selection"] == "validation"
+
+
+def test_trials_and_pareto_csv_carry_the_validation_and_the_test_accuracy(tmp_path):
+    result = run_search(config(tmp_path, trials=2))
+    for name in ("trials.csv", "pareto.csv"):
+        with open(result.folder / name) as f:
+            header = next(csv.reader(f))
+        assert {"val_accuracy", "val_accuracy_drop_pt", "accuracy", "accuracy_drop_pt"} <= set(header)
+    for r in _rows(result.folder / "trials.csv"):
+        last = json.loads((result.folder / "trials" / f"trial_{int(r['trial']):04d}" / "metrics.json").read_text())[-1]
+        assert float(r["accuracy"]) == last["accuracy"]  # the test split, as the run measured it
+        assert 0 <= float(r["val_accuracy"]) <= 1
+        assert float(r["val_accuracy_drop_pt"]) == (result.reference["val_accuracy"] - float(r["val_accuracy"])) * 100
+
+
+def test_without_a_validation_loader_the_search_says_so_once_and_selects_on_test(tmp_path, caplog):
+    cfg = config(tmp_path, trials=2, max_accuracy_drop=0.05)
+    cfg["data"] = dict(NO_VAL)
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter.search"):
+        result = run_search(cfg)
+    warnings = [r for r in caplog.records if "no val_dataloader()" in r.getMessage()]
+    assert len(warnings) == 1 and "test split" in warnings[0].getMessage()
+    state = json.loads((result.folder / "search.json").read_text())
+    assert state["selection"] == "test" and "no val_dataloader()" in state["selection_note"]
+    ref = result.reference["row"]["accuracy"]
+    for r in _rows(result.folder / "trials.csv"):
+        assert r["val_accuracy"] == ""
+        assert r["feasible"] == str(ref - float(r["accuracy"]) <= 0.05 + 1e-12)
+
+
+def test_without_a_shared_prefix_the_input_models_validation_accuracy_sets_the_line(tmp_path):
+    from fedcore_adapter.metrics import evaluate
+    from tests.helpers import build_tiny_data, build_tiny_mlp
+
+    cfg = config(tmp_path, trials=2, max_accuracy_drop=0.05, moves={"drop": False, "reorder": False, "insert": []})
+    cfg["setup"] = {**cfg["setup"], "nodes": cfg["setup"]["nodes"][1:]}  # pruning only: no training prefix
+    result = run_search(cfg)
+    import torch
+
+    expected = evaluate(build_tiny_mlp(), build_tiny_data().val_dataloader(), torch.nn.functional.cross_entropy,
+                        torch.device("cpu"))["accuracy"]
+    assert result.reference["val_accuracy"] == expected
+    for r in _rows(result.folder / "trials.csv"):
+        assert int(r["start_node"]) == 0
+        assert r["feasible"] == str(expected - float(r["val_accuracy"]) <= 0.05 + 1e-12)
