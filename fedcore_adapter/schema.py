@@ -21,16 +21,18 @@ Auto = Union[bool, Literal["auto"]]
 
 def searchable(low: Any = None, high: Any = None, *, choices: Optional[list] = None, log: bool = False,
                step: Optional[float] = None, type: Optional[str] = None, default: bool = True,
-               as_list: bool = False) -> dict:
+               as_list: bool = False, if_set: bool = False) -> dict:
     """``json_schema_extra`` marking a node config field as searchable by ``fedcore-adapter search``.
 
     ``low``/``high`` (and ``log``, ``step``) give a numeric range, ``choices`` a categorical one (a bool or
     Literal field without them: all its values); ``type`` (float, int, categorical) when the annotation does
     not tell; ``default=False``: declared but searched only when the search's ``space`` names the field;
-    ``as_list``: the field is a list and a candidate holds the one value searched (e.g. ``[0.9]``).
+    ``as_list``: the field is a list and a candidate holds the one value searched (e.g. ``[0.9]``);
+    ``if_set``: searched only where the field holds a value (an optional field whose alternative is another
+    field, e.g. a budget's ``ratio`` or ``value``).
     """
     spec = {"low": low, "high": high, "choices": choices, "log": log or None, "step": step, "type": type,
-            "default": default, "list": as_list or None}
+            "default": default, "list": as_list or None, "if_set": if_set or None}
     return {"search": {k: v for k, v in spec.items() if v is not None}}
 
 

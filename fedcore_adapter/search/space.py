@@ -136,7 +136,7 @@ def declared_fields(config: BaseModel, prefix: str = "") -> dict[str, tuple[Any,
     out: dict[str, tuple[Any, dict]] = {}
     for name, info in type(config).model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if "search" in extra:
+        if "search" in extra and not (extra["search"].get("if_set") and getattr(config, name, None) is None):
             out[prefix + name] = (info.annotation, dict(extra["search"]))
         nested = _nested_model(info.annotation)
         value = getattr(config, name, None)

@@ -23,6 +23,14 @@ def _dims(space):
     ({"kind": "pruning"}, {"pruning#1.pruning_ratio": ("float", 0.1, 0.9),
                            "pruning#1.importance": ("categorical", ("magnitude", "lamp", "taylor"))}),
     ({"kind": "low_rank"}, {"low_rank#1.method.thresholds": ("float", 0.5, 0.99)}),  # one energy threshold, [t]
+    ({"kind": "low_rank", "method": {"name": "falor", "allocation": "global", "budget": {"ratio": 0.5}}},
+     {"low_rank#1.method.budget.ratio": ("float", 0.2, 0.95)}),  # falor's params budget
+    ({"kind": "low_rank", "method": {"name": "falor", "allocation": "global", "budget": {"value": 1000}}},
+     {}),  # a budget given as a count: its ratio (the other way to give it) is not searched
+    ({"kind": "low_rank", "method": {"name": "falor", "metric": {"name": "cosine", "threshold": 0.02}}},
+     {"low_rank#1.method.metric.threshold": ("float", 0.001, 0.1)}),  # falor's per-layer bound
+    ({"kind": "low_rank", "method": {"name": "svd", "budget": {"metric": "macs", "ratio": 0.5}}},
+     {"low_rank#1.method.thresholds": ("float", 0.5, 0.99), "low_rank#1.method.budget.ratio": ("float", 0.2, 0.95)}),
     ({"kind": "unstructured_pruning"}, {"unstructured_pruning#1.sparsity": ("float", 0.1, 0.95)}),
     ({"kind": "ptq_static"}, {"ptq_static#1.observer": ("categorical", ("minmax", "histogram", "percentile"))}),
     ({"kind": "ptq_dynamic"}, {"ptq_dynamic#1.allow_conv": ("categorical", (False, True))}),
@@ -80,6 +88,23 @@ def test_every_candidate_chain_is_a_valid_setup_and_suggests_one():
             if node["kind"] == "low_rank":
                 assert node["method"]["name"] == "svd" and len(node["method"]["thresholds"]) == 1
         load_setup({"name": "x", "nodes": nodes})
+
+
+def test_a_falor_budget_candidate_is_a_valid_low_rank_node_with_the_budget_searched():
+    import optuna
+
+    space = _space([{"kind": "low_rank", "method": {"name": "falor", "allocation": "global",
+                                                    "budget": {"metric": "params", "ratio": 0.5}}}], prefix=1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    ratios = set()
+    for _ in range(5):
+        _, nodes = space.suggest(study.ask())
+        method = nodes[1]["method"]
+        assert method["name"] == "falor" and method["allocation"] == "global"
+        assert set(method["budget"]) >= {"ratio"} and method["budget"].get("value") is None
+        ratios.add(method["budget"]["ratio"])
+        load_setup({"name": "x", "nodes": nodes})
+    assert len(ratios) == 5 and all(0.2 <= r <= 0.95 for r in ratios)
 
 
 @pytest.mark.parametrize("space, message", [

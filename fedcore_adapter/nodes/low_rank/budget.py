@@ -6,14 +6,15 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ...schema import StrictModel
+from ...schema import StrictModel, searchable
 
 
 class Budget(StrictModel):
     """A whole-model target: ``ratio`` of the current total, or an absolute ``value``."""
 
     metric: Literal["params", "macs"] = "params"
-    ratio: Optional[float] = Field(None, gt=0, le=1, description="target total / current total")
+    ratio: Optional[float] = Field(None, gt=0, le=1, description="target total / current total",
+                                   json_schema_extra=searchable(0.2, 0.95, type="float", if_set=True))
     value: Optional[int] = Field(None, ge=1, description="target total (absolute count)")
 
     @model_validator(mode="after")

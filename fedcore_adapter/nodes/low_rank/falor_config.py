@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ...schema import StrictModel
+from ...schema import StrictModel, searchable
 from .budget import Budget
 
 DEFAULT_NSR = 0.01  # ptdeco's default bound on the model-output noise-to-signal ratio
@@ -31,7 +31,8 @@ class NSR(StrictModel):
     name: Literal["nsr"] = "nsr"
     threshold: Optional[float] = Field(None, gt=0, description="per_layer: largest NSR with one layer changed; "
                                                                "global: bound on their sum. Default 0.01 (none "
-                                                               "with a budget)")
+                                                               "with a budget)",
+                                       json_schema_extra=searchable(1e-3, 0.1, log=True, if_set=True))
     kl_threshold: Optional[float] = Field(None, gt=0, description="optional bound on symmetric KL of output softmax")
 
     @property
@@ -44,7 +45,8 @@ class Cosine(StrictModel):
 
     name: Literal["cosine"] = "cosine"
     threshold: Optional[float] = Field(None, gt=0, lt=1, description="per_layer: bound on 1 - mean cosine with "
-                                                                     "one layer changed; global: on their sum")
+                                                                     "one layer changed; global: on their sum",
+                                       json_schema_extra=searchable(1e-3, 0.1, log=True, if_set=True))
 
     @property
     def bound(self) -> Optional[float]:
