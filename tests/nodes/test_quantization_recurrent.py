@@ -1,5 +1,6 @@
 """``ptq_dynamic`` on GRU/LSTM: torch's int8 recurrent kernels, tensors-only checkpoints, measured from shapes."""
 import copy
+import io
 from functools import partial
 
 import pytest
@@ -84,12 +85,52 @@ def test_gru_and_lstm_run_int8_kernels_the_checkpoint_is_several_times_smaller_a
         torch.testing.assert_close(loaded(IDS), quantized(IDS), rtol=0, atol=0)
 
 
-def test_the_checkpoint_holds_int8_tensors_under_the_float_layers_names():
-    model = seeded(SeqClassifier, "gru", num_layers=2)
-    model.rnn.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    state = DynamicInt8GRU.from_float(model.rnn).state_dict()
-    assert sorted(state) == sorted(n for n, _ in model.rnn.named_parameters())
-    assert all(state[n].dtype == (torch.qint8 if n.startswith("weight") else torch.float32) for n in state)
+def int8_gru(qconfig=torch.ao.quantization.per_channel_dynamic_qconfig, **options) -> DynamicInt8GRU:
+    model = seeded(SeqClassifier, "gru", **options)
+    model.rnn.qconfig = qconfig
+    return DynamicInt8GRU.from_float(model.rnn)
+
+
+def test_the_checkpoint_holds_int8_weights_under_the_float_layers_names_with_float32_scales_beside_them():
+    rnn = int8_gru(num_layers=2)
+    state = rnn.state_dict()
+    params = [n for n, _ in nn.GRU(16, 256, num_layers=2).named_parameters()]
+    weights = [n for n in params if n.startswith("weight")]
+    assert sorted(state) == sorted(params + [f"{n}_scale" for n in weights])  # symmetric: no zero points saved
+    assert all(state[n].dtype == torch.int8 and state[f"{n}_scale"].dtype == torch.float32 for n in weights)
+    assert all(state[n].dtype == torch.float32 for n in params if n.startswith("bias"))
+    assert state["weight_hh_l1_scale"].shape == (3 * 256,)  # one scale per output channel
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    int8_bytes = sum(state[n].numel() for n in weights)
+    assert buffer.tell() < 1.1 * int8_bytes  # scales, biases and the file's own overhead under 10 %
+
+
+@pytest.mark.parametrize("qconfig", [torch.ao.quantization.per_channel_dynamic_qconfig,
+                                     torch.ao.quantization.default_dynamic_qconfig], ids=["per-channel", "per-tensor"])
+def test_an_int8_recurrent_layer_reloads_the_same_int8_weights_and_scales(qconfig):
+    rnn = int8_gru(qconfig, num_layers=2, bidirectional=True)
+    fresh = int8_gru(qconfig, seed=5, num_layers=2, bidirectional=True)
+    fresh.load_state_dict(rnn.state_dict())
+    for name, weight in rnn.get_weight().items():
+        reloaded = fresh.get_weight()[name]
+        assert torch.equal(reloaded.int_repr(), weight.int_repr()) and reloaded.qscheme() == weight.qscheme()
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            assert torch.equal(reloaded.q_per_channel_scales(), weight.q_per_channel_scales())
+        else:
+            assert reloaded.q_scale() == weight.q_scale()
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(fresh(x)[0], rnn(x)[0], rtol=0, atol=0)
+
+
+def test_a_state_dict_holding_quantized_weight_tensors_still_loads():
+    rnn = int8_gru()
+    earlier = {**rnn._weight_bias()["weight"], **rnn._weight_bias()["bias"]}  # the format before float32 scales
+    assert earlier["weight_ih_l0"].dtype == torch.qint8
+    fresh = int8_gru(seed=5)
+    fresh.load_state_dict(earlier)
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(fresh(x)[0], rnn(x)[0], rtol=0, atol=0)
 
 
 def test_int8_recurrent_layers_are_measured_from_their_shapes():
