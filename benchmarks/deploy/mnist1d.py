@@ -1,48 +1,46 @@
-"""The MNIST-1D CNN in its deployment runtimes, side by side: torch fp32, our eager int8 (``ptq_static``), each
-runtime's own int8 applied by hand, the same through the ``deploy`` node, and a pruned model + each runtime's int8.
+"""The MNIST-1D CNN in its deployment runtimes, side by side in one run: torch fp32, our eager int8
+(``ptq_static``), each runtime's own int8 applied by hand, our int8 through the ``deploy`` node on each runtime,
+and the composites (pruned / low-rank CNNs from the composite chains, then the runtime's int8) on each runtime.
 
-    python -m benchmarks.deploy.mnist1d [--raw-epochs 30] [--prune 0.5] [--rounds 5]
+    python -m benchmarks.deploy.mnist1d [--raw-epochs 30] [--prune 0.5] [--composite-2 0.5] [--rounds 5]
 
-RAW trains the fp32 model (``--raw-epochs``, seed 42); every other variant starts from it. Settings: batch 1 and
-batch 256 (one test batch), 1 and 2 threads, every variant timed back to back in each round
-(``benchmarks.timing.interleaved_latency``); speed-ups are medians over rounds of per-round ratios to torch fp32.
-Accuracy: the 1000 test samples, through each runtime. Sizes: bytes of what each runtime loads.
+RAW trains the fp32 model (``--raw-epochs``, seed 42); every other variant starts from it. Cells: 1 and 2 threads
+x batch 1 and batch 256 (one test batch); every round times every cell and every variant back to back
+(``benchmarks.deploy.common.time_cells``, a pause before each variant); figures are medians over rounds, ratios
+medians of per-round ratios. Accuracy: the 1000 test samples, through each runtime. Sizes: bytes of what each
+runtime loads.
 
 - ``ORT int8 (by hand)``: ``torch.onnx.export`` + ``quantize_static`` (QDQ, per-channel, 8 training batches):
   ONNX Runtime's recipe for CNNs (its dynamic int8 runs convolutions as ConvInteger, slower).
 - ``OpenVINO int8 (by hand)``: ``openvino.convert_model`` + ``nncf.quantize`` (default preset, 8 batches).
-- ``pruned + deploy <runtime>``: the ``pruning`` node (``--prune`` of the channels, magnitude, 3 iterations,
-  fine-tuned as in ``benchmarks.pruning.mnist1d``) then the ``deploy`` node.
+- ``deploy <runtime>``: the ``deploy`` node (``quantize: static``) on the fp32 model (parity target: within 5 %
+  of the runtime's own int8 at equal or better accuracy).
+- composites (target: faster than the runtime's own int8 within 0.5 pt of fp32's accuracy), then ``deploy``:
+  ``pruned <r>``: the ``pruning`` node (``--prune`` of the channels, magnitude, 3 iterations, fine-tuned);
+  ``COMPOSITE_2 <r>``: the named setup's chain after its training node (low-rank, pruning at ``--composite-2``,
+  low-rank), as ``fedcore-adapter setup=COMPOSITE_2 nodes.2.pruning_ratio=<r>`` runs it.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedcore_adapter import run_setup
 from fedcore_adapter.deploy import load_artifact
 from fedcore_adapter.metrics import evaluate
+from fedcore_adapter.setups import setup_source
 from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
 from fedcore_adapter.zoo.models import MNIST1DCNN
 
 from benchmarks.common import environment, markdown
-from benchmarks.timing import interleaved_latency
-
-
-class Feed(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return torch.from_numpy(np.asarray(self.fn(x.numpy())))
+from benchmarks.deploy.common import RUNTIMES, against_own_int8, latency_rows, ov_by_hand, time_cells
 
 
 def ort_by_hand(model: nn.Module, calibration: list, folder: Path) -> Path:
@@ -63,47 +61,36 @@ def ort_by_hand(model: nn.Module, calibration: list, folder: Path) -> Path:
     return int8
 
 
-def ort_session(path: Path, threads: int) -> Feed:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Feed(lambda x: session.run(None, {"x": x})[0])
+def run_nodes(nodes: list[dict], model: nn.Module, dm, out: Path, seed: int, limit: int | None = None):
+    common = {"measure": False, "seed": seed} | ({"limit_train_batches": limit} if limit else {})
+    return run_setup({"name": "v", "common": common, "nodes": nodes}, model, dm, output_dir=out)
 
 
-def ov_by_hand(model: nn.Module, calibration: list, folder: Path) -> Path:
-    import nncf
-    import openvino as ov
-
-    ov_model = ov.convert_model(model, example_input=calibration[0])
-    quantized = nncf.quantize(ov_model, nncf.Dataset([x.numpy() for x in calibration]),
-                              subset_size=sum(len(x) for x in calibration))
-    ov.save_model(quantized, str(folder / "int8.xml"), compress_to_fp16=False)
-    return folder / "int8.xml"
-
-
-def ov_session(path: Path, threads: int) -> Feed:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                           "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return Feed(lambda x: request.infer({0: x})[compiled.outputs[0]].copy())
-
-
-def run_nodes(nodes: list[dict], model: nn.Module, dm, out: Path, seed: int):
-    return run_setup({"name": "v", "common": {"measure": False, "seed": seed}, "nodes": nodes}, model, dm,
-                     output_dir=out)
+def composite_chains(prune: float, composite_2: float) -> dict[str, list[dict]]:
+    """The float chains whose models the runtimes quantize (name -> nodes)."""
+    chains = {}
+    if prune > 0:
+        chains[f"pruned {prune:g}"] = [{"kind": "pruning", "pruning_ratio": prune, "pruning_iterations": 3, "epochs": 5,
+                                        "learning_rate": 1e-3, "importance": "MagnitudeImportance", "importance_norm": 1,
+                                        "finetune_params": {"epochs": 20, "progress": False}}]
+    if composite_2 > 0:
+        nodes = copy.deepcopy(setup_source("COMPOSITE_2")[0]["nodes"][1:])  # after its training node
+        nodes[1]["pruning_ratio"] = composite_2
+        chains[f"COMPOSITE_2 {composite_2:g}"] = nodes
+    return chains
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--raw-epochs", type=int, default=30)
-    parser.add_argument("--prune", type=float, default=0.5, help="0: leave out the pruned variants")
+    parser.add_argument("--prune", type=float, default=0.5, help="pruned composite's ratio (0: left out)")
+    parser.add_argument("--composite-2", type=float, default=0.5,
+                        help="COMPOSITE_2 chain's pruning ratio (0: left out)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--limit-batches", type=int, help="training batches per epoch (a smoke run)")
+    parser.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each timed variant")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -112,7 +99,7 @@ def main() -> None:
     seconds = {}
     torch.manual_seed(args.seed)
     raw = run_nodes([{"kind": "training", "epochs": args.raw_epochs, "progress": False}], MNIST1DCNN(), dm,
-                    tmp / "raw", args.seed)
+                    tmp / "raw", args.seed, args.limit_batches)
     fp32 = raw.model.eval()
     built = {"torch fp32": (lambda t: fp32, (raw.output_dir / "final" / "state.pt").stat().st_size)}
     ours = run_nodes([{"kind": "ptq_static"}], fp32, dm, tmp / "ptq", args.seed)
@@ -120,55 +107,53 @@ def main() -> None:
                                              (ours.output_dir / "final" / "state.pt").stat().st_size)
     calibration = [x for i, (x, _) in zip(range(8), dm.train_dataloader())]
     ort_path = ort_by_hand(fp32, calibration, tmp)
-    built["ORT int8 (by hand)"] = (lambda t: ort_session(ort_path, t), ort_path.stat().st_size)
-    ov_path = ov_by_hand(fp32, calibration, tmp)
-    built["OpenVINO int8 (by hand)"] = (lambda t: ov_session(ov_path, t),
+    built["ORT int8 (by hand)"] = (lambda t: load_artifact(ort_path, threads=t), ort_path.stat().st_size)
+    ov_path = ov_by_hand(fp32, calibration[0], [x.numpy() for x in calibration], tmp, transformer=False,
+                         subset_size=sum(len(x) for x in calibration))
+    built["OpenVINO int8 (by hand)"] = (lambda t: load_artifact(ov_path, threads=t),
                                         ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size)
     bases = [("", fp32)]
-    if args.prune > 0:
+    for name, nodes in composite_chains(args.prune, args.composite_2).items():
         start = time.perf_counter()
-        prune_node = {"kind": "pruning", "pruning_ratio": args.prune, "pruning_iterations": 3, "epochs": 5,
-                      "learning_rate": 1e-3, "importance": "MagnitudeImportance", "importance_norm": 1,
-                      "finetune_params": {"epochs": 20, "progress": False}}
-        pruned = run_nodes([prune_node], fp32, dm, tmp / "pruned", args.seed)
-        seconds["pruning node"] = time.perf_counter() - start
-        built["pruned torch fp32"] = (lambda t: pruned.model,
-                                      (pruned.output_dir / "final" / "state.pt").stat().st_size)
-        bases.append(("pruned + ", pruned.model))
+        result = run_nodes(nodes, fp32, dm, tmp / name.replace(" ", "_"), args.seed, args.limit_batches)
+        seconds[name] = time.perf_counter() - start
+        built[f"{name} torch fp32"] = (lambda t, m=result.model: m,
+                                       (result.output_dir / "final" / "state.pt").stat().st_size)
+        bases.append((f"{name} + ", result.model))
+    composites: dict[str, list[str]] = {}
     for label, base in bases:
-        for runtime in ("onnxruntime", "openvino"):
+        for runtime in RUNTIMES:
+            name = f"{label}deploy {runtime}"
             node = {"kind": "deploy", "runtime": runtime, "quantize": "static"}
-            result = run_nodes([node], base, dm, tmp / f"{label.strip(' +')}{runtime}", args.seed)
+            result = run_nodes([node], base, dm, tmp / name.replace(" ", "_").replace("+", ""), args.seed)
             folder = result.output_dir / "final"
-            built[f"{label}deploy {runtime}"] = (lambda t, f=folder: load_artifact(f, threads=t),
-                                                 result.model.artifact_bytes())
+            built[name] = (lambda t, f=folder: load_artifact(f, threads=t), result.model.artifact_bytes())
+            if label:
+                composites.setdefault(runtime, []).append(name)
     x256 = next(iter(dm.test_dataloader()))[0]
     settings = {"batch 1": x256[:1], "batch 256": x256}
-    timings = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        modules = {name: make(threads) for name, (make, _) in built.items()}
-        for setting, x in settings.items():
-            calls = {name: (lambda m=m, x=x: m(x)) for name, m in modules.items()}
-            timings[(threads, setting)] = interleaved_latency(calls, "torch fp32", rounds=args.rounds,
-                                                              per_round=10 if setting == "batch 1" else 3)
+    accuracy = {name: evaluate(make(2), dm.test_dataloader(), None, torch.device("cpu"))["accuracy"]
+                for name, (make, _) in built.items()}
+    times = time_cells({name: make for name, (make, _) in built.items()},
+                       {setting: (lambda m, x=x: m(x)) for setting, x in settings.items()}, args.threads, args.rounds,
+                       per_round=lambda setting: 10 if setting == "batch 1" else 3, settle=args.settle)
     torch.set_num_threads(2)
-    rows = []
-    base_acc = None
-    for name, (make, size) in built.items():
-        acc = evaluate(make(2), dm.test_dataloader(), None, torch.device("cpu"))["accuracy"]
-        base_acc = acc if base_acc is None else base_acc
-        row = {"variant": name, "size_kb": round(size / 1024, 1), "accuracy": acc,
-               "delta_pt": round(100 * (acc - base_acc), 2)}
-        for (threads, setting), timing in timings.items():
-            row[f"{threads}t {setting}"] = f"{timing[name]['latency_ms']:.3g} ms ({timing[name]['speedup']:.2f}x)"
-        rows.append(row)
+    base_acc = accuracy["torch fp32"]
+    rows = [{"variant": name, "size_kb": round(size / 1024, 1), "accuracy": accuracy[name],
+             "delta_pt": round(100 * (accuracy[name] - base_acc), 2)} | row
+            for (name, (_, size)), row in zip(built.items(), latency_rows(list(built), times, "torch fp32"))]
+    qualified = {name for name, acc in accuracy.items() if acc >= base_acc - 0.005}
+    own, verdict = against_own_int8(times, composites, qualified)
     print(environment(), f"seed {args.seed}")
     print("build seconds:", json.dumps({k: round(v) for k, v in seconds.items()}))
     print(markdown(rows, list(rows[0])))
+    print("\nlatency / the runtime's own int8 (median of per-round ratios, range; < 1: faster):")
+    print(markdown(own, list(own[0])))
+    print("best composite within 0.5 pt of fp32, per runtime:", json.dumps(verdict))
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "timings": {f"{t}|{s}": v for (t, s), v in timings.items()}},
-                                        indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "against_own_int8": own, "verdict": verdict,
+                                         "times": {"|".join(map(str, k)): v for k, v in times.items()},
+                                         "seconds": seconds}, indent=2))
 
 
 if __name__ == "__main__":
