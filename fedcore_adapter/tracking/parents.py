@@ -82,7 +82,9 @@ def _open(uri: str, experiment: str, http: dict, name: str, role: str, params: O
         if params:
             from mlflow.entities import Param
 
-            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(dict(params)).items()][:100])
+            items = [Param(k, str(v)[:6000]) for k, v in flatten(dict(params)).items()]
+            for i in range(0, len(items), 100):  # MLflow's batch limit
+                client.log_batch(run.info.run_id, params=items[i:i + 100])
     except Exception as err:  # noqa: BLE001 - the runs still log, unnested
         log.warning("MLflow tracking at %s: no %s run (%s); its runs are logged without a parent", uri, role,
                     " ".join(str(err).split())[:300] or type(err).__name__)
@@ -90,14 +92,35 @@ def _open(uri: str, experiment: str, http: dict, name: str, role: str, params: O
     return ParentRun(uri, experiment, run.info.run_id, http)
 
 
+def reopen_parent(cfg: Mapping[str, Any], run_id: str, model_label: Optional[str] = None) -> Optional[ParentRun]:
+    """The parent run ``run_id`` of an interrupted sweep or search, running again (resume); None when ``cfg`` is
+    not tracked or the store cannot be reached (one warning: its runs are logged without a parent)."""
+    target = tracking_target(cfg, model_label)
+    if target is None:
+        return None
+    uri, experiment, http = target
+    from .store import connect
+
+    try:
+        client, _ = connect(uri, None, **http)
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "fedcore.status", "running")
+    except Exception as err:  # noqa: BLE001 - the runs still log, unnested
+        log.warning("MLflow tracking at %s: the parent run %s was not reopened (%s); its runs are logged without a "
+                    "parent", uri, run_id, " ".join(str(err).split())[:300] or type(err).__name__)
+        return None
+    return ParentRun(uri, experiment, run_id, http)
+
+
 def close_parents(parents: Iterable[ParentRun], status: str = "completed", metrics: Optional[Mapping[str, float]] = None,
                   files: Iterable[str | Path] = ()) -> None:
-    """End the parent runs (``completed`` / ``failed`` / ``killed``) with their summary metrics and files."""
+    """End the parent runs (``completed`` / ``failed`` / ``killed``) with their summary metrics and files (a folder
+    is logged as the artifact folder of its name)."""
     from mlflow.entities import Metric
 
     from .store import STATUS, connect
 
-    files = [Path(f) for f in files if Path(f).is_file()]
+    files = [Path(f) for f in files if Path(f).is_file() or Path(f).is_dir()]
     for parent in parents:
         try:
             client, _ = connect(parent.uri, None, **parent.http)
@@ -105,7 +128,10 @@ def close_parents(parents: Iterable[ParentRun], status: str = "completed", metri
             if metrics:
                 client.log_batch(parent.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
             for path in files:
-                client.log_artifact(parent.run_id, str(path))
+                if path.is_dir():
+                    client.log_artifacts(parent.run_id, str(path), path.name)
+                else:
+                    client.log_artifact(parent.run_id, str(path))
             client.set_tag(parent.run_id, "fedcore.status", status)
             client.set_terminated(parent.run_id, STATUS.get(status, "FINISHED"))
         except Exception as err:  # noqa: BLE001 - every run's own results are logged already

@@ -2,6 +2,8 @@
 and the trials table as the parent's artifacts."""
 from __future__ import annotations
 
+import json
+
 from mlflow.tracking import MlflowClient
 
 from fedcore_adapter.search.driver import run_search
@@ -25,3 +27,20 @@ def test_the_search_is_a_parent_run_with_a_nested_run_per_trial_and_the_front_as
     assert {"trials.csv", "pareto.csv", "pareto.png", "pareto"} <= artifacts
     assert parent.data.metrics["trials_finished"] == 2
     assert result.folder.name == "SEARCH_TINY_tiny"
+
+
+def test_a_resumed_search_on_a_tracking_server_logs_into_the_same_parent_run(mlflow_server, tmp_path):
+    cfg = config(tmp_path, trials=1)
+    cfg["tracking"] = {"name": "mlflow", "uri": mlflow_server, "experiment": "search-resume", "log_model": False}
+    first = run_search(cfg)
+    run_id = json.loads((first.folder / "search.json").read_text())["mlflow_run_id"]
+    run_search({**cfg, "resume": True, "search": {**cfg["search"], "trials": 2}})
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("search-resume").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("fedcore.role") == "search"]
+    assert [p.info.run_id for p in parents] == [run_id]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["fedcore.status"] == "completed"
+    assert parents[0].data.metrics["trials_finished"] == 2
+    nested = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id)
+    assert nested == ["prefix", "trial_0000", "trial_0001"]
+    assert {a.path for a in client.list_artifacts(run_id, "pareto")}  # the Pareto setups' folder, as artifacts
