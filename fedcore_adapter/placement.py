@@ -184,6 +184,9 @@ def place(root: Path | str, base: str, *, resume: bool, setup_hash: str) -> Plac
             if finished:
                 n = max(finished)
                 return Placement(found[n]["final"], found[n]["final"], completed=found[n]["final"])
+            if not stale:  # (an unrecorded stale folder is named below, as it is discarded)
+                log.warning("resume=true: nothing to resume under %s (no unfinished or finished %s run there); "
+                            "starting a new run", root, base)
         n = 1
         while True:
             folders = found.get(n, {})
@@ -193,9 +196,13 @@ def place(root: Path | str, base: str, *, resume: bool, setup_hash: str) -> Plac
         final = root / numbered(base, n)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if partial.exists():
-            what = "" if runs.get(n, {}).get("setup_hash") else " (it stopped before recording anything)"
-            log.warning("discarding the unfinished run in %s%s; its owner is gone (pass resume=true to continue it)",
-                        partial, what)
+            if resume:  # only an unrecorded one is left here: there is nothing in it to continue
+                log.warning("resume=true: nothing to resume in %s (it stopped before recording anything); starting "
+                            "a new run", partial)
+            else:
+                what = "" if runs.get(n, {}).get("setup_hash") else " (it stopped before recording anything)"
+                log.warning("discarding the unfinished run in %s%s; its owner is gone (pass resume=true to continue "
+                            "it)", partial, what)
             shutil.rmtree(partial)
         _claim(partial, {"status": "running", "run_name": final.name, "setup_hash": setup_hash,
                          "started_at": now_iso(), **owner_fields(), **_attempt_fields(attempt)})

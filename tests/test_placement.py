@@ -93,6 +93,9 @@ def test_resume_after_a_kill_before_anything_was_recorded_starts_over_without_a_
     result = run_setup(tiny_setup(name="K"), tiny_mlp(), dm, output_dir=tmp_path, resume=True)
     assert result.output_dir == tmp_path / "K" and json.loads((tmp_path / "K" / "run.json").read_text())["status"] == "completed"
     assert "setup differs" not in caplog.text
+    assert "pass resume=true" not in caplog.text  # it was passed: the line says there was nothing to continue
+    assert f"resume=true: nothing to resume in {tmp_path / 'K.partial'} (it stopped before recording anything)" \
+        in caplog.text
 
 
 def test_the_results_folder_that_cannot_be_created_is_one_line(tmp_path, dm):
@@ -146,3 +149,27 @@ def test_a_rerun_task_that_cannot_see_its_lost_attempts_folder_says_it_restarted
     assert "previous attempt was lost with its worker and its results folder is not visible here" in caplog.text
     assert "restarts from the first node" in caplog.text
     assert json.loads((result.output_dir / "run.json").read_text())["attempt"] == 2
+
+
+def test_resume_with_nothing_to_resume_says_so_in_one_line_and_starts_a_new_run(tmp_path, dm, caplog):
+    result = run_setup(tiny_setup(name="N"), tiny_mlp(), dm, output_dir=tmp_path, resume=True)
+    assert result.output_dir == tmp_path / "N" and json.loads((tmp_path / "N" / "run.json").read_text())["status"] == "completed"
+    lines = [r.getMessage() for r in caplog.records if "nothing to resume" in r.getMessage()]
+    assert lines == [f"resume=true: nothing to resume under {tmp_path} (no unfinished or finished N run there); "
+                     f"starting a new run"]
+
+
+def test_resume_of_an_unfinished_run_continues_it_without_the_nothing_to_resume_line(tmp_path, dm, caplog):
+    class InterruptAfterTheFirstNode(Hook):
+        def after_node(self, run, index, node, model, row, checkpoint):
+            raise KeyboardInterrupt  # a BaseException: not swallowed as a hook's own failure
+
+    setup = tiny_setup({"kind": "training", "epochs": 1}, {"kind": "training", "epochs": 1}, name="R")
+    with pytest.raises(BaseException):
+        run_setup(setup, tiny_mlp(), dm, output_dir=tmp_path, hooks=[InterruptAfterTheFirstNode()])
+    assert json.loads((tmp_path / "R.partial" / "run.json").read_text())["completed_nodes"] == 1
+    caplog.clear()
+    result = run_setup(setup, tiny_mlp(), dm, output_dir=tmp_path, resume=True)
+    assert result.output_dir == tmp_path / "R"
+    assert json.loads((tmp_path / "R" / "run.json").read_text()).get("resumed_at")
+    assert "nothing to resume" not in caplog.text

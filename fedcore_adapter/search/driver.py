@@ -108,6 +108,8 @@ def _open_folder(folder: Path, resume: bool, signature: str) -> dict:
             raise ConfigError(f"cannot resume {folder}: the search space differs from the interrupted search's "
                               f"(setup, overrides or search.* changed); use another model_name / output_dir")
         return state
+    if resume:
+        log.warning("resume=true: nothing to resume under %s (no search there); starting a new search", folder)
     folder.mkdir(parents=True, exist_ok=True)
     return {"space": signature}
 

@@ -79,6 +79,7 @@ def test_an_interrupted_search_resumes_and_reruns_the_trial_it_lost(tmp_path):
     assert len(rows) == 3 and {r["state"] for r in rows} == {"complete"}
     assert sorted(p.name for p in (folder / "prefix").iterdir() if p.name.startswith("PREFIX")) == prefix_runs
     assert "trial 3/3" in done.stdout and "trial 1/3" not in done.stdout  # only what was left ran
+    assert "nothing to resume" not in done.stdout + done.stderr
 
 
 def test_a_search_folder_is_not_overwritten_without_resume(tmp_path):
@@ -90,3 +91,13 @@ def test_a_search_folder_is_not_overwritten_without_resume(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "holds a search already; pass resume=true" in proc.stderr
+
+
+def test_resume_with_no_search_to_resume_says_so_in_one_line_and_starts_a_new_search(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter.search"):
+        result = run_search({**config(tmp_path, trials=1), "resume": True})
+    lines = [r.getMessage() for r in caplog.records if "nothing to resume" in r.getMessage()]
+    assert lines == [f"resume=true: nothing to resume under {result.folder} (no search there); starting a new search"]
+    assert len(_csv(result.folder / "trials.csv")) == 1
