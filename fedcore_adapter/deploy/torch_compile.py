@@ -1,12 +1,18 @@
 """torch.compile: ``torch.export`` + PT2E int8 with the x86 inductor quantizer (torchao), run by inductor.
 
 The artifact ``model.pt2`` is a ``torch.export`` archive of the quantized graph (quantize /
-dequantize ops around float ops, which inductor fuses into int8 kernels when compiled); its input
-names ride along in the archive's extra files.
+dequantize ops around float ops); its input names ride along in the archive's extra files. The
+runner compiles it with inductor's ``freezing`` (patched around each call: the compile is lazy),
+which folds the weights into constants and fuses the quantize / dequantize patterns into oneDNN
+int8 kernels (``onednn.qlinear_pointwise``...).
+Where the frozen compile fails (torch 2.13 + torchao 0.18: Conv1d with stride gets a wrong output
+length, "shape '[64, 1280]' is invalid for input of size 114688"), it runs the graph compiled
+unfrozen (the quantize / dequantize ops as written, no int8 kernels) and says so in the log.
 """
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -16,6 +22,8 @@ from torch import nn
 
 from .runner import Runner
 from .signature import Positional, Signature
+
+log = logging.getLogger("fedcore_adapter")
 
 ARTIFACT = "model.pt2"
 _SIGNATURE_FILE = "fedcore_signature.json"
@@ -78,15 +86,29 @@ class CompiledRunner(Runner):
         signature = Signature.from_json(json.loads(extra[_SIGNATURE_FILE])) if extra[_SIGNATURE_FILE] else \
             Signature(tuple(s.arg.name for s in program.graph_signature.input_specs
                             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT), False)
-        object.__setattr__(self, "compiled", torch.compile(program.module()))
+        module = program.module()
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "compiled", torch.compile(module))
         super().__init__(path, [path], signature, threads or torch.get_num_threads(), weight_dtype, reference)
+        self.fused = True  # frozen: int8 kernels; False once the frozen compile failed and the runner fell back
 
     def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        from torch._inductor import config as inductor_config
+
         from ..metrics import fixed_threads
 
         with fixed_threads(self.threads), torch.no_grad():
+            if self.fused:
+                try:
+                    with inductor_config.patch(freezing=True):
+                        return self.compiled(*tensors)
+                except Exception as err:  # noqa: BLE001 - inductor's frozen int8 lowering fails on some graphs
+                    log.warning("torch_compile: the frozen (int8-fused) compile of %s failed (%s: %s); running it "
+                                "compiled without freezing", self.artifact.name, type(err).__name__,
+                                " ".join(str(err).split())[:200])
+                    self.fused = False
+                    object.__setattr__(self, "compiled", torch.compile(self._module))
             return self.compiled(*tensors)
-
 
 def load(path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,
          weight_dtype: str = "int8") -> CompiledRunner:

@@ -71,6 +71,21 @@ def test_a_tiny_bert_takes_its_dict_inputs_in_every_runtime(tmp_path, runtime, q
     assert (row["runtime"], row["batch_shape"], row["accuracy"]) == (runtime, "8x16", None)
 
 
+@pytest.mark.slow
+def test_torch_compile_runs_the_int8_graph_in_fused_onednn_kernels(tmp_path):
+    from torch._inductor.utils import run_and_get_code
+
+    model, dm = tiny_bert(), TokenData()
+    runner = deploy_run(tmp_path, model, dm, runtime="torch_compile", calibration_batches=2).model
+    batch = next(iter(dm.test_dataloader()))
+    with torch.inference_mode():
+        output, code = run_and_get_code(runner, **batch)
+        expected = model(**batch).last_hidden_state
+    assert runner.fused  # compiled with inductor's freezing: weights constant, quantize/dequantize fused
+    assert any("qlinear_pointwise" in c for c in code)  # the int8 GEMMs run in oneDNN, not as float matmuls
+    assert relative_error(output, expected) <= INT8_TOLERANCE
+
+
 def test_the_node_checkpoint_keeps_the_float_model_it_exported(tmp_path, cnn):
     from fedcore_adapter.checkpoint import load_model
     from fedcore_adapter.zoo.models import MNIST1DCNN
