@@ -1,18 +1,21 @@
 """A ptls GRU encoder on generated transactions: RAW, PTQ_1, COMPOSITE_2 and hidden-unit pruning side by side.
 
-    python -m benchmarks.ptls.end_to_end [--clients 2000] [--hidden 256] [--epochs 2] [--finetune-epochs 1]
-                                         [--limit-batches 10] [--rounds 3] [--threads 1] [--reuse DIR] [--setups ...]
+    python -m benchmarks.ptls.end_to_end [--clients 2000] [--hidden 256] [--epochs 10] [--finetune-epochs 2]
+                                         [--prune-finetune-epochs 8] [--patience 2] [--limit-batches N]
+                                         [--rounds 3] [--threads 1] [--reuse DIR] [--setups ...]
 
 The model is a real pytorch-lifestream ``SequenceToTarget``: ``TrxEncoder`` (an mcc embedding,
 a transaction-type embedding, log amounts) -> GRU (``--hidden`` units) -> linear head, with a
 torchmetrics accuracy; the data a ``PtlsDataModule`` of ``(PaddedBatch, class)`` batches over
 ``--clients`` generated clients of 50-300 events (70 % train, 10 % valid, 20 % test).
 
-Every model comes out of ``fedcore_fit``, every epoch cut to ``--limit-batches`` batches (the
-machine is shared: the whole run must take minutes): RAW trains ``--epochs`` epochs; PTQ_1,
-COMPOSITE_2 and PRUNE_0.5 (one ``pruning`` node at ratio 0.5: GRU hidden units, then a
-fine-tune) start from RAW's model with their own training node skipped and every fine-tune cut
-to ``--finetune-epochs`` epochs. A setup that fails is reported
+Every model comes out of ``fedcore_fit`` with the training budget a user would give it: full
+epochs (``--limit-batches`` cuts them, for a smoke run), at most ``--epochs`` for RAW and at most
+``--finetune-epochs`` for every fine-tune of PTQ_1 and COMPOSITE_2 (their low-rank training epochs:
+one), ``--prune-finetune-epochs`` for PRUNE_0.5 (one ``pruning`` node at ratio 0.5: GRU hidden units,
+then its fine-tune); every training stops after ``--patience`` epochs without a lower validation
+loss and keeps its best epoch (``keep_best: true``). PTQ_1, COMPOSITE_2 and PRUNE_0.5 start from
+RAW's model with their own training node skipped. A setup that fails is reported
 with its one-line error. Per model: params and bytes from the engine's rows; latency at batch 1
 and 64 re-measured side by side (models interleaved in every round, median over ``--rounds``,
 ``--threads`` threads); downstream quality on the test clients: the classifier's accuracy and a
@@ -40,15 +43,17 @@ from benchmarks.common import environment, markdown
 
 def setups(args) -> dict[str, tuple[object, dict]]:
     """name -> (setup, overrides) of every compressed model (all start from RAW's trained model)."""
-    fine = {"epochs": args.finetune_epochs, "learning_rate": 1e-3}
+    stop = {"early_stopping": {"monitor": "val_loss", "patience": args.patience}, "keep_best": True}
+    fine = {"epochs": args.finetune_epochs, "learning_rate": 1e-3, **stop}
     skip = {"training": {"epochs": 0}}
     low_rank = {"method": {"epochs": 1}, "finetune_params": fine}
+    prune_fine = {**fine, "epochs": args.prune_finetune_epochs}
     return {
         "PTQ_1": ("PTQ_1", {"nodes": {**skip, "low_rank": low_rank}}),
         "COMPOSITE_2": ("COMPOSITE_2", {"nodes": {**skip, "1": low_rank, "2": {"epochs": 1, "finetune_params": fine},
                                                   "3": low_rank}}),
         "PRUNE_0.5": ({"name": "PRUNE_0.5", "nodes": [{"kind": "pruning", "pruning_ratio": 0.5, "epochs": 0,
-                                                       "finetune_params": fine}]}, {}),
+                                                       "finetune_params": prune_fine}]}, {}),
     }
 
 
@@ -89,9 +94,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--limit-batches", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="RAW's most epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="most epochs of PTQ_1's and COMPOSITE_2's "
+                                                                          "fine-tunes")
+    parser.add_argument("--prune-finetune-epochs", type=int, default=8, help="most epochs of PRUNE_0.5's fine-tune")
+    parser.add_argument("--patience", type=int, default=2, help="early stopping: epochs without a lower "
+                                                                  "validation loss")
+    parser.add_argument("--limit-batches", type=int, default=None, help="cut every epoch (smoke runs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -109,10 +118,12 @@ def main() -> None:
     results = {name: reloaded for name in ("RAW", *setups(args)) if (reloaded := reuse(Path(out) / name, build))}
     if "RAW" not in results:
         raw = fedcore_fit(build(), dm, "RAW", output_folder=f"{out}/RAW",
-                          overrides={"common": common, "nodes": {"training": {"epochs": args.epochs,
-                                                                              "learning_rate": 3e-3}}},
+                          overrides={"common": common, "nodes": {"training": {
+                              "epochs": args.epochs, "learning_rate": 3e-3, "keep_best": True,
+                              "early_stopping": {"monitor": "val_loss", "patience": args.patience}}}},
                           limit_train_batches=args.limit_batches)
         results["RAW"] = (raw.optimised_model, raw.metrics)
+        print(f"RAW done at {time.perf_counter() - start:.0f} s", flush=True)
     failed = {}
     for name, (setup, overrides) in setups(args).items():
         if name in results or (args.setups and name not in args.setups):
@@ -121,6 +132,7 @@ def main() -> None:
             fit = fedcore_fit(results["RAW"][0], dm, setup, output_folder=f"{out}/{name}",
                               overrides={"common": common, **overrides}, limit_train_batches=args.limit_batches)
             results[name] = (fit.optimised_model, fit.metrics)
+            print(f"{name} done at {time.perf_counter() - start:.0f} s", flush=True)
         except Exception as err:  # noqa: BLE001 - reported in the table, the other setups still run
             failed[name] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
     for name in setups(args):  # completed meanwhile by another process writing into --reuse
@@ -138,7 +150,8 @@ def main() -> None:
         rows.append({"model": name, "nodes": "+".join(r["kind"] for r in metrics[1:]),
                      "params": row["params"], "size_mb": row["size_mb"], "dtype": row["dtype"],
                      "latency_b1_ms": latency[name, 1], "latency_b64_ms": latency[name, 64],
-                     "test_accuracy": accuracy, "downstream_lr_accuracy": lr_accuracy})
+                     "test_accuracy": accuracy, "downstream_lr_accuracy": lr_accuracy,
+                     "wall_s": sum(r.get("wall_s") or 0 for r in metrics[1:])})
     base = rows[0]
     for row in rows:
         row["smaller_x"] = base["size_mb"] / row["size_mb"]
@@ -149,7 +162,7 @@ def main() -> None:
     print(environment(), f"| {args}")
     print(markdown(rows, ["model", "nodes", "params", "size_mb", "smaller_x", "dtype", "latency_b1_ms", "faster_b1_x",
                           "latency_b64_ms", "faster_b64_x", "test_accuracy", "d_test_pt", "downstream_lr_accuracy",
-                          "d_downstream_pt"]))
+                          "d_downstream_pt", "wall_s"]))
     for name, error in failed.items():
         print(f"{name} failed: {error}")
     print(f"wall {time.perf_counter() - start:.0f} s; results in {out}")
