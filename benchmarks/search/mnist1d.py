@@ -1,12 +1,16 @@
-"""The search on MNIST-1D from the default RAW model: best MACs reduction within 1 point, its latency ratio,
-hypervolume against random search with the same trials, and the trial cost with and without the shared
-prefix and early stopping (the same candidates run as whole chains).
+"""The search on MNIST-1D from the default RAW model: best MACs reduction within 1 point (selected on
+validation, its test accuracy drop reported), its latency ratio, hypervolume against random search with the
+same trials (median over seeds), the parallel efficiency of the trials on the workers against a pair of busy
+loops measured in the same run, and the trial cost with and without the shared prefix and early stopping (the
+same candidates run as whole chains).
 
-    python -m benchmarks.search.mnist1d --out /tmp/search_bench [--trials 32] [--workers 2] [--full-chains 4]
-                                        [--pretrained CHECKPOINT]
+    python -m benchmarks.search.mnist1d --out /tmp/search_bench [--budget cut|full] [--seeds 0 1 2]
+        [--trials 32] [--workers 2] [--samplers tpe random] [--full-chains 4] [--pretrained CHECKPOINT]
 
-RAW (100 epochs) is trained once and cached under --raw; every search starts from it (``pretrained=``).
-Each search is the ``fedcore-adapter search`` command (printed), TPE then random, one after the other.
+``--budget full``: COMPOSITE_1 exactly as setups/composite_1.yaml defines it (only ``common.latency_repeats=10``);
+``cut``: its fine-tunes cut 5-10x (CHAIN below). RAW (100 epochs) is trained once and cached under --raw; every
+search starts from it (``pretrained=``). Each search is the ``fedcore-adapter search`` command (printed), for each
+seed every sampler one after the other, one folder per sampler and seed (``SEARCH_COMPOSITE_1_<sampler>_s<seed>``).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -29,17 +34,37 @@ ROOT = Path(__file__).resolve().parents[2]
 # COMPOSITE_1 with fewer epochs per node (the machine is shared; the epochs are the same for every trial and
 # both samplers): training 2 more epochs on RAW, pruning 2 iterations (1 epoch between, 3 after), low-rank 3.
 CHAIN = ["nodes.0.epochs=5", "nodes.pruning.pruning_iterations=2", "nodes.pruning.epochs=1",
-         "nodes.pruning.finetune_params.epochs=2", "nodes.low_rank.epochs=0", "nodes.low_rank.finetune_params.epochs=2",
+         "nodes.pruning.finetune_params.epochs=2", "nodes.low_rank.method.epochs=0", "nodes.low_rank.finetune_params.epochs=2",
          "common.limit_train_batches=10", "common.latency_repeats=10"]
+BUDGETS = {"cut": CHAIN, "full": ["common.latency_repeats=10"]}  # full: COMPOSITE_1 exactly as defined
+# the whole chains of the cost comparison: the same common options as the search's trials
+FULL_CHAIN_COMMON = {"cut": {"limit_train_batches": 10, "latency_repeats": 10}, "full": {"latency_repeats": 10}}
+
+# one CPU-bound process: a 1-thread torch matmul loop (the trials' workers run torch on 1 thread each)
+BUSY = """
+import sys, time, torch
+torch.set_num_threads(1)
+a = torch.randn(192, 192)
+print("ready", flush=True)
+sys.stdin.readline()  # all copies start their loops together
+start = time.perf_counter()
+for _ in range(int(sys.argv[1])):
+    a = torch.tanh(a @ a)
+print(time.perf_counter() - start)
+"""
 
 
-def sh(cmd: list[str], log: Path) -> float:
+def sh(cmd: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> float:
+    """Run ``cmd`` (output to ``log``); its wall time. An exit status not in ``ok`` stops the benchmark."""
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
     with open(log, "w") as out:
         code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - start
     print(f"  exit {code}, {wall:.0f} s (log {log})", flush=True)
+    if code not in ok:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise SystemExit(f"{cmd[2:4]} failed (exit {code}): " + " | ".join(tail))
     return wall
 
 
@@ -88,7 +113,52 @@ def side_by_side_latency(best_dir: Path, ref_dir: Path, rounds: int = 7) -> tupl
     return statistics.median(per["ref"]), statistics.median(per["best"])
 
 
-def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out: Path) -> list[dict]:
+def _busy(n: int, copies: int) -> list[float]:
+    """Seconds each of ``copies`` busy-loop processes started at once took for its loop."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(copies)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    return [float(proc.communicate()[0]) for proc in procs]
+
+
+def busy_loops(rounds: int = 3, seconds: float = 2.0) -> dict:
+    """The machine's effective parallelism for 2 processes: a busy loop alone vs two at once (alternating rounds);
+    parallelism = t_alone / t_pair_1 + t_alone / t_pair_2 (2.0: two free cores; 1.0: one core shared)."""
+    n = 50
+    while _busy(n, 1)[0] < seconds / 4:
+        n *= 4
+    n = int(n * seconds / _busy(n, 1)[0])
+    alone, pair = [], []
+    for _ in range(rounds):
+        alone.append(_busy(n, 1)[0])
+        pair.append(_busy(n, 2))
+    t1 = statistics.median(alone)
+    parallelism = statistics.median(t1 / a + t1 / b for a, b in pair)
+    return {"iterations": n, "alone_s": alone, "pair_s": pair, "parallelism": parallelism}
+
+
+def trial_efficiency(folder: Path, workers: int) -> dict:
+    """Sum of the trials' walls (measured on the workers) / (the trial phase's wall x workers); the phase runs from
+    the first trial's start to the last one's end (the study's timestamps; the shared prefix is before it)."""
+    import optuna
+
+    from fedcore_adapter.search.trial import open_storage
+
+    study = optuna.load_study(study_name="search", storage=open_storage(folder / "study.journal"))
+    done = [t for t in study.trials if t.datetime_start and t.datetime_complete and
+            isinstance(t.user_attrs.get("wall_s"), (int, float))]
+    if not done:
+        return {}
+    phase = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    busy = sum(t.user_attrs["wall_s"] for t in done)
+    return {"trial_walls_s": busy, "trial_phase_s": phase, "efficiency": busy / (phase * workers) if phase else None}
+
+
+def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out: Path, common: dict) -> list[dict]:
     """The same candidates as whole chains from RAW (training node included), no early stopping, one by one."""
     from fedcore_adapter.building import run_from_config
 
@@ -102,7 +172,7 @@ def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out:
                "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
                "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"},
                "tracking": {"name": "none"}, "pretrained": str(raw), "output_dir": str(out),
-               "common": {"limit_train_batches": 10, "latency_repeats": 10}}
+               "common": dict(common)}
         start = time.perf_counter()
         run_from_config(cfg)
         results.append({"trial": n, "state": r["state"], "search_wall_s": r["wall_s"],
@@ -112,11 +182,79 @@ def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out:
     return results
 
 
+def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, seed: int) -> dict:
+    label = f"{sampler}_s{seed}"
+    cmd = [sys.executable, "-m", "fedcore_adapter", "search", "setup=composite_1", f"pretrained={raw}",
+           f"search.trials={args.trials}", "search.objectives=[macs,accuracy]", "search.max_accuracy_drop=0.01",
+           f"search.sampler={sampler}", f"search.seed={seed}", "cluster=local", f"cluster.n_workers={args.workers}",
+           "tracking=none", f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget]]
+    wall = sh(cmd, out / f"search_{label}.log", ok=(0, 1))  # 1: no trial met the constraint
+    folder = out / f"SEARCH_COMPOSITE_1_{label}"
+    state = json.loads((folder / "search.json").read_text())
+    ref = state["reference"]["row"]
+    rows = read_trials(folder)
+    on_val = state.get("selection", "validation") == "validation"
+    line = (state["reference"]["val_accuracy"] if on_val else ref["accuracy"]) - 0.01
+    feasible = [r for r in rows if r["state"] == "complete" and r["feasible"] == "True"]
+    best = max(feasible, key=lambda r: r["macs_reduction"]) if feasible else None
+    walls = [r["wall_s"] for r in rows if isinstance(r["wall_s"], float)]
+    info = {"command": " ".join(cmd[2:]), "folder": str(folder), "sampler": sampler, "seed": seed, "wall_s": wall,
+            "reference": ref, "reference_val_accuracy": state["reference"].get("val_accuracy"),
+            "selection": "validation" if on_val else "test", "trials": len(rows),
+            "complete": sum(r["state"] == "complete" for r in rows),
+            "pruned": sum(r["state"] == "pruned" for r in rows),
+            "failed": sum(r["state"] == "failed" for r in rows), "feasible": len(feasible),
+            "hypervolume": hv(rows, ref["macs"], line, "val_accuracy" if on_val else "accuracy"),
+            "best_macs_reduction": best["macs_reduction"] if best else None,
+            "best_val_accuracy_drop_pt": best.get("val_accuracy_drop_pt") if best else None,
+            "best_test_accuracy_drop_pt": best.get("accuracy_drop_pt") if best else None, "best": best,
+            "mean_trial_wall_s": statistics.mean(walls) if walls else None,
+            "prefix_wall_s": state["reference"].get("wall_s"), **trial_efficiency(folder, args.workers)}
+    if best:
+        r_lat, b_lat = side_by_side_latency(Path(best["output_dir"]) / "final",
+                                            Path(state["reference"]["output_dir"]) / "final")
+        info["latency_side_by_side_ms"] = {"reference": r_lat, "best": b_lat, "ratio": r_lat / b_lat}
+    print(json.dumps({k: v for k, v in info.items() if k != "best"}, indent=1, default=str), flush=True)
+    print("best:", json.dumps(best, default=str), flush=True)
+    return info
+
+
+def _median(values: list) -> Optional[float]:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
+def per_sampler(runs: list[dict], parallelism: Optional[float], workers: int) -> dict:
+    """Per sampler, the median over seeds; a seed with no feasible trial counts 1.0x (no reduction) in the median
+    of the best MACs reduction, and its hypervolume is 0."""
+    out = {}
+    for sampler in dict.fromkeys(r["sampler"] for r in runs):
+        mine = [r for r in runs if r["sampler"] == sampler]
+        eff = _median([r.get("efficiency") for r in mine])
+        out[sampler] = {
+            "seeds": [r["seed"] for r in mine],
+            "hypervolume_median": _median([r["hypervolume"] for r in mine]),
+            "hypervolume_per_seed": [r["hypervolume"] for r in mine],
+            "best_macs_reduction_median": _median([r["best_macs_reduction"] or 1.0 for r in mine]),
+            "best_macs_reduction_per_seed": [r["best_macs_reduction"] for r in mine],
+            "best_test_accuracy_drop_pt_per_seed": [r["best_test_accuracy_drop_pt"] for r in mine],
+            "best_val_accuracy_drop_pt_per_seed": [r["best_val_accuracy_drop_pt"] for r in mine],
+            "feasible_per_seed": [r["feasible"] for r in mine],
+            "wall_s_per_seed": [r["wall_s"] for r in mine],
+            "trial_efficiency_median": eff,
+            # the search's efficiency against what the machine gave two busy loops (1.0: as parallel as they were)
+            "efficiency_vs_busy_loops": eff / (parallelism / workers) if eff and parallelism else None}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/search_bench")
     p.add_argument("--raw", default="/tmp/search_bench_raw")
     p.add_argument("--pretrained", default=None, help="a checkpoint to start from instead of RAW (100 epochs)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cut",
+                   help="full: COMPOSITE_1 exactly as defined; cut: its fine-tunes cut 5-10x")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search.seed values (one search each)")
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=["tpe", "random"])
@@ -124,40 +262,29 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
-    summary = {"environment": environment(), "raw": str(raw), "runs": {}}
-    for sampler in args.samplers:
-        cmd = [sys.executable, "-m", "fedcore_adapter", "search", "setup=composite_1", f"pretrained={raw}",
-               f"search.trials={args.trials}", "search.objectives=[macs,accuracy]", "search.max_accuracy_drop=0.01",
-               f"search.sampler={sampler}", "cluster=local", f"cluster.n_workers={args.workers}", "tracking=none",
-               f"model_name={sampler}", f"output_dir={out}", *CHAIN]
-        wall = sh(cmd, out / f"search_{sampler}.log")
-        folder = out / f"SEARCH_COMPOSITE_1_{sampler}"
-        state = json.loads((folder / "search.json").read_text())
-        ref = state["reference"]["row"]
-        rows = read_trials(folder)
-        on_val = state.get("selection", "validation") == "validation"
-        line = (state["reference"]["val_accuracy"] if on_val else ref["accuracy"]) - 0.01
-        feasible = [r for r in rows if r["state"] == "complete" and r["feasible"] == "True"]
-        best = max(feasible, key=lambda r: r["macs_reduction"]) if feasible else None
-        info = {"command": " ".join(cmd[2:]), "wall_s": wall, "reference": ref, "trials": len(rows),
-                "complete": sum(r["state"] == "complete" for r in rows),
-                "pruned": sum(r["state"] == "pruned" for r in rows),
-                "failed": sum(r["state"] == "failed" for r in rows), "feasible": len(feasible),
-                "selection": "validation" if on_val else "test",
-                "hypervolume": hv(rows, ref["macs"], line, "val_accuracy" if on_val else "accuracy"), "best": best,
-                "mean_trial_wall_s": statistics.mean(r["wall_s"] for r in rows if isinstance(r["wall_s"], float)),
-                "prefix_wall_s": state["reference"].get("wall_s")}
-        if best:
-            r_lat, b_lat = side_by_side_latency(Path(best["output_dir"]) / "final",
-                                                Path(state["reference"]["output_dir"]) / "final")
-            info["latency_side_by_side_ms"] = {"reference": r_lat, "best": b_lat, "ratio": r_lat / b_lat}
-        summary["runs"][sampler] = info
-        print(json.dumps({k: v for k, v in info.items() if k != "best"}, indent=1, default=str), flush=True)
-        print("best:", json.dumps(best, default=str), flush=True)
+    summary = {"environment": environment(), "load_average_start": os.getloadavg(), "raw": str(raw),
+               "budget": args.budget, "overrides": BUDGETS[args.budget], "seeds": args.seeds, "runs": []}
+
+    def save() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    first = args.samplers[0]
-    folder = out / f"SEARCH_COMPOSITE_1_{first}"
+
+    summary["busy_loops_before"] = busy_loops()
+    print("busy loops before:", json.dumps(summary["busy_loops_before"]), flush=True)
+    save()
+    for seed in args.seeds:
+        for sampler in args.samplers:
+            summary["runs"].append(one_search(args, raw, out, sampler, seed))
+            save()
+    summary["busy_loops_after"] = busy_loops()
+    print("busy loops after:", json.dumps(summary["busy_loops_after"]), flush=True)
+    parallelism = statistics.mean([summary["busy_loops_before"]["parallelism"],
+                                   summary["busy_loops_after"]["parallelism"]])
+    summary["busy_loop_parallelism"] = parallelism
+    summary["per_sampler"] = per_sampler(summary["runs"], parallelism, args.workers)
+    save()
+    folder = Path(summary["runs"][0]["folder"])
     if args.full_chains:
         import optuna
 
@@ -166,10 +293,17 @@ def main() -> None:
         study = optuna.load_study(study_name="search", storage=open_storage(folder / "study.journal"))
         (folder / "trials_nodes.json").write_text(json.dumps({str(t.number): t.user_attrs.get("nodes")
                                                               for t in study.trials if t.user_attrs.get("nodes")}))
-        costs = full_chain_costs(folder, raw, read_trials(folder), args.full_chains, out / "full_chains")
+        costs = full_chain_costs(folder, raw, read_trials(folder), args.full_chains, out / "full_chains",
+                                 FULL_CHAIN_COMMON[args.budget])
         summary["full_chains"] = costs
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(json.dumps(summary, indent=1, default=str))
+        done = [c for c in costs if c.get("search_wall_s")]
+        if done:  # how many times cheaper the same candidates were in the search than as whole chains
+            summary["full_chain_cost_ratio"] = (statistics.mean(c["full_chain_wall_s"] for c in done)
+                                                / statistics.mean(c["search_wall_s"] for c in done))
+    summary["wall_s"] = time.time() - started
+    summary["load_average_end"] = os.getloadavg()
+    save()
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1, default=str))
 
 
 if __name__ == "__main__":
