@@ -1,7 +1,7 @@
 """A ptls GRU encoder on generated transactions: RAW, PTQ_1, COMPOSITE_2 and hidden-unit pruning side by side.
 
-    python -m benchmarks.ptls.end_to_end [--clients 2000] [--hidden 256] [--epochs 10] [--finetune-epochs 2]
-                                         [--prune-finetune-epochs 8] [--patience 2] [--limit-batches N]
+    python -m benchmarks.ptls.end_to_end [--clients 2000] [--hidden 256] [--epochs 40] [--finetune-epochs N]
+                                         [--prune-finetune-epochs 20] [--patience 4] [--limit-batches N]
                                          [--rounds 3] [--threads 1] [--reuse DIR] [--setups ...]
 
 The model is a real pytorch-lifestream ``SequenceToTarget``: ``TrxEncoder`` (an mcc embedding,
@@ -10,12 +10,13 @@ torchmetrics accuracy; the data a ``PtlsDataModule`` of ``(PaddedBatch, class)``
 ``--clients`` generated clients of 50-300 events (70 % train, 10 % valid, 20 % test).
 
 Every model comes out of ``fedcore_fit`` with the training budget a user would give it: full
-epochs (``--limit-batches`` cuts them, for a smoke run), at most ``--epochs`` for RAW and at most
-``--finetune-epochs`` for every fine-tune of PTQ_1 and COMPOSITE_2 (their low-rank training epochs:
-one), ``--prune-finetune-epochs`` for PRUNE_0.5 (one ``pruning`` node at ratio 0.5: GRU hidden units,
-then its fine-tune); every training stops after ``--patience`` epochs without a lower validation
-loss and keeps its best epoch (``keep_best: true``). PTQ_1, COMPOSITE_2 and PRUNE_0.5 start from
-RAW's model with their own training node skipped. A setup that fails is reported
+epochs (``--limit-batches`` cuts them, for a smoke run): PTQ_1 and COMPOSITE_2 run every epoch count
+FedCore defines for them (``--finetune-epochs`` cuts their fine-tunes, early-stopped, and their low-rank
+training to one epoch); RAW trains at most ``--epochs`` and PRUNE_0.5 (one ``pruning`` node at ratio 0.5:
+GRU hidden units, then its fine-tune) at most ``--prune-finetune-epochs``, both stopping after
+``--patience`` epochs without a lower validation loss and keeping their best epoch (``keep_best: true``).
+PTQ_1, COMPOSITE_2 and PRUNE_0.5 start from RAW's model with their own training node skipped. Every
+node's validation accuracy per epoch is printed. A setup that fails is reported
 with its one-line error. Per model: params and bytes from the engine's rows; latency at batch 1
 and 64 re-measured side by side (models interleaved in every round, median over ``--rounds``,
 ``--threads`` threads); downstream quality on the test clients: the classifier's accuracy and a
@@ -35,6 +36,7 @@ from typing import Optional
 import torch
 
 from fedcore_adapter import fedcore_fit, load_model
+from fedcore_adapter.hooks import Hook
 from fedcore_adapter.metrics import latency_ms
 from fedcore_adapter.zoo import lifestream
 
@@ -44,17 +46,43 @@ from benchmarks.common import environment, markdown
 def setups(args) -> dict[str, tuple[object, dict]]:
     """name -> (setup, overrides) of every compressed model (all start from RAW's trained model)."""
     stop = {"early_stopping": {"monitor": "val_loss", "patience": args.patience}, "keep_best": True}
-    fine = {"epochs": args.finetune_epochs, "learning_rate": 1e-3, **stop}
     skip = {"training": {"epochs": 0}}
-    low_rank = {"method": {"epochs": 1}, "finetune_params": fine}
-    prune_fine = {**fine, "epochs": args.prune_finetune_epochs}
+    named = {"PTQ_1": {**skip}, "COMPOSITE_2": {**skip}}  # every other epoch count as FedCore defines it
+    if args.finetune_epochs is not None:  # cut: one low-rank training epoch, fine-tunes early-stopped
+        fine = {"epochs": args.finetune_epochs, "learning_rate": 1e-3, **stop}
+        low_rank = {"method": {"epochs": 1}, "finetune_params": fine}
+        named = {"PTQ_1": {**skip, "low_rank": low_rank},
+                 "COMPOSITE_2": {**skip, "1": low_rank, "2": {"epochs": 1, "finetune_params": fine}, "3": low_rank}}
+    prune_fine = {"epochs": args.prune_finetune_epochs, "learning_rate": 1e-3, **stop}
     return {
-        "PTQ_1": ("PTQ_1", {"nodes": {**skip, "low_rank": low_rank}}),
-        "COMPOSITE_2": ("COMPOSITE_2", {"nodes": {**skip, "1": low_rank, "2": {"epochs": 1, "finetune_params": fine},
-                                                  "3": low_rank}}),
+        "PTQ_1": ("PTQ_1", {"nodes": named["PTQ_1"]}),
+        "COMPOSITE_2": ("COMPOSITE_2", {"nodes": named["COMPOSITE_2"]}),
         "PRUNE_0.5": ({"name": "PRUNE_0.5", "nodes": [{"kind": "pruning", "pruning_ratio": 0.5, "epochs": 0,
                                                        "finetune_params": prune_fine}]}, {}),
     }
+
+
+class Curves(Hook):
+    """Every node's per-epoch training rows (``train_loss``, ``val_loss``, ``val_accuracy``), by node."""
+
+    def __init__(self):
+        self.rows: dict[str, list[dict]] = {}
+
+    def on_log(self, run, index, node, metrics, step) -> None:
+        self.rows.setdefault(f"{index}:{getattr(node, 'kind', node)}", []).append({"epoch": step, **metrics})
+
+
+def summary(curves: Curves) -> str:
+    """One line per node: epochs run and the validation accuracy of each."""
+    lines = []
+    for node, rows in curves.rows.items():
+        keys = sorted({k for r in rows for k in r if k.endswith("val_accuracy")})  # fine-tunes prefix their keys
+        for key in keys:
+            accuracy = " ".join(f"{r[key]:.3f}" for r in rows if r.get(key) is not None)
+            lines.append(f"  {node}: {key} per epoch {accuracy}")
+        if not keys:
+            lines.append(f"  {node}: {len(rows)} epoch rows, no validation accuracy")
+    return "\n".join(lines)
 
 
 def reuse(folder: Path, build) -> Optional[tuple]:
@@ -94,11 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=10, help="RAW's most epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="most epochs of PTQ_1's and COMPOSITE_2's "
-                                                                          "fine-tunes")
-    parser.add_argument("--prune-finetune-epochs", type=int, default=8, help="most epochs of PRUNE_0.5's fine-tune")
-    parser.add_argument("--patience", type=int, default=2, help="early stopping: epochs without a lower "
+    parser.add_argument("--epochs", type=int, default=40, help="RAW's most epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="cut PTQ_1's and COMPOSITE_2's fine-tunes to this many epochs (early-stopped) and their "
+                             "low-rank training to one; default: their epochs as FedCore defines them")
+    parser.add_argument("--prune-finetune-epochs", type=int, default=20, help="most epochs of PRUNE_0.5's fine-tune")
+    parser.add_argument("--patience", type=int, default=4, help="early stopping: epochs without a lower "
                                                                   "validation loss")
     parser.add_argument("--limit-batches", type=int, default=None, help="cut every epoch (smoke runs)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -121,18 +150,19 @@ def main() -> None:
                           overrides={"common": common, "nodes": {"training": {
                               "epochs": args.epochs, "learning_rate": 3e-3, "keep_best": True,
                               "early_stopping": {"monitor": "val_loss", "patience": args.patience}}}},
-                          limit_train_batches=args.limit_batches)
+                          limit_train_batches=args.limit_batches, hooks=[curves := Curves()])
         results["RAW"] = (raw.optimised_model, raw.metrics)
-        print(f"RAW done at {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"RAW done at {time.perf_counter() - start:.0f} s\n{summary(curves)}", flush=True)
     failed = {}
     for name, (setup, overrides) in setups(args).items():
         if name in results or (args.setups and name not in args.setups):
             continue
         try:
             fit = fedcore_fit(results["RAW"][0], dm, setup, output_folder=f"{out}/{name}",
-                              overrides={"common": common, **overrides}, limit_train_batches=args.limit_batches)
+                              overrides={"common": common, **overrides}, limit_train_batches=args.limit_batches,
+                              hooks=[curves := Curves()])
             results[name] = (fit.optimised_model, fit.metrics)
-            print(f"{name} done at {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"{name} done at {time.perf_counter() - start:.0f} s\n{summary(curves)}", flush=True)
         except Exception as err:  # noqa: BLE001 - reported in the table, the other setups still run
             failed[name] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
     for name in setups(args):  # completed meanwhile by another process writing into --reuse
