@@ -90,7 +90,7 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
 
 def load_state_file(model: Any, path: Path, option: str = "pretrained") -> Any:
     """Load a state-dict file (``weights_only``) into ``model``, or into ``model.seq_encoder`` when it fits that."""
-    from .checkpoint import load_tensors  # torch: building is imported where torch is not (Dask launching side)
+    from .checkpoint import load_tensors  # lazy: torch; building is imported without it (Dask launching side)
 
     try:
         state = load_tensors(path)
@@ -114,7 +114,7 @@ def load_state_file(model: Any, path: Path, option: str = "pretrained") -> Any:
 def load_pretrained(model: Any, path: str | Path, option: str = "pretrained") -> Any:
     """``model`` with saved weights: a checkpoint or results folder (its ``final``; structure replayed) or a
     ``.pt``/``.pth`` state-dict file (into ``model``, or its ``seq_encoder`` when the keys fit that)."""
-    from .checkpoint import MANIFEST_FILE, load_model  # torch
+    from .checkpoint import MANIFEST_FILE, load_model  # lazy: torch, as in load_state_file
 
     p = Path(path)
     if p.is_dir() and ((p / MANIFEST_FILE).exists() or (p / "final" / MANIFEST_FILE).exists()):
@@ -128,7 +128,7 @@ def load_pretrained(model: Any, path: str | Path, option: str = "pretrained") ->
 def build_model(cfg: Mapping[str, Any], seed: int) -> Any:
     """The model of ``cfg.model``, built under ``seed`` (the run's only seeding before the engine's per-node one),
     started from ``cfg.pretrained`` when given."""
-    from .engine import seed_everything  # torch
+    from .engine import seed_everything  # lazy: torch, as in load_state_file
 
     seed_everything(seed)
     model = instantiate_target("model", cfg.get("model"))
@@ -148,7 +148,7 @@ def executor_for(cfg: Mapping[str, Any], setup: Setup) -> Iterator[Any]:
     if not setup.common.distributed_compression:
         yield None
         return
-    from .distributed import executor_from_config  # dask is imported only when the cluster is used
+    from .distributed import executor_from_config  # lazy: dask, imported only when the cluster is used
 
     with executor_from_config(dict(cfg.get("cluster") or {})) as executor:
         yield executor
@@ -189,7 +189,7 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     ``{output_dir}/{SETUP}[_{model_name}]``, or exactly to ``output_folder``. The results' ``config.yaml``
     is ``config`` (default ``cfg``) with ``setup_resolved``.
     """
-    from .engine import run  # torch
+    from .engine import run  # lazy: torch, as in load_state_file
 
     given = cfg is not None
     cfg = dict(cfg or {})
@@ -202,7 +202,7 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     if output_folder is not None:
         root, model_name, setup = placement(output_folder, setup)
     if hooks is None:
-        from .progress import RunProgress  # torch
+        from .progress import RunProgress  # lazy: torch, as in load_state_file
 
         hooks = [*tracking_hooks(cfg, model_label or cfg.get("model_name")), RunProgress()]
     config = cfg if config is None and given else config

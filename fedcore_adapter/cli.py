@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from typing import Callable, Optional
 
 from . import entrypoints
 from .composition import exit_if_not_composable, normalize_argv, one_line
 from .errors import FedcoreError
+from .help import command_help, main_help, wants_help
+from .report import main as report_main
+from .resources import conf_dir
+from .search.cli import main as search_main
+from .setups import named_setups
+from .signals import RESUME_COMMAND, exit_status, sigterm_interrupts
 
 log = logging.getLogger("fedcore_adapter")
-# Start-up time: this module serves ``--help`` and ``setups``, so torch (building, results, report) and Hydra's
-# app machinery are imported inside the functions that run a job.
+# Start-up time: this module serves ``--help`` and ``setups``, so torch (building, results), pydantic (building),
+# dask (sweep) and Hydra's app machinery are imported inside the functions that run a job.
 
 
 def _task(cfg) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    # lazy: building (pydantic), results (torch) and sweep_report (Hydra) cost `--help` a second of start-up
     from .building import run_from_config
     from .results import summary_table
     from .sweep_report import note_results_folder
@@ -72,8 +80,7 @@ def show_job_config(argv: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .building import config_setup
-    from .resources import conf_dir
+    from .building import config_setup  # lazy: building imports pydantic, and torch when run; `--help` does not
 
     overrides = [a for a in argv if not a.startswith("-") and a != "job"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
@@ -94,8 +101,6 @@ def _wants_job_config(argv: list[str]) -> bool:
 def run_app(argv: list[str]) -> None:
     import hydra
 
-    from .resources import conf_dir
-
     argv = normalize_argv(argv)
     if _wants_job_config(argv) and "-m" not in argv and "--multirun" not in argv:
         return _run_subcommand(show_job_config, argv)
@@ -107,8 +112,7 @@ def run_app(argv: list[str]) -> None:
 
 def list_setups(argv: list[str]) -> int:
     """Print the named setups with their chains."""
-    from .building import resolve_setup
-    from .setups import named_setups
+    from .building import resolve_setup  # lazy: building imports pydantic; `--help` does not need it
 
     for name in named_setups():
         setup = resolve_setup(name)
@@ -119,26 +123,14 @@ def list_setups(argv: list[str]) -> int:
     return 0
 
 
-def _compare(argv: list[str]) -> int:
-    from .report import main as report_main
-
-    return report_main(argv)
-
-
 def _sweep(argv: list[str]) -> int:
-    from .distributed.sweep import main as sweep_main  # dask
+    from .distributed.sweep import main as sweep_main  # lazy: dask takes half a second; only `sweep` needs it
 
     return sweep_main(argv)
 
 
-def _search(argv: list[str]) -> Optional[int]:
-    from .search.cli import main as search_main
-
-    return search_main(argv)
-
-
 SUBCOMMANDS: dict[str, Callable[[list[str]], Optional[int]]] = {
-    "setups": list_setups, "compare": _compare, "sweep": _sweep, "search": _search, "train": entrypoints.train,
+    "setups": list_setups, "compare": report_main, "sweep": _sweep, "search": search_main, "train": entrypoints.train,
     "fit-target": entrypoints.fit_target, "inference": entrypoints.inference}
 
 
@@ -153,8 +145,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _main(argv: Optional[list[str]]) -> None:
-    from .signals import exit_status, sigterm_interrupts
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if _print_help(argv):
         return
@@ -171,18 +161,12 @@ def _main(argv: Optional[list[str]]) -> None:
 
 
 def _set_resume_command(argv: list[str]) -> None:
-    import shlex
-
-    from .signals import RESUME_COMMAND
-
     kept = [a for a in argv if not a.lstrip("+").startswith("resume=")]
     RESUME_COMMAND.set(shlex.join(["fedcore-adapter", *kept, "resume=true"]))
 
 
 def _print_help(argv: list[str]) -> bool:
     """``--help`` of the main command, and of the subcommands that have no argument parser of their own."""
-    from .help import command_help, main_help, wants_help
-
     if not wants_help(argv):
         return False
     if argv[0] in SUBCOMMANDS:

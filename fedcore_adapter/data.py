@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 LABEL_KEYS = ("labels", "label", "target", "targets")
 
@@ -200,7 +200,5 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return torch.device(name)

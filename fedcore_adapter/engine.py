@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -35,6 +36,7 @@ from .placement import Heartbeat, finish, now_iso, place
 from .registry import get_node
 from .results import read_json, run_folder_name, write_metrics, write_text
 from .schema import Setup
+from .signals import RESUME_COMMAND, RunInterrupted, signal_of, signals_deferred, sigterm_interrupts
 from .structure import transform_record
 
 log = logging.getLogger("fedcore_adapter")
@@ -182,8 +184,6 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
     model or the file system is raised as :class:`~.errors.RunError` naming the node (the original as
     ``__cause__``); an interrupt (Ctrl-C, SIGTERM) as :class:`~.signals.RunInterrupted` with the resume hint.
     """
-    from .signals import sigterm_interrupts
-
     if not isinstance(setup, Setup):
         raise TypeError(f"engine.run takes a Setup (got {type(setup).__name__}); building.resolve_setup makes one")
     r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, model_name=model_name, hooks=hooks,
@@ -299,14 +299,10 @@ def _failed(r: _Run, index: Optional[int], err: BaseException) -> BaseException:
 
 def _interrupted(r: _Run, index: Optional[int], err: KeyboardInterrupt) -> BaseException:
     """Clean up after Ctrl-C / SIGTERM: partial work removed, run.json ``interrupted``, hooks told; the one line."""
-    from .signals import RESUME_COMMAND, RunInterrupted, signal_of, signals_deferred
-
-    import signal as _signal
-
     signum = signal_of(err)
     node = r.setup.nodes[index] if index is not None else None
     command = RESUME_COMMAND.get() or "rerun with resume=true (run_setup(..., resume=True) / fedcore_fit(..., resume=True))"
-    message = (f"interrupted by {_signal.Signals(signum).name} during {r.where(index)}; results so far in {r.dir}; "
+    message = (f"interrupted by {signal.Signals(signum).name} during {r.where(index)}; results so far in {r.dir}; "
                f"resume with: {command}")
     with signals_deferred():
         r.remove_partial_work()

@@ -11,18 +11,20 @@ NODE_PLOTS = [("params", "parameters"), ("size_mb", "size (MB)"), ("latency_ms",
 RAW_SETUP = "RAW"
 
 
-def _pyplot():
-    import matplotlib  # imported on first plot: matplotlib takes a second to import
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    # lazy: matplotlib takes most of a second to import; it is imported on the first plot
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     return plt
 
 
 def plot_nodes(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """One run across its nodes: parameters, size, latency and accuracy per node (row 0 = input)."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = [f"{r.get('node_index', i)}:{r.get('node', '')}" for i, r in enumerate(rows)]
     fig, axes = plt.subplots(1, len(NODE_PLOTS), figsize=(4 * len(NODE_PLOTS), 3.6))
     for ax, (key, name) in zip(axes, NODE_PLOTS):
@@ -43,14 +45,14 @@ def plot_comparison(rows: list[dict], path: str | Path, metric: str = "accuracy"
     fig = comparison_figure(rows, metric)
     path = Path(path)
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def comparison_figure(rows: list[dict], metric: str = "accuracy"):
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: as in pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, x_key, x_name in ((axes[0], "size_mb", "size (MB)"), (axes[1], "latency_ms", "latency (ms / batch)")):
         points = [r for r in rows if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(metric), (int, float))]

@@ -39,7 +39,7 @@ def _folder_summary(folder: Path) -> dict:
 def runs_from_folders(paths: Iterable[str | Path], include_partial: bool = False, depth: int = 4) -> list[dict]:
     """Summaries of the results folders under ``paths`` (a results folder, or a folder holding some): ``depth``
     reaches a sweep's runs from the output folder (``composition_results/sweeps/<time>/<job>/<name>``)."""
-    from .results import PARTIAL_SUFFIX  # torch (results imports it): not imported by `compare --help`
+    from .results import PARTIAL_SUFFIX  # lazy: results imports torch; `--help` and `compare --help` do not
 
     found: list[dict] = []
 
@@ -134,7 +134,7 @@ def to_csv(rows: list[dict]) -> str:
 # -- the report ------------------------------------------------------------------------------------------
 def write_report(runs: Sequence[dict], out_dir: str | Path, metric: str = "accuracy") -> dict[str, Path]:
     """Write ``comparison.csv``, ``comparison.md`` and ``comparison.png`` to ``out_dir``; returns their paths."""
-    from .results import markdown_table, write_text  # torch, as above
+    from .results import markdown_table, write_text  # lazy: torch, as above
 
     if not runs:
         raise ConfigError("compare: no runs found (completed results folders, or setup runs in the tracking store)")
@@ -166,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "[--experiment NAME]")
     runs = runs_from_folders(args.folders, args.include_partial) if args.folders else []
     if args.tracking_uri or args.experiment:
-        from .tracking import fetch_runs  # pydantic, and mlflow when called: only when reading from a server
+        from .tracking import fetch_runs  # lazy: pydantic (and mlflow when called), only to read from a server
 
         runs += [r for r in fetch_runs(args.tracking_uri, args.experiment) if args.include_partial or r["status"] == "completed"]
     paths = write_report(runs, args.out, args.metric)

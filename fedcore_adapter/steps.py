@@ -90,7 +90,7 @@ def reset_metrics(model: nn.Module) -> None:
     """Reset every torchmetrics ``Metric`` the module holds (steps called outside a Trainer accumulate in them)."""
     if "torchmetrics" not in sys.modules:
         return
-    from torchmetrics import Metric
+    from torchmetrics import Metric  # lazy: torchmetrics takes seconds; a model holding metrics has imported it
 
     for module in model.modules():
         if isinstance(module, Metric):

@@ -9,6 +9,7 @@ from typing import Optional
 
 from torch import nn
 
+from ..checkpoint import write_json
 from ..errors import ConfigError
 from .extras import require_extra
 
@@ -24,8 +25,6 @@ def runtime_module(runtime: str) -> ModuleType:
 
 
 def write_info(folder: Path, info: dict) -> None:
-    from ..checkpoint import write_json
-
     write_json(folder / INFO_FILE, info)
 
 

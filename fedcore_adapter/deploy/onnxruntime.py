@@ -43,6 +43,7 @@ class _Calibration:
 def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor], folder: Path, *, quantize: str,
           calibration: Iterable[Sequence[torch.Tensor]], per_channel: bool, opset: int) -> list[Path]:
     """Write ``model.onnx`` (int8 unless ``quantize=none``) into ``folder``; returns the files the runtime loads."""
+    # lazy: onnxruntime belongs to the deploy extra; runs that do not deploy to it never import it
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -70,7 +71,7 @@ class OrtRunner(Runner):
 
     def __init__(self, path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,
                  weight_dtype: str = "int8"):
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: the deploy extra, as in build
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

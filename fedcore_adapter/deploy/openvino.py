@@ -15,7 +15,7 @@ ARTIFACT = "model.xml"
 
 def convert(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor]):
     """The OpenVINO model of ``model`` (inputs named as the signature says, dynamic shapes)."""
-    import openvino as ov
+    import openvino as ov  # lazy: openvino belongs to the deploy extra; runs that do not deploy to it never import it
 
     with torch.no_grad():
         ov_model = ov.convert_model(Positional(model, signature).eval(), example_input=tuple(example))
@@ -38,11 +38,11 @@ def is_transformer(model: nn.Module) -> bool:
 def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor], folder: Path, *, quantize: str,
           calibration: Iterable[Sequence[torch.Tensor]], model_type: str) -> list[Path]:
     """Write ``model.xml`` + ``model.bin`` (NNCF int8 unless ``quantize=none``); returns the files."""
-    import openvino as ov
+    import openvino as ov  # lazy: the deploy extra, as in convert
 
     ov_model = convert(model, signature, example)
     if quantize != "none":
-        import nncf
+        import nncf  # lazy: the deploy extra, only to quantize
 
         batches = [dict(zip(signature.names, numpy_inputs(t))) for t in calibration]
         transformer = model_type == "transformer" or (model_type == "auto" and is_transformer(model))
@@ -58,7 +58,7 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,
                  weight_dtype: str = "int8"):
-        import openvino as ov
+        import openvino as ov  # lazy: the deploy extra, as in convert
 
         threads = threads or torch.get_num_threads()
         core = ov.Core()

@@ -20,6 +20,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..metrics import fixed_threads
 from .runner import Runner
 from .signature import Positional, Signature
 
@@ -61,6 +62,7 @@ def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor
     """Write ``model.pt2`` (PT2E int8 unless ``quantize=none``); returns the files."""
     program = _export(Positional(model, signature).eval(), signature, example)
     if quantize != "none":
+        # lazy: torchao takes seconds to import (and prints warnings); only a quantized export needs it
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
@@ -94,8 +96,6 @@ class CompiledRunner(Runner):
 
     def run(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         from torch._inductor import config as inductor_config
-
-        from ..metrics import fixed_threads
 
         with fixed_threads(self.threads), torch.no_grad():
             if self.fused:

@@ -102,7 +102,7 @@ def run_task(fn: Callable[[Any], Any], payload: Any, cwd: Optional[str]) -> dict
 
     The run knows its task's attempt (``placement.RUN_ATTEMPT``): a run whose worker died is resumed
     from its last finished node by the next attempt when the results folder is shared."""
-    from ..placement import RUN_ATTEMPT
+    from ..placement import RUN_ATTEMPT  # lazy: placement imports torch; the launching side runs without it
 
     start = time.perf_counter()
     try:

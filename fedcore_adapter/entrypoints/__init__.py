@@ -13,18 +13,18 @@ from typing import Optional
 
 
 def train(argv: list[str]) -> Optional[int]:
-    from .train import main
+    from .train import main  # lazy: torch; `fedcore-adapter --help` imports this module
 
     return main(argv)
 
 
 def fit_target(argv: list[str]) -> Optional[int]:
-    from .fit_target import main
+    from .fit_target import main  # lazy: torch, as above
 
     return main(argv)
 
 
 def inference(argv: list[str]) -> Optional[int]:
-    from .inference import main
+    from .inference import main  # lazy: torch, as above
 
     return main(argv)

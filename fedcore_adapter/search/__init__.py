@@ -11,18 +11,18 @@ from typing import Any
 __all__ = ["run_search", "SearchConfig", "derive_space"]
 
 
-# Lazy: `fedcore-adapter search --help` imports this package, and the driver imports torch.
+# Names imported on first use: `fedcore-adapter --help` imports this package, and the driver imports torch.
 def __getattr__(name: str) -> Any:
     if name == "run_search":
-        from .driver import run_search
+        from .driver import run_search  # lazy: torch, see above
 
         return run_search
     if name == "SearchConfig":
-        from .config import SearchConfig
+        from .config import SearchConfig  # lazy: pydantic
 
         return SearchConfig
     if name == "derive_space":
-        from .space import derive_space
+        from .space import derive_space  # lazy: pydantic
 
         return derive_space
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

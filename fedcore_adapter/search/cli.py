@@ -20,7 +20,7 @@ SEARCH_SCOPED = ("search.space.", "search.insert_templates.")
 def _task(cfg: Any) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
-    # the task's imports (torch, pydantic): `search --help` imports none of them
+    # lazy: the task's imports (torch, pydantic); `search --help` and `fedcore-adapter --help` import none of them
     from ..entrypoints.common import plain, reporting_errors
     from .driver import run_search
 

@@ -16,9 +16,13 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
+
+import optuna
+from optuna.trial import TrialState
 
 from ..building import config_setup
 from ..checkpoint import write_json
@@ -63,7 +67,7 @@ class SequentialPool:
         return len(self.done)
 
     def submit(self, key: Any, payload: Any) -> None:
-        from ..distributed.fanout import one_line  # dask (fanout imports it): not imported by a search without a cluster
+        from ..distributed.fanout import one_line  # lazy: fanout imports dask; a search without a cluster does not
 
         start = time.perf_counter()
         try:
@@ -83,10 +87,6 @@ class SequentialPool:
 
 def _sampler(scfg: SearchConfig) -> Any:
     """The optimiser; constraints come with each trial (``Trial.set_constraint``), which both samplers honour."""
-    import warnings
-
-    import optuna
-
     if scfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=scfg.seed)
     if scfg.sampler == "nsga2":
@@ -191,8 +191,6 @@ class Search:
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self, pool_factory: Callable[[], Any]) -> SearchResult:
-        import optuna
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         resume = bool(self.cfg.get("resume"))
         self.state = _open_folder(self.folder, resume, self.space.signature())
@@ -244,9 +242,6 @@ class Search:
 
     def _recover_lost(self) -> None:
         """Trials left running by an interrupted search are failed as lost and asked again (same parameters)."""
-        import optuna
-        from optuna.trial import TrialState
-
         for study in (self.study, self.fidelity):
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 if study is self.study and t.state == TrialState.RUNNING:
@@ -257,8 +252,6 @@ class Search:
                     study.tell(t.number, state=TrialState.FAIL)
 
     def _finished(self) -> int:
-        from optuna.trial import TrialState
-
         return sum(1 for t in self.study.get_trials(deepcopy=False)
                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                    or (t.state == TrialState.FAIL and not t.user_attrs.get("lost")))
@@ -344,8 +337,6 @@ class Search:
         return (j, found) if found is not None else ((n, shared) if shared is not None else (0, None))
 
     def _ask(self, pool: Any, in_flight: dict) -> bool:
-        from optuna.trial import TrialState
-
         trial = self.study.ask()
         try:
             label, nodes = self.space.suggest(trial)
@@ -381,8 +372,6 @@ class Search:
         return True
 
     def _loop(self, pool: Any) -> None:
-        from optuna.trial import TrialState
-
         progress = _Progress(self.scfg.trials, self._finished(), self.scfg.objectives)
         in_flight: dict[int, tuple] = {}
         retries: dict[str, int] = {}
@@ -402,8 +391,6 @@ class Search:
                 break
 
     def _tell(self, trial: Any, fid: Any, outcome: dict, retries: dict) -> Optional[dict]:
-        from optuna.trial import TrialState
-
         def close_fid(state, value=None):
             if fid is not None:
                 self.fidelity.tell(fid, value if state == TrialState.COMPLETE else None, state=state)
@@ -485,8 +472,6 @@ class Search:
                 if t.state.is_finished() and not t.user_attrs.get("lost")]
 
     def _front(self) -> list[dict]:
-        from optuna.trial import TrialState
-
         trials = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if self.scfg.max_accuracy_drop is not None:
             trials = [t for t in trials if t.user_attrs.get("feasible")]
@@ -586,7 +571,8 @@ def run_search(cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, l
     cluster = dict(cfg.get("cluster") or {})
     if cluster.get("name", "none") == "none" and not cluster.get("address") and not cluster.get("_target_"):
         return search.run(lambda: SequentialPool(run_trial))
-    from ..distributed.cluster import open_client  # dask: a search without a cluster does not import it
+    # lazy: dask, imported only when a cluster runs the trials
+    from ..distributed.cluster import open_client
     from ..distributed.pool import DaskPool
 
     with open_client(cluster) as client:

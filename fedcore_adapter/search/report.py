@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import yaml
+from optuna._hypervolume import compute_hypervolume
 
+from ..plots import pyplot
 from ..results import write_text
 
 # val_accuracy: on the validation split, what the search selects on (constraint, objective, front);
@@ -93,11 +96,7 @@ def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], object
     if len(objectives) < 2:
         return False
     columns = columns or {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     (ox, oy), (x, y) = objectives[:2], [columns.get(o, o) for o in objectives[:2]]
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [t for t in trials if isinstance(t.get(x), (int, float)) and isinstance(t.get(y), (int, float))]
@@ -132,9 +131,6 @@ def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], object
 def hypervolume(points: Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]) -> float:
     """Hypervolume of ``points`` (objective values) against ``reference``, every objective turned into a
     minimisation (optuna's implementation)."""
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume
-
     signs = np.array([1.0 if d == "minimize" else -1.0 for d in directions])
     ref = np.asarray(reference, dtype=float) * signs
     pts = [np.asarray(p, dtype=float) * signs for p in points]

@@ -9,8 +9,11 @@ Python API may add ``model`` / ``data`` / ``loss`` objects instead of the config
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+import optuna
 
 from ..building import build_data, build_model, build_run, load_pretrained, resolve_setup, tracking_hooks
 from ..data import make_loader, model_device
@@ -26,18 +29,12 @@ class TrialStopped(BaseException):
 
 def open_storage(path: str | Path) -> Any:
     """The study's storage: an Optuna journal file (safe for several processes on one file system)."""
-    import optuna
-
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
 def fidelity_pruner(spec: Mapping[str, Any]) -> Any:
     """Stop when validation accuracy is ``margin`` below the constraint line and has not improved for
     ``patience`` epochs (optuna's ThresholdPruner wrapped in its PatientPruner)."""
-    import warnings
-
-    import optuna
-
     threshold = optuna.pruners.ThresholdPruner(lower=spec["lower"], n_warmup_steps=spec["warmup_epochs"])
     if not spec["patience"]:
         return threshold
@@ -57,8 +54,6 @@ class EarlyStopHook(Hook):
 
     def trial(self) -> Any:
         if self._trial is None:
-            import optuna
-
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             study = optuna.load_study(study_name=self.spec["study"], storage=open_storage(self.spec["storage"]),
                                       pruner=fidelity_pruner(self.spec))

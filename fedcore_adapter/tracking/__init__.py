@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from .config import TrackingConfig, default_experiment, model_label, parse_tracking_config, resolve_uri
 from .journal import PENDING_FILE, sync_pending
+from .store import fetch_runs as _fetch_runs
+from .store import load_logged_model as _load_logged_model
 
 if TYPE_CHECKING:
     from .hook import MlflowHook
@@ -23,8 +25,8 @@ __all__ = ["MlflowHook", "TrackingConfig", "hook_from_config", "load_logged_mode
 
 
 def __getattr__(name: str) -> Any:
-    if name == "MlflowHook":  # imported on use: the logger process imports this package without torch
-        from .hook import MlflowHook
+    if name == "MlflowHook":
+        from .hook import MlflowHook  # lazy: the hook imports torch; the logger process imports this package without it
 
         return MlflowHook
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -40,7 +42,7 @@ def hook_from_config(tracking_cfg: Mapping[str, Any] | None, config: Optional[Ma
     cfg = parse_tracking_config(tracking_cfg)
     if cfg.name == "none":
         return None
-    from .hook import MlflowHook
+    from .hook import MlflowHook  # lazy: torch, as above
 
     experiment = cfg.experiment or default_experiment(config, model_name)
     hook = MlflowHook(cfg.model_copy(update={"experiment": experiment}))
@@ -50,13 +52,9 @@ def hook_from_config(tracking_cfg: Mapping[str, Any] | None, config: Optional[Ma
 
 def load_logged_model(run_id: str, base_model, tracking_uri: Optional[str] = None, artifact_path: str = "model"):
     """The final model a tracked run logged, rebuilt on a freshly built original ``base_model``."""
-    from .store import load_logged_model as _load
-
-    return _load(run_id, base_model, tracking_uri, artifact_path)
+    return _load_logged_model(run_id, base_model, tracking_uri, artifact_path)
 
 
 def fetch_runs(tracking_uri: Optional[str] = None, experiment: Optional[str] = None) -> list[dict]:
     """Setup runs of a tracking store as plain summaries (``run_id``, ``setup``, ``status``, ``rows``)."""
-    from .store import fetch_runs as _fetch
-
-    return _fetch(tracking_uri, experiment)
+    return _fetch_runs(tracking_uri, experiment)

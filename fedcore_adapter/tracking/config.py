@@ -8,6 +8,7 @@ from typing import Any, Literal, Mapping, Optional
 from pydantic import Field, ValidationError
 
 from ..errors import ConfigError
+from ..resources import conf_dir
 from ..schema import StrictModel, validation_message
 
 DEFAULT_DB = "mlflow.db"
@@ -64,8 +65,6 @@ def _choice(section: str, spec: Any) -> Optional[str]:
     target = spec.get("_target_") if isinstance(spec, Mapping) else None
     if not target:
         return None
-    from ..resources import conf_dir
-
     for path in sorted((conf_dir() / section).glob("*.yaml")):
         if path.stem != "custom" and f"_target_: {target}\n" in path.read_text():
             return path.stem

@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..hooks import Hook, RunInfo
+from ..results import PARTIAL_SUFFIX
+from .channel import LoggerSession
 from .config import TrackingConfig, default_experiment, model_label, parse_tracking_config, resolve_uri
 from .records import (StepCounter, default_run_name, flatten, git_commit, headline, numeric_metrics, run_params, short,
                       text_tags)
+from .store import headline_url
 
 log = logging.getLogger("fedcore_adapter")
 PLOT_FILE = "metrics_by_node.png"
@@ -65,8 +68,6 @@ class MlflowHook(Hook):
 
     # -- engine events -------------------------------------------------------------------------------
     def before_run(self, run: RunInfo) -> None:
-        from .channel import LoggerSession
-
         experiment = self.config.experiment or default_experiment(run.config, None)
         previous = run.state.get("mlflow", {})
         parent_id = previous.get("parent_run_id") if previous.get("tracking_uri") == self.uri else None
@@ -209,8 +210,6 @@ class MlflowHook(Hook):
     def links(self) -> dict[str, str]:
         """MLflow UI links of a tracking server: ``run`` (this setup run) and ``runs`` (the experiment's runs
         table with the headline columns); empty for a local store or before the run exists."""
-        from .store import headline_url
-
         ids = self.sink.ids if self.sink is not None else {}
         if not self.uri.startswith(("http://", "https://")) or not ids.get("parent") or not ids.get("experiment"):
             return {}
@@ -233,7 +232,5 @@ class MlflowHook(Hook):
 
     @staticmethod
     def _final_dir(run: RunInfo) -> Path:
-        from ..results import PARTIAL_SUFFIX
-
         out = Path(run.output_dir).resolve()
         return out.with_name(out.name[: -len(PARTIAL_SUFFIX)]) if out.name.endswith(PARTIAL_SUFFIX) else out

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+from .store import Replayer, is_unreachable
+
 log = logging.getLogger("fedcore_adapter")
 PENDING_FILE = "tracking_pending.jsonl"
 PARTIAL_SUFFIX = ".partial"  # results.PARTIAL_SUFFIX, repeated so the logger process never imports torch
@@ -60,8 +62,6 @@ def with_head(target: dict, ids: dict[str, str], records: list[dict]) -> list[di
 
 def replay_file(path: Path, replayer) -> bool:
     """Apply the records of ``path`` in order; True (and the file removed) when all went through."""
-    from .store import is_unreachable
-
     records = read_pending(path)
     for i, record in enumerate(records):
         try:
@@ -84,8 +84,6 @@ def sync_pending(results_dir: str | Path, tracking_uri: Optional[str] = None, *,
     ``tracking_uri`` sends it to another store (its runs are then created there). Returns
     True when everything went through; the file is then removed.
     """
-    from .store import Replayer
-
     folder = Path(results_dir)
     path = folder / PENDING_FILE
     if not path.exists():
@@ -117,8 +115,6 @@ class Applier:
             self.go_offline(ConnectionError("the pending records of the interrupted attempt could not be sent"), [])
 
     def handle(self, record: dict) -> None:
-        from .store import is_unreachable
-
         if self.offline:
             return self._journal([record])
         try:

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
 from hydra.experimental.callback import Callback
 
 from .config import default_experiment, parse_tracking_config, resolve_uri
+from .records import flatten
+from .store import STATUS, connect, unique_run_name
 
 log = logging.getLogger("fedcore_adapter")
 PARENT_ENV = "FEDCORE_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml's parent_run_id
@@ -71,16 +73,13 @@ def open_parents(cfgs: Sequence[MutableMapping[str, Any]], *, name: str, role: s
 
 def _open(uri: str, experiment: str, http: dict, name: str, role: str, params: Optional[Mapping[str, Any]],
           tags: Optional[Mapping[str, str]]) -> Optional[ParentRun]:
-    from .records import flatten
-    from .store import connect, unique_run_name
-
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the runs print their own links
     try:
         client, experiment_id = connect(uri, experiment, **http)
         run = client.create_run(experiment_id, run_name=unique_run_name(client, experiment_id, name),
                                 tags={"fedcore.role": role, "fedcore.status": "running", **(tags or {})})
         if params:
-            from mlflow.entities import Param
+            from mlflow.entities import Param  # lazy: mlflow, as in close_parents
 
             items = [Param(k, str(v)[:6000]) for k, v in flatten(dict(params)).items()]
             for i in range(0, len(items), 100):  # MLflow's batch limit
@@ -99,8 +98,6 @@ def reopen_parent(cfg: Mapping[str, Any], run_id: str, model_label: Optional[str
     if target is None:
         return None
     uri, experiment, http = target
-    from .store import connect
-
     try:
         client, _ = connect(uri, None, **http)
         client.update_run(run_id, status="RUNNING")
@@ -116,9 +113,7 @@ def close_parents(parents: Iterable[ParentRun], status: str = "completed", metri
                   files: Iterable[str | Path] = ()) -> None:
     """End the parent runs (``completed`` / ``failed`` / ``killed``) with their summary metrics and files (a folder
     is logged as the artifact folder of its name)."""
-    from mlflow.entities import Metric
-
-    from .store import STATUS, connect
+    from mlflow.entities import Metric  # lazy: mlflow costs seconds of start-up; only tracked runs need it
 
     files = [Path(f) for f in files if Path(f).is_file() or Path(f).is_dir()]
     for parent in parents:

@@ -100,7 +100,7 @@ def headline(first: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, flo
     bytes, ``speedup``: input / final latency); differences for quality (``accuracy_delta_pt``: final -
     input accuracy in percentage points, ``loss_delta``).
     """
-    from ..results import DIFFERENCE_COLUMNS, RATIO_COLUMNS
+    from ..results import DIFFERENCE_COLUMNS, RATIO_COLUMNS  # lazy: results imports torch; the logger process does not
 
     out = ratios(first, last, RATIO_COLUMNS)
     for key, name in (("size_mb", "compression_ratio"), ("latency_ms", "speedup")):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..errors import ConfigError
 from .config import resolve_uri
+from ..plots import plot_nodes
 from .records import TEXT_COLUMNS
 
 COUNT_METRICS = ("params", "macs", "batch_size")
@@ -87,6 +88,7 @@ def connect(uri: Optional[str], experiment: Optional[str] = None, *, http_timeou
     uri = resolve_uri(uri)
     _set_http_limits(http_timeout_s, http_retries)
     probe(uri, http_timeout_s)
+    # lazy: mlflow costs seconds of start-up; only the processes that talk to the store import it
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -250,7 +252,7 @@ class Replayer:
             raise
 
     def _params(self, record: dict) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: mlflow, as in connect
 
         run_id = self._run_id(record)
         logged = self.client.get_run(run_id).data.params  # params are write-once: a resume logs only new keys
@@ -259,7 +261,7 @@ class Replayer:
             self.client.log_batch(run_id, params=chunk)
 
     def _metrics(self, record: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: mlflow, as in connect
 
         step = int(record.get("step") or 0)
         metrics = [Metric(k, v, record["time"], step) for k, v in record["metrics"].items()]
@@ -267,7 +269,7 @@ class Replayer:
             self.client.log_batch(self._run_id(record), metrics=chunk)
 
     def _tags(self, record: dict, run_id: Optional[str] = None) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: mlflow, as in connect
 
         tags = [RunTag(k, str(v)) for k, v in record["tags"].items()]
         for chunk in _chunks(tags, 100):
@@ -289,8 +291,6 @@ class Replayer:
         self.client.log_text(run_id, record["text"].replace("<run_id>", run_id), record["file"])
 
     def _plot(self, record: dict) -> None:
-        from ..plots import plot_nodes  # matplotlib: imported only when a plot is logged
-
         path = self.folder() / "metrics.json"
         rows = json.loads(path.read_text()) if path.exists() else []
         if not rows:
@@ -312,9 +312,9 @@ def load_logged_model(run_id: str, base_model: Any, tracking_uri: Optional[str] 
     Downloads the run's ``model/`` artifact (``state.pt`` + ``manifest.json``, the project's
     checkpoint format) and replays it with :func:`fedcore_adapter.checkpoint.load_model`.
     """
-    from mlflow.artifacts import download_artifacts
+    from mlflow.artifacts import download_artifacts  # lazy: mlflow, as in connect
 
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model  # lazy: torch; the logger process imports this module without it
 
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp,

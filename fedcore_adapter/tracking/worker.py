@@ -19,6 +19,10 @@ import sys
 import threading
 from pathlib import Path
 
+from ..plots import pyplot
+from .journal import Applier, live_folder
+from .store import Replayer
+
 
 def _protocol_stream():
     """stdout for the protocol only; anything else printed goes to stderr."""
@@ -30,10 +34,7 @@ def _protocol_stream():
 def _warm_imports() -> None:
     """matplotlib for the end-of-run plot, imported while the first run trains."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
+        pyplot()
     except Exception:  # noqa: BLE001 - the plot record reports its own failure
         pass
 
@@ -42,9 +43,6 @@ class _Session:
     """One run's logging: an Applier (store or journal) and the run ids already reported."""
 
     def __init__(self, sid: str, init: dict, emit):
-        from .journal import Applier, live_folder
-        from .store import Replayer
-
         self.sid, self.emit = sid, emit
         self.folder = Path(init["folder"])
         self.replayer = Replayer(lambda: live_folder(self.folder), http_timeout_s=init["http_timeout_s"],

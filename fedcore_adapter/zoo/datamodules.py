@@ -66,7 +66,7 @@ class DigitsDataModule(TensorDataModule):
 
     def __init__(self, batch_size: int = 64, eval_batch_size: Optional[int] = 256, test_fraction: float = 0.2,
                  val_fraction: float = 0.1, seed: int = 42, num_workers: int = 0):
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: scikit-learn takes seconds; only this data module needs it
 
         digits = load_digits()
         x = (digits.images / 16.0).astype(np.float32)[:, None]

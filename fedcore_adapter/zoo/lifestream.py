@@ -59,7 +59,7 @@ def split_clients(records: list[dict], valid: float = 0.1, test: float = 0.2,
 def gru_encoder(hidden_size: int = 256, n_mcc: int = FIELDS["mcc"], mcc_dim: int = 16, tr_type_dim: int = 4,
                 num_layers: int = 1, bidir: bool = False) -> Any:
     """A ptls ``RnnSeqEncoder``: ``TrxEncoder`` (mcc and tr_type embeddings, log amount) then a GRU."""
-    from ptls.nn import RnnSeqEncoder, TrxEncoder
+    from ptls.nn import RnnSeqEncoder, TrxEncoder  # lazy: the ptls extra; this module's generators need only torch
 
     trx = TrxEncoder(embeddings={"mcc": {"in": n_mcc + 1, "out": mcc_dim},
                                  "tr_type": {"in": FIELDS["tr_type"] + 1, "out": tr_type_dim}},
@@ -73,7 +73,7 @@ def _optimizer(lr: float):
 
 def coles_module(hidden_size: int = 256, n_mcc: int = FIELDS["mcc"], lr: float = 1e-3, **encoder: Any) -> Any:
     """A ptls ``CoLESModule`` (its default head: L2-normalised embeddings; contrastive loss) on :func:`gru_encoder`."""
-    from ptls.frames.coles import CoLESModule
+    from ptls.frames.coles import CoLESModule  # lazy: the ptls extra, as in gru_encoder
 
     optimizer, scheduler = _optimizer(lr)
     return CoLESModule(seq_encoder=gru_encoder(hidden_size, n_mcc, **encoder), optimizer_partial=optimizer,
@@ -83,6 +83,7 @@ def coles_module(hidden_size: int = 256, n_mcc: int = FIELDS["mcc"], lr: float =
 def sequence_to_target(num_classes: int = 4, hidden_size: int = 64, n_mcc: int = FIELDS["mcc"], lr: float = 1e-3,
                        **encoder: Any) -> Any:
     """A ptls ``SequenceToTarget`` classifier (log-softmax head, NLL loss, torchmetrics multiclass accuracy)."""
+    # lazy: the ptls extra, as in gru_encoder (torchmetrics takes seconds to import)
     import torchmetrics
     from ptls.frames.supervised import SequenceToTarget
 
@@ -103,6 +104,7 @@ def coles_datamodule(num_clients: int = 2000, num_classes: int = 4, min_len: int
                      split_count: int = 5, cnt_min: int = 25, cnt_max: int = 150, batch_size: int = 64,
                      n_mcc: int = FIELDS["mcc"], seed: int = 0) -> Any:
     """A ``PtlsDataModule`` of ``ColesDataset`` s (``split_count`` random slices per client); no test split."""
+    # lazy: the ptls extra, as in gru_encoder
     from ptls.data_load.datasets import MemoryMapDataset
     from ptls.frames import PtlsDataModule
     from ptls.frames.coles import ColesDataset
@@ -121,6 +123,7 @@ def target_datamodule(num_clients: int = 2000, num_classes: int = 4, min_len: in
 
     ``test_split='all'`` makes every client the test split (to embed them all for a downstream check).
     """
+    # lazy: the ptls extra, as in gru_encoder
     from ptls.data_load.datasets import MemoryMapDataset
     from ptls.frames import PtlsDataModule
     from ptls.frames.supervised import SeqToTargetDataset
@@ -136,6 +139,7 @@ def target_datamodule(num_clients: int = 2000, num_classes: int = 4, min_len: in
 
 def downstream_accuracy(embeddings: np.ndarray, target: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """Mean cross-validated accuracy of a logistic regression on standardised ``embeddings``."""
+    # lazy: scikit-learn takes seconds to import; only the downstream check needs it
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -161,7 +165,7 @@ def embed(seq_encoder: torch.nn.Module, loader: Any, limit: Optional[int] = None
 
 def first_sequences(batch: Any, n: int) -> Any:
     """A ``PaddedBatch`` of the first ``n`` sequences of ``batch``, padded to their own longest length."""
-    from ptls.data_load.padded_batch import PaddedBatch
+    from ptls.data_load.padded_batch import PaddedBatch  # lazy: the ptls extra, as in gru_encoder
 
     lengths = batch.seq_lens[:n]
     longest = int(lengths.max())

