@@ -106,7 +106,8 @@ def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts in a temporary folder); yields its URI."""
     from tests.servers import mlflow_server as serve
 
-    yield from serve(tmp_path_factory.mktemp("mlflow_server"))
+    with serve(tmp_path_factory.mktemp("mlflow_server")) as uri:
+        yield uri
 
 
 def pytest_collection_modifyitems(config, items):

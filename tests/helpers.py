@@ -1,12 +1,30 @@
-"""Importable targets for CLI tests (``model._target_=tests.helpers...``)."""
+"""Importable targets for CLI tests (``model._target_=tests.helpers...``), and :func:`wait_until`."""
 import os
+import subprocess
 import time
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import TinyDataModule, tiny_mlp
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 180, proc: Optional[subprocess.Popen] = None,
+               poll_s: float = 0.1) -> Any:
+    """Poll ``condition()`` until it returns something true, and return that. Fails (AssertionError naming ``what``)
+    after ``timeout_s``, or as soon as ``proc``, the process the wait depends on, has ended (with its output)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.communicate() if proc.stdout or proc.stderr else ""
+            raise AssertionError(f"the process ended (status {proc.returncode}) while waiting for {what}: {out}")
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(poll_s)
 
 
 def build_tiny_mlp():

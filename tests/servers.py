@@ -1,5 +1,5 @@
 """Real servers for the tests, started as processes on 127.0.0.1 and always stopped: a Dask scheduler with
-workers, an MLflow tracking server."""
+workers, an MLflow tracking server (also the server of ``docs/screenshots/make_screenshots.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -87,12 +87,14 @@ os.killpg(0, signal.SIGKILL)
 """
 
 
+@contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1:<free port>, SQLite backend, artifacts in a temporary folder; yields its URI.
+    """``mlflow server`` on 127.0.0.1:<free port>, SQLite store and artifacts under ``root``; yields its URI.
 
-    Ready once a real API call answers (polled); killed with its process group at the end.
+    Ready once a real API call answers (polled); killed with its process group at the end, or as soon as the
+    process that started it is gone.
     """
-    import requests
+    import requests  # lazy: imported by the MLflow tests only
 
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner worker pool

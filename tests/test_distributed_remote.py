@@ -9,10 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from fedcore_adapter.distributed import open_client, run_many
 from tests.conftest import TinyDataModule
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model": {"_target_": "tests.helpers.build_tiny_mlp"}, "data": {"_target_": "tests.helpers.build_tiny_data"},
@@ -82,9 +81,7 @@ def test_a_worker_killed_while_its_run_is_under_way_has_the_run_redone_elsewhere
         run_many(configs, {"address": address}, sweep_dir=tmp_path / "sweep", heartbeat_s=2)), daemon=True)
     sweep.start()
     try:
-        deadline = time.time() + 120
-        while not any(markers.iterdir()) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: any(markers.iterdir()), "a run's first training batch", timeout_s=120, poll_s=0.05)
         victim = next(w for w in workers if w.pid == int(next(markers.iterdir()).name))
         os.kill(victim.pid, signal.SIGKILL)  # mid-run: its first training batch has started
         assert victim.wait(timeout=30) == -signal.SIGKILL
@@ -109,13 +106,6 @@ nodes:
 """
 
 
-def _wait_for(condition, timeout_s: float = 180, what: str = "") -> None:
-    deadline = time.time() + timeout_s
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _kill_workers(address: str, only: int = 0) -> None:
     """SIGKILL the scheduler's workers (or the one with pid ``only``); returns once they are gone."""
     import psutil
@@ -126,8 +116,8 @@ def _kill_workers(address: str, only: int = 0) -> None:
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     for pid in pids:
-        _wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                  timeout_s=30, what=f"worker {pid} to die")
+        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                   f"worker {pid} to die", timeout_s=30)
 
 
 def _completed_nodes(run_json: Path) -> int:
@@ -148,7 +138,7 @@ def test_a_run_lost_with_its_worker_resumes_from_its_last_finished_node_on_a_sha
     sweep.start()
     run_json = tmp_path / "out" / "TWO.partial" / "run.json"
     try:
-        _wait_for(lambda: _completed_nodes(run_json) == 1, what="the first node")
+        wait_until(lambda: _completed_nodes(run_json) == 1, "the first node")
         first = json.loads(run_json.read_text())
         finished_node = tmp_path / "out" / "TWO.partial" / "nodes" / "1_training" / "state.pt"
         stamp = finished_node.stat().st_mtime_ns
@@ -178,7 +168,7 @@ def test_a_sweep_whose_last_worker_dies_fails_after_a_bounded_wait_with_one_line
         pass  # every worker started so far has joined: none joins after the kill
     sweep.start()
     try:
-        _wait_for(lambda: (tmp_path / "out" / "RAW.partial" / "run.json").exists(), what="the run to start")
+        wait_until(lambda: (tmp_path / "out" / "RAW.partial" / "run.json").exists(), "the run to start")
         _kill_workers(address)
         sweep.join(timeout=90)  # 5 s without a worker, not the 30 s heartbeat, nor forever
         assert not sweep.is_alive(), "the sweep kept waiting with no worker"

@@ -14,6 +14,7 @@ from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.hooks import Hook
 from fedcore_adapter.placement import live_owner, owner_fields
 from tests.conftest import tiny_mlp, tiny_setup
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,10 +119,7 @@ def start_cli(cwd: Path, *args: str) -> subprocess.Popen:
 
 def test_two_cli_runs_racing_for_one_name_both_keep_their_results(tmp_path):
     first = start_cli(tmp_path, *FAST)
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "out" / "RAW_mlp.partial" / "run.json").exists():  # the first run is under way
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.1)
+    wait_until((tmp_path / "out" / "RAW_mlp.partial" / "run.json").exists, "the first run", timeout_s=240, proc=first)
     second = start_cli(tmp_path, *FAST)
     outs = [p.communicate(timeout=600) for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], outs

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_SETUP = """\
 name: SLOW
@@ -42,19 +44,18 @@ def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
 def wait_for_second_node(proc: subprocess.Popen, tmp_path: Path, tracked: bool) -> None:
     """Until the run is inside its 30-epoch second node (and, tracked, its MLflow child run is open)."""
     run_json = tmp_path / "out" / "SLOW_mlp.partial" / "run.json"
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+
+    def in_second_node() -> bool:
         try:
             run = json.loads(run_json.read_text())
         except (OSError, ValueError):
-            run = {}
-        if run.get("completed_nodes") == 1 and (not tracked or run["state"]["mlflow"]["parent_run_id"]):
-            break
-        time.sleep(0.2)
-    while tracked and sum(r.info.status == "RUNNING" for r in mlflow_runs(tmp_path)) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
+            return False
+        return run.get("completed_nodes") == 1 and (not tracked or bool(run["state"]["mlflow"]["parent_run_id"]))
+
+    wait_until(in_second_node, "the second node", timeout_s=240, proc=proc, poll_s=0.2)
+    if tracked:
+        wait_until(lambda: sum(r.info.status == "RUNNING" for r in mlflow_runs(tmp_path)) >= 2,
+                   "the second node's MLflow run", timeout_s=240, proc=proc, poll_s=0.5)
     time.sleep(1)
 
 

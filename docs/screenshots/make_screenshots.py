@@ -3,7 +3,7 @@
 
     pip install playwright            # the driver only: the browser is the system's chromium
     apt-get install -y chromium       # Debian
-    python docs/screenshots/make_screenshots.py [--out docs/screenshots] [--chromium /usr/bin/chromium]
+    python -m docs.screenshots.make_screenshots [--out docs/screenshots] [--chromium /usr/bin/chromium]
 
 Writes ``mlflow_runs_table.png`` (the experiment's runs table, opened on the headline view every
 tracked run prints: one row per setup under the sweep run, the headline metrics as columns),
@@ -17,14 +17,12 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Iterator
+
+from tests.servers import mlflow_server  # the tests' MLflow server: the same start, readiness check and stop
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUPS = {  # short versions of the named setups' shapes: a few epochs each
@@ -41,47 +39,6 @@ SETUPS = {  # short versions of the named setups' shapes: a few epochs each
 }
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(home: Path) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 (SQLite store and artifacts under ``home``), stopped with its workers."""
-    import requests
-
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=2).ok:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def run_sweep(home: Path, uri: str, quick: bool = False) -> None:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -15,6 +14,7 @@ import yaml
 from fedcore_adapter.building import run_from_config
 from fedcore_adapter.search.driver import run_search
 from fedcore_adapter.search.trial import open_storage
+from tests.helpers import wait_until
 from tests.search.helpers import DATA, MODEL, SETUP, config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,10 +52,8 @@ def test_an_interrupted_search_resumes_and_reruns_the_trial_it_lost(tmp_path):
     proc = subprocess.Popen(_search_cli(tmp_path, "search.trials=3"), env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while not (folder / "trials" / "trial_0001.partial").exists() and time.time() < deadline:
-            assert proc.poll() is None, "the search ended before it could be interrupted"
-            time.sleep(0.05)
+        wait_until((folder / "trials" / "trial_0001.partial").exists, "the second trial", timeout_s=300, proc=proc,
+                   poll_s=0.05)
         os.killpg(proc.pid, signal.SIGKILL)  # mid-trial: trial 0 done, trial 1 under way
         proc.wait(timeout=30)
     finally:
