@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import FedcoreError
+from .results import write_json
 from .structure import replay
 
 FORMAT = "fedcore_adapter.checkpoint/1"
@@ -40,13 +41,6 @@ def applied_transforms(model: nn.Module) -> list[dict]:
 def mark_transforms(model: nn.Module, transforms: list[dict]) -> nn.Module:
     object.__setattr__(model, TRANSFORMS_ATTR, list(transforms))
     return model
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _sparse_csr(t: torch.Tensor) -> Optional[torch.Tensor]:

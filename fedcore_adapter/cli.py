@@ -23,22 +23,21 @@ from .errors import FedcoreError
 from .help import command_help, main_help, wants_help
 from .report import main as report_main
 from .resources import conf_dir
+from .results import summary_table
 from .search.cli import main as search_main
 from .setups import named_setups
 from .signals import RESUME_COMMAND, exit_status, sigterm_interrupts
 
 log = logging.getLogger("fedcore_adapter")
-# Start-up time: this module serves ``--help`` and ``setups``, so torch (building, results), pydantic (building),
-# dask (sweep) and Hydra's app machinery are imported inside the functions that run a job.
+# Start-up time: this module serves ``--help`` and ``setups``, so pydantic and torch (building), dask (sweep) and Hydra's app machinery are imported inside the functions that run a job.
 
 
 def _task(cfg) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    # lazy: building (pydantic), results (torch) and sweep_report (Hydra) cost `--help` a second of start-up
+    # lazy: building (pydantic, torch) and sweep_report (Hydra) cost `--help` a second of start-up
     from .building import run_from_config
-    from .results import summary_table
     from .sweep_report import note_results_folder
 
     logging.getLogger("fedcore_adapter").setLevel(logging.INFO)

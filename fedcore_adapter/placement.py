@@ -24,9 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from .checkpoint import write_json
 from .errors import ConfigError
-from .results import PARTIAL_SUFFIX, read_json
+from .results import PARTIAL_SUFFIX, read_json, write_json
 
 log = logging.getLogger("fedcore_adapter")
 LOCK_FILE = ".fedcore-placement.lock"

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .plots import RAW_SETUP, plot_comparison
+from .results import PARTIAL_SUFFIX, markdown_table, write_text
 
 CSV_COLUMNS = ["run", "setup", "status", "baseline", "chain", "runtime", "threads", "batch_shape", "params", "macs",
                "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss", "params_ratio", "size_mb_ratio", "speedup",
@@ -39,8 +40,6 @@ def _folder_summary(folder: Path) -> dict:
 def runs_from_folders(paths: Iterable[str | Path], include_partial: bool = False, depth: int = 4) -> list[dict]:
     """Summaries of the results folders under ``paths`` (a results folder, or a folder holding some): ``depth``
     reaches a sweep's runs from the output folder (``composition_results/sweeps/<time>/<job>/<name>``)."""
-    from .results import PARTIAL_SUFFIX  # lazy: results imports torch; `--help` and `compare --help` do not
-
     found: list[dict] = []
 
     def visit(folder: Path, level: int) -> None:
@@ -134,8 +133,6 @@ def to_csv(rows: list[dict]) -> str:
 # -- the report ------------------------------------------------------------------------------------------
 def write_report(runs: Sequence[dict], out_dir: str | Path, metric: str = "accuracy") -> dict[str, Path]:
     """Write ``comparison.csv``, ``comparison.md`` and ``comparison.png`` to ``out_dir``; returns their paths."""
-    from .results import markdown_table, write_text  # lazy: torch, as above
-
     if not runs:
         raise ConfigError("compare: no runs found (completed results folders, or setup runs in the tracking store)")
     out = Path(out_dir)

@@ -16,8 +16,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .checkpoint import write_json
-
 METRIC_COLUMNS = [
     "node_index", "node", "kind", "params", "macs", "size_mb", "latency_ms", "latency_ms_per_sample",
     "throughput_sps", "accuracy", "loss", "sparsity", "batch_size", "device", "dtype", "wall_s",
@@ -33,9 +31,15 @@ def run_folder_name(setup_name: str, model_name: Optional[str] = None) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def columns_of(rows: Iterable[dict]) -> list[str]:

@@ -9,8 +9,8 @@ from typing import Optional
 
 from torch import nn
 
-from ..checkpoint import write_json
 from ..errors import ConfigError
+from ..results import write_json
 from .extras import require_extra
 
 INFO_FILE = "deploy.json"

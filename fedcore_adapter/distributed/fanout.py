@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from distributed import Client, get_client, get_worker, wait
 
 from ..errors import FedcoreError
+from ..placement import RUN_ATTEMPT
 
 log = logging.getLogger("fedcore_adapter.distributed")
 _RUN_LOCK = threading.Lock()  # one whole run at a time per worker process (global RNG, cwd, Hydra state)
@@ -102,8 +103,6 @@ def run_task(fn: Callable[[Any], Any], payload: Any, cwd: Optional[str]) -> dict
 
     The run knows its task's attempt (``placement.RUN_ATTEMPT``): a run whose worker died is resumed
     from its last finished node by the next attempt when the results folder is shared."""
-    from ..placement import RUN_ATTEMPT  # lazy: placement imports torch; the launching side runs without it
-
     start = time.perf_counter()
     try:
         worker = get_worker().address

@@ -18,12 +18,12 @@ from typing import Any, Optional
 
 from ..api import extract_loss, fedcore_fit, provides, resolve_loss
 from ..building import build_data, build_model, instantiate_target
-from ..checkpoint import write_json
 from ..composition import run_hydra_app
 from ..data import resolve_device, runtime_device
 from ..errors import ConfigError, DataError
 from ..losses import find_loss
 from ..metrics import measure
+from ..results import write_json
 from .common import command_setup, fit_options, plain, reporting_errors, results_folder
 
 RESULTS_SUFFIX = "_fit_target.json"

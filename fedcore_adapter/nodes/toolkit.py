@@ -18,10 +18,10 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Optiona
 import torch
 from torch import nn
 
-from ..checkpoint import write_json
 from ..context import SequentialExecutor
 from ..data import limited, split_batch, to_device
 from ..errors import NodeError
+from ..results import write_json
 
 J = TypeVar("J")
 R = TypeVar("R")

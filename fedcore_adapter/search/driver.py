@@ -25,8 +25,8 @@ import optuna
 from optuna.trial import TrialState
 
 from ..building import config_setup
-from ..checkpoint import write_json
 from ..errors import ConfigError, FedcoreError
+from ..results import write_json
 from ..schema import Setup
 from ..setups import named_setups
 from ..tracking.config import default_experiment

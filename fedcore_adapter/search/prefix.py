@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..checkpoint import write_json
+from ..results import write_json
 
 
 def prefix_key(identity: str, common: dict, nodes: Sequence[dict]) -> str:

@@ -15,6 +15,8 @@ import subprocess
 from importlib import metadata
 from typing import Any, Iterable, Mapping, Optional
 
+from ..results import DIFFERENCE_COLUMNS, RATIO_COLUMNS
+
 MAX_KEY = 250
 MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 5000
@@ -100,8 +102,6 @@ def headline(first: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, flo
     bytes, ``speedup``: input / final latency); differences for quality (``accuracy_delta_pt``: final -
     input accuracy in percentage points, ``loss_delta``).
     """
-    from ..results import DIFFERENCE_COLUMNS, RATIO_COLUMNS  # lazy: results imports torch; the logger process does not
-
     out = ratios(first, last, RATIO_COLUMNS)
     for key, name in (("size_mb", "compression_ratio"), ("latency_ms", "speedup")):
         if _finite(first.get(key)) and _finite(last.get(key)) and last[key]:

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from ...checkpoint import write_json
 from ...context import NodeContext
 from ...errors import NodeError
 from ...registry import register_node
+from ...results import write_json
 from ...trainer import train
 from . import falor_pipeline, svd_pipeline
 from .allocation import budget_total, minimum_total
