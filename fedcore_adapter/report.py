@@ -21,13 +21,13 @@ import yaml
 
 from .errors import ConfigError
 from .plots import RAW_SETUP, plot_comparison
-from .results import PARTIAL_SUFFIX, markdown_table, write_text
+from .results import DIFFERENCE_COLUMNS, PARTIAL_SUFFIX, markdown_table, write_text
 
 CSV_COLUMNS = ["run", "setup", "status", "baseline", "chain", "runtime", "threads", "batch_shape", "params", "macs",
                "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss", "params_ratio", "size_mb_ratio", "speedup",
-               "accuracy_delta", "source"]
+               "accuracy_delta_pt", "loss_delta", "source"]
 MD_COLUMNS = ["run", "setup", "baseline", "chain", "runtime", "params", "size_mb", "latency_ms", "accuracy",
-              "size_mb_ratio", "speedup", "accuracy_delta"]
+              "size_mb_ratio", "speedup", "accuracy_delta_pt"]
 
 
 # -- reading runs --------------------------------------------------------------------------------------
@@ -99,8 +99,10 @@ def _final_row(run: dict, final: dict, base: dict, baseline: str = "") -> dict:
     row["params_ratio"] = _ratio(final.get("params"), base.get("params"))
     row["size_mb_ratio"] = _ratio(final.get("size_mb"), base.get("size_mb"))
     row["speedup"] = _ratio(base.get("latency_ms"), final.get("latency_ms"))
-    acc, base_acc = final.get("accuracy"), base.get("accuracy")
-    row["accuracy_delta"] = acc - base_acc if isinstance(acc, float) and isinstance(base_acc, float) else None
+    for key, (suffix, scale) in DIFFERENCE_COLUMNS.items():  # the names and units of the MLflow headline
+        value, before = final.get(key), base.get(key)
+        ok = isinstance(value, float) and isinstance(before, float)
+        row[f"{key}_delta{suffix}"] = (value - before) * scale if ok else None
     return row
 
 
@@ -141,7 +143,8 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, metric: str = "accur
     paths = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "plot": out / "comparison.png"}
     write_text(paths["csv"], to_csv(rows))
     md = ("Final model of each run against its input model (baseline). `size_mb_ratio`: final / input size; "
-          "`speedup`: input / final latency; `accuracy_delta`: final - input accuracy.\n\n" + markdown_table(rows, MD_COLUMNS))
+          "`speedup`: input / final latency; `accuracy_delta_pt`: final - input accuracy, in percentage points.\n\n"
+          + markdown_table(rows, MD_COLUMNS))
     write_text(paths["markdown"], md)
     plot_comparison(rows, paths["plot"], metric)
     return paths

@@ -44,7 +44,9 @@ def test_compare_writes_csv_markdown_and_plot_with_the_input_baseline_first(resu
     assert float(rows[2]["accuracy"]) == pytest.approx(two["accuracy"]) and rows[2]["chain"] == "training -> distillation"
     assert float(rows[2]["size_mb_ratio"]) == pytest.approx(two["size_mb"] / base["size_mb"])
     assert float(rows[2]["speedup"]) == pytest.approx(base["latency_ms"] / two["latency_ms"])
-    assert float(rows[2]["accuracy_delta"]) == pytest.approx(two["accuracy"] - base["accuracy"])
+    assert float(rows[2]["accuracy_delta_pt"]) == pytest.approx(100 * (two["accuracy"] - base["accuracy"]))  # points
+    assert float(rows[2]["loss_delta"]) == pytest.approx(two["loss"] - base["loss"])
+    assert float(rows[0]["accuracy_delta_pt"]) == 0.0  # the input model against itself
     markdown = (tmp_path / "comparison.md").read_text()
     assert "| run | setup | baseline | chain | runtime |" in markdown
     assert "| RAW | RAW | RAW | training | torch |" in markdown
