@@ -162,8 +162,9 @@ def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out:
     """The same candidates as whole chains from RAW (training node included), no early stopping, one by one."""
     from fedcore_adapter.building import run_from_config
 
-    picks = [r for r in rows if r["state"] == "pruned"][: k // 2]
-    picks += [r for r in rows if r["state"] == "complete"][: k - len(picks)]
+    pruned, complete = [r for r in rows if r["state"] == "pruned"], [r for r in rows if r["state"] == "complete"]
+    picks = pruned[: k // 2] + complete[: k - k // 2]  # half stopped early, half complete ...
+    picks += [r for r in pruned + complete if r not in picks][: k - len(picks)]  # ... or whichever there are
     results = []
     for r in picks:
         n = int(r["trial"])
