@@ -238,6 +238,7 @@ def per_sampler(runs: list[dict], parallelism: Optional[float], workers: int) ->
             "hypervolume_per_seed": [r["hypervolume"] for r in mine],
             "best_macs_reduction_median": _median([r["best_macs_reduction"] or 1.0 for r in mine]),
             "best_macs_reduction_per_seed": [r["best_macs_reduction"] for r in mine],
+            "best_test_accuracy_drop_pt_median": _median([r["best_test_accuracy_drop_pt"] for r in mine]),
             "best_test_accuracy_drop_pt_per_seed": [r["best_test_accuracy_drop_pt"] for r in mine],
             "best_val_accuracy_drop_pt_per_seed": [r["best_val_accuracy_drop_pt"] for r in mine],
             "feasible_per_seed": [r["feasible"] for r in mine],
