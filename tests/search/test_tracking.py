@@ -44,3 +44,18 @@ def test_a_resumed_search_on_a_tracking_server_logs_into_the_same_parent_run(mlf
     nested = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id)
     assert nested == ["prefix", "trial_0000", "trial_0001"]
     assert {a.path for a in client.list_artifacts(run_id, "pareto")}  # the Pareto setups' folder, as artifacts
+
+
+def test_a_search_given_a_parent_run_nests_under_it_and_its_trials_under_the_search(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    above = client.create_run(client.create_experiment("search-above")).info.run_id
+    cfg = config(tmp_path, trials=1)
+    cfg["tracking"] = {"name": "mlflow", "uri": uri, "experiment": "search-above", "log_model": False,
+                       "parent_run_id": above}
+    run_search(cfg)
+    runs = client.search_runs([client.get_experiment_by_name("search-above").experiment_id])
+    search = [r for r in runs if r.data.tags.get("fedcore.role") == "search"]
+    assert len(search) == 1 and search[0].data.tags["mlflow.parentRunId"] == above
+    nested = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == search[0].info.run_id}
+    assert nested == {"prefix", "trial_0000"}
