@@ -38,3 +38,11 @@ class RunError(FedcoreError, RuntimeError):
     def __init__(self, message: str, node: str = ""):
         super().__init__(message)
         self.node = node
+
+
+def error_line(err: BaseException) -> str:
+    """Any error as one line: a FedcoreError's message as it is, another's prefixed with its type."""
+    text = " ".join(str(err).split())
+    if isinstance(err, FedcoreError) and text:
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

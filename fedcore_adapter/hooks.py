@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger("fedcore_adapter")
 

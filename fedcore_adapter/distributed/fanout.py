@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from distributed import Client, get_client, get_worker, wait
 
-from ..errors import FedcoreError
+from ..errors import error_line
 from ..placement import RUN_ATTEMPT
 
 log = logging.getLogger("fedcore_adapter.distributed")
@@ -47,14 +47,6 @@ class TaskResult:
     def record(self) -> dict:
         """Everything but the value (JSON-ready)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "value"}
-
-
-def one_line(err: BaseException) -> str:
-    """An error as the one line a user sees (FedcoreError messages are already complete)."""
-    text = " ".join(str(err).split())
-    if isinstance(err, FedcoreError) and text:
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class _TailWriter(io.TextIOBase):
@@ -118,7 +110,7 @@ def run_task(fn: Callable[[Any], Any], payload: Any, cwd: Optional[str]) -> dict
             value, status = None, "failed"
             error = tail.last.removeprefix("error: ") or f"exited with status {err.code}"
         except Exception as err:  # noqa: BLE001 - the error is the outcome
-            value, status, error = None, "failed", one_line(err)
+            value, status, error = None, "failed", error_line(err)
         finally:
             sys.stderr = saved
             RUN_ATTEMPT.reset(attempt)
@@ -160,7 +152,7 @@ def _result(index: int, label: str, future: Any, error_of: Optional[Callable[[An
     try:
         out = future.result()
     except Exception as err:  # noqa: BLE001 - e.g. KilledWorker after too many worker deaths
-        return TaskResult(index, label, "failed", error=one_line(err))
+        return TaskResult(index, label, "failed", error=error_line(err))
     result = TaskResult(index, label, out["status"], out["value"], out["error"], out["worker"], out["wall_s"])
     if result.status == "completed" and error_of is not None:
         error = error_of(result.value)

@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 
 from distributed import Client, wait
 
-from .fanout import one_line, run_slots, run_task
+from ..errors import error_line
+from .fanout import run_slots, run_task
 
 
 class DaskPool:
@@ -49,7 +50,7 @@ class DaskPool:
             try:
                 out.append((key, future.result()))
             except Exception as err:  # noqa: BLE001 - KilledWorker: the worker died too often
-                out.append((key, {"status": "failed", "value": None, "error": one_line(err), "lost": True,
+                out.append((key, {"status": "failed", "value": None, "error": error_line(err), "lost": True,
                                   "worker": None, "wall_s": None}))
         return out
 

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..building import config_setup
-from ..errors import ConfigError, FedcoreError
+from ..errors import ConfigError, FedcoreError, error_line
 from ..results import write_json
 from ..schema import Setup
 from ..setups import named_setups
@@ -67,14 +67,12 @@ class SequentialPool:
         return len(self.done)
 
     def submit(self, key: Any, payload: Any) -> None:
-        from ..distributed.fanout import one_line  # lazy: fanout imports dask; a search without a cluster does not
-
         start = time.perf_counter()
         try:
             out = {"status": "completed", "value": self.fn(payload), "error": None}
         except Exception as err:  # noqa: BLE001 - a failing trial is an outcome
             log.debug("trial %s failed", key, exc_info=True)
-            out = {"status": "failed", "value": None, "error": one_line(err)}
+            out = {"status": "failed", "value": None, "error": error_line(err)}
         self.done.append((key, {**out, "worker": "local", "wall_s": time.perf_counter() - start}))
 
     def finished(self, timeout: Optional[float] = None) -> list:

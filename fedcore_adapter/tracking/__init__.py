@@ -10,30 +10,20 @@ The default store is ``sqlite:///mlflow.db`` in the working directory, the one
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from .config import TrackingConfig, default_experiment, model_label, parse_tracking_config, resolve_uri
+from .hook import MlflowHook
 from .journal import PENDING_FILE, sync_pending
 from .store import fetch_runs as _fetch_runs
 from .store import load_logged_model as _load_logged_model
-
-if TYPE_CHECKING:
-    from .hook import MlflowHook
 
 __all__ = ["MlflowHook", "TrackingConfig", "hook_from_config", "load_logged_model", "fetch_runs", "sync_pending",
            "PENDING_FILE", "resolve_uri"]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "MlflowHook":
-        from .hook import MlflowHook  # lazy: the hook imports torch; the logger process imports this package without it
-
-        return MlflowHook
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def hook_from_config(tracking_cfg: Mapping[str, Any] | None, config: Optional[Mapping[str, Any]] = None,
-                     model_name: Optional[str] = None) -> Optional["MlflowHook"]:
+                     model_name: Optional[str] = None) -> Optional[MlflowHook]:
     """The hook for the composed ``tracking`` group; None for ``tracking=none``.
 
     ``tracking.experiment`` defaults to ``<model> on <data>`` (``model_name``, else the config choice or
@@ -42,7 +32,6 @@ def hook_from_config(tracking_cfg: Mapping[str, Any] | None, config: Optional[Ma
     cfg = parse_tracking_config(tracking_cfg)
     if cfg.name == "none":
         return None
-    from .hook import MlflowHook  # lazy: torch, as above
 
     experiment = cfg.experiment or default_experiment(config, model_name)
     hook = MlflowHook(cfg.model_copy(update={"experiment": experiment}))

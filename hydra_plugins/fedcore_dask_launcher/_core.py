@@ -19,6 +19,8 @@ from hydra.errors import CompactHydraException
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 
+from fedcore_adapter.errors import error_line
+
 log = logging.getLogger(__name__)
 
 
@@ -31,9 +33,7 @@ def _picklable(err: BaseException) -> BaseException:
         pickle.loads(pickle.dumps(err))
         return err
     except Exception:  # noqa: BLE001 - e.g. exceptions with extra required constructor arguments
-        from fedcore_adapter.distributed.fanout import one_line
-
-        return JobFailed(one_line(err))
+        return JobFailed(error_line(err))
 
 
 def execute_job(payload: tuple) -> JobReturn:
@@ -51,9 +51,7 @@ def execute_job(payload: tuple) -> JobReturn:
 
 def _job_error(ret: Any) -> Optional[str]:
     if isinstance(ret, JobReturn) and ret.status == JobStatus.FAILED:
-        from fedcore_adapter.distributed.fanout import one_line
-
-        return one_line(ret._return_value) if isinstance(ret._return_value, BaseException) else "failed"
+        return error_line(ret._return_value) if isinstance(ret._return_value, BaseException) else "failed"
     return None
 
 
