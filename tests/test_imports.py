@@ -5,6 +5,7 @@ from pathlib import Path
 import networkx as nx
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedcore_adapter"
+PLUGINS = PACKAGE.parent / "hydra_plugins"
 
 
 def module_name(path: Path) -> str:
@@ -82,10 +83,10 @@ def _has_reason(node: ast.stmt, lines: list[str], imports_at: set[int]) -> bool:
     return False
 
 
-def unexplained_lazy_imports() -> list[str]:
+def unexplained_lazy_imports(roots: tuple[Path, ...] = (PACKAGE, PLUGINS)) -> list[str]:
     """``path:line: statement`` of each in-function import that needs a reason and gives none."""
     found = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted(p for root in roots for p in root.rglob("*.py")):
         text = path.read_text()
         tree, lines = ast.parse(text), text.splitlines()
         top_level = set().union(*(_roots(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))))
@@ -97,7 +98,7 @@ def unexplained_lazy_imports() -> list[str]:
             for node in ast.walk(function):
                 if (isinstance(node, (ast.Import, ast.ImportFrom)) and _needs_reason(node, top_level)
                         and not _has_reason(node, lines, imports_at)):
-                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+                    found.append(f"{path.relative_to(roots[0].parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     return sorted(set(found))
 
 
@@ -105,14 +106,13 @@ def test_imports_inside_functions_say_why_they_are_not_at_the_top():
     assert unexplained_lazy_imports() == [], f"hoist these to the module top, or add `{REASON} <why>`"
 
 
-def test_the_lazy_import_check_finds_each_unexplained_import(tmp_path, monkeypatch):
+def test_the_lazy_import_check_finds_each_unexplained_import(tmp_path):
     package = tmp_path / "fedcore_adapter"
     package.mkdir()
     (package / "a.py").write_text(
         "import os\n\n\ndef f():\n    from .b import g\n    import mlflow\n    import json\n    return g\n\n\n"
         "def h():\n    # lazy: mlflow costs seconds of start-up\n    import mlflow\n    from .b import g\n\n"
         "    from mlflow.entities import Param  # lazy: as above\n    import torch\n")
-    monkeypatch.setitem(globals(), "PACKAGE", package)
-    assert unexplained_lazy_imports() == [  # json: light stdlib; the second function's imports say why, but torch
+    assert unexplained_lazy_imports((package,)) == [  # json: light stdlib; the second function's imports say why, but torch
         "fedcore_adapter/a.py:17: import torch", "fedcore_adapter/a.py:5: from .b import g",
         "fedcore_adapter/a.py:6: import mlflow"]

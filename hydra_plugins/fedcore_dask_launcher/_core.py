@@ -19,7 +19,13 @@ from hydra.errors import CompactHydraException
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 
+from fedcore_adapter.distributed.cluster import open_client
+from fedcore_adapter.distributed.fanout import TaskResult, run_tasks
+from fedcore_adapter.distributed.runs import estimated_work, longest_first, planned_folder, summary, write_sweep_record
+from fedcore_adapter.distributed.sweep import varying
 from fedcore_adapter.errors import error_line
+from fedcore_adapter.sweep_report import compare_sweep
+from fedcore_adapter.tracking.parents import SWEEP_FILES, close_parents, open_parents, outcome
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +99,6 @@ def _job_dir(config: DictConfig, sweep_dir: Path) -> Path:
 def _separate_result_folders(configs: list[DictConfig], sweep_dir: Path) -> list[Optional[Path]]:
     """Every fedcore_adapter job writes into its own job folder (``<sweep dir>/<job number>``), as under
     Hydra's basic launcher (``fedcore_adapter.cli.job_output_dir``); returns every job's results folder."""
-    from fedcore_adapter.distributed.runs import planned_folder
-
     folders: list[Optional[Path]] = []
     for config in configs:
         plain = _plain(config)
@@ -110,8 +114,6 @@ def _separate_result_folders(configs: list[DictConfig], sweep_dir: Path) -> list
 
 def _nest_under_sweep_runs(configs: list[DictConfig], sweep_dir: Path) -> list:
     """Open the sweep's MLflow parent runs (one per experiment) and point each job's tracking at its own."""
-    from fedcore_adapter.tracking.parents import open_parents
-
     plains = [_plain(c) or {} for c in configs]
     labels = [p.get("model_name") or OmegaConf.select(c, "hydra.runtime.choices.model", default=None)
               for p, c in zip(plains, configs)]
@@ -134,12 +136,6 @@ def _cluster_spec(launcher: Any) -> Any:
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    from fedcore_adapter.distributed.cluster import open_client
-    from fedcore_adapter.distributed.fanout import TaskResult, run_tasks
-    from fedcore_adapter.distributed.runs import estimated_work, longest_first, summary, write_sweep_record
-    from fedcore_adapter.sweep_report import compare_sweep
-    from fedcore_adapter.distributed.sweep import varying
-
     setup_globals()
     assert launcher.config is not None and launcher.task_function is not None and launcher.hydra_context is not None
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
@@ -177,8 +173,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         compare_sweep([f for f, r in zip(result_folders, done) if f is not None and r.status == "completed"],
                       sweep_dir)
     if parents:
-        from fedcore_adapter.tracking.parents import SWEEP_FILES, close_parents, outcome
-
         close_parents(parents, *outcome([r.status for r in done]), [sweep_dir / name for name in SWEEP_FILES])
     return [r.value if isinstance(r.value, JobReturn) else _failed_return(job_overrides[i], r.error or "failed",
                                                                              configs.get(i))

@@ -39,6 +39,6 @@ class DaskLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
-        from . import _core
+        from . import _core  # lazy: dask and the package; Hydra imports this module in every app (see above)
 
         return _core.launch(self, job_overrides, initial_job_idx)
