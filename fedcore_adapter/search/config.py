@@ -25,13 +25,15 @@ class Moves(StrictModel):
 
 
 class EarlyStop(StrictModel):
-    """Stop a trial whose fine-tune stays below the accuracy constraint (an infeasible trial is dominated)."""
+    """Stop a trial whose model, as a node hands it on, is below the accuracy constraint (an infeasible trial is
+    dominated). Checked at node ends only: inside a node accuracy dips and recovers (each pruning step, then the
+    fine-tune), so only the model a node hands on is a comparable fidelity."""
 
     enabled: bool = True
     margin: float = Field(0.02, ge=0, description="stop only this far below the constraint line (validation "
-                                                  "accuracy), after ...")
-    patience: int = Field(2, ge=0, description="... this many epochs without improvement")
-    warmup_epochs: int = Field(2, ge=0, description="never stop in a trial's first epochs")
+                                                  "accuracy of the node's last epoch), ...")
+    patience: int = Field(0, ge=0, description="... after this many more node ends without improvement "
+                                               "(0: at the first node end below)")
 
 
 class SearchConfig(StrictModel):

@@ -321,8 +321,7 @@ class Search:
         if not es.enabled or self.scfg.max_accuracy_drop is None or not isinstance(val, (int, float)):
             return None
         return {"storage": str((self.folder / "study.journal").absolute()), "study": FIDELITY, "trial_id": trial_id,
-                "lower": val - self.scfg.max_accuracy_drop - es.margin, "patience": es.patience,
-                "warmup_epochs": es.warmup_epochs}
+                "lower": val - self.scfg.max_accuracy_drop - es.margin, "patience": es.patience}
 
     def _start_of(self, nodes: list[dict]) -> tuple[int, Optional[Path]]:
         """Where a trial starts: the longest computed prefix of its chain (at least the shared one)."""

@@ -33,10 +33,10 @@ def open_storage(path: str | Path) -> Any:
 
 
 def fidelity_pruner(spec: Mapping[str, Any]) -> Any:
-    """Stop when validation accuracy is ``margin`` below the constraint line and has not improved for
-    ``patience`` epochs (optuna's ThresholdPruner wrapped in its PatientPruner)."""
-    threshold = optuna.pruners.ThresholdPruner(lower=spec["lower"], n_warmup_steps=spec["warmup_epochs"])
-    if not spec["patience"]:
+    """Stop when a node ends with validation accuracy ``margin`` below the constraint line, after ``patience``
+    more node ends without improvement (optuna's ThresholdPruner, wrapped in its PatientPruner)."""
+    threshold = optuna.pruners.ThresholdPruner(lower=spec["lower"], n_warmup_steps=0)
+    if not spec.get("patience"):
         return threshold
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -44,12 +44,16 @@ def fidelity_pruner(spec: Mapping[str, Any]) -> Any:
 
 
 class EarlyStopHook(Hook):
-    """Reports every epoch's validation accuracy to the trial's fidelity twin; stops the run when pruned."""
+    """Reports the validation accuracy of each node's last epoch (the model the node hands on) to the trial's
+    fidelity twin when the node ends; stops the run when pruned, before the next node. A node without epochs
+    reports nothing, nor does the last node (the trial is complete then, and judged as such)."""
 
     def __init__(self, spec: Mapping[str, Any]):
         self.spec = dict(spec)
-        self.step = 0
+        self.step = 0  # node ends reported
+        self.epochs = 0  # epochs run (the trial's cost)
         self.last: Optional[float] = None  # the last validation accuracy reported
+        self._node_last: Optional[float] = None  # the running node's latest epoch
         self._trial = None
 
     def trial(self) -> Any:
@@ -60,18 +64,27 @@ class EarlyStopHook(Hook):
             self._trial = optuna.trial.Trial(study, self.spec["trial_id"])
         return self._trial
 
+    def before_node(self, run: Any, index: int, node: Any) -> None:
+        self._node_last = None
+
     def on_log(self, run: Any, index: int, node: Any, metrics: dict, step: Optional[int]) -> None:
         value = next((v for k, v in metrics.items() if k.endswith("val_accuracy") and isinstance(v, (int, float))),
                      None)
-        if value is None:
+        if value is not None:
+            self.epochs += 1
+            self._node_last = float(value)
+
+    def after_node(self, run: Any, index: int, node: Any, model: Any, row: dict, checkpoint: Path) -> None:
+        value, self._node_last = self._node_last, None
+        if value is None or index >= len(run.setup.nodes) - 1:  # the last node: the trial completes and is judged
             return
         self.step += 1
-        self.last = float(value)
+        self.last = value
         trial = self.trial()
-        trial.report(float(value), self.step)
+        trial.report(value, self.step)
         if trial.should_prune():
-            raise TrialStopped(f"validation accuracy {value:.4f} at epoch {self.step} (node {index}: {node.kind}) "
-                               f"below {self.spec['lower']:.4f} without improving")
+            raise TrialStopped(f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after "
+                               f"{self.epochs} epochs) below {self.spec['lower']:.4f}")
 
 
 def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> dict:
@@ -118,11 +131,11 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
-                 "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.step,
+                 "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.epochs,
                  "val_accuracy": stopper.last}
     else:
         facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()),
-                 "metrics": result.metrics, "epochs": stopper.step if stopper else None,
+                 "metrics": result.metrics, "epochs": stopper.epochs if stopper else None,
                  **_validation(result.model, data, payload, cfg, setup)}
     if payload.get("input_val"):  # after the run: the data module is set up
         facts["input_val_accuracy"] = _validation(_input_model(payload, cfg, setup), data, payload, cfg,

@@ -1,0 +1,83 @@
+"""Early stopping judges the model each node hands on (its last epoch's validation accuracy), never the dips
+inside a node (each pruning step, the start of a fine-tune), and never stops the chain's last node."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from fedcore_adapter.search.trial import EarlyStopHook, TrialStopped, open_storage
+
+RUN = SimpleNamespace(setup=SimpleNamespace(nodes=[object(), object(), object()]))
+PRUNING = SimpleNamespace(kind="pruning")
+
+
+def _hook(tmp_path, lower=0.9, patience=0) -> EarlyStopHook:
+    path = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="fidelity", storage=open_storage(path), direction="maximize")
+    trial = study.ask()
+    return EarlyStopHook({"storage": str(path), "study": "fidelity", "trial_id": trial._trial_id,
+                          "lower": lower, "patience": patience})
+
+
+def _node(hook: EarlyStopHook, index: int, accuracies: list[float]) -> None:
+    hook.before_node(RUN, index, PRUNING)
+    for step, acc in enumerate(accuracies):
+        hook.on_log(RUN, index, PRUNING, {"pruning/val_accuracy": acc, "pruning/val_loss": 1.0}, step)
+    hook.after_node(RUN, index, PRUNING, None, {}, None)
+
+
+def test_a_node_that_dips_below_the_line_and_recovers_by_its_end_is_not_stopped(tmp_path):
+    hook = _hook(tmp_path)
+    _node(hook, 0, [0.5, 0.6, 0.4, 0.7, 0.95])  # iterative pruning: every step dips, the fine-tune recovers
+    assert hook.last == 0.95 and hook.epochs == 5 and hook.step == 1
+
+
+def test_a_node_that_ends_below_the_line_stops_the_trial_before_the_next_node(tmp_path):
+    hook = _hook(tmp_path)
+    _node(hook, 0, [0.95])
+    with pytest.raises(TrialStopped, match=r"0\.8000 at the end of node 1: pruning \(after 4 epochs\) below 0\.9000"):
+        _node(hook, 1, [0.99, 0.85, 0.8])  # the node's last epoch is what it hands on
+
+
+def test_the_last_node_is_never_stopped_the_trial_completes_and_is_judged(tmp_path):
+    hook = _hook(tmp_path)
+    _node(hook, 2, [0.1])
+    assert hook.step == 0
+
+
+def test_a_node_without_epochs_reports_nothing(tmp_path):
+    hook = _hook(tmp_path)
+    _node(hook, 0, [])
+    assert hook.step == 0 and hook.last is None
+
+
+def test_patience_lets_a_trial_go_on_while_it_has_not_stopped_improving_for_that_many_node_ends(tmp_path):
+    hook = _hook(tmp_path, patience=1)
+    run = SimpleNamespace(setup=SimpleNamespace(nodes=[object()] * 5))
+    for index, acc in enumerate([0.8, 0.7]):
+        hook.before_node(run, index, PRUNING)
+        hook.on_log(run, index, PRUNING, {"val_accuracy": acc}, 0)
+        hook.after_node(run, index, PRUNING, None, {}, None)  # below the line, but not yet "no improvement" long
+    hook.before_node(run, 2, PRUNING)
+    hook.on_log(run, 2, PRUNING, {"val_accuracy": 0.6}, 0)
+    with pytest.raises(TrialStopped):
+        hook.after_node(run, 2, PRUNING, None, {}, None)
+
+
+def test_in_a_search_a_trial_whose_first_compression_node_ends_below_the_line_stops_there(tmp_path):
+    from fedcore_adapter.search.driver import run_search
+    from tests.search.helpers import SETUP, config
+
+    cfg = config(tmp_path, trials=1, max_accuracy_drop=0.0, moves={"drop": False, "insert": [], "reorder": False},
+                 early_stop={"enabled": True, "margin": 0.0, "patience": 0},
+                 space={"pruning": {"pruning_ratio": {"low": 0.94, "high": 0.96}}})
+    prune = {"kind": "pruning", "pruning_ratio": 0.95, "finetune_params": {"epochs": 1, "learning_rate": 1e-5}}
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    result = run_search(cfg)
+    (row,) = result.trials
+    assert row["state"] == "pruned", row
+    assert "at the end of node 0: pruning" in row["error"]  # the stop's reason
+    nodes = result.folder / "trials" / "trial_0000.partial" / "nodes"  # the stopped run's folder
+    assert sorted(p.name for p in nodes.iterdir()) == ["0_input", "1_pruning"]  # the second node never ran
