@@ -3,6 +3,7 @@ runtime's own int8 applied by hand, our int8 through the ``deploy`` node on each
 (falor low-rank + the runtime's int8 through the ``deploy`` node) on each runtime.
 
     python -m benchmarks.deploy.minilm [--rounds 5] [--goals 0.15 0.25] [--falor-cache /tmp/falor_minilm]
+        [--ffn-ratios 0.1 0.2] [--prune-cache /tmp/ffn_minilm] [--quality-only]
 
 Cells: 1 and 2 threads x batch 1 (one sentence, its own length), batch 32 padded to the longest, batch
 32 x 128 tokens. Every round times every cell and every variant back to back
@@ -19,8 +20,15 @@ runtime. Sizes: bytes of what each runtime loads (``state.pt`` for torch, ``mode
   the runtime's own int8 at equal or better cosine).
 - ``falor <goal> + deploy <runtime>``: README's falor node (``<goal>`` of the Linear params removed, no
   training) then the ``deploy`` node (the composite target: faster than the runtime's own int8 at mean
-  cosine >= 0.98). Head / FFN pruning is left out: it does not hold that quality on MiniLM (benchmarks
-  ``pruning.minilm``: mean cosine 0.79 at 50 % after distillation).
+  cosine >= 0.98).
+- ``ffn <r> + deploy <runtime>``: the ``pruning`` node removing the share r of every layer's FFN channels
+  (no heads: ``head_pruning_ratio 0``; ``--importance``, default Taylor; counts a multiple of 32), its final
+  fine-tune a distillation from the original's last hidden states on the non-test sentences, then the
+  ``deploy`` node. Small ratios only: 50 % of heads and FFN channels keep mean cosine 0.79 after distillation
+  (``pruning.minilm``).
+
+``--quality-only``: build every variant and print its size and cosine, no timing (the probe that picks the
+ratios worth timing).
 """
 from __future__ import annotations
 
@@ -92,6 +100,25 @@ def falor_model(original: nn.Module, dm: TextDataModule, goal: float, cache: Pat
     return result.model, seconds
 
 
+def ffn_pruned_model(original: nn.Module, dm: TextDataModule, ratio: float, importance: str, epochs: int, lr: float,
+                     cache: Path | None) -> tuple[nn.Module, float]:
+    """The ``pruning`` node on MiniLM's FFN channels only, then distilled from the original on every non-test
+    sentence (the model and the node's seconds; 0 when read from ``cache``)."""
+    cache = cache / f"ffn_{ratio:g}_{importance}_e{epochs}_lr{lr:g}" if cache is not None else None
+    if cache is not None and (cache / "final").exists():
+        return load_model(cache, load_minilm()), 0.0
+    node = {"kind": "pruning", "pruning_ratio": ratio, "head_pruning_ratio": 0.0, "importance": importance,
+            "round_to": 32, "finetune_params": {"epochs": epochs, "learning_rate": lr}}
+    start = time.perf_counter()
+    result = run_setup({"name": "ffn", "common": {"measure": False, "seed": 0}, "nodes": [node]},
+                       copy.deepcopy(original), Sentences(wide_calibration(dm, len(dm.test), 32), dm.test_dataloader()),
+                       output_dir=Path(tempfile.mkdtemp()))
+    seconds = time.perf_counter() - start
+    if cache is not None:
+        shutil.copytree(result.output_dir, cache)
+    return result.model, seconds
+
+
 def deploy(model: nn.Module, dm: TextDataModule, runtime: str, folder: Path) -> Path:
     # quality is judged on the embeddings' cosine below; the node's own agreement check (relative error of the
     # hidden states <= 0.2 by default) refuses falor + ONNX Runtime's dynamic int8 (0.32), so it is widened here
@@ -115,6 +142,13 @@ def main() -> None:
     parser.add_argument("--goals", type=float, nargs="*", default=[0.15, 0.25],
                         help="falor composites: fractions of the Linear params removed (none: no composite)")
     parser.add_argument("--falor-cache", type=Path, help="folder keeping the falor models between runs (goal_<g>/)")
+    parser.add_argument("--ffn-ratios", type=float, nargs="*", default=[],
+                        help="FFN-pruning composites: fractions of each layer's FFN channels removed")
+    parser.add_argument("--importance", default="taylor", help="the pruning node's channel ranking")
+    parser.add_argument("--distil-epochs", type=int, default=8, help="the pruning node's distillation epochs")
+    parser.add_argument("--distil-lr", type=float, default=1e-4)
+    parser.add_argument("--prune-cache", type=Path, help="folder keeping the FFN-pruned models between runs")
+    parser.add_argument("--quality-only", action="store_true", help="sizes and cosines only, no timing")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--sentences", type=int, default=256, help="test sentences (fewer for a smoke run)")
     parser.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each timed variant")
@@ -160,6 +194,11 @@ def main() -> None:
         falor, seconds[f"falor {goal:g} node"] = falor_model(model, dm, goal, args.falor_cache)
         bases.append((f"falor {goal:g} + ", falor))
         built[f"falor {goal:g} torch fp32"] = (lambda t, m=falor: m, state_mb(falor))
+    for ratio in args.ffn_ratios:
+        pruned, seconds[f"ffn {ratio:g} node"] = ffn_pruned_model(model, dm, ratio, args.importance,
+                                                                  args.distil_epochs, args.distil_lr, args.prune_cache)
+        bases.append((f"ffn {ratio:g} + ", pruned))
+        built[f"ffn {ratio:g} torch fp32"] = (lambda t, m=pruned: m, state_mb(pruned))
     composites: dict[str, list[str]] = {}
     for label, base in bases:
         for runtime in RUNTIMES:
@@ -177,6 +216,13 @@ def main() -> None:
         emb = sentence_embeddings(make(2), dm.test_dataloader())
         cos = torch.nn.functional.cosine_similarity(reference, emb, dim=1)
         quality[name] = (float(cos.mean()), float(cos.min()))
+    if args.quality_only:
+        print(environment())
+        print("build seconds:", json.dumps({k: round(v) for k, v in seconds.items()}))
+        print(markdown([{"variant": name, "size_mb": round(size, 1), "mean_cos": round(quality[name][0], 4),
+                         "min_cos": round(quality[name][1], 4)} for name, (_, size) in built.items()],
+                       ["variant", "size_mb", "mean_cos", "min_cos"]))
+        return
 
     times = time_cells({name: make for name, (make, _) in built.items()},
                        {setting: (lambda m, b=inputs: m(**b)) for setting, inputs in settings.items()},
