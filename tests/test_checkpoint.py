@@ -9,7 +9,7 @@ from torch import nn
 
 from fedcore_adapter.checkpoint import FORMAT, load_model, save_checkpoint
 from fedcore_adapter.errors import FedcoreError
-from fedcore_adapter.structure import register_replay, replay, transform_record
+from fedcore_adapter.structure import register_replay, transform_record
 from tests.conftest import tiny_mlp
 
 

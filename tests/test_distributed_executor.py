@@ -163,7 +163,7 @@ def test_progress_is_logged_as_tasks_finish_and_while_they_run(client, caplog):
         ("slow", "completed", None), ("bad", "failed", "ValueError: bad override"), ("quick", "completed", None)]
     lines = [r.getMessage() for r in caplog.records if r.name == "fedcore_adapter.distributed"]
     counts = r"(\d)/3 finished: (\d) done, (\d) failed, (\d) running, (\d) queued"
-    assert re.fullmatch(rf"submitted 3 run\(s\): 0/3 finished: 0 done, 0 failed, \d running, \d queued", lines[0])
+    assert re.fullmatch(r"submitted 3 run\(s\): 0/3 finished: 0 done, 0 failed, \d running, \d queued", lines[0])
     finished = [m for line in lines if (m := re.fullmatch(rf"\[{counts}\] #(\d) (\w+): (.*)", line))]
     assert [m[1] for m in finished] == ["1", "2", "3"]  # one line as each task finishes
     what = {m[7]: m[8] for m in finished}

@@ -12,7 +12,7 @@ from fedcore_adapter.hooks import Hook
 from fedcore_adapter.registry import register_node
 from fedcore_adapter.schema import NodeConfig
 from fedcore_adapter.structure import register_replay
-from tests.conftest import TinyDataModule, TinyEncoder, TokenDataModule, tiny_mlp, tiny_setup
+from tests.conftest import TinyEncoder, TokenDataModule, tiny_mlp, tiny_setup
 from tests.helpers import EmptyDataModule, NoTrainLoaderDataModule
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from fedcore_adapter import run_setup
 from fedcore_adapter.errors import FedcoreError, RunError

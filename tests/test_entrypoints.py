@@ -12,9 +12,8 @@ import torch
 import yaml
 
 from fedcore_adapter.checkpoint import load_model
-from fedcore_adapter.data import call_model, split_batch
+from fedcore_adapter.data import split_batch
 from fedcore_adapter.errors import ConfigError, DataError
-from fedcore_adapter.zoo.sequences import SeqGRUClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["tracking=none", "model=custom", "model._target_=tests.helpers.build_tiny_mlp", "data=custom",

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.losses import labeled_distillation, soft_target_kl

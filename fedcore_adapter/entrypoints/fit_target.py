@@ -10,7 +10,6 @@ Per-fold test metrics and their mean go to
 """
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -66,7 +66,7 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
 
 def setup_yaml(name: str, common: dict, nodes: list[dict], command: str, metrics: dict) -> str:
     """A setup file of one trial's whole chain, with how to run it again and what it measured."""
-    head = [f"# Found by fedcore-adapter search; run it again with:", f"#   {command}",
+    head = ["# Found by fedcore-adapter search; run it again with:", f"#   {command}",
             "# measured in the search: " + ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()
                                                     if isinstance(v, (int, float)))]
     body = yaml.safe_dump({"name": name, "description": "a Pareto trial of a search", "common": common,

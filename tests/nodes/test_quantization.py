@@ -1,6 +1,6 @@
 """Quantization nodes end in real int8 modules, reload from tensors + a plan, and refuse bad input cleanly.
 
-Shared tiny models and data for the ``test_quantization_*`` files live here too.
+Shared tiny models and data for the ``test_quantization_*`` files live here too (their fixtures: tests/nodes/conftest.py).
 """
 import copy
 import functools
@@ -79,16 +79,6 @@ def trained_conv(epochs: int = 3) -> nn.Module:
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def conv_model():
-    return trained_conv()
-
-
-@pytest.fixture
-def conv_dm():
-    return ConvDataModule()
 
 
 # -- every kind ends in int8 modules that reload exactly, measured honestly ---------------------------------------

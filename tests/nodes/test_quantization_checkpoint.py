@@ -11,7 +11,7 @@ from fedcore_adapter.data import has_quantized_weights, runtime_device
 from fedcore_adapter.nodes.quantization.conv import Int8Conv
 from fedcore_adapter.nodes.quantization.modules import DynamicLinear
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
-from tests.nodes.test_quantization import BranchyNet, TinyConvNet, conv_dm, conv_model, run  # noqa: F401 - fixtures
+from tests.nodes.test_quantization import BranchyNet, TinyConvNet, run
 
 
 def test_the_manifest_records_the_quantization_plan_as_json(conv_model, conv_dm, tmp_path):

@@ -13,7 +13,7 @@ from fedcore_adapter.nodes.quantization.conv import Int8Conv, has_onednn_qconv
 from fedcore_adapter.nodes.quantization.dynamic import make_plan, swap_dynamic_
 from fedcore_adapter.nodes.quantization.modules import DynamicConv
 from fedcore_adapter.nodes.quantization.selective import quantizable_layers
-from tests.nodes.test_quantization import BranchyNet, TinyConvNet, conv_dm, conv_model, run  # noqa: F401 - fixtures
+from tests.nodes.test_quantization import BranchyNet, TinyConvNet, run
 
 needs_onednn = pytest.mark.skipif(not has_onednn_qconv(), reason="no oneDNN int8 convolution in this torch build")
 

@@ -9,7 +9,7 @@ from fedcore_adapter.nodes.quantization.backends import has_vnni, supported_engi
 from fedcore_adapter.nodes.quantization.conv import Int8Conv
 from fedcore_adapter.nodes.quantization.modules import DynamicConv, DynamicLinear, SmoothDynamicLinear
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_mlp
-from tests.nodes.test_quantization import conv_dm, conv_model, run  # noqa: F401 - fixtures
+from tests.nodes.test_quantization import run
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

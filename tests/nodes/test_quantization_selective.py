@@ -11,7 +11,7 @@ from fedcore_adapter.data import has_quantized_weights
 from fedcore_adapter.errors import NodeError
 from fedcore_adapter.nodes.quantization.modules import DynamicLinear
 from tests.conftest import tiny_mlp, tiny_setup
-from tests.nodes.test_quantization import conv_dm, conv_model, run  # noqa: F401 - fixtures
+from tests.nodes.test_quantization import run
 from tests.nodes.test_quantization_dynamic import OutlierDataModule, outlier_data
 
 

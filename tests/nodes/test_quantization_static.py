@@ -11,7 +11,7 @@ from fedcore_adapter.nodes.quantization.ao import calibrate, prepare_model
 from fedcore_adapter.nodes.quantization.backends import PercentileObserver
 from fedcore_adapter.nodes.quantization.config import QATConfig
 from fedcore_adapter.nodes.quantization.static import static_plan
-from tests.nodes.test_quantization import BranchyNet, TinyConvNet, conv_dm, conv_model, run  # noqa: F401 - fixtures
+from tests.nodes.test_quantization import BranchyNet, TinyConvNet, run
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
