@@ -22,7 +22,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from .errors import ConfigError, FedcoreError
+from .errors import ConfigError, FedcoreError, error_line
 from .fedcore_format import native_setup
 from .schema import Setup
 from .setups import apply_overrides, setup_source
@@ -83,8 +83,7 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
     try:
         return instantiate(dict(spec), **kwargs)
     except InstantiationException as err:
-        reason = import_problem(spec["_target_"]) or " ".join(str(err).split()).replace(
-            ", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
+        reason = import_problem(spec["_target_"]) or error_line(err, typed=False)
         raise ConfigError(f"{section}._target_={spec['_target_']!r} could not be built: {reason}") from None
 
 

@@ -18,8 +18,8 @@ import sys
 from typing import Callable, Optional
 
 from . import entrypoints
-from .composition import exit_if_not_composable, normalize_argv, one_line
-from .errors import FedcoreError
+from .composition import exit_if_not_composable, normalize_argv
+from .errors import FedcoreError, error_line, speaks_for_itself
 from .help import command_help, main_help, wants_help
 from .report import main as report_main
 from .resources import conf_dir
@@ -50,9 +50,9 @@ def _task(cfg) -> Optional[float]:
     except Exception as err:  # noqa: BLE001 - every failure is one line (debug=true: the traceback)
         if plain.get("debug"):
             raise
-        message = one_line(err)
-        if not isinstance(err, (FedcoreError, FileNotFoundError, ImportError)):
-            message = f"{type(err).__name__}: {message} (debug=true shows the traceback)"
+        message = error_line(err)
+        if not speaks_for_itself(err):
+            message += " (debug=true shows the traceback)"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     note_results_folder(result.output_dir)
@@ -185,7 +185,7 @@ def _run_subcommand(fn: Callable[[list[str]], Optional[int]], argv: list[str]) -
     try:
         code = fn(argv)
     except (FedcoreError, HydraException, OmegaConfBaseException) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         code = 2
     sys.exit(code or 0)
 

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any, Callable, Optional
 
-from .errors import nearest
+from .errors import error_line, nearest
 from .resources import conf_dir
 
 SETUP_SCOPED = ("nodes.", "common.")
@@ -31,13 +31,6 @@ def normalize_argv(argv: list[str]) -> list[str]:
         else:
             overrides.append("++" + arg if arg.startswith(SETUP_SCOPED) and "=" in arg else arg)
     return flags + overrides
-
-
-def one_line(err: BaseException) -> str:
-    """An error as the one line a user sees (Hydra's search path and hints left out)."""
-    text = str(err).split("Config search path:")[0]  # Hydra's search path is noise to a user
-    text = " ".join(text.split()).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception.", "")
-    return text or type(err).__name__
 
 
 def _override_keys(argv: list[str]) -> list[tuple[str, str]]:
@@ -118,7 +111,7 @@ def composition_error(argv: list[str], config_name: str = "config") -> Optional[
             return problem
         _compose(config_name, overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        return _explain_missing_key(one_line(err), overrides, config_name)
+        return _explain_missing_key(error_line(err), overrides, config_name)
     return None
 
 

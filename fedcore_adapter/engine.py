@@ -28,7 +28,7 @@ from .checkpoint import (applied_transforms, checkpoint_bytes, link_or_copy_tree
                          read_manifest, save_checkpoint, write_json)
 from .context import NodeContext, SequentialExecutor
 from .data import make_loader, provides, resolve_device, runtime_device
-from .errors import DataError, FedcoreError, RunError
+from .errors import DataError, FedcoreError, RunError, error_line
 from .hooks import Hook, HookList, RunInfo
 from .losses import find_loss
 from .metrics import measure
@@ -77,7 +77,7 @@ def _check_datamodule(datamodule: Any) -> None:
             except FedcoreError:
                 raise
             except Exception as err:  # noqa: BLE001 - user code: one line, the original as __cause__
-                raise RunError(f"data module {name}: {step} failed: {_cause(err)}; fix the data module "
+                raise RunError(f"data module {name}: {step} failed: {error_line(err, typed=True)}; fix the data module "
                                f"(debug=true shows the traceback)") from err
 
 
@@ -243,11 +243,6 @@ def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool) -> RunResult:
     return result
 
 
-def _cause(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 # What to do, for causes users meet most (matched on the original message); the default: the generic advice.
 _ADVICE = [
     (r"num_samples should be a positive integer", "a data loader's dataset is empty; give the data module data "
@@ -276,11 +271,11 @@ def _failed(r: _Run, index: Optional[int], err: BaseException) -> BaseException:
         message = str(err.args[0] if err.args else err)
         out: BaseException = err
     elif isinstance(err, Exception):
-        message = f"{r.where(index)} failed: {_cause(err)}; {_advice(err)} (debug=true shows the traceback)"
+        message = f"{r.where(index)} failed: {error_line(err, typed=True)}; {_advice(err)} (debug=true shows the traceback)"
         out = RunError(message, node=r.where(index))
         out.__cause__, out.__suppress_context__ = err, True
     else:  # SystemExit, GeneratorExit...: not ours to rephrase
-        message, out = _cause(err), err
+        message, out = error_line(err, typed=True), err
     r.remove_partial_work()
     try:
         r.write_run_json(status="failed", finished_at=_now(), error=message,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, error_line
 from .user_code import import_problem, importable_from_working_directory
 
 
@@ -27,7 +27,7 @@ def instantiate_loss(spec: Any) -> Callable:
             return obj() if isinstance(obj, type) else obj
     except Exception as err:  # noqa: BLE001 - turned into a one-line config error
         target = spec if isinstance(spec, str) else spec.get("_target_") if isinstance(spec, dict) else None
-        reason = (import_problem(target) if target else None) or " ".join(str(err).split())
+        reason = (import_problem(target) if target else None) or error_line(err, typed=False)
         raise ConfigError(f"loss {spec!r} cannot be built: {reason}") from None
     raise ConfigError(f"loss must be an import path or a mapping with _target_ (got {spec!r})")
 

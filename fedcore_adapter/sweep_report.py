@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import error_line
 from .report import main as report_main
 
 log = logging.getLogger("fedcore_adapter")
@@ -31,7 +32,7 @@ def compare_sweep(folders: Sequence[Optional[Path | str]], out: Path | str) -> b
     try:
         code = report_main([*folders, "--out", str(out)])
     except (Exception, SystemExit) as err:  # noqa: BLE001 - see the docstring
-        log.warning("comparison not written: %s", " ".join(str(err).split()) or type(err).__name__)
+        log.warning("comparison not written: %s", error_line(err, typed=False))
         return False
     if code:
         log.warning("comparison not written (report exited with %s)", code)

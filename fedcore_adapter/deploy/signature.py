@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..data import call_model, primary_output
-from ..errors import NodeError
+from ..errors import NodeError, error_line
 from ..nodes.toolkit import forward_hooks
 
 
@@ -140,11 +140,6 @@ def failing_layer(model: nn.Module, inputs: Any, tracked: Sequence[str],
     return None
 
 
-def first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def export_error(node: str, runtime: str, layer: Optional[str], err: BaseException) -> NodeError:
     where = f"layer {layer}" if layer else "the model"
-    return NodeError(node, f"{runtime} export failed at {where}: {type(err).__name__}: {first_line(err)}")
+    return NodeError(node, f"{runtime} export failed at {where}: {error_line(err, typed=True, limit=300)}")

@@ -20,6 +20,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import error_line
 from ..metrics import fixed_threads
 from .runner import Runner
 from .signature import Positional, Signature
@@ -103,9 +104,8 @@ class CompiledRunner(Runner):
                     with inductor_config.patch(freezing=True):
                         return self.compiled(*tensors)
                 except Exception as err:  # noqa: BLE001 - inductor's frozen int8 lowering fails on some graphs
-                    log.warning("torch_compile: the frozen (int8-fused) compile of %s failed (%s: %s); running it "
-                                "compiled without freezing", self.artifact.name, type(err).__name__,
-                                " ".join(str(err).split())[:200])
+                    log.warning("torch_compile: the frozen (int8-fused) compile of %s failed (%s); running it "
+                                "compiled without freezing", self.artifact.name, error_line(err, typed=True, limit=200))
                     self.fused = False
                     object.__setattr__(self, "compiled", torch.compile(self._module))
             return self.compiled(*tensors)

@@ -13,7 +13,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.security import Security
 
-from ..errors import ConfigError
+from ..errors import ConfigError, error_line
 from .config import ClusterConfig, parse_cluster
 
 log = logging.getLogger("fedcore_adapter.distributed")
@@ -106,7 +106,7 @@ def _connect(cfg: ClusterConfig) -> Client:
     try:
         return Client(cfg.address, timeout=cfg.timeout, security=security, set_as_default=False)
     except OSError as err:  # includes TimeoutError
-        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = error_line(err, typed=False)
         raise ConfigError(f"cluster.address = {cfg.address!r}: no Dask scheduler answered within {cfg.timeout:g} s "
                           f"({reason}); start one with `dask scheduler`, or check host, port and cluster.security"
                           ) from None

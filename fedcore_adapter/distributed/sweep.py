@@ -13,7 +13,7 @@ import logging
 from typing import Any, Optional
 
 from ..composition import normalize_argv
-from ..errors import ConfigError
+from ..errors import ConfigError, error_line
 from ..resources import conf_dir
 from .fanout import TaskResult
 from .runs import default_sweep_dir, run_many, summary
@@ -53,7 +53,7 @@ def compose_all(jobs: list[list[str]]) -> list[tuple[Optional[dict], Optional[st
                     del cfg["hydra"]
                 out.append((OmegaConf.to_container(cfg, resolve=True), choice, None))
             except Exception as err:  # noqa: BLE001 - a bad override fails its run only
-                out.append((None, None, " ".join(str(err).split()) or type(err).__name__))
+                out.append((None, None, error_line(err)))
     return out
 
 

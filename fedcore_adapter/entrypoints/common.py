@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..building import DEFAULT_SETUP, resolve_setup, setup_overrides, tracking_hooks
-from ..composition import one_line
-from ..errors import ConfigError, FedcoreError
+from ..errors import ConfigError, FedcoreError, error_line
 from ..results import run_folder_name
 from ..schema import Setup
 
@@ -28,7 +27,7 @@ def reporting_errors(cfg: Mapping[str, Any], fn: Callable[[], Any]) -> Any:
     except (FedcoreError, FileNotFoundError, ImportError) as err:
         if cfg.get("debug"):
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 

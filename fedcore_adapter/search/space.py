@@ -15,7 +15,7 @@ from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel
 
-from ..errors import ConfigError
+from ..errors import ConfigError, error_line
 from ..registry import get_node, known_kinds
 from ..schema import Setup
 from .config import SearchConfig
@@ -310,7 +310,7 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
         except ConfigError:
             raise
         except Exception as err:  # pydantic: a bad insert template
-            raise ConfigError(f"search.insert_templates.{kind}: {' '.join(str(err).split())[:200]}") from None
+            raise ConfigError(f"search.insert_templates.{kind}: {error_line(err, typed=False, limit=200)}") from None
     common = setup.common.model_dump(mode="json", exclude_unset=True)
     seen, frontier, order = {tuple(initial)}, [tuple(initial)], [tuple(initial)]
     for _ in range(scfg.moves.depth):

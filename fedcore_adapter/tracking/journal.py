@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import error_line
 from .store import Replayer, is_unreachable
 
 log = logging.getLogger("fedcore_adapter")
@@ -150,7 +151,7 @@ class Applier:
 
 
 def offline_message(uri: str, err: BaseException, path: Path) -> str:
-    reason = " ".join(f"{type(err).__name__}: {err}".split())[:240]
+    reason = error_line(err, typed=True, limit=240)
     folder = path.parent
     if folder.name.endswith(PARTIAL_SUFFIX):  # where it will be once the run completes
         folder = folder.with_name(folder.name[: -len(PARTIAL_SUFFIX)])

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
+from ..errors import error_line
 from .config import default_experiment, parse_tracking_config, resolve_uri
 from .records import flatten
 from .store import STATUS, connect, unique_run_name
@@ -86,7 +87,7 @@ def _open(uri: str, experiment: str, http: dict, name: str, role: str, params: O
                 client.log_batch(run.info.run_id, params=items[i:i + 100])
     except Exception as err:  # noqa: BLE001 - the runs still log, unnested
         log.warning("MLflow tracking at %s: no %s run (%s); its runs are logged without a parent", uri, role,
-                    " ".join(str(err).split())[:300] or type(err).__name__)
+                    error_line(err, typed=False, limit=300))
         return None
     return ParentRun(uri, experiment, run.info.run_id, http)
 
@@ -104,7 +105,7 @@ def reopen_parent(cfg: Mapping[str, Any], run_id: str, model_label: Optional[str
         client.set_tag(run_id, "fedcore.status", "running")
     except Exception as err:  # noqa: BLE001 - the runs still log, unnested
         log.warning("MLflow tracking at %s: the parent run %s was not reopened (%s); its runs are logged without a "
-                    "parent", uri, run_id, " ".join(str(err).split())[:300] or type(err).__name__)
+                    "parent", uri, run_id, error_line(err, typed=False, limit=300))
         return None
     return ParentRun(uri, experiment, run_id, http)
 
@@ -131,7 +132,7 @@ def close_parents(parents: Iterable[ParentRun], status: str = "completed", metri
             client.set_terminated(parent.run_id, STATUS.get(status, "FINISHED"))
         except Exception as err:  # noqa: BLE001 - every run's own results are logged already
             log.warning("MLflow tracking at %s: the parent run %s was not closed (%s)", parent.uri, parent.run_id,
-                        " ".join(str(err).split())[:300] or type(err).__name__)
+                        error_line(err, typed=False, limit=300))
 
 
 def outcome(statuses: Sequence[str]) -> tuple[str, dict[str, float]]:

@@ -150,7 +150,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         try:
             configs[i] = _compose(launcher, overrides, initial_job_idx + i, sweep_dir)
         except Exception as err:  # noqa: BLE001 - a job that cannot be composed fails alone
-            results[i] = TaskResult(initial_job_idx + i, labels[i], "failed", error=" ".join(str(err).split()))
+            results[i] = TaskResult(initial_job_idx + i, labels[i], "failed", error=error_line(err))
             log.error("\t#%d : FAILED: %s", initial_job_idx + i, results[i].error)
     positions = sorted(configs)
     folders = dict(zip(positions, _separate_result_folders([configs[i] for i in positions], sweep_dir)))
