@@ -59,7 +59,8 @@ class PTQDynamicConfig(QuantConfigBase):
     allow_conv: bool = Field(False, description="also quantize Conv1d/Conv2d with groups=1 (BatchNorm folded in, "
                                                 "a following ReLU fused): input quantized per call, int8 conv kernel",
                              json_schema_extra=searchable())
-    allow_emb: bool = Field(False, description="also quantize Embedding/EmbeddingBag weights (int8 per row)")
+    allow_emb: bool = Field(False, description="also quantize Embedding/EmbeddingBag weights (int8 per row; "
+                                               "subclasses too where their eval forward is a plain lookup)")
     allow_rnn: bool = Field(True, description="also quantize GRU/LSTM layers (torch's int8 recurrent kernels; "
                                               "LSTMs with proj_size stay float)")
     activation_range: Literal["auto", "reduced"] = Field(

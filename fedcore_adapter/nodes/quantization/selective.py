@@ -14,7 +14,8 @@ from ...data import call_model, primary_output
 from ...errors import NodeError
 from ..toolkit import per_layer
 
-# Exact types only: subclasses (e.g. MultiheadAttention's out_proj) may not be called as plain layers.
+# Exact types: subclasses (e.g. MultiheadAttention's out_proj) may not be called as plain layers; only kinds a
+# node names in ``subclasses`` match subclasses too, and that node checks them (``embeddings.float_reason``).
 LAYER_TYPES: dict[str, tuple[type, ...]] = {
     "linear": (nn.Linear,),
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
@@ -26,15 +27,17 @@ LAYER_TYPES: dict[str, tuple[type, ...]] = {
 Quantizer = Callable[[nn.Module, frozenset], nn.Module]
 
 
-def layer_kind(module: nn.Module) -> Optional[str]:
-    return next((kind for kind, types in LAYER_TYPES.items() if type(module) in types), None)
+def layer_kind(module: nn.Module, subclasses: Iterable[str] = ()) -> Optional[str]:
+    return next((kind for kind, types in LAYER_TYPES.items()
+                 if type(module) in types or (kind in subclasses and isinstance(module, types))), None)
 
 
-def quantizable_layers(model: nn.Module, kinds: Iterable[str]) -> dict[str, str]:
-    """``{layer name: kind}`` of the layers of the given kinds, in model order."""
-    kinds = set(kinds)
+def quantizable_layers(model: nn.Module, kinds: Iterable[str], subclasses: Iterable[str] = ()) -> dict[str, str]:
+    """``{layer name: kind}`` of the layers of the given kinds, in model order (``subclasses``: kinds whose
+    subclasses match too)."""
+    kinds, subclasses = set(kinds), frozenset(subclasses)
     return {name: kind for name, module in model.named_modules()
-            if (kind := layer_kind(module)) is not None and kind in kinds}
+            if (kind := layer_kind(module, subclasses)) is not None and kind in kinds}
 
 
 def require_layers(layers: dict[str, str], label: str, kinds: Iterable[str]) -> None:
