@@ -90,3 +90,11 @@ def test_unknown_module_type_in_a_config_is_named():
                          ids=["conv1d", "1xk", "same_padding"])
 def test_spatial_mode_falls_back_to_channel_where_the_kx1_1xk_form_is_not_exact(layer):
     assert make_target("x", layer, "spatial", {}).mode == "channel"
+
+
+def test_a_factorised_layer_quantized_to_int8_still_reports_its_rank_and_prints():
+    """PTQ_1's chain (low-rank, then dynamic int8): the int8 Linear's ``weight`` is a method, yet the model prints."""
+    layer = FactorizedLayer(nn.Linear(12, 5), nn.Linear(5, 7), "linear")
+    model = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)
+    assert model[0].rank == 5
+    assert "rank=5" in repr(model)

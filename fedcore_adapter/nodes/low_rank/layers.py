@@ -35,8 +35,14 @@ class FactorizedLayer(nn.Module):
 
     @property
     def rank(self) -> int:
-        """Inner width (it may shrink if a later node prunes these layers)."""
-        return int(self.second.weight.shape[1])
+        """Inner width (it may shrink if a later node prunes these layers); read from the second layer's input
+        size, which int8 layers keep too (their ``weight`` is a method, not a tensor)."""
+        second = self.second
+        width = getattr(second, "in_features", None) or getattr(second, "in_channels", None)
+        if width is None:
+            weight = second.weight() if callable(second.weight) else second.weight
+            width = weight.shape[1]
+        return int(width)
 
     def _embedding(self, attribute: str) -> nn.Embedding:
         if self.kind != "embedding":
