@@ -116,3 +116,14 @@ def test_the_lazy_import_check_finds_each_unexplained_import(tmp_path):
     assert unexplained_lazy_imports((package,)) == [  # json: light stdlib; the second function's imports say why, but torch
         "fedcore_adapter/a.py:17: import torch", "fedcore_adapter/a.py:5: from .b import g",
         "fedcore_adapter/a.py:6: import mlflow"]
+
+
+def importers_of(package: str, roots: tuple[Path, ...] = (PACKAGE, PLUGINS)) -> list[str]:
+    """The files that import ``package`` (at the top or inside functions)."""
+    return sorted({str(path.relative_to(PACKAGE.parent)) for root in roots for path in root.rglob("*.py")
+                   for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, (ast.Import, ast.ImportFrom)) and package in _roots(node)})
+
+
+def test_mlflow_is_imported_by_the_tracking_store_alone():
+    assert importers_of("mlflow") == ["fedcore_adapter/tracking/store.py"]

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from ..errors import error_line
 from .config import default_experiment, parse_tracking_config, resolve_uri
 from .records import flatten
-from .store import STATUS, connect, unique_run_name
+from .store import STATUS, connect, log_metrics, log_params, unique_run_name
 
 log = logging.getLogger("fedcore_adapter")
 PARENT_ENV = "FEDCORE_PARENT_RUN_ID"  # read by conf/tracking/mlflow.yaml's parent_run_id
@@ -80,11 +80,7 @@ def _open(uri: str, experiment: str, http: dict, name: str, role: str, params: O
         run = client.create_run(experiment_id, run_name=unique_run_name(client, experiment_id, name),
                                 tags={"fedcore.role": role, "fedcore.status": "running", **(tags or {})})
         if params:
-            from mlflow.entities import Param  # lazy: mlflow, as in close_parents
-
-            items = [Param(k, str(v)[:6000]) for k, v in flatten(dict(params)).items()]
-            for i in range(0, len(items), 100):  # MLflow's batch limit
-                client.log_batch(run.info.run_id, params=items[i:i + 100])
+            log_params(client, run.info.run_id, {k: str(v)[:6000] for k, v in flatten(dict(params)).items()})
     except Exception as err:  # noqa: BLE001 - the runs still log, unnested
         log.warning("MLflow tracking at %s: no %s run (%s); its runs are logged without a parent", uri, role,
                     error_line(err, typed=False, limit=300))
@@ -114,15 +110,12 @@ def close_parents(parents: Iterable[ParentRun], status: str = "completed", metri
                   files: Iterable[str | Path] = ()) -> None:
     """End the parent runs (``completed`` / ``failed`` / ``killed``) with their summary metrics and files (a folder
     is logged as the artifact folder of its name)."""
-    from mlflow.entities import Metric  # lazy: mlflow costs seconds of start-up; only tracked runs need it
-
     files = [Path(f) for f in files if Path(f).is_file() or Path(f).is_dir()]
     for parent in parents:
         try:
             client, _ = connect(parent.uri, None, **parent.http)
-            now = int(time.time() * 1000)
             if metrics:
-                client.log_batch(parent.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+                log_metrics(client, parent.run_id, {k: float(v) for k, v in metrics.items()}, int(time.time() * 1000))
             for path in files:
                 if path.is_dir():
                     client.log_artifacts(parent.run_id, str(path), path.name)

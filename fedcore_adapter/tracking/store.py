@@ -167,6 +167,22 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    """``params`` on the run, in MLflow's batches of 100."""
+    from mlflow.entities import Param  # lazy: mlflow, as in connect
+
+    for chunk in _chunks([Param(k, v) for k, v in params.items()], 100):
+        client.log_batch(run_id, params=chunk)
+
+
+def log_metrics(client: Any, run_id: str, metrics: dict[str, float], time_ms: int, step: int = 0) -> None:
+    """``metrics`` on the run at ``time_ms`` (epoch milliseconds) and ``step``, in MLflow's batches of 1000."""
+    from mlflow.entities import Metric  # lazy: mlflow, as in connect
+
+    for chunk in _chunks([Metric(k, v, time_ms, step) for k, v in metrics.items()], 1000):
+        client.log_batch(run_id, metrics=chunk)
+
+
 class Replayer:
     """Applies logging records to one store; ``folder()`` is the results folder artifacts are read from."""
 
@@ -252,21 +268,12 @@ class Replayer:
             raise
 
     def _params(self, record: dict) -> None:
-        from mlflow.entities import Param  # lazy: mlflow, as in connect
-
         run_id = self._run_id(record)
         logged = self.client.get_run(run_id).data.params  # params are write-once: a resume logs only new keys
-        params = [Param(k, v) for k, v in record["params"].items() if k not in logged]
-        for chunk in _chunks(params, 100):
-            self.client.log_batch(run_id, params=chunk)
+        log_params(self.client, run_id, {k: v for k, v in record["params"].items() if k not in logged})
 
     def _metrics(self, record: dict) -> None:
-        from mlflow.entities import Metric  # lazy: mlflow, as in connect
-
-        step = int(record.get("step") or 0)
-        metrics = [Metric(k, v, record["time"], step) for k, v in record["metrics"].items()]
-        for chunk in _chunks(metrics, 1000):
-            self.client.log_batch(self._run_id(record), metrics=chunk)
+        log_metrics(self.client, self._run_id(record), record["metrics"], record["time"], int(record.get("step") or 0))
 
     def _tags(self, record: dict, run_id: Optional[str] = None) -> None:
         from mlflow.entities import RunTag  # lazy: mlflow, as in connect

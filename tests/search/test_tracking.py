@@ -26,6 +26,7 @@ def test_the_search_is_a_parent_run_with_a_nested_run_per_trial_and_the_front_as
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "pareto.csv", "pareto.png", "pareto"} <= artifacts
     assert parent.data.metrics["trials_finished"] == 2
+    assert parent.data.params["setup"] == "TINY" and parent.data.params["search.trials"] == "2"  # what was searched
     assert result.folder.name == "SEARCH_TINY_tiny"
 
 
