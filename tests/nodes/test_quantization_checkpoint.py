@@ -3,11 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
 from fedcore_adapter import load_model, run_setup
 from fedcore_adapter.data import has_quantized_weights, runtime_device
+from fedcore_adapter.errors import NodeError
 from fedcore_adapter.nodes.quantization.conv import Int8Conv
 from fedcore_adapter.nodes.quantization.modules import DynamicLinear
 from tests.conftest import TinyEncoder, TokenDataModule, tiny_setup
@@ -87,6 +89,13 @@ def test_export_writes_a_torch_export_archive_that_runs_without_the_model_code(c
     assert weight_bytes < 0.35 * float_bytes
     ops = graph_ops(torch.export.load(archive))  # every layer an int8 x int8 -> int32 GEMM, none in float
     assert "aten._int_mm.default" in ops and not ops & {"aten.linear.default", "aten.conv1d.default"}
+
+
+def test_a_model_torch_export_cannot_trace_is_one_line_naming_the_error_and_the_way_out(conv_dm, tmp_path):
+    with pytest.raises(NodeError, match=r"^node 0:ptq_dynamic: export failed \(\w+: .+\); set export=false to keep the "
+                                        r"int8 checkpoint only") as err:  # BranchyNet: control flow on a tensor's value
+        run({"kind": "ptq_dynamic", "allow_conv": True, "export": True}, BranchyNet(), conv_dm, tmp_path)
+    assert "\n" not in str(err.value)
 
 
 def test_dynamic_export_matches_the_int8_model(conv_model, conv_dm, tmp_path):
