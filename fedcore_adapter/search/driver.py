@@ -7,7 +7,9 @@
    prefix already computed, stopped early when its fine-tune stays below the accuracy constraint;
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters;
-5. ``trials.csv``, ``pareto.csv``, ``pareto.png``, ``pareto/trial_<n>.yaml`` and the MLflow parent run.
+5. ``trials.csv``, ``pareto.csv``, ``pareto.png`` (beside the front, the named setups' runs, their final models
+   evaluated on the validation split by the first run that finishes: ``reference_points.csv``),
+   ``pareto/trial_<n>.yaml`` and the MLflow parent run.
 """
 from __future__ import annotations
 
@@ -33,7 +35,15 @@ from ..tracking.config import default_experiment
 from ..tracking.search_run import SearchRun
 from .config import SearchConfig
 from .prefix import PrefixCache, identity_of, prefix_key
-from .report import plot_front, reference_points, setup_yaml, trial_row, write_csv
+from .report import (
+    REFERENCE_COLUMNS,
+    figure_points,
+    plot_front,
+    reference_rows,
+    setup_yaml,
+    trial_row,
+    write_csv,
+)
 from .space import SearchSpace, derive_space
 from .trial import open_storage, run_trial
 
@@ -203,6 +213,8 @@ class Search:
         self.fidelity = optuna.create_study(study_name=FIDELITY, storage=storage, direction="maximize",
                                             load_if_exists=True)
         self.cache = PrefixCache(self.folder)
+        self.reference_folders = [str(Path(p).absolute()) for p in self.scfg.reference_runs] or \
+            [str(p.absolute()) for p in self._named_runs()]
         self._recover_lost()
         self.tracker = self._tracker()
         log.info("search %s: %d trials, objectives %s%s\n%s", self.folder, self.scfg.trials, self.scfg.objectives,
@@ -221,7 +233,8 @@ class Search:
             self._save()
             if self.tracker is not None:
                 self.tracker.finish(self._summary_metrics(result), [self.folder / f for f in
-                                    ("trials.csv", "pareto.csv", "pareto.png", "pareto", STATE_FILE)], status)
+                                    ("trials.csv", "pareto.csv", "pareto.png", "reference_points.csv", "pareto",
+                                     STATE_FILE)], status)
         return result
 
     def _save(self) -> None:
@@ -280,6 +293,18 @@ class Search:
             return value.get(f"val_{name}")
         return row.get(name)
 
+    def _unmeasured_references(self) -> list[str]:
+        """The reference runs (named setups) whose validation accuracy no finished run has measured yet."""
+        if self.state.get("selection") == "test":
+            return []
+        done = self.state.get("reference_points") or {}
+        return [f for f in self.reference_folders if f not in done and (Path(f) / "metrics.json").exists()]
+
+    def _note_references(self, value: Mapping[str, Any]) -> None:
+        if value.get("references"):
+            self.state["reference_points"] = {**(self.state.get("reference_points") or {}), **value["references"]}
+            self._save()
+
     def _reference_accuracy(self) -> Optional[float]:
         ref = self.reference
         acc = ref.get("val_accuracy") if self.on_validation else (ref.get("row") or {}).get("accuracy")
@@ -300,7 +325,9 @@ class Search:
         if self.cache.get(key) is not None and self.reference:
             return
         log.info("computing the shared prefix (%s) once", " -> ".join(x["kind"] for x in self.space.prefix))
-        payload = self._payload(f"PREFIX_{key[:8]}", self.space.prefix, 0, None, self.folder / "prefix", "prefix")
+        refs = self._unmeasured_references()
+        payload = self._payload(f"PREFIX_{key[:8]}", self.space.prefix, 0, None, self.folder / "prefix", "prefix",
+                                **({"references": refs} if refs else {}))
         pool.submit("prefix", payload)
         outcome = None
         while outcome is None:
@@ -310,6 +337,7 @@ class Search:
             raise FedcoreError(f"the shared prefix failed: {outcome['error']}")
         value = outcome["value"]
         self._note_split(value)
+        self._note_references(value)
         self.cache.put(key, Path(value["output_dir"]) / "final")
         self.state["reference"] = {"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
                                    "output_dir": value["output_dir"], "wall_s": outcome.get("wall_s")}
@@ -362,6 +390,9 @@ class Search:
             extra["early_stop"] = spec
         if start == 0 and not isinstance(self.reference.get("val_accuracy"), (int, float)):
             extra["input_val"] = True  # no prefix ran: the input model's validation accuracy is the reference
+        refs = self._unmeasured_references()
+        if refs:
+            extra["references"] = refs  # until a finished run has measured them
         name = f"trial_{trial.number:04d}"
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
@@ -412,6 +443,7 @@ class Search:
             return self._row(self.study.trials[trial.number])
         value = outcome["value"]
         self._note_split(value)
+        self._note_references(value)
         rows = value.get("metrics") or []
         if not self.reference.get("row") and rows and trial.user_attrs.get("start_node") == 0:
             # no prefix ran: the trial's input row (test split) and its input model's validation accuracy
@@ -501,13 +533,15 @@ class Search:
             text = setup_yaml(f"{self.setup.name}_T{row['trial']}", self.space.common, t.user_attrs["nodes"],
                               command.replace("<FILE>", str(path)), t.user_attrs.get("metrics") or {})
             path.write_text(text)
-        refs = [Path(p) for p in self.scfg.reference_runs] or self._named_runs()
+        split = "validation" if self.on_validation else "test"
+        refs = reference_rows(self.reference_folders, self.state.get("reference_points") or {}, self.reference)
+        for ref in refs:
+            drawn = figure_points([ref], self.scfg.objectives, split)
+            ref["plotted_split"] = drawn[0]["split"] if drawn else None
+        write_csv(self.folder / "reference_points.csv", refs, REFERENCE_COLUMNS)
         try:
-            accuracy = "val_accuracy" if self.on_validation else "accuracy"
             plot_front(self.folder / "pareto.png", rows, front, self.scfg.objectives,
-                       reference_points(refs, self.scfg.objectives),
-                       {**(self.reference.get("row") or {}), "val_accuracy": self.reference.get("val_accuracy")},
-                       self._line(), {"accuracy": accuracy})
+                       figure_points(refs, self.scfg.objectives, split), self._line(), split)
         except Exception as err:  # noqa: BLE001 - a plot never fails the search
             log.warning("pareto.png not written: %s", err)
         best = self._best()

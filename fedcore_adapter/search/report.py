@@ -1,5 +1,5 @@
-"""What a search leaves behind: ``trials.csv``, ``pareto.csv``, ``pareto.png`` and each Pareto trial's setup
-as a YAML file that ``setup=<file>`` runs again (with the search's ``pretrained=``)."""
+"""What a search leaves behind: ``trials.csv``, ``pareto.csv``, ``pareto.png`` (its reference points in
+``reference_points.csv``) and each Pareto trial's setup as a YAML file that ``setup=<file>`` runs again (with the search's ``pretrained=``)."""
 from __future__ import annotations
 
 import csv
@@ -20,6 +20,10 @@ from ..results import write_text
 SUMMARY = ["trial", "state", "chain", "start_node", "val_accuracy", "val_accuracy_drop_pt", "accuracy",
            "accuracy_drop_pt", "macs", "macs_reduction", "params", "params_reduction", "size_mb", "latency_ms",
            "latency_ratio", "throughput_sps", "feasible", "wall_s", "epochs", "worker", "output_dir", "error"]
+# reference_points.csv: the points pareto.png draws for reference (plotted_split: the accuracy drawn)
+REFERENCE_COLUMNS = ["setup", "folder", "val_accuracy", "val_accuracy_drop_pt", "accuracy", "accuracy_drop_pt",
+                     "plotted_split", "val_note", "macs", "macs_reduction", "params", "params_reduction", "size_mb",
+                     "latency_ms", "latency_ratio", "throughput_sps"]
 
 
 def _reduction(reference: Optional[float], value: Optional[float]) -> Optional[float]:
@@ -32,20 +36,23 @@ def _drop_pt(reference: Optional[float], value: Optional[float]) -> Optional[flo
         else None
 
 
+def _measured(last: dict, val: Optional[float], reference: dict) -> dict:
+    """The figures of a measured model: validation accuracy, its last metrics row (test split), the drops and
+    reductions against the search's reference."""
+    ref = reference.get("row") or {}
+    return {"val_accuracy": val, "val_accuracy_drop_pt": _drop_pt(reference.get("val_accuracy"), val),
+            **{k: last.get(k) for k in ("accuracy", "macs", "params", "size_mb", "latency_ms", "throughput_sps")},
+            "accuracy_drop_pt": _drop_pt(ref.get("accuracy"), last.get("accuracy")),
+            "macs_reduction": _reduction(ref.get("macs"), last.get("macs")),
+            "params_reduction": _reduction(ref.get("params"), last.get("params")),
+            "latency_ratio": _reduction(ref.get("latency_ms"), last.get("latency_ms"))}
+
+
 def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dict) -> dict:
     """One line of trials.csv: the trial's validation accuracy, its last measured row (test split), the drops and
     reductions against the reference, its params."""
-    last = attrs.get("metrics") or {}
-    ref = reference.get("row") or {}
-    acc, ref_acc = last.get("accuracy"), ref.get("accuracy")
-    val, ref_val = attrs.get("val_accuracy"), reference.get("val_accuracy")
     row = {"trial": number, "state": state, "chain": attrs.get("chain"), "start_node": attrs.get("start_node"),
-           "val_accuracy": val, "val_accuracy_drop_pt": _drop_pt(ref_val, val),
-           **{k: last.get(k) for k in ("accuracy", "macs", "params", "size_mb", "latency_ms", "throughput_sps")},
-           "accuracy_drop_pt": _drop_pt(ref_acc, acc),
-           "macs_reduction": _reduction(ref.get("macs"), last.get("macs")),
-           "params_reduction": _reduction(ref.get("params"), last.get("params")),
-           "latency_ratio": _reduction(ref.get("latency_ms"), last.get("latency_ms")),
+           **_measured(attrs.get("metrics") or {}, attrs.get("val_accuracy"), reference),
            "feasible": attrs.get("feasible"), "wall_s": attrs.get("wall_s"), "epochs": attrs.get("epochs"),
            "worker": attrs.get("worker"), "output_dir": attrs.get("output_dir"),
            "error": attrs.get("error") or attrs.get("reason")}
@@ -53,8 +60,8 @@ def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dic
     return row
 
 
-def write_csv(path: Path, rows: Sequence[dict]) -> None:
-    columns = list(SUMMARY)
+def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str] = SUMMARY) -> None:
+    columns = list(columns)
     for row in rows:
         columns += [k for k in row if k not in columns]
     buffer = io.StringIO()
@@ -74,30 +81,66 @@ def setup_yaml(name: str, common: dict, nodes: list[dict], command: str, metrics
     return "\n".join(head) + "\n" + body
 
 
-def reference_points(folders: Iterable[Path], objectives: Sequence[str]) -> list[tuple[str, list[float]]]:
-    """``(name, [objective values])`` of the final row of each completed results folder given."""
-    out = []
+def reference_rows(folders: Iterable[Path], measured: dict, reference: dict) -> list[dict]:
+    """The rows of ``reference_points.csv``: the search's uncompressed reference, then the final row of each
+    completed results folder given (the named setups' runs) with its validation accuracy as the search measured
+    it (``measured[<folder>]``; ``val_note`` says why it is missing)."""
+    out = [{"setup": "uncompressed", "folder": reference.get("output_dir"),
+            **_measured(reference.get("row") or {}, reference.get("val_accuracy"), reference),
+            "val_note": None if isinstance(reference.get("val_accuracy"), (int, float)) else "not measured"}]
     for folder in folders:
         try:
             rows = json.loads((Path(folder) / "metrics.json").read_text())
         except (OSError, ValueError):
             continue
-        values = [rows[-1].get(o) for o in objectives] if rows else []
-        if values and all(isinstance(v, (int, float)) for v in values):
-            out.append((Path(folder).name, values))
+        if not rows:
+            continue
+        got = measured.get(str(folder)) or {}
+        val = got.get("val_accuracy")
+        note = None if isinstance(val, (int, float)) else got.get("error") or (
+            "no validation loader" if got.get("val_split") is False else "not measured")
+        out.append({"setup": Path(folder).name, "folder": str(folder), **_measured(rows[-1], val, reference),
+                    "val_note": note})
     return out
 
 
+def figure_points(rows: Sequence[dict], objectives: Sequence[str], split: str) -> list[dict]:
+    """What ``pareto.png`` draws for reference ``rows``: ``setup``, ``x``, ``y`` on the first two objectives,
+    and ``split``. On the validation split, accuracy is the row's ``val_accuracy``; a row without one is drawn
+    with its test accuracy, ``split: test`` (a different marker, named so in the legend); a row missing an
+    objective is left out."""
+    out = []
+    for row in rows:
+        values, point_split = [], split
+        for name in objectives[:2]:
+            value = row.get(name)
+            if name == "accuracy" and split == "validation":
+                value = row.get("val_accuracy")
+                if not isinstance(value, (int, float)):
+                    value, point_split = row.get("accuracy"), "test"
+            values.append(value)
+        if len(values) == 2 and all(isinstance(v, (int, float)) for v in values):
+            out.append({"setup": row["setup"], "x": values[0], "y": values[1], "split": point_split})
+    return out
+
+
+def axis_label(name: str, column: str) -> str:
+    """``accuracy (validation split)`` / ``accuracy (test split)``; other metrics as they are."""
+    if name != "accuracy":
+        return name
+    return f"accuracy ({'validation' if column == 'val_accuracy' else 'test'} split)"
+
+
 def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], objectives: Sequence[str],
-               references: Sequence[tuple[str, list[float]]], reference_row: dict, line: Optional[float],
-               columns: Optional[dict] = None) -> bool:
-    """``pareto.png``: every finished trial on the first two objectives (each read from ``columns.get(objective,
-    objective)`` of the rows: the figure the search selects on), the front, the named setups' points."""
+               references: Sequence[dict], line: Optional[float], split: str) -> bool:
+    """``pareto.png``: every finished trial on the first two objectives (accuracy on ``split``, the one the
+    search selects on), the front, and the reference points of :func:`figure_points` (the uncompressed model,
+    the named setups' runs)."""
     if len(objectives) < 2:
         return False
-    columns = columns or {}
     plt = pyplot()
-    (ox, oy), (x, y) = objectives[:2], [columns.get(o, o) for o in objectives[:2]]
+    column = "val_accuracy" if split == "validation" else "accuracy"
+    (ox, oy), (x, y) = objectives[:2], [column if o == "accuracy" else o for o in objectives[:2]]
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [t for t in trials if isinstance(t.get(x), (int, float)) and isinstance(t.get(y), (int, float))]
     ax.scatter([t[x] for t in done], [t[y] for t in done], c="lightgray", edgecolors="gray", label="trials")
@@ -106,18 +149,26 @@ def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], object
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:red", label="Pareto front (feasible)")
         for px, py, n in pts:
             ax.annotate(f"#{n}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for name, (rx, ry, *_) in references:
-        ax.scatter([rx], [ry], marker="s", color="tab:blue")
-        ax.annotate(name, (rx, ry), textcoords="offset points", xytext=(4, -10), fontsize=8, color="tab:blue")
-    # the named setups' points are their runs' metrics rows (test split)
-    if isinstance(reference_row.get(x), (int, float)) and isinstance(reference_row.get(y), (int, float)):
-        ax.scatter([reference_row[x]], [reference_row[y]], marker="*", s=150, color="black", label="uncompressed")
+    labelled = set()
+    for p in references:
+        marked = p["split"] != split
+        color = "tab:orange" if marked else "black" if p["setup"] == "uncompressed" else "tab:blue"
+        style = {"marker": "*", "s": 150} if p["setup"] == "uncompressed" else {"marker": "s"}
+        style.update({"facecolors": "none", "edgecolors": color} if marked else {"color": color})
+        label = "uncompressed" if p["setup"] == "uncompressed" else "named setups"
+        if marked:
+            label += f", {p['split'].upper()} split (no {split} figure)"
+        ax.scatter([p["x"]], [p["y"]], label=None if label in labelled else label, **style)
+        labelled.add(label)
+        if p["setup"] != "uncompressed":
+            ax.annotate(p["setup"], (p["x"], p["y"]), textcoords="offset points", xytext=(4, -10), fontsize=8,
+                        color=color)
     if line is not None and oy == "accuracy":
         ax.axhline(line, linestyle="--", color="tab:green", label="accuracy constraint")
     if ox in ("macs", "params", "size_mb", "latency_ms"):
         ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_xlabel(axis_label(ox, x))
+    ax.set_ylabel(axis_label(oy, y))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

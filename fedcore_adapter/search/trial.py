@@ -17,6 +17,7 @@ import optuna
 
 from ..building import build_data, build_model, build_run, load_pretrained, resolve_setup, tracking_hooks
 from ..data import make_loader, model_device
+from ..errors import error_line
 from ..hooks import Hook
 from ..losses import find_loss
 from ..metrics import evaluate
@@ -106,12 +107,29 @@ def _input_model(payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any)
     return build_model(cfg, setup.common.seed)
 
 
+def _references(folders: list[str], data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any],
+                setup: Any) -> dict:
+    """``{folder: validation facts}`` of each results folder's final model (the named setups' runs), rebuilt
+    on the original model and evaluated as the trials are; ``{"error": ...}`` for one that cannot be."""
+    out = {}
+    for folder in folders:
+        try:
+            base = copy.deepcopy(payload["model"]) if payload.get("model") is not None \
+                else build_model({**cfg, "pretrained": None}, setup.common.seed)
+            out[folder] = _validation(load_pretrained(base, folder, "reference run"), data, payload, cfg,
+                                      setup)
+        except Exception as err:  # noqa: BLE001 - a reference that cannot be measured is drawn marked, never fails
+            out[folder] = {"error": f"not measured: {error_line(err)}"}
+    return out
+
+
 def run_trial(payload: Mapping[str, Any]) -> dict:
     """Run one trial's chain through the one run-building path; returns small facts: state (complete /
     pruned), the metrics rows (measured on the test split), the results folder, and the final model's
     validation accuracy and loss (``val_accuracy``, ``val_loss``: what the search selects on; ``val_split``
     false when the data module has no validation loader). ``input_val``: also the input model's validation
-    accuracy (``input_val_accuracy``: the reference when no shared prefix was run)."""
+    accuracy (``input_val_accuracy``: the reference when no shared prefix was run). ``references``: results
+    folders whose final models are evaluated there too (``references``: :func:`_references`)."""
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
     if payload.get("start"):
@@ -140,4 +158,6 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     if payload.get("input_val"):  # after the run: the data module is set up
         facts["input_val_accuracy"] = _validation(_input_model(payload, cfg, setup), data, payload, cfg,
                                                   setup).get("val_accuracy")
+    if payload.get("references"):  # the named setups' runs, on the validation split like the trials
+        facts["references"] = _references(payload["references"], data, payload, cfg, setup)
     return facts
