@@ -1,5 +1,8 @@
-"""Dynamic int8 convolutions (``ptq_dynamic allow_conv``): a real int8 kernel, ReLU fused, plans replayed."""
+"""Dynamic int8 convolutions (``ptq_dynamic allow_conv``): a real int8 kernel, ReLU fused, plans replayed; the
+convolutions that kernel cannot take stay float and the metrics row says so."""
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -7,11 +10,12 @@ from torch import nn
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from fedcore_adapter import load_model
+from fedcore_adapter.errors import NodeError
 from fedcore_adapter.nodes.quantization import conv as conv_module
 from fedcore_adapter.nodes.quantization.config import PTQDynamicConfig
 from fedcore_adapter.nodes.quantization.conv import Int8Conv, has_onednn_qconv
 from fedcore_adapter.nodes.quantization.dynamic import make_plan, swap_dynamic_
-from fedcore_adapter.nodes.quantization.modules import DynamicConv
+from fedcore_adapter.nodes.quantization.modules import DynamicConv, DynamicLinear
 from fedcore_adapter.nodes.quantization.selective import quantizable_layers
 from tests.nodes.test_quantization import BranchyNet, TinyConvNet, run
 
@@ -119,3 +123,47 @@ def test_plans_written_before_int8_conv_still_replay_the_im2col_convolutions(con
     old = {k: v for k, v in plan.items() if k not in ("conv_kernel", "fused_relu", "channels_last")}
     replayed = swap_dynamic_(model, old)
     assert isinstance(replayed.features[0], DynamicConv) and isinstance(replayed.features[2], nn.ReLU)
+
+
+class GroupedConvNet(nn.Module):
+    """A plain conv, a depthwise and a grouped one (the int8 conv kernel takes groups=1 only), a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.plain = nn.Conv1d(1, 8, 3, padding=1)
+        self.depthwise = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(self.grouped(torch.relu(self.depthwise(torch.relu(self.plain(x))))).flatten(1))
+
+
+GROUPED_WHY = "grouped/depthwise conv (groups > 1): the int8 conv kernel takes groups=1 only; ptq_static quantizes it"
+
+
+def test_grouped_and_depthwise_convs_stay_float_named_with_why_in_the_metrics_row_and_one_warning(conv_dm, tmp_path,
+                                                                                                   caplog):
+    model = GroupedConvNet().eval()
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        result = run({"kind": "ptq_dynamic", "allow_conv": True}, model, conv_dm, tmp_path)
+    assert type(result.model.depthwise) is nn.Conv1d and type(result.model.grouped) is nn.Conv1d
+    assert isinstance(result.model.plain, Int8Conv) and isinstance(result.model.fc, DynamicLinear)
+    note = result.metrics[1]["note"]
+    assert note == f"layers kept in float: depthwise, grouped ({GROUPED_WHY})"
+    warnings = [r.getMessage() for r in caplog.records if "kept in float" in r.getMessage()]
+    assert warnings == [f"node 0:ptq_dynamic: {note}"]
+    x = conv_dm.test[:][0]
+    assert relative_error(result.model(x), model(x)) < 2e-3
+
+
+@pytest.mark.parametrize("conv, why", [
+    (nn.Conv1d(1, 4, 3, padding="same"), "padding='same': the int8 conv kernel takes numeric padding only"),
+    (nn.Conv1d(1, 4, 3, padding=1, padding_mode="circular"),
+     "padding_mode='circular': the int8 conv kernel pads with zeros only"),
+], ids=["same", "circular"])
+def test_when_no_layer_can_run_in_int8_the_node_fails_naming_the_float_layers_and_why(conv, why, conv_dm, tmp_path):
+    with pytest.raises(NodeError, match=rf"^node 0:ptq_dynamic: no layer can run in int8: layers kept in float: "
+                                        rf"0 \({re.escape(why)}\)"):
+        run({"kind": "ptq_dynamic", "allow_conv": True}, nn.Sequential(conv), conv_dm, tmp_path)

@@ -117,7 +117,7 @@ def test_an_embedding_subclass_that_is_not_a_plain_lookup_stays_float_and_the_ro
         quantized, ctx, _ = quantize(model, tmp_path, allow_emb=True)
     embeddings = quantized.seq_encoder.trx_encoder.embeddings
     assert type(embeddings["mcc"]) is Int8Embedding and type(embeddings["tr_type"]) is make
-    expected = rf"^embeddings kept in float: seq_encoder\.trx_encoder\.embeddings\.tr_type \({why}"
+    expected = rf"^layers kept in float: seq_encoder\.trx_encoder\.embeddings\.tr_type \({why}"
     assert len(ctx.notes) == 1 and re.match(expected, ctx.notes[0])
     warnings = [r.getMessage() for r in caplog.records if "kept in float" in r.getMessage()]
     assert warnings == [f"node 0:ptq_dynamic: {ctx.notes[0]}"]
@@ -145,7 +145,7 @@ def test_an_embedding_bag_that_does_not_sum_stays_float_and_the_metrics_row_says
     """torch's int8 bag kernel sums whatever the mode: quantized, a mean or max bag would return sums."""
     result = run({"kind": "ptq_dynamic", "allow_emb": True}, BagClassifier(mode).eval(), SeqDataModule(), tmp_path)
     assert type(result.model.bag) is nn.EmbeddingBag
-    assert result.metrics[1]["note"] == (f"embeddings kept in float: bag (EmbeddingBag mode={mode!r}, padding_idx=None: "
+    assert result.metrics[1]["note"] == (f"layers kept in float: bag (EmbeddingBag mode={mode!r}, padding_idx=None: "
                                          f"torch's int8 bag kernel only sums (mode='sum', no padding_idx))")
 
 
@@ -162,6 +162,6 @@ def test_a_summing_embedding_bag_becomes_an_int8_table_close_to_float_and_reload
 
 def test_when_every_quantizable_layer_must_stay_float_the_node_fails_naming_them_and_why(tmp_path):
     model = nn.Sequential(ScaledEmbedding(30, 4))
-    with pytest.raises(NodeError, match=r"^node 0:ptq_dynamic: no layer can run in int8: embeddings kept in float: "
+    with pytest.raises(NodeError, match=r"^node 0:ptq_dynamic: no layer can run in int8: layers kept in float: "
                                         r"0 \(ScaledEmbedding: its eval forward is not a plain Embedding lookup"):
         run({"kind": "ptq_dynamic", "allow_emb": True}, model, SeqDataModule(), tmp_path)

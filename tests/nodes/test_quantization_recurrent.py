@@ -1,6 +1,7 @@
 """``ptq_dynamic`` on GRU/LSTM: torch's int8 recurrent kernels, tensors-only checkpoints, measured from shapes."""
 import copy
 import io
+import logging
 from functools import partial
 
 import pytest
@@ -147,14 +148,28 @@ def test_int8_recurrent_layers_are_measured_from_their_shapes():
     assert state_dict_bytes(quantized) < state_dict_bytes(model) / 3
 
 
-def test_allow_rnn_false_and_lstm_projections_keep_the_recurrent_layer_in_float(tmp_path):
-    quantized = run({"kind": "ptq_dynamic", "allow_rnn": False}, seeded(SeqClassifier), SeqDataModule(),
-                    tmp_path / "a").model
-    assert type(quantized.rnn) is nn.GRU
-    model = seeded(SeqClassifier, "lstm", hidden=32, proj_size=8)
-    model.head = nn.Linear(8, 4)
-    quantized = run({"kind": "ptq_dynamic"}, model, SeqDataModule(), tmp_path / "b").model
-    assert type(quantized.rnn) is nn.LSTM
+def test_allow_rnn_false_keeps_the_recurrent_layer_in_float_as_asked(tmp_path):
+    result = run({"kind": "ptq_dynamic", "allow_rnn": False}, seeded(SeqClassifier), SeqDataModule(), tmp_path)
+    assert type(result.model.rnn) is nn.GRU and "note" not in result.metrics[1]
+
+
+@pytest.mark.parametrize("kind, options, why", [
+    ("lstm", {"proj_size": 8}, "LSTM with proj_size > 0: torch's int8 recurrent kernels have no projection"),
+    ("gru", {"bias": False}, "GRU with bias=False: torch's int8 recurrent kernels need biases"),
+], ids=["lstm-proj_size", "gru-no-bias"])
+def test_a_recurrent_layer_the_int8_kernels_cannot_take_stays_float_and_the_row_and_one_warning_say_why(
+        kind, options, why, tmp_path, caplog):
+    model = seeded(SeqClassifier, kind, hidden=32, **options)
+    model.head = nn.Linear(options.get("proj_size", 32), 4)
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        result = run({"kind": "ptq_dynamic"}, model, SeqDataModule(), tmp_path)  # allow_rnn: true by default
+    assert type(result.model.rnn) is RNNS[kind] and type(result.model.head) is DynamicLinear
+    note = result.metrics[1]["note"]
+    assert note == f"layers kept in float: rnn ({why})"
+    warnings = [r.getMessage() for r in caplog.records if "kept in float" in r.getMessage()]
+    assert warnings == [f"node 0:ptq_dynamic: {note}"]
+    with torch.no_grad():
+        assert relative_error(result.model(IDS), model(IDS)) < 0.05
 
 
 def test_export_with_int8_recurrent_layers_is_a_one_line_error_naming_them_and_the_ways_out(tmp_path):

@@ -1,4 +1,5 @@
-"""Selective precision: ``skip`` patterns and the automatic, sensitivity-driven mode."""
+"""Selective precision: ``skip`` patterns, the automatic, sensitivity-driven mode, and the bounded note on the layers
+a node keeps float because its kernels cannot take them."""
 import json
 import pickle
 
@@ -9,6 +10,7 @@ from torch import nn
 from fedcore_adapter import load_model, run_setup
 from fedcore_adapter.data import has_quantized_weights
 from fedcore_adapter.errors import NodeError
+from fedcore_adapter.nodes.quantization.conv import Int8Conv
 from fedcore_adapter.nodes.quantization.modules import DynamicLinear
 from tests.conftest import tiny_mlp, tiny_setup
 from tests.nodes.test_quantization import run
@@ -123,3 +125,18 @@ def test_layer_sensitivities_are_independent_picklable_tasks_for_the_cluster(tmp
     run_setup(tiny_setup({"kind": "ptq_dynamic", "auto_skip": {"error_budget": 1e-4}}, measure=False), outlier_mlp(),
               OutlierDataModule(), output_dir=tmp_path, executor=executor)
     assert executor.tasks == 2  # one per quantizable layer
+
+
+def test_the_note_on_layers_kept_float_names_a_few_counts_the_rest_and_the_report_lists_them_all(conv_dm, tmp_path):
+    torch.manual_seed(0)
+    depthwise = [nn.Conv1d(8, 8, 3, padding=1, groups=8) for _ in range(6)]
+    reflect = nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")
+    model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), *depthwise, reflect, nn.Flatten(), nn.Linear(8 * 16, 3)).eval()
+    result = run({"kind": "ptq_dynamic", "allow_conv": True}, model, conv_dm, tmp_path)
+    grouped = "grouped/depthwise conv (groups > 1): the int8 conv kernel takes groups=1 only; ptq_static quantizes it"
+    assert result.metrics[1]["note"] == (f"layers kept in float: 1, 2, 3, 4 and 2 more ({grouped}); "
+                                         f"1 more for other reasons (all in kept_float.json)")
+    report = json.loads((result.output_dir / "final" / "kept_float.json").read_text())
+    assert report == {**{str(i): grouped for i in range(1, 7)},
+                      "7": "padding_mode='reflect': the int8 conv kernel pads with zeros only"}
+    assert isinstance(result.model[0], Int8Conv) and isinstance(result.model[9], DynamicLinear)

@@ -1,4 +1,7 @@
-"""``ptq_static`` and ``qat``: calibrated or trained ranges, fused int8 graphs, eager fallback, LSQ scales."""
+"""``ptq_static`` and ``qat``: calibrated or trained ranges, fused int8 graphs, eager fallback, LSQ scales; the
+convolutions torch's int8 convolution cannot take stay float and the metrics row says so."""
+import logging
+
 import pytest
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
@@ -108,3 +111,55 @@ def test_qat_on_an_untraceable_model_trains_layer_by_layer_fake_quant(conv_dm, t
     assert isinstance(result.model.classifier[1].module, nnq.Linear)
     x = conv_dm.test[:][0]
     assert torch.equal(load_model(result.output_dir, BranchyNet(seed=4))(x), result.model(x))
+
+
+class CircularPadNet(nn.Module):
+    """A conv, a circular-padding conv (torch's int8 convolution pads with zeros or reflect only), a Linear."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.plain = nn.Conv1d(1, 8, 3, padding=1)
+        self.circular = nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(8 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(self.circular(torch.relu(self.plain(x))).flatten(1))
+
+
+CIRCULAR_WHY = "padding_mode='circular': torch's int8 convolution pads with zeros or reflect only"
+
+
+def runs_int8(module: nn.Module) -> bool:
+    return any(type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+               for m in module.modules())
+
+
+@pytest.mark.parametrize("node", [{"kind": "ptq_static"}, {"kind": "ptq_static", "graph_mode": "eager"},
+                                  {"kind": "qat", "epochs": 1}], ids=["static-fx", "static-eager", "qat"])
+def test_a_conv_torchs_int8_convolution_cannot_take_stays_float_and_the_row_and_one_warning_say_why(
+        node, conv_dm, tmp_path, caplog):
+    model = CircularPadNet().eval()
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        result = run(node, model, conv_dm, tmp_path)
+    assert type(result.model.circular) is nn.Conv1d and result.model.circular.weight.dtype == torch.float32
+    assert runs_int8(result.model.plain) and runs_int8(result.model.fc)
+    note = result.metrics[1]["note"]
+    assert note == f"layers kept in float: circular ({CIRCULAR_WHY})"
+    warnings = [r.getMessage() for r in caplog.records if "kept in float" in r.getMessage()]
+    assert warnings == [f"node 0:{node['kind']}: {note}"]
+    x = conv_dm.test[:][0]
+    assert relative_error(result.model(x), model(x).detach()) < 0.2
+    assert torch.equal(load_model(result.output_dir, CircularPadNet(seed=4))(x), result.model(x))
+
+
+def test_a_skip_pattern_naming_a_layer_kept_float_anyway_is_accepted(conv_dm, tmp_path):
+    result = run({"kind": "ptq_static", "skip": ["circular"]}, CircularPadNet().eval(), conv_dm, tmp_path)
+    assert type(result.model.circular) is nn.Conv1d and runs_int8(result.model.fc)
+
+
+def test_when_no_layer_can_run_in_int8_static_fails_naming_the_float_layers_and_why(conv_dm, tmp_path):
+    model = nn.Sequential(nn.Conv1d(1, 4, 3, padding="same"))
+    with pytest.raises(NodeError, match=r"^node 0:ptq_static: no layer can run in int8: layers kept in float: 0 "
+                                        r"\(padding='same': torch's int8 convolution takes numeric padding only\)"):
+        run({"kind": "ptq_static"}, model, conv_dm, tmp_path)

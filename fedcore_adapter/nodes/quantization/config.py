@@ -57,12 +57,13 @@ class PTQDynamicConfig(QuantConfigBase):
 
     kind: Literal["ptq_dynamic"] = "ptq_dynamic"
     allow_conv: bool = Field(False, description="also quantize Conv1d/Conv2d with groups=1 (BatchNorm folded in, "
-                                                "a following ReLU fused): input quantized per call, int8 conv kernel",
+                                                "a following ReLU fused): input quantized per call, int8 conv kernel; "
+                                                "other convs stay float, named in the metrics row's note",
                              json_schema_extra=searchable())
     allow_emb: bool = Field(False, description="also quantize Embedding/EmbeddingBag weights (int8 per row; "
                                                "subclasses too where their eval forward is a plain lookup)")
     allow_rnn: bool = Field(True, description="also quantize GRU/LSTM layers (torch's int8 recurrent kernels; "
-                                              "LSTMs with proj_size stay float)")
+                                              "LSTMs with proj_size stay float, named in the metrics row's note)")
     activation_range: Literal["auto", "reduced"] = Field(
         "auto", description="auto: 8-bit activations on CPUs with VNNI, 7-bit elsewhere; reduced: always 7-bit")
     smooth_alpha: Optional[float] = Field(

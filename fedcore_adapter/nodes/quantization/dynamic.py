@@ -4,8 +4,10 @@ Linear layers become torch.ao dynamic int8 Linears; with ``allow_conv``,
 Conv1d/Conv2d (groups=1, BatchNorm folded in first) become ``Int8Conv``: the input
 quantized per call, then a direct int8 convolution with float output (oneDNN), a
 following ReLU fused into it; with ``allow_emb`` embeddings store int8 rows (``nn.Embedding`` subclasses
-too when their eval forward is a plain lookup; those that stay float are named, with why, in the metrics
-row's note: ``embeddings``); with ``allow_rnn`` (the default) GRU/LSTM layers run torch's int8 recurrent kernels (``recurrent``).
+too when their eval forward is a plain lookup: ``embeddings``); with ``allow_rnn`` (the default) GRU/LSTM layers
+run torch's int8 recurrent kernels (``recurrent``). A layer of an asked-for kind that these kernels cannot take
+(a grouped conv, an LSTM with ``proj_size``...) stays float, named with why in the metrics row's note and a
+warning (``selective.int8_capable``).
 ``smooth_alpha`` applies SmoothQuant: per input channel, activation
 outliers are divided out and multiplied into the weights before quantization,
 on the Linears where that cuts the layer's own int8 error at least
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 from typing import Any, Optional
 
 import torch
@@ -31,15 +32,16 @@ from ..toolkit import calibration_inputs, forward_hooks, write_report
 from .calibration import check_engine
 from .config import PTQDynamicConfig
 from .conv import Int8Conv
-from .embeddings import float_reason, int8_embedding
+from .embeddings import float_reason as embedding_float_reason, int8_embedding
 from .folding import conv_bn_pairs, conv_relu_pairs, convs_feeding_convs, fold_batchnorm_
-from .modules import DynamicConv, DynamicLinear, SmoothDynamicLinear, supports_dynamic_conv
+from .modules import DynamicConv, DynamicLinear, SmoothDynamicLinear, dynamic_conv_float_reason
 from .ptq import auto_skip_layers, export_if_asked
-from .recurrent import int8_recurrent, supports_dynamic_recurrent
-from .selective import quantizable_layers, require_layers, skipped_by_patterns
+from .recurrent import float_reason as recurrent_float_reason, int8_recurrent
+from .selective import int8_capable, quantizable_layers, require_layers, skipped_by_patterns
 
 METHOD = "dynamic"
-log = logging.getLogger("fedcore_adapter")
+FLOAT_REASONS = {"conv": dynamic_conv_float_reason, "embedding": embedding_float_reason,
+                 "recurrent": recurrent_float_reason}
 
 
 @torch.inference_mode()
@@ -177,34 +179,16 @@ def smoothing_gains(model: nn.Module, names: list[str], batches: list[Any], absm
     return {n: e[0] / max(e[1], 1e-30) for n, e in errors.items()}
 
 
-def _without_float_embeddings(model: nn.Module, layers: dict[str, str], ctx: NodeContext, label: str) -> dict:
-    """``layers`` less the embeddings that must stay float (``embeddings.float_reason``): those are named with
-    their reasons in the metrics row's note and in one warning; an error when no layer is left to quantize."""
-    reasons = {n: why for n, k in layers.items()
-               if k == "embedding" and (why := float_reason(model.get_submodule(n))) is not None}
-    if not reasons:
-        return layers
-    text = "embeddings kept in float: " + "; ".join(f"{n} ({why})" for n, why in reasons.items())
-    left = {n: k for n, k in layers.items() if n not in reasons}
-    if not left:
-        raise NodeError(label, f"no layer can run in int8: {text}")
-    log.warning("node %s: %s", label, text)
-    ctx.note(text)
-    return left
-
-
 @register_node(PTQDynamicConfig)
 def apply_ptq_dynamic(model: nn.Module, config: PTQDynamicConfig, ctx: NodeContext) -> nn.Module:
     label = ctx.node_label or config.label
     check_engine(config.backend, label)
     kinds = ["linear"] + ["conv"] * config.allow_conv + ["embedding"] * config.allow_emb
     kinds += ["recurrent"] * config.allow_rnn
-    supported = {"conv": supports_dynamic_conv, "recurrent": supports_dynamic_recurrent}
-    layers = {n: k for n, k in quantizable_layers(model, kinds, subclasses=["embedding"]).items()
-              if k not in supported or supported[k](model.get_submodule(n))}
-    layers = _without_float_embeddings(model, layers, ctx, label)
+    found = quantizable_layers(model, kinds, subclasses=["embedding"])
+    layers = int8_capable(model, found, FLOAT_REASONS, ctx, label)
     require_layers(layers, label, kinds)
-    keep_float = skipped_by_patterns(layers, config.skip, label)
+    keep_float = skipped_by_patterns(layers, config.skip, label, found.keys() - layers.keys())
     recurrent = [n for n, k in layers.items() if k == "recurrent" and n not in keep_float]
     if config.export and recurrent:
         raise NodeError(label, f"export=true cannot write int8 GRU/LSTM layers ({', '.join(recurrent)}) into a "

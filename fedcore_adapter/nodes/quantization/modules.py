@@ -148,10 +148,19 @@ def conv_geometry(conv: nn.Module) -> dict:
             "padding": list(conv.padding), "dilation": list(conv.dilation)}
 
 
-def supports_dynamic_conv(conv: nn.Module) -> bool:
-    """Conv1d/Conv2d without groups, with numeric zero padding (what im2col covers)."""
-    return (type(conv) in (nn.Conv1d, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str))
+def dynamic_conv_float_reason(conv: nn.Module) -> str | None:
+    """Why ``conv`` is not what ``Int8Conv``/im2col cover (Conv1d/Conv2d, groups=1, numeric zero padding);
+    None if it is."""
+    name = type(conv).__name__
+    if type(conv) not in (nn.Conv1d, nn.Conv2d):
+        return f"{name}: the int8 conv kernel takes Conv1d/Conv2d only; ptq_static quantizes it"
+    if conv.groups != 1:
+        return "grouped/depthwise conv (groups > 1): the int8 conv kernel takes groups=1 only; ptq_static quantizes it"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}: the int8 conv kernel pads with zeros only"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}: the int8 conv kernel takes numeric padding only"
+    return None
 
 
 # float module type -> our dynamic int8 class

@@ -20,8 +20,7 @@ from .ao import calibrate, convert_model, prepare_model
 from .calibration import check_engine
 from .config import PTQStaticConfig, QATConfig
 from .ptq import auto_skip_layers, export_if_asked
-from .selective import quantizable_layers, require_layers, skipped_by_patterns
-from .static import KINDS, _quantized as _static_quantized, choose_graph, static_plan
+from .static import _quantized as _static_quantized, choose_graph, int8_layers, static_plan
 
 
 def _start_learning_scales(prepared: nn.Module, lr_factor: float) -> None:
@@ -41,9 +40,7 @@ def _start_learning_scales(prepared: nn.Module, lr_factor: float) -> None:
 def apply_qat(model: nn.Module, config: QATConfig, ctx: NodeContext) -> nn.Module:
     label = ctx.node_label or config.label
     check_engine(config.backend, label)
-    layers = quantizable_layers(model, KINDS)
-    require_layers(layers, label, KINDS)
-    keep_float = skipped_by_patterns(layers, config.skip, label)
+    layers, keep_float = int8_layers(model, config.skip, ctx, label)
     try:
         example = split_batch(to_device(first_batch(ctx.train_loader, "train_dataloader()"), "cpu"))[0]
     except DataError:

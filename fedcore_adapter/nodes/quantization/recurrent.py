@@ -20,9 +20,17 @@ from torch.ao.nn.quantized.dynamic.modules.rnn import PackedParameter
 FLOAT_TYPES = (nn.GRU, nn.LSTM)
 
 
-def supports_dynamic_recurrent(module: nn.Module) -> bool:
-    """GRU/LSTM with biases and no LSTM projection (what torch's int8 recurrent kernels cover)."""
-    return type(module) in FLOAT_TYPES and module.bias and getattr(module, "proj_size", 0) == 0
+def float_reason(module: nn.Module) -> str | None:
+    """Why ``module`` is not what torch's int8 recurrent kernels cover (GRU/LSTM with biases, no LSTM
+    projection); None if it is."""
+    name = type(module).__name__
+    if type(module) not in FLOAT_TYPES:
+        return f"{name}: the int8 recurrent kernels take GRU/LSTM only"
+    if getattr(module, "proj_size", 0) > 0:
+        return "LSTM with proj_size > 0: torch's int8 recurrent kernels have no projection"
+    if not module.bias:
+        return f"{name} with bias=False: torch's int8 recurrent kernels need biases"
+    return None
 
 
 class _Packed(PackedParameter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import logging
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -12,7 +13,9 @@ from torch import nn
 
 from ...data import call_model, primary_output
 from ...errors import NodeError
-from ..toolkit import per_layer
+from ..toolkit import per_layer, write_report
+
+log = logging.getLogger("fedcore_adapter")
 
 # Exact types: subclasses (e.g. MultiheadAttention's out_proj) may not be called as plain layers; only kinds a
 # node names in ``subclasses`` match subclasses too, and that node checks them (``embeddings.float_reason``).
@@ -25,6 +28,10 @@ LAYER_TYPES: dict[str, tuple[type, ...]] = {
 
 # (model, names kept in float) -> quantized copy; must be picklable (module-level function or partial)
 Quantizer = Callable[[nn.Module, frozenset], nn.Module]
+# a layer -> why a node's int8 kernels cannot take it, or None when they can
+FloatReason = Callable[[nn.Module], str | None]
+SHOWN = 4  # layer names a metrics row's note lists; the rest are counted (all of them in KEPT_FLOAT_REPORT)
+KEPT_FLOAT_REPORT = "kept_float.json"
 
 
 def layer_kind(module: nn.Module, subclasses: Iterable[str] = ()) -> Optional[str]:
@@ -40,19 +47,61 @@ def quantizable_layers(model: nn.Module, kinds: Iterable[str], subclasses: Itera
             if (kind := layer_kind(module, subclasses)) is not None and kind in kinds}
 
 
+def kept_float_text(reasons: dict[str, str], shown: int = SHOWN) -> str:
+    """``{layer: why}`` as one bounded line: layers sharing a reason together, ``shown`` names at most, the rest
+    counted: ``layers kept in float: a, b, c, d and 9 more (why); 2 more for other reasons (all in
+    kept_float.json)``."""
+    groups: dict[str, list[str]] = {}
+    truncated = len(reasons) > shown
+    for name, why in reasons.items():
+        groups.setdefault(why, []).append(name)
+    parts, hidden = [], 0
+    for why, names in groups.items():
+        if shown <= 0:
+            hidden += len(names)
+            continue
+        more = len(names) - shown
+        parts.append(", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "") + f" ({why})")
+        shown -= len(names)
+    text = "layers kept in float: " + "; ".join(parts) + (f"; {hidden} more for other reasons" if hidden else "")
+    return text + (f" (all in {KEPT_FLOAT_REPORT})" if truncated else "")
+
+
+def int8_capable(model: nn.Module, layers: dict[str, str], float_reason: dict[str, FloatReason], ctx: Any,
+                 label: str) -> dict[str, str]:
+    """``layers`` less those the node's int8 kernels cannot take (``float_reason[kind](layer)`` says why).
+
+    No silent no-op: those stay float and are named, with why, in the node's metrics row (``note``, bounded by
+    :func:`kept_float_text`), in one warning and in ``kept_float.json``; when no layer is left, a one-line error."""
+    reasons = {n: why for n, k in layers.items()
+               if k in float_reason and (why := float_reason[k](model.get_submodule(n))) is not None}
+    if not reasons:
+        return layers
+    text = kept_float_text(reasons)
+    left = {n: k for n, k in layers.items() if n not in reasons}
+    if not left:
+        raise NodeError(label, f"no layer can run in int8: {text}")
+    log.warning("node %s: %s", label, text)
+    ctx.note(text)
+    write_report(ctx, KEPT_FLOAT_REPORT, reasons)
+    return left
+
+
 def require_layers(layers: dict[str, str], label: str, kinds: Iterable[str]) -> None:
     if not layers:
         types = ", ".join(t.__name__ for kind in kinds for t in LAYER_TYPES[kind])
         raise NodeError(label, f"the model has no quantizable layers ({types}); nothing would run in int8")
 
 
-def skipped_by_patterns(layers: Iterable[str], patterns: list[str], label: str) -> set[str]:
-    """Layer names matching any ``skip`` pattern (fnmatch); a pattern matching nothing, or every layer, is an error."""
-    layers = list(layers)
+def skipped_by_patterns(layers: Iterable[str], patterns: list[str], label: str,
+                        kept_float: Iterable[str] = ()) -> set[str]:
+    """Layer names matching any ``skip`` pattern (fnmatch); a pattern matching nothing, or every layer, is an error
+    (one matching only ``kept_float`` layers, those the node's kernels cannot take, is not: they stay float)."""
+    layers, kept_float = list(layers), list(kept_float)
     skipped: set[str] = set()
     for pattern in patterns:
         hits = {name for name in layers if fnmatch.fnmatchcase(name, pattern)}
-        if not hits:
+        if not hits and not any(fnmatch.fnmatchcase(name, pattern) for name in kept_float):
             shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
             raise NodeError(label, f"skip pattern {pattern!r} matches no quantizable layer (layers: {shown})")
         skipped |= hits

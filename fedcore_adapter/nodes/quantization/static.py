@@ -1,6 +1,7 @@
 """``ptq_static`` (FedCore ``post_training_quant``): observers calibrated on validation batches
 (min-max, moving average, histogram or percentile), per-channel int8 weights, then conversion
-to int8 kernels (conv+bn+relu fused in FX graph mode)."""
+to int8 kernels (conv+bn+relu fused in FX graph mode). A convolution torch's int8 convolution cannot
+take (circular/replicate or ``'same'`` padding) stays float, named with why in the metrics row's note."""
 from __future__ import annotations
 
 import copy
@@ -18,10 +19,29 @@ from ..toolkit import calibration_inputs
 from .calibration import check_engine, input_spec
 from .config import PTQStaticConfig
 from .ptq import auto_skip_layers, export_if_asked
-from .selective import quantizable_layers, require_layers, skipped_by_patterns
+from .selective import int8_capable, quantizable_layers, require_layers, skipped_by_patterns
 
 log = logging.getLogger("fedcore_adapter")
 KINDS = ("linear", "conv")
+
+
+def conv_float_reason(conv: nn.Module) -> str | None:
+    """Why torch's int8 convolution (``torch.ao.nn.quantized``) cannot take ``conv``; None if it can."""
+    if conv.padding_mode not in ("zeros", "reflect"):
+        return f"padding_mode={conv.padding_mode!r}: torch's int8 convolution pads with zeros or reflect only"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r}: torch's int8 convolution takes numeric padding only"
+    return None
+
+
+def int8_layers(model: nn.Module, skip: list[str], ctx: NodeContext, label: str) -> tuple[dict[str, str], set[str]]:
+    """``({layer: kind}`` to quantize, the names kept float``)``: ``skip`` matches and the convolutions torch's int8
+    kernels cannot take (named in the metrics row's note, ``selective.int8_capable``; kept float in fx mode too)."""
+    found = quantizable_layers(model, KINDS)
+    layers = int8_capable(model, found, {"conv": conv_float_reason}, ctx, label)
+    require_layers(layers, label, KINDS)
+    kept_float = found.keys() - layers.keys()
+    return layers, skipped_by_patterns(layers, skip, label, kept_float) | kept_float
 
 
 def static_plan(config: Any, layers: dict, keep_float: set, graph: str, example: Any, model: nn.Module,
@@ -70,9 +90,7 @@ def _quantized(model: nn.Module, keep_float: frozenset, config: PTQStaticConfig,
 def apply_ptq_static(model: nn.Module, config: PTQStaticConfig, ctx: NodeContext) -> nn.Module:
     label = ctx.node_label or config.label
     check_engine(config.backend, label)
-    layers = quantizable_layers(model, KINDS)
-    require_layers(layers, label, KINDS)
-    keep_float = skipped_by_patterns(layers, config.skip, label)
+    layers, keep_float = int8_layers(model, config.skip, ctx, label)
     batches = calibration_inputs(ctx, ctx.limit("valid", config.calibration_batches), purpose="static quantization",
                                  label=label)
     work = copy.deepcopy(model).cpu().eval()
