@@ -187,8 +187,8 @@ def main() -> None:
         row["smaller_x"] = base["size_mb"] / row["size_mb"]
         row["faster_b1_x"] = base["latency_b1_ms"] / row["latency_b1_ms"]
         row["faster_b64_x"] = base["latency_b64_ms"] / row["latency_b64_ms"]
-        row["d_test_pt"] = 100 * (row["test_accuracy"] - base["test_accuracy"])
-        row["d_downstream_pt"] = 100 * (row["downstream_lr_accuracy"] - base["downstream_lr_accuracy"])
+        row["d_test_pt"] = round(100 * (row["test_accuracy"] - base["test_accuracy"]), 2)  # no 1e-14 from float noise
+        row["d_downstream_pt"] = round(100 * (row["downstream_lr_accuracy"] - base["downstream_lr_accuracy"]), 2)
     print(environment(), f"| {args}")
     print(markdown(rows, ["model", "nodes", "params", "size_mb", "smaller_x", "dtype", "latency_b1_ms", "faster_b1_x",
                           "latency_b64_ms", "faster_b64_x", "test_accuracy", "d_test_pt", "downstream_lr_accuracy",
