@@ -8,7 +8,7 @@
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters;
 5. ``trials.csv``, ``pareto.csv``, ``pareto.png`` (beside the front, the named setups' runs, their final models
-   evaluated on the validation split by the first run that finishes: ``reference_points.csv``),
+   evaluated on the validation split once, by one run: ``reference_points.csv``),
    ``pareto/trial_<n>.yaml`` and the MLflow parent run.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .config import SearchConfig
 from .prefix import PrefixCache, identity_of, prefix_key
 from .report import (
     REFERENCE_COLUMNS,
+    SPLIT_METRICS,
     figure_points,
     plot_front,
     reference_rows,
@@ -145,13 +146,16 @@ class _Progress:
 
 
 def _describe(row: dict, objectives: list[str]) -> str:
-    """The row's objectives, then its validation accuracy (what the search selects on) and test accuracy (held out)."""
+    """The row's objectives, then its validation accuracy and loss where an objective (what the search selects on)
+    and its test accuracy and loss (held out)."""
     parts = []
-    for name in dict.fromkeys([*[o for o in objectives if o != "accuracy"], "val_accuracy", "accuracy"]):
+    split = ["accuracy", *[o for o in objectives if o in SPLIT_METRICS and o != "accuracy"]]
+    for name in dict.fromkeys([*[o for o in objectives if o not in SPLIT_METRICS],
+                               *(f"{pre}{o}" for o in split for pre in ("val_", ""))]):
         value = row.get(name)
         if not isinstance(value, (int, float)):
             continue
-        label = {"val_accuracy": "val accuracy", "accuracy": "test accuracy"}.get(name, name)
+        label = f"val {name[4:]}" if name.startswith("val_") else f"test {name}" if name in SPLIT_METRICS else name
         text = f"{label} {value:.4f}" if isinstance(value, float) and value < 10 else f"{label} {value:,.0f}"
         if name == "macs" and row.get("macs_reduction"):
             text += f" ({row['macs_reduction']:.1f}x fewer)"
@@ -213,6 +217,7 @@ class Search:
         self.fidelity = optuna.create_study(study_name=FIDELITY, storage=storage, direction="maximize",
                                             load_if_exists=True)
         self.cache = PrefixCache(self.folder)
+        self.measuring: Any = None  # the run asked to measure the reference runs, until it ends
         self.reference_folders = [str(Path(p).absolute()) for p in self.scfg.reference_runs] or \
             [str(p.absolute()) for p in self._named_runs()]
         self._recover_lost()
@@ -293,16 +298,28 @@ class Search:
             return value.get(f"val_{name}")
         return row.get(name)
 
-    def _unmeasured_references(self) -> list[str]:
-        """The reference runs (named setups) whose validation accuracy no finished run has measured yet."""
-        if self.state.get("selection") == "test":
-            return []
+    def _references_to_measure(self, key: Any) -> dict:
+        """``{"references": [...]}``, the payload's part asking run ``key`` to evaluate the reference runs (named
+        setups) that no run has measured yet on the validation split, or ``{}``: one run at a time measures them
+        (the others in flight do not repeat it); a run that ends without measuring them hands it to the next."""
+        if self.state.get("selection") == "test" or self.measuring is not None:
+            return {}
         done = self.state.get("reference_points") or {}
-        return [f for f in self.reference_folders if f not in done and (Path(f) / "metrics.json").exists()]
+        refs = [f for f in self.reference_folders if f not in done and (Path(f) / "metrics.json").exists()]
+        if refs:
+            self.measuring = key
+        return {"references": refs} if refs else {}
 
-    def _note_references(self, value: Mapping[str, Any]) -> None:
-        if value.get("references"):
-            self.state["reference_points"] = {**(self.state.get("reference_points") or {}), **value["references"]}
+    def _note_references(self, key: Any, name: str, value: Mapping[str, Any] | None) -> None:
+        """Keep what run ``key`` (results folder ``name``) measured of the reference runs (search.json:
+        ``reference_points``, each with ``measured_by``)."""
+        if key != self.measuring:
+            return
+        self.measuring = None
+        got = (value or {}).get("references") or {}
+        if got:
+            self.state["reference_points"] = {**(self.state.get("reference_points") or {}),
+                                              **{f: {**v, "measured_by": name} for f, v in got.items()}}
             self._save()
 
     def _reference_accuracy(self) -> Optional[float]:
@@ -325,22 +342,24 @@ class Search:
         if self.cache.get(key) is not None and self.reference:
             return
         log.info("computing the shared prefix (%s) once", " -> ".join(x["kind"] for x in self.space.prefix))
-        refs = self._unmeasured_references()
-        payload = self._payload(f"PREFIX_{key[:8]}", self.space.prefix, 0, None, self.folder / "prefix", "prefix",
-                                **({"references": refs} if refs else {}))
+        name = f"PREFIX_{key[:8]}"
+        payload = self._payload(name, self.space.prefix, 0, None, self.folder / "prefix", "prefix",
+                                **self._references_to_measure("prefix"))
         pool.submit("prefix", payload)
         outcome = None
         while outcome is None:
             for _, outcome in pool.finished(timeout=30):
                 pass
         if outcome["status"] != "completed":
+            self._note_references("prefix", name, None)
             raise FedcoreError(f"the shared prefix failed: {outcome['error']}")
         value = outcome["value"]
         self._note_split(value)
-        self._note_references(value)
+        self._note_references("prefix", name, value)
         self.cache.put(key, Path(value["output_dir"]) / "final")
         self.state["reference"] = {"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
-                                   "output_dir": value["output_dir"], "wall_s": outcome.get("wall_s")}
+                                   "val_loss": value.get("val_loss"), "output_dir": value["output_dir"],
+                                   "wall_s": outcome.get("wall_s")}
         self._save()
 
     def _early_stop_spec(self, trial_id: int) -> Optional[dict]:
@@ -390,10 +409,8 @@ class Search:
             extra["early_stop"] = spec
         if start == 0 and not isinstance(self.reference.get("val_accuracy"), (int, float)):
             extra["input_val"] = True  # no prefix ran: the input model's validation accuracy is the reference
-        refs = self._unmeasured_references()
-        if refs:
-            extra["references"] = refs  # until a finished run has measured them
         name = f"trial_{trial.number:04d}"
+        extra.update(self._references_to_measure(trial.number))
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
         in_flight[trial.number] = (trial, fid, time.time())
@@ -425,6 +442,7 @@ class Search:
 
         trial.set_user_attr("wall_s", outcome.get("wall_s"))
         trial.set_user_attr("worker", outcome.get("worker"))
+        self._note_references(trial.number, f"trial_{trial.number:04d}", outcome.get("value"))
         if outcome.get("lost"):
             key = json.dumps(trial.params, sort_keys=True, default=str)
             retries[key] = retries.get(key, 0) + 1
@@ -443,19 +461,21 @@ class Search:
             return self._row(self.study.trials[trial.number])
         value = outcome["value"]
         self._note_split(value)
-        self._note_references(value)
         rows = value.get("metrics") or []
         if not self.reference.get("row") and rows and trial.user_attrs.get("start_node") == 0:
-            # no prefix ran: the trial's input row (test split) and its input model's validation accuracy
-            self.state["reference"] = {"row": rows[0], "val_accuracy": value.get("input_val_accuracy")}
+            # no prefix ran: the trial's input row (test split) and its input model's validation accuracy and loss
+            self.state["reference"] = {"row": rows[0], "val_accuracy": value.get("input_val_accuracy"),
+                                       "val_loss": value.get("input_val_loss")}
             self._save()
         elif "val_accuracy" in self.reference and self.reference["val_accuracy"] is None \
                 and isinstance(value.get("input_val_accuracy"), (int, float)):
-            self.state["reference"]["val_accuracy"] = value["input_val_accuracy"]
+            self.state["reference"].update(val_accuracy=value["input_val_accuracy"],
+                                           val_loss=value.get("input_val_loss"))
             self._save()
         last = rows[-1] if rows else {}
         trial.set_user_attr("metrics", {k: v for k, v in last.items() if isinstance(v, (int, float, str))})
         trial.set_user_attr("val_accuracy", value.get("val_accuracy"))
+        trial.set_user_attr("val_loss", value.get("val_loss"))
         trial.set_user_attr("output_dir", value.get("output_dir"))
         trial.set_user_attr("epochs", value.get("epochs"))
         line = self._line()

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -15,15 +15,19 @@ from optuna._hypervolume import compute_hypervolume
 from ..plots import pyplot
 from ..results import write_text
 
-# val_accuracy: on the validation split, what the search selects on (constraint, objective, front);
-# accuracy: on the test split, the held-out figure (as in every run's metrics rows)
-SUMMARY = ["trial", "state", "chain", "start_node", "val_accuracy", "val_accuracy_drop_pt", "accuracy",
-           "accuracy_drop_pt", "macs", "macs_reduction", "params", "params_reduction", "size_mb", "latency_ms",
-           "latency_ratio", "throughput_sps", "feasible", "wall_s", "epochs", "worker", "output_dir", "error"]
-# reference_points.csv: the points pareto.png draws for reference (plotted_split: the accuracy drawn)
-REFERENCE_COLUMNS = ["setup", "folder", "val_accuracy", "val_accuracy_drop_pt", "accuracy", "accuracy_drop_pt",
-                     "plotted_split", "val_note", "macs", "macs_reduction", "params", "params_reduction", "size_mb",
-                     "latency_ms", "latency_ratio", "throughput_sps"]
+# the objectives measured per split: val_<name> on the validation split, what the search selects on (constraint,
+# objectives, front); <name> on the test split, the held-out figure (as in every run's metrics rows). The other
+# objectives (macs, params, size_mb, latency_ms[_per_sample], throughput_sps) do not depend on a split.
+SPLIT_METRICS = ("accuracy", "loss")
+# the columns of the model measured (every objective of search.config.OBJECTIVES among them)
+_FIGURES = ["val_accuracy", "val_accuracy_drop_pt", "accuracy", "accuracy_drop_pt", "val_loss", "loss", "macs",
+            "macs_reduction", "params", "params_reduction", "size_mb", "latency_ms", "latency_ms_per_sample",
+            "latency_ratio", "throughput_sps"]
+SUMMARY = ["trial", "state", "chain", "start_node", *_FIGURES, "feasible", "wall_s", "epochs", "worker", "output_dir",
+           "error"]
+# reference_points.csv: the points pareto.png draws for reference (plotted_split: the split of the accuracy / loss
+# drawn)
+REFERENCE_COLUMNS = ["setup", "folder", *_FIGURES[:6], "plotted_split", "val_note", *_FIGURES[6:]]
 
 
 def _reduction(reference: Optional[float], value: Optional[float]) -> Optional[float]:
@@ -36,12 +40,15 @@ def _drop_pt(reference: Optional[float], value: Optional[float]) -> Optional[flo
         else None
 
 
-def _measured(last: dict, val: Optional[float], reference: dict) -> dict:
-    """The figures of a measured model: validation accuracy, its last metrics row (test split), the drops and
-    reductions against the search's reference."""
+def _measured(last: dict, val: Mapping[str, Any], reference: dict) -> dict:
+    """The figures of a measured model: validation accuracy and loss (``val``), its last metrics row (test split),
+    the drops and reductions against the search's reference."""
     ref = reference.get("row") or {}
-    return {"val_accuracy": val, "val_accuracy_drop_pt": _drop_pt(reference.get("val_accuracy"), val),
-            **{k: last.get(k) for k in ("accuracy", "macs", "params", "size_mb", "latency_ms", "throughput_sps")},
+    return {"val_accuracy": val.get("val_accuracy"),
+            "val_accuracy_drop_pt": _drop_pt(reference.get("val_accuracy"), val.get("val_accuracy")),
+            "val_loss": val.get("val_loss"),
+            **{k: last.get(k) for k in ("accuracy", "loss", "macs", "params", "size_mb", "latency_ms",
+                                        "latency_ms_per_sample", "throughput_sps")},
             "accuracy_drop_pt": _drop_pt(ref.get("accuracy"), last.get("accuracy")),
             "macs_reduction": _reduction(ref.get("macs"), last.get("macs")),
             "params_reduction": _reduction(ref.get("params"), last.get("params")),
@@ -49,10 +56,10 @@ def _measured(last: dict, val: Optional[float], reference: dict) -> dict:
 
 
 def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dict) -> dict:
-    """One line of trials.csv: the trial's validation accuracy, its last measured row (test split), the drops and
-    reductions against the reference, its params."""
+    """One line of trials.csv: the trial's validation accuracy and loss, its last measured row (test split), the
+    drops and reductions against the reference, its params."""
     row = {"trial": number, "state": state, "chain": attrs.get("chain"), "start_node": attrs.get("start_node"),
-           **_measured(attrs.get("metrics") or {}, attrs.get("val_accuracy"), reference),
+           **_measured(attrs.get("metrics") or {}, attrs, reference),
            "feasible": attrs.get("feasible"), "wall_s": attrs.get("wall_s"), "epochs": attrs.get("epochs"),
            "worker": attrs.get("worker"), "output_dir": attrs.get("output_dir"),
            "error": attrs.get("error") or attrs.get("reason")}
@@ -83,10 +90,10 @@ def setup_yaml(name: str, common: dict, nodes: list[dict], command: str, metrics
 
 def reference_rows(folders: Iterable[Path], measured: dict, reference: dict) -> list[dict]:
     """The rows of ``reference_points.csv``: the search's uncompressed reference, then the final row of each
-    completed results folder given (the named setups' runs) with its validation accuracy as the search measured
-    it (``measured[<folder>]``; ``val_note`` says why it is missing)."""
+    completed results folder given (the named setups' runs) with its validation accuracy and loss as the search
+    measured them (``measured[<folder>]``; ``val_note`` says why it is missing)."""
     out = [{"setup": "uncompressed", "folder": reference.get("output_dir"),
-            **_measured(reference.get("row") or {}, reference.get("val_accuracy"), reference),
+            **_measured(reference.get("row") or {}, reference, reference),
             "val_note": None if isinstance(reference.get("val_accuracy"), (int, float)) else "not measured"}]
     for folder in folders:
         try:
@@ -99,48 +106,51 @@ def reference_rows(folders: Iterable[Path], measured: dict, reference: dict) -> 
         val = got.get("val_accuracy")
         note = None if isinstance(val, (int, float)) else got.get("error") or (
             "no validation loader" if got.get("val_split") is False else "not measured")
-        out.append({"setup": Path(folder).name, "folder": str(folder), **_measured(rows[-1], val, reference),
+        out.append({"setup": Path(folder).name, "folder": str(folder), **_measured(rows[-1], got, reference),
                     "val_note": note})
     return out
 
 
 def figure_points(rows: Sequence[dict], objectives: Sequence[str], split: str) -> list[dict]:
     """What ``pareto.png`` draws for reference ``rows``: ``setup``, ``x``, ``y`` on the first two objectives,
-    and ``split``. On the validation split, accuracy is the row's ``val_accuracy``; a row without one is drawn
-    with its test accuracy, ``split: test`` (a different marker, named so in the legend); a row missing an
-    objective is left out."""
+    and ``split``. On the validation split, accuracy and loss are the row's ``val_accuracy`` / ``val_loss``; a row
+    without one is drawn with its test figure, ``split: test`` (a different marker, named so in the legend); a row
+    missing an objective is left out."""
     out = []
     for row in rows:
         values, point_split = [], split
-        for name in objectives[:2]:
-            value = row.get(name)
-            if name == "accuracy" and split == "validation":
-                value = row.get("val_accuracy")
-                if not isinstance(value, (int, float)):
-                    value, point_split = row.get("accuracy"), "test"
+        for name, column in zip(objectives[:2], plotted_columns(objectives, split)):
+            value = row.get(column)
+            if column != name and not isinstance(value, (int, float)):
+                value, point_split = row.get(name), "test"
             values.append(value)
         if len(values) == 2 and all(isinstance(v, (int, float)) for v in values):
             out.append({"setup": row["setup"], "x": values[0], "y": values[1], "split": point_split})
     return out
 
 
+def plotted_columns(objectives: Sequence[str], split: str) -> list[str]:
+    """The columns ``pareto.png`` draws for the first two objectives: on the validation split, accuracy and loss
+    are ``val_accuracy`` / ``val_loss`` (what the trials are selected on)."""
+    return [f"val_{o}" if o in SPLIT_METRICS and split == "validation" else o for o in objectives[:2]]
+
+
 def axis_label(name: str, column: str) -> str:
-    """``accuracy (validation split)`` / ``accuracy (test split)``; other metrics as they are."""
-    if name != "accuracy":
+    """``accuracy (validation split)`` / ``loss (test split)``...; other metrics as they are."""
+    if name not in SPLIT_METRICS:
         return name
-    return f"accuracy ({'validation' if column == 'val_accuracy' else 'test'} split)"
+    return f"{name} ({'validation' if column == f'val_{name}' else 'test'} split)"
 
 
 def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], objectives: Sequence[str],
                references: Sequence[dict], line: Optional[float], split: str) -> bool:
-    """``pareto.png``: every finished trial on the first two objectives (accuracy on ``split``, the one the
-    search selects on), the front, and the reference points of :func:`figure_points` (the uncompressed model,
+    """``pareto.png``: every finished trial on the first two objectives (accuracy and loss on ``split``, the one
+    the search selects on), the front, and the reference points of :func:`figure_points` (the uncompressed model,
     the named setups' runs)."""
     if len(objectives) < 2:
         return False
     plt = pyplot()
-    column = "val_accuracy" if split == "validation" else "accuracy"
-    (ox, oy), (x, y) = objectives[:2], [column if o == "accuracy" else o for o in objectives[:2]]
+    (ox, oy), (x, y) = objectives[:2], plotted_columns(objectives, split)
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [t for t in trials if isinstance(t.get(x), (int, float)) and isinstance(t.get(y), (int, float))]
     ax.scatter([t[x] for t in done], [t[y] for t in done], c="lightgray", edgecolors="gray", label="trials")

@@ -54,7 +54,9 @@ class EarlyStopHook(Hook):
         self.step = 0  # node ends reported
         self.epochs = 0  # epochs run (the trial's cost)
         self.last: Optional[float] = None  # the last validation accuracy reported
+        self.last_loss: float | None = None  # the validation loss of the same epoch
         self._node_last: Optional[float] = None  # the running node's latest epoch
+        self._node_loss: float | None = None
         self._trial = None
 
     def trial(self) -> Any:
@@ -66,7 +68,7 @@ class EarlyStopHook(Hook):
         return self._trial
 
     def before_node(self, run: Any, index: int, node: Any) -> None:
-        self._node_last = None
+        self._node_last = self._node_loss = None
 
     def on_log(self, run: Any, index: int, node: Any, metrics: dict, step: Optional[int]) -> None:
         value = next((v for k, v in metrics.items() if k.endswith("val_accuracy") and isinstance(v, (int, float))),
@@ -74,13 +76,15 @@ class EarlyStopHook(Hook):
         if value is not None:
             self.epochs += 1
             self._node_last = float(value)
+            self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
+                                    and isinstance(v, (int, float))), None)
 
     def after_node(self, run: Any, index: int, node: Any, model: Any, row: dict, checkpoint: Path) -> None:
-        value, self._node_last = self._node_last, None
+        value, loss, self._node_last, self._node_loss = self._node_last, self._node_loss, None, None
         if value is None or index >= len(run.setup.nodes) - 1:  # the last node: the trial completes and is judged
             return
         self.step += 1
-        self.last = value
+        self.last, self.last_loss = value, loss
         trial = self.trial()
         trial.report(value, self.step)
         if trial.should_prune():
@@ -128,7 +132,7 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     pruned), the metrics rows (measured on the test split), the results folder, and the final model's
     validation accuracy and loss (``val_accuracy``, ``val_loss``: what the search selects on; ``val_split``
     false when the data module has no validation loader). ``input_val``: also the input model's validation
-    accuracy (``input_val_accuracy``: the reference when no shared prefix was run). ``references``: results
+    accuracy and loss (``input_val_accuracy``, ``input_val_loss``: the reference when no shared prefix was run). ``references``: results
     folders whose final models are evaluated there too (``references``: :func:`_references`)."""
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
@@ -150,14 +154,14 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
                  "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.epochs,
-                 "val_accuracy": stopper.last}
+                 "val_accuracy": stopper.last, "val_loss": stopper.last_loss}
     else:
         facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()),
                  "metrics": result.metrics, "epochs": stopper.epochs if stopper else None,
                  **_validation(result.model, data, payload, cfg, setup)}
     if payload.get("input_val"):  # after the run: the data module is set up
-        facts["input_val_accuracy"] = _validation(_input_model(payload, cfg, setup), data, payload, cfg,
-                                                  setup).get("val_accuracy")
+        val = _validation(_input_model(payload, cfg, setup), data, payload, cfg, setup)
+        facts.update(input_val_accuracy=val.get("val_accuracy"), input_val_loss=val.get("val_loss"))
     if payload.get("references"):  # the named setups' runs, on the validation split like the trials
         facts["references"] = _references(payload["references"], data, payload, cfg, setup)
     return facts

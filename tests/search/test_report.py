@@ -3,6 +3,7 @@ are selected on; ``reference_points.csv`` holds them with both splits."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -10,12 +11,14 @@ import torch
 
 from fedcore_adapter.building import run_from_config
 from fedcore_adapter.checkpoint import load_model
+from fedcore_adapter.distributed.pool import DaskPool
 from fedcore_adapter.metrics import evaluate
 from fedcore_adapter.search import driver
 from fedcore_adapter.search.driver import run_search
 from fedcore_adapter.search.report import figure_points
 from tests.conftest import TinyDataModule, tiny_mlp
 from tests.search.helpers import DATA, MODEL, SETUP, config
+from tests.servers import dask_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +85,37 @@ def test_selected_on_test_every_point_is_the_test_figure_and_none_is_marked():
     assert figure_points(rows, ["params", "accuracy"], "validation") == [
         {"setup": "uncompressed", "x": 10, "y": 0.9, "split": "test"},
         {"setup": "A", "x": 5, "y": 0.7, "split": "validation"}]
+
+
+@pytest.fixture
+def scheduler(tmp_path):
+    home = tmp_path / "dask"
+    home.mkdir()
+    yield from dask_scheduler(home)
+
+
+def test_on_dask_the_named_runs_are_measured_by_one_run_while_trials_run_side_by_side(tmp_path, scheduler,
+                                                                                        monkeypatch):
+    """No shared prefix: both trials are in flight at once on the two workers; one of them is asked to measure
+    the named setup's run on the validation split, not both."""
+    named = run_from_config({"setup": {**SETUP, "name": "NAMED"}, "model": MODEL, "data": DATA,
+                             "tracking": {"name": "none"}, "output_dir": str(tmp_path / "named")}).output_dir
+    asked = []
+    submit = DaskPool.submit
+
+    def counted(self, key, payload):
+        asked.append((key, payload.get("references")))
+        return submit(self, key, payload)
+
+    monkeypatch.setattr(DaskPool, "submit", counted)
+    cfg = config(tmp_path, trials=2, prefix=0, reference_runs=[str(named)])
+    cfg["cluster"] = {"name": "remote", "address": scheduler[0], "wait_for_workers": 2, "timeout": 60}
+    result = run_search(cfg)
+    assert len(asked) == 2  # both trials, submitted before either finished
+    measuring = [key for key, refs in asked if refs]
+    assert len(measuring) == 1 and dict(asked)[measuring[0]] == [str(named.absolute())]
+    point = json.loads((result.folder / "search.json").read_text())["reference_points"][str(named.absolute())]
+    assert point["measured_by"] == f"trial_{measuring[0]:04d}"
+    with open(result.folder / "reference_points.csv") as f:
+        row, = [r for r in csv.DictReader(f) if r["setup"] == "NAMED"]
+    assert float(row["val_accuracy"]) == pytest.approx(_validation_accuracy(named)) and not row["val_note"]
