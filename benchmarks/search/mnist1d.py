@@ -5,7 +5,9 @@ loops measured in the same run, and the trial cost with and without the shared p
 same candidates run as whole chains).
 
     python -m benchmarks.search.mnist1d --out /tmp/search_bench [--budget cut|full] [--seeds 0 1 2]
-        [--trials 32] [--workers 2] [--samplers tpe random] [--full-chains 4] [--pretrained CHECKPOINT]
+        [--trials 32] [--workers 2] [--samplers tpe random] [--full-chains 4] [--chain-threads 1]
+        [--pretrained CHECKPOINT]
+    python -m benchmarks.search.mnist1d --out DIR --raw RAW_DIR --budget full --full-chains-of SEARCH_DIR --full-chains 8
 
 ``--budget full``: COMPOSITE_1 exactly as setups/composite_1.yaml defines it (only ``common.latency_repeats=10``);
 ``cut``: its fine-tunes cut 5-10x (CHAIN below). RAW (100 epochs) is trained once and cached under --raw; every
@@ -158,9 +160,12 @@ def trial_efficiency(folder: Path, workers: int) -> dict:
     return {"trial_walls_s": busy, "trial_phase_s": phase, "efficiency": busy / (phase * workers) if phase else None}
 
 
-def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out: Path, common: dict) -> list[dict]:
-    """The same candidates as whole chains from RAW (training node included), no early stopping, one by one."""
+def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out: Path, common: dict,
+                     threads: int = 1) -> list[dict]:
+    """The same candidates as whole chains from RAW (training node included), no early stopping, one by one, on
+    ``threads`` torch threads (1: as each trial's Dask worker, which had a core of its own while two ran at once)."""
     from fedcore_adapter.building import run_from_config
+    from fedcore_adapter.metrics import fixed_threads
 
     pruned, complete = [r for r in rows if r["state"] == "pruned"], [r for r in rows if r["state"] == "complete"]
     picks = pruned[: k // 2] + complete[: k - k // 2]  # half stopped early, half complete ...
@@ -175,8 +180,10 @@ def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out:
                "tracking": {"name": "none"}, "pretrained": str(raw), "output_dir": str(out),
                "common": dict(common)}
         start = time.perf_counter()
-        run_from_config(cfg)
-        results.append({"trial": n, "state": r["state"], "search_wall_s": r["wall_s"],
+        with fixed_threads(threads):
+            run_from_config(cfg)
+        results.append({"trial": n, "state": r["state"], "search_wall_s": r["wall_s"], "threads": threads,
+                        "search_epochs": r.get("epochs"),
                         "full_chain_wall_s": time.perf_counter() - start})
         print(f"  full chain of trial #{n} ({r['state']}): {results[-1]['full_chain_wall_s']:.1f} s "
               f"(in the search: {r['wall_s']:.1f} s)", flush=True)
@@ -249,6 +256,26 @@ def per_sampler(runs: list[dict], parallelism: Optional[float], workers: int) ->
     return out
 
 
+def whole_chain_comparison(folder: Path, raw: Path, args: argparse.Namespace, out: Path) -> dict:
+    """The search's first ``--full-chains`` candidates (half stopped early, half complete) re-run as whole chains;
+    how many times cheaper they were in the search (mean whole-chain wall / mean trial wall)."""
+    import optuna
+
+    from fedcore_adapter.search.trial import open_storage
+
+    study = optuna.load_study(study_name="search", storage=open_storage(folder / "study.journal"))
+    (folder / "trials_nodes.json").write_text(json.dumps({str(t.number): t.user_attrs.get("nodes")
+                                                          for t in study.trials if t.user_attrs.get("nodes")}))
+    costs = full_chain_costs(folder, raw, read_trials(folder), args.full_chains, out / "full_chains",
+                             FULL_CHAIN_COMMON[args.budget], args.chain_threads)
+    result = {"full_chains": costs, "full_chain_threads": args.chain_threads}
+    done = [c for c in costs if c.get("search_wall_s")]
+    if done:
+        result["full_chain_cost_ratio"] = (statistics.mean(c["full_chain_wall_s"] for c in done)
+                                           / statistics.mean(c["search_wall_s"] for c in done))
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/search_bench")
@@ -261,7 +288,20 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=["tpe", "random"])
     p.add_argument("--full-chains", type=int, default=4)
+    p.add_argument("--chain-threads", type=int, default=1,
+                   help="torch threads of the whole chains (1: as each trial's worker)")
+    p.add_argument("--full-chains-of", type=Path, default=None,
+                   help="only the whole-chain comparison, for this finished SEARCH_* folder (written to --out)")
     args = p.parse_args()
+    if args.full_chains_of:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
+        result = {"environment": environment(), "load_average_start": os.getloadavg(), "search": str(args.full_chains_of),
+                  **whole_chain_comparison(args.full_chains_of, raw, args, out), "load_average_end": os.getloadavg()}
+        (out / "full_chains.json").write_text(json.dumps(result, indent=1, default=str))
+        print(json.dumps(result, indent=1, default=str))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -286,22 +326,8 @@ def main() -> None:
     summary["busy_loop_parallelism"] = parallelism
     summary["per_sampler"] = per_sampler(summary["runs"], parallelism, args.workers)
     save()
-    folder = Path(summary["runs"][0]["folder"])
     if args.full_chains:
-        import optuna
-
-        from fedcore_adapter.search.trial import open_storage
-
-        study = optuna.load_study(study_name="search", storage=open_storage(folder / "study.journal"))
-        (folder / "trials_nodes.json").write_text(json.dumps({str(t.number): t.user_attrs.get("nodes")
-                                                              for t in study.trials if t.user_attrs.get("nodes")}))
-        costs = full_chain_costs(folder, raw, read_trials(folder), args.full_chains, out / "full_chains",
-                                 FULL_CHAIN_COMMON[args.budget])
-        summary["full_chains"] = costs
-        done = [c for c in costs if c.get("search_wall_s")]
-        if done:  # how many times cheaper the same candidates were in the search than as whole chains
-            summary["full_chain_cost_ratio"] = (statistics.mean(c["full_chain_wall_s"] for c in done)
-                                                / statistics.mean(c["search_wall_s"] for c in done))
+        summary.update(whole_chain_comparison(Path(summary["runs"][0]["folder"]), raw, args, out))
     summary["wall_s"] = time.time() - started
     summary["load_average_end"] = os.getloadavg()
     save()
