@@ -42,16 +42,30 @@ BUDGETS = {"cut": CHAIN, "full": ["common.latency_repeats=10"]}  # full: COMPOSI
 # the whole chains of the cost comparison: the same common options as the search's trials
 FULL_CHAIN_COMMON = {"cut": {"limit_train_batches": 10, "latency_repeats": 10}, "full": {"latency_repeats": 10}}
 
-# one CPU-bound process: a 1-thread torch matmul loop (the trials' workers run torch on 1 thread each)
+# one CPU-bound process on 1 thread (as each trial's worker): "matmul", a cache-resident matmul loop; "train",
+# training steps of the search's own model (MNIST1DCNN, batch 128), whose memory traffic two processes share
 BUSY = """
 import sys, time, torch
 torch.set_num_threads(1)
-a = torch.randn(192, 192)
+if sys.argv[2] == "train":
+    from fedcore_adapter.zoo.models import MNIST1DCNN
+    model, x, y = MNIST1DCNN(), torch.randn(128, 1, 40), torch.randint(0, 10, (128,))
+    opt = torch.optim.Adam(model.parameters())
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+else:
+    a = torch.randn(192, 192)
+    def step():
+        global a
+        a = torch.tanh(a @ a)
+step()
 print("ready", flush=True)
 sys.stdin.readline()  # all copies start their loops together
 start = time.perf_counter()
 for _ in range(int(sys.argv[1])):
-    a = torch.tanh(a @ a)
+    step()
 print(time.perf_counter() - start)
 """
 
@@ -115,10 +129,11 @@ def side_by_side_latency(best_dir: Path, ref_dir: Path, rounds: int = 7) -> tupl
     return statistics.median(per["ref"]), statistics.median(per["best"])
 
 
-def _busy(n: int, copies: int) -> list[float]:
+def _busy(n: int, copies: int, kind: str = "matmul") -> list[float]:
     """Seconds each of ``copies`` busy-loop processes started at once took for its loop."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True) for _ in range(copies)]
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY, str(n), kind], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for _ in range(copies)]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready"
     for proc in procs:
@@ -127,20 +142,20 @@ def _busy(n: int, copies: int) -> list[float]:
     return [float(proc.communicate()[0]) for proc in procs]
 
 
-def busy_loops(rounds: int = 3, seconds: float = 2.0) -> dict:
+def busy_loops(rounds: int = 3, seconds: float = 2.0, kind: str = "matmul") -> dict:
     """The machine's effective parallelism for 2 processes: a busy loop alone vs two at once (alternating rounds);
     parallelism = t_alone / t_pair_1 + t_alone / t_pair_2 (2.0: two free cores; 1.0: one core shared)."""
-    n = 50
-    while _busy(n, 1)[0] < seconds / 4:
+    n = 5
+    while _busy(n, 1, kind)[0] < seconds / 4:
         n *= 4
-    n = int(n * seconds / _busy(n, 1)[0])
+    n = int(n * seconds / _busy(n, 1, kind)[0])
     alone, pair = [], []
     for _ in range(rounds):
-        alone.append(_busy(n, 1)[0])
-        pair.append(_busy(n, 2))
+        alone.append(_busy(n, 1, kind)[0])
+        pair.append(_busy(n, 2, kind))
     t1 = statistics.median(alone)
     parallelism = statistics.median(t1 / a + t1 / b for a, b in pair)
-    return {"iterations": n, "alone_s": alone, "pair_s": pair, "parallelism": parallelism}
+    return {"kind": kind, "iterations": n, "alone_s": alone, "pair_s": pair, "parallelism": parallelism}
 
 
 def trial_efficiency(folder: Path, workers: int) -> dict:
@@ -290,9 +305,17 @@ def main() -> None:
     p.add_argument("--full-chains", type=int, default=4)
     p.add_argument("--chain-threads", type=int, default=1,
                    help="torch threads of the whole chains (1: as each trial's worker)")
+    p.add_argument("--parallelism-only", action="store_true",
+                   help="only the two-process parallelism of the matmul and the training busy loops")
     p.add_argument("--full-chains-of", type=Path, default=None,
                    help="only the whole-chain comparison, for this finished SEARCH_* folder (written to --out)")
     args = p.parse_args()
+    if args.parallelism_only:
+        loops = {"environment": environment(), "load_average_start": os.getloadavg(),
+                 "matmul": busy_loops(rounds=5), "train": busy_loops(rounds=5, kind="train"),
+                 "load_average_end": os.getloadavg()}
+        print(json.dumps(loops, indent=1))
+        return
     if args.full_chains_of:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +337,8 @@ def main() -> None:
 
     summary["busy_loops_before"] = busy_loops()
     print("busy loops before:", json.dumps(summary["busy_loops_before"]), flush=True)
+    summary["train_loops_before"] = busy_loops(kind="train")
+    print("training loops before:", json.dumps(summary["train_loops_before"]), flush=True)
     save()
     for seed in args.seeds:
         for sampler in args.samplers:
