@@ -1,6 +1,7 @@
 """A separately started ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, used through
 ``cluster.address``: the sweep command, failing runs, and a worker killed while its task runs."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from fedcore_adapter.distributed import open_client, run_many
 from tests.conftest import TinyDataModule
 from tests.helpers import wait_until
+from tests.servers import dask_scheduler, spawn_dask, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model": {"_target_": "tests.helpers.build_tiny_mlp"}, "data": {"_target_": "tests.helpers.build_tiny_data"},
@@ -180,3 +182,23 @@ def test_a_sweep_whose_last_worker_dies_fails_after_a_bounded_wait_with_one_line
         start_worker("w-again-1"), start_worker("w-again-2")
         with open_client({"address": address, "wait_for_workers": 2, "timeout": 60}):
             pass
+
+
+def test_workers_started_with_dasks_malloc_trim_threshold_get_one_warning_naming_the_fix(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """A ``dask worker`` with its nanny (Dask's defaults) runs its worker process with MALLOC_TRIM_THRESHOLD_=65536."""
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # the nanny below sets Dask's default itself
+    servers = dask_scheduler(tmp_path, workers=0)
+    address, _, _ = next(servers)
+    worker = spawn_dask("worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--name", "n1",
+                        cwd=tmp_path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fedcore_adapter.distributed"):
+            with open_client({"address": address, "wait_for_workers": 1, "timeout": 60}):
+                pass
+    finally:
+        stop([worker])
+        servers.close()
+    lines = [r.getMessage() for r in caplog.records if "MALLOC_TRIM_THRESHOLD_" in r.getMessage()]
+    assert len(lines) == 1 and "1 of 1 worker(s)" in lines[0] and "=65536" in lines[0]
+    assert "pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null" in lines[0]

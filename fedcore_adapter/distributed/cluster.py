@@ -19,6 +19,11 @@ from .config import ClusterConfig, parse_cluster
 log = logging.getLogger("fedcore_adapter.distributed")
 PLUGIN_NAME = "fedcore-torch-threads"
 _HEALTH = "distributed.http.health"
+# Dask's nanny starts worker processes with MALLOC_TRIM_THRESHOLD_=65536 (against memory fragmentation); glibc
+# then returns freed memory to the OS after nearly every tensor, and torch training on CPU runs ~1.5x slower
+# (benchmarks/RESULTS.md, Search). Workers started here go without it; workers started elsewhere are warned of.
+_MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
+_SLOW_TRIM_BELOW = 1 << 20
 
 
 class TorchThreads(WorkerPlugin):
@@ -74,6 +79,8 @@ def _import_target(target: str) -> type:
 def _start_cluster(cfg: ClusterConfig) -> Any:
     """A LocalCluster (127.0.0.1, worker processes, dashboard off unless asked) or the ``_target_`` manager."""
     settings: dict[str, Any] = {"distributed.scheduler.allowed-failures": cfg.allowed_failures}
+    if cfg.mode == "local":  # None unsets it (an environment variable the user set still wins)
+        settings[f"distributed.nanny.pre-spawn-environ.{_MALLOC_TRIM}"] = None
     if cfg.mode == "local" and cfg.dashboard_address is None:  # no dashboard: HTTP serves /health only
         settings.update({"distributed.scheduler.http.routes": [_HEALTH], "distributed.worker.http.routes": [_HEALTH]})
     with dask.config.set(settings):
@@ -124,6 +131,24 @@ def _wait_for_workers(client: Client, cfg: ClusterConfig) -> None:
                           f"`dask worker <address>` or raise cluster.timeout") from None
 
 
+def _malloc_trim_threshold() -> Optional[str]:
+    return os.environ.get(_MALLOC_TRIM)
+
+
+def _warn_slow_malloc_trim(client: Client) -> None:
+    """One warning when workers run with a small MALLOC_TRIM_THRESHOLD_ (Dask's nanny default), naming the fix."""
+    try:
+        values = client.run(_malloc_trim_threshold)
+    except Exception:  # noqa: BLE001 - a diagnostic: a worker that cannot answer is not an error here
+        return
+    slow = {v for v in values.values() if v is not None and v.isdigit() and int(v) < _SLOW_TRIM_BELOW}
+    if slow:
+        log.warning("dask: %d of %d worker(s) run with %s=%s (Dask's nanny default), which makes torch training "
+                    "on CPU about 1.5x slower; start them with the Dask config distributed.nanny.pre-spawn-environ."
+                    "%s: null (clusters started by fedcore-adapter do this)", sum(v in slow for v in values.values()),
+                    len(values), _MALLOC_TRIM, "/".join(sorted(slow)), _MALLOC_TRIM)
+
+
 @contextlib.contextmanager
 def _quiet_dask_logs() -> Iterator[None]:
     """Dask's INFO chatter (scheduler, nanny, client) stays out of the run's log; warnings still show."""
@@ -160,5 +185,6 @@ def open_client(spec: Any) -> Iterator[Client]:
         client.fedcore_no_worker_timeout = cfg.no_worker_timeout  # read by fanout.run_tasks
         _wait_for_workers(client, cfg)
         client.register_plugin(TorchThreads(cfg.torch_threads), name=PLUGIN_NAME)
+        _warn_slow_malloc_trim(client)
         log.info("dask: %s", describe_client(client))
         yield client
