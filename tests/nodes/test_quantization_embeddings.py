@@ -50,6 +50,15 @@ class OffsetEmbedding(nn.Embedding):
         return super().forward(x) + self.offset
 
 
+class BatchOnlyEmbedding(nn.Embedding):
+    """Refuses a single sequence with an error that has no message (the probe's one sequence meets it)."""
+
+    def forward(self, x):
+        if x.shape[0] < 2:
+            raise RuntimeError()
+        return super().forward(x)
+
+
 def classifier(seed: int = 0) -> SequenceToTarget:
     """A real ptls classifier: ``TrxEncoder`` (two ``NoisyEmbedding``s with training noise and dropout) -> GRU."""
     torch.manual_seed(seed)
@@ -108,7 +117,8 @@ def test_ptls_noisy_embeddings_become_int8_tables_that_trx_encoder_still_reads_a
 @pytest.mark.parametrize("make, why", [
     (ScaledEmbedding, r"ScaledEmbedding: its eval forward is not a plain Embedding lookup"),
     (OffsetEmbedding, r"OffsetEmbedding holds offset besides weight, which an int8 table would drop"),
-], ids=["forward-differs", "extra-parameter"])
+    (BatchOnlyEmbedding, r"BatchOnlyEmbedding: its eval forward fails on an index tensor \(RuntimeError\)"),
+], ids=["forward-differs", "extra-parameter", "forward-fails-without-message"])
 def test_an_embedding_subclass_that_is_not_a_plain_lookup_stays_float_and_the_row_and_one_warning_say_why(
         make, why, tmp_path, caplog):
     model = classifier()

@@ -28,6 +28,8 @@ import torch.ao.nn.quantized as nnq
 from torch import nn
 from torch.ao.quantization import float_qparams_weight_only_qconfig
 
+from ...errors import error_line
+
 FLOAT_TYPES = (nn.Embedding, nn.EmbeddingBag)
 PROBE_ROWS = 4096
 _KEPT = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
@@ -71,7 +73,7 @@ def _lookup_mismatch(module: nn.Module, base: type) -> Optional[str]:
     try:
         outputs = [probe(indices) for _ in range(2)]
     except Exception as exc:  # noqa: BLE001 - any failure means it is not called as a plain lookup
-        return f"its eval forward fails on an index tensor ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        return f"its eval forward fails on an index tensor ({error_line(exc, typed=True, limit=200)})"
     expected = base.forward(copy.deepcopy(module).cpu().eval(), indices)
     if not all(isinstance(o, torch.Tensor) and o.shape == expected.shape and torch.equal(o, expected)
                for o in outputs):
