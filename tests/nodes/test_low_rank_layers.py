@@ -98,3 +98,14 @@ def test_a_factorised_layer_quantized_to_int8_still_reports_its_rank_and_prints(
     model = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)
     assert model[0].rank == 5
     assert "rank=5" in repr(model)
+
+
+def test_a_factorised_conv_whose_second_half_is_int8_still_reports_its_rank_and_prints():
+    """``ptq_dynamic allow_conv`` turns the 1x1 second half into an ``Int8Conv``, which keeps no float weight."""
+    from fedcore_adapter.nodes.quantization.conv import Int8Conv
+
+    layer = FactorizedLayer(nn.Conv1d(4, 3, 3), nn.Conv1d(3, 8, 1), "conv")
+    layer.second.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    layer.second = Int8Conv.from_conv(layer.second)
+    assert layer.rank == 3 and (layer.second.in_channels, layer.second.out_channels) == (3, 8)
+    assert "rank=3" in repr(layer)

@@ -35,14 +35,10 @@ class FactorizedLayer(nn.Module):
 
     @property
     def rank(self) -> int:
-        """Inner width (it may shrink if a later node prunes these layers); read from the second layer's input
-        size, which int8 layers keep too (their ``weight`` is a method, not a tensor)."""
+        """Inner width (it may shrink if a later node prunes these layers): the second layer's input size, which
+        its int8 versions expose too (their ``weight`` is a method or absent)."""
         second = self.second
-        width = getattr(second, "in_features", None) or getattr(second, "in_channels", None)
-        if width is None:
-            weight = second.weight() if callable(second.weight) else second.weight
-            width = weight.shape[1]
-        return int(width)
+        return int(second.in_features if hasattr(second, "in_features") else second.in_channels)
 
     def _embedding(self, attribute: str) -> nn.Embedding:
         if self.kind != "embedding":

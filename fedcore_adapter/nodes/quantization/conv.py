@@ -72,6 +72,14 @@ class Int8Conv(nn.Module):
         self.relu = relu
         self._packed: Optional[torch.Tensor] = None
 
+    @property
+    def in_channels(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.qweight.shape[0]
+
     @classmethod
     def from_conv(cls, conv: nn.Module, relu: bool = False) -> "Int8Conv":
         """Quantize ``conv``'s weight with its ``qconfig``'s weight observer (symmetric: zero points are 0)."""
