@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fedcore_adapter import load_model
-from fedcore_adapter.checkpoint import save_checkpoint
+from fedcore_adapter.checkpoint import checkpoint_bytes, save_checkpoint
 from fedcore_adapter.context import NodeContext
 from fedcore_adapter.nodes.quantization import PTQDynamicConfig
 from fedcore_adapter.nodes.quantization.dynamic import apply_ptq_dynamic
@@ -43,7 +43,7 @@ def variant(model, config: PTQDynamicConfig, hidden: int, out: Path) -> tuple:
                       structure_recorder=lambda name, data: records.append(transform_record(name, data)))
     result = apply_ptq_dynamic(copy.deepcopy(model), config, ctx)
     save_checkpoint(result, out / "ckpt", records)
-    return result, load_model(out / "ckpt", build(hidden, seed=99)), (out / "ckpt" / "state.pt").stat().st_size, ctx.notes
+    return result, load_model(out / "ckpt", build(hidden, seed=99)), checkpoint_bytes(out / "ckpt"), ctx.notes
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_checkpoint(fp32, tmp / "fp32", [])
-        base = (tmp / "fp32" / "state.pt").stat().st_size
+        base = checkpoint_bytes(tmp / "fp32")
         rows.append({"variant": "fp32", "state.pt bytes": base, "bytes ×": 1.0})
         with torch.inference_mode():
             reference = fp32(batch)
