@@ -45,7 +45,6 @@ from benchmarks.low_rank.minilm_node import Sentences
 from benchmarks.timing import interleaved_latency
 
 
-
 def int8_node(smooth_alpha: float) -> dict:
     """The project's int8 (README, Quantization): ``ptq_dynamic`` with ``allow_emb``; ``smooth_alpha`` > 0 moves
     activation outliers into the weights first (SmoothQuant), which the inner activations of factorised layers

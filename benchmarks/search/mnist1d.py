@@ -316,19 +316,17 @@ def main() -> None:
                  "load_average_end": os.getloadavg()}
         print(json.dumps(loops, indent=1))
         return
-    if args.full_chains_of:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
-        result = {"environment": environment(), "load_average_start": os.getloadavg(), "search": str(args.full_chains_of),
-                  **whole_chain_comparison(args.full_chains_of, raw, args, out), "load_average_end": os.getloadavg()}
-        (out / "full_chains.json").write_text(json.dumps(result, indent=1, default=str))
-        print(json.dumps(result, indent=1, default=str))
-        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
+    if args.full_chains_of:
+        result = {"environment": environment(), "load_average_start": os.getloadavg(),
+                  "search": str(args.full_chains_of), **whole_chain_comparison(args.full_chains_of, raw, args, out),
+                  "load_average_end": os.getloadavg()}
+        (out / "full_chains.json").write_text(json.dumps(result, indent=1, default=str))
+        print(json.dumps(result, indent=1, default=str))
+        return
     summary = {"environment": environment(), "load_average_start": os.getloadavg(), "raw": str(raw),
                "budget": args.budget, "overrides": BUDGETS[args.budget], "seeds": args.seeds, "runs": []}
 
