@@ -145,6 +145,13 @@ class _Progress:
                 f"constraint: {best_text} | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
+def _number(value: float) -> str:
+    """Four significant digits below 1000 (a 12.34 ms latency is not 12), thousands separated above."""
+    if isinstance(value, float) and abs(value) < 1000:
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
+    return f"{value:,.0f}"
+
+
 def _describe(row: dict, objectives: list[str]) -> str:
     """The row's objectives, then its validation accuracy and loss where an objective (what the search selects on)
     and its test accuracy and loss (held out)."""
@@ -156,7 +163,7 @@ def _describe(row: dict, objectives: list[str]) -> str:
         if not isinstance(value, (int, float)):
             continue
         label = f"val {name[4:]}" if name.startswith("val_") else f"test {name}" if name in SPLIT_METRICS else name
-        text = f"{label} {value:.4f}" if isinstance(value, float) and value < 10 else f"{label} {value:,.0f}"
+        text = f"{label} {_number(value)}"
         if name == "macs" and row.get("macs_reduction"):
             text += f" ({row['macs_reduction']:.1f}x fewer)"
         if row.get(f"{name}_drop_pt") is not None:
