@@ -232,8 +232,8 @@ def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool) -> RunResult:
         r.write_run_json(status="completed", finished_at=_now())
     except KeyboardInterrupt as err:
         raise _interrupted(r, index, err) from None
-    except BaseException as err:
-        raise _failed(r, index, err)
+    except BaseException as err:  # noqa: BLE001 - recorded as failed, then raised again
+        raise _failed(r, index, err)  # noqa: B904 - _failed sets the cause (or re-raises err itself)
     final = finish(r.dir, r.final_dir)
     r.info.output_dir = final
     if final != r.final_dir:

@@ -36,7 +36,7 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-            warnings.warn(f"{' '.join(proc.args[2:4])} ignored SIGTERM for {grace_s:g} s; killed")
+            warnings.warn(f"{' '.join(proc.args[2:4])} ignored SIGTERM for {grace_s:g} s; killed", stacklevel=2)
 
 
 def dask_scheduler(home: Path, workers: int = 2) -> Iterator[tuple[str, Callable[[str], subprocess.Popen], list]]:

@@ -118,7 +118,7 @@ def _kill_workers(address: str, only: int = 0) -> None:
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     for pid in pids:
-        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                    f"worker {pid} to die", timeout_s=30)
 
 

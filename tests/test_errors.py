@@ -97,7 +97,7 @@ def test_an_error_caught_while_handling_another_names_no_cause():
         try:
             raise OSError("disk full")
         except OSError:
-            raise ValueError("cleanup failed")  # an implicit context, not a cause
+            raise ValueError("cleanup failed")  # noqa: B904 - an implicit context, not a cause
 
     assert error_line(raised(cleanup)) == "ValueError: cleanup failed"
 

@@ -13,6 +13,7 @@ from fedcore_adapter import placement, run_setup
 from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.hooks import Hook
 from fedcore_adapter.placement import live_owner, owner_fields
+from fedcore_adapter.signals import RunInterrupted
 from tests.conftest import tiny_mlp, tiny_setup
 from tests.helpers import wait_until
 
@@ -163,7 +164,7 @@ def test_resume_of_an_unfinished_run_continues_it_without_the_nothing_to_resume_
             raise KeyboardInterrupt  # a BaseException: not swallowed as a hook's own failure
 
     setup = tiny_setup({"kind": "training", "epochs": 1}, {"kind": "training", "epochs": 1}, name="R")
-    with pytest.raises(BaseException):
+    with pytest.raises(RunInterrupted):
         run_setup(setup, tiny_mlp(), dm, output_dir=tmp_path, hooks=[InterruptAfterTheFirstNode()])
     assert json.loads((tmp_path / "R.partial" / "run.json").read_text())["completed_nodes"] == 1
     caplog.clear()

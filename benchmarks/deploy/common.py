@@ -52,8 +52,8 @@ def time_cells(variants: dict[str, Callable[[int], nn.Module]], settings: dict[s
     with torch.inference_mode():
         for t in threads:
             torch.set_num_threads(t)
-            for setting, call in settings.items():
-                for name, module in modules[t].items():
+            for call in settings.values():
+                for module in modules[t].values():
                     for _ in range(warmup):
                         call(module)
         for r in range(rounds):

@@ -130,7 +130,7 @@ def build(name: str):
         model = MNIST1DCNN().eval()
         opt = torch.optim.Adam(model.parameters(), 1e-3)
         model.train()
-        for epoch in range(5):  # trained a little, so BatchNorm and activation ranges are realistic
+        for _ in range(5):  # trained a little, so BatchNorm and activation ranges are realistic
             for xb, yb in dm.train_dataloader():
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(xb), yb).backward()

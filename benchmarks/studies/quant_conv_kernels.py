@@ -115,7 +115,7 @@ def main() -> None:
             x = torch.randn(batch, 1, 40)
             h = x
             with torch.inference_mode():
-                for i, conv, bn in blocks:
+                for _, conv, bn in blocks:
                     calls = layer_variants(conv, bn, h)
                     ref = calls["fp32 conv+BN+ReLU"]()
                     timing = interleaved_latency(calls, "fp32 conv+BN+ReLU", rounds=args.rounds, per_round=per_round)
@@ -128,7 +128,7 @@ def main() -> None:
                                            "rel_err": "" if out is None else f"{rel_err(out, ref):.4f}"})
                     h = ref
                 ref = fp32(x)
-                timing = interleaved_latency({k: (lambda m=m: m(x)) for k, m in models.items()}, "fp32",
+                timing = interleaved_latency({k: (lambda m=m, x=x: m(x)) for k, m in models.items()}, "fp32",
                                              rounds=args.rounds, per_round=per_round)
                 for name, model in models.items():
                     t = timing[name]

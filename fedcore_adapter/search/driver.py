@@ -355,8 +355,8 @@ class Search:
         pool.submit("prefix", payload)
         outcome = None
         while outcome is None:
-            for _, outcome in pool.finished(timeout=30):
-                pass
+            done = pool.finished(timeout=30)  # the prefix is the pool's only job
+            outcome = done[-1][1] if done else None
         if outcome["status"] != "completed":
             self._note_references("prefix", name, None)
             raise FedcoreError(f"the shared prefix failed: {outcome['error']}")

@@ -309,7 +309,7 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
             templates[tid] = Template(tid, node, node_dimensions(tid, node, None, scfg.space))
         except ConfigError:
             raise
-        except Exception as err:  # pydantic: a bad insert template
+        except Exception as err:  # noqa: BLE001 - pydantic (or a field validator): a bad insert template
             raise ConfigError(f"search.insert_templates.{kind}: {error_line(err, typed=False, limit=200)}") from None
     common = setup.common.model_dump(mode="json", exclude_unset=True)
     seen, frontier, order = {tuple(initial)}, [tuple(initial)], [tuple(initial)]

@@ -294,7 +294,7 @@ def test_a_factorised_embedding_still_reads_as_an_nn_embedding_to_ptls_trx_encod
     with torch.no_grad():
         assert float(embedding(torch.tensor([0])).abs().max()) < 1e-6  # the padding row stays (numerically) zero
     with pytest.raises(AttributeError, match="num_embeddings"):  # only an embedding has it
-        FactorizedLayer(nn.Linear(4, 2), nn.Linear(2, 4), "linear").num_embeddings
+        _ = FactorizedLayer(nn.Linear(4, 2), nn.Linear(2, 4), "linear").num_embeddings
 
 
 @pytest.mark.parametrize("method", [{"name": "svd", "epochs": 1}, {"name": "falor"}])

@@ -69,8 +69,8 @@ def test_budget_meets_the_params_target_and_spends_rank_where_energy_is():
     total = 1000 + sum(layer.target.params for layer in layers)
     target_total = 1000 + 0.5 * sum(layer.target.params for layer in layers)
     ranks = allocate(layers, total, target_total, "params")
-    spent = 1000 + sum(l.target.params_at(ranks[l.target.name]) if ranks[l.target.name] else l.target.params
-                       for l in layers)
+    spent = 1000 + sum(x.target.params_at(ranks[x.target.name]) if ranks[x.target.name] else x.target.params
+                       for x in layers)
     assert spent <= target_total
     assert ranks["flat"] > ranks["steep"]  # the steep spectrum loses little at a low rank
     assert ranks["steep"] <= 4
@@ -84,7 +84,7 @@ def test_budget_leaves_embeddings_alone_in_macs_mode():
 
 def test_an_unreachable_budget_says_the_smallest_reachable_total():
     layers = _spectra()
-    floor = minimum_total([l.target for l in layers], 2000, "params")
+    floor = minimum_total([x.target for x in layers], 2000, "params")
     assert floor == 2000 - 2 * (420 - 60)
     with pytest.raises(BudgetError, match=f"smallest model reachable has {floor} params"):
         allocate(layers, 2000, floor - 1, "params")
