@@ -61,6 +61,39 @@ def distillation_mse(student_out: torch.Tensor, teacher_out: torch.Tensor,
     return (diff * mask).sum() / (mask.sum() * diff[0, 0].numel()).clamp(min=1)
 
 
+def pooled_outputs(outputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One vector per sample: per-token outputs (batch x tokens x ...) with a matching ``attention_mask``
+    mean-pooled over the real tokens (a sentence embedding), any other output flattened per sample."""
+    if outputs.dim() < 2:
+        raise ValueError(f"a cosine needs a vector per sample; the output has shape {tuple(outputs.shape)}")
+    outputs = outputs.float()
+    if attention_mask is not None and outputs.dim() >= 3 and tuple(outputs.shape[:2]) == tuple(attention_mask.shape):
+        mask = attention_mask.to(outputs.dtype).reshape(*attention_mask.shape, *([1] * (outputs.dim() - 2)))
+        outputs = (outputs * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return outputs.flatten(1)
+
+
+def pooled_cosine_distance(student_out: torch.Tensor, teacher_out: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over the batch of ``1 - cos(student, teacher)`` of the per-sample vectors of :func:`pooled_outputs`:
+    for a text encoder, the cosine of the mean-pooled sentence embeddings (what their quality is judged by)."""
+    return 1 - F.cosine_similarity(pooled_outputs(student_out, attention_mask),
+                                   pooled_outputs(teacher_out, attention_mask), dim=1).mean()
+
+
+def unlabeled_distillation(student_out: torch.Tensor, teacher_out: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor] = None, loss: str = "mse",
+                           mse_weight: float = 0.0) -> torch.Tensor:
+    """What an unlabeled batch learns from the teacher (``TrainParams.unlabeled_loss``): ``mse`` of the outputs
+    (padding masked out), or ``cosine``: :func:`pooled_cosine_distance` plus ``mse_weight`` x that MSE."""
+    if loss == "mse":
+        return distillation_mse(student_out, teacher_out, attention_mask)
+    value = pooled_cosine_distance(student_out, teacher_out, attention_mask)
+    if mse_weight:
+        value = value + mse_weight * distillation_mse(student_out, teacher_out, attention_mask)
+    return value
+
+
 def soft_target_kl(student_out: torch.Tensor, teacher_out: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's distillation term: ``T^2 KL(teacher || student)`` on temperature-softened class scores."""
     t = temperature

@@ -65,6 +65,12 @@ class TrainParams(StrictModel):
     limit_train_batches: PositiveInt = Field(None, ge=1)
     limit_valid_batches: PositiveInt = Field(None, ge=1)
     progress: bool = True
+    unlabeled_loss: Literal["mse", "cosine"] = Field(
+        "mse", description="what unlabeled batches learn from the teacher: mse of the outputs (padded tokens "
+                           "left out), or cosine: 1 - cosine of each sample's output, per-token outputs mean-pooled "
+                           "over the attention_mask first (a sentence embedding's cosine)")
+    unlabeled_mse_weight: float = Field(0.0, ge=0, description="with unlabeled_loss cosine: plus this weight "
+                                                               "times the output mse")
     # recovery fine-tunes (pruning, low-rank): see trainer.train
     distill: Auto = Field(False, description="on labeled batches also distil from the model as it entered the "
                                              "node; auto: in the fine-tunes of compression nodes only")
@@ -73,6 +79,13 @@ class TrainParams(StrictModel):
     keep_best: Auto = Field("auto", description="true: end on the best validation epoch, the starting weights "
                                                 "included; auto (fine-tunes of compression nodes only): restore the "
                                                 "starting weights when they score higher than the last epoch")
+
+    @model_validator(mode="after")
+    def _mse_weight_needs_cosine(self) -> "TrainParams":
+        if self.unlabeled_mse_weight and self.unlabeled_loss != "cosine":
+            raise ValueError(f"unlabeled_mse_weight adds the output mse to unlabeled_loss cosine; with "
+                             f"unlabeled_loss {self.unlabeled_loss} leave it 0 (got {self.unlabeled_mse_weight})")
+        return self
 
     @field_validator("distill", "keep_best", mode="before")
     @classmethod

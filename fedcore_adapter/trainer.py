@@ -1,7 +1,8 @@
 """The shared training loop: the training node and every fine-tune (pruning, low-rank, QAT) use it.
 
 On labeled batches the loss is the task loss (or ``custom_loss``); on
-unlabeled batches the model learns by distillation from ``ctx.teacher``.
+unlabeled batches the model learns by distillation from ``ctx.teacher``
+(``unlabeled_loss``: output MSE, or the cosine of mean-pooled outputs).
 A module that defines its own step (ptls ``shared_step``, Lightning
 ``training_step``) learns on it instead, head included (see ``steps``).
 
@@ -25,7 +26,7 @@ from torch import nn
 from .context import NodeContext
 from .data import call_model, primary_output, split_batch, to_device, batch_size
 from .errors import DataError, NodeError
-from .losses import distillation_mse, instantiate_loss, labeled_distillation, token_mask
+from .losses import distillation_mse, instantiate_loss, labeled_distillation, token_mask, unlabeled_distillation
 from .metrics import evaluate
 from .progress import batch_bar, epoch_bar
 from .steps import own_step, reset_metrics, step_loss, step_output
@@ -33,6 +34,7 @@ from .schema import TrainParams
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
 Objective = Callable[[nn.Module, object, Optional[torch.Tensor]], torch.Tensor]
+Comparison = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # (student, teacher, mask)
 
 
 @dataclass
@@ -59,9 +61,17 @@ def make_optimizer(params: TrainParams, model: nn.Module) -> torch.optim.Optimiz
     return cls(groups, lr=params.learning_rate, weight_decay=params.weight_decay)
 
 
+def unlabeled_comparison(params: TrainParams) -> Comparison:
+    """How unlabeled batches are compared with the teacher: ``params.unlabeled_loss`` (and its MSE weight)."""
+    loss, mse_weight = params.unlabeled_loss, params.unlabeled_mse_weight
+    return lambda out, reference, mask: unlabeled_distillation(out, reference, mask, loss, mse_weight)
+
+
 def default_objective(teacher: nn.Module, task_loss: Callable, distill_from: Optional[nn.Module] = None,
-                      weight: float = 0.5, temperature: float = 4.0) -> Objective:
-    """Task loss on labeled batches; MSE to ``teacher``'s output on unlabeled ones (padding masked out).
+                      weight: float = 0.5, temperature: float = 4.0,
+                      unlabeled: Comparison = distillation_mse) -> Objective:
+    """Task loss on labeled batches; ``unlabeled`` (default: MSE, padding masked out) to ``teacher``'s output
+    on unlabeled ones.
 
     With ``distill_from``, labeled batches mix in distillation from it:
     ``(1 - weight) * task + weight * T^2 KL`` (soft targets; output MSE for real-valued targets).
@@ -72,7 +82,7 @@ def default_objective(teacher: nn.Module, task_loss: Callable, distill_from: Opt
         if target is None:
             with torch.no_grad():
                 teacher_out = primary_output(call_model(teacher, inputs))
-            return distillation_mse(out, teacher_out, token_mask(inputs))
+            return unlabeled(out, teacher_out, token_mask(inputs))
         loss = task_loss(out, target)
         if distill_from is None or weight == 0:
             return loss
@@ -84,9 +94,9 @@ def default_objective(teacher: nn.Module, task_loss: Callable, distill_from: Opt
 
 
 def module_objective(teacher: nn.Module, task_loss: Optional[Callable], distill_from: Optional[nn.Module] = None,
-                     weight: float = 0.5) -> Objective:
-    """The module's own step loss (``steps.step_loss``) on labeled batches; output MSE to ``teacher``'s step
-    output on unlabeled ones. With ``distill_from``: ``(1 - weight) * own + weight * MSE`` of the step outputs
+                     weight: float = 0.5, unlabeled: Comparison = distillation_mse) -> Objective:
+    """The module's own step loss (``steps.step_loss``) on labeled batches; ``unlabeled`` (default: output MSE)
+    to ``teacher``'s step output on unlabeled ones. With ``distill_from``: ``(1 - weight) * own + weight * MSE`` of the step outputs
     (a module's output may be an embedding, so no soft-label KL)."""
     calls = [0]
 
@@ -95,7 +105,7 @@ def module_objective(teacher: nn.Module, task_loss: Optional[Callable], distill_
         if target is None:
             with torch.no_grad():
                 reference = step_output(teacher, inputs, None)[0]
-            return distillation_mse(step_output(model, inputs, None)[0], reference, token_mask(inputs))
+            return unlabeled(step_output(model, inputs, None)[0], reference, token_mask(inputs))
         loss = step_loss(model, inputs, target, task_loss, index)
         if distill_from is None or weight == 0:
             return loss
@@ -158,10 +168,12 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
         distill_from = None
         if _resolve(params.distill, recovery):
             distill_from = (node_input if node_input is not None else teacher).to(device).eval()
+        unlabeled = unlabeled_comparison(params)
         if own_step(model) is not None and not params.custom_loss:
-            objective = module_objective(teacher, task_loss, distill_from, params.distill_weight)
+            objective = module_objective(teacher, task_loss, distill_from, params.distill_weight, unlabeled)
         else:
-            objective = default_objective(teacher, task_loss, distill_from, params.distill_weight, params.temperature)
+            objective = default_objective(teacher, task_loss, distill_from, params.distill_weight, params.temperature,
+                                          unlabeled)
     optimizer = make_optimizer(params, model)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
                  if params.scheduler == "cosine" else None)

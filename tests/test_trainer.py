@@ -57,6 +57,82 @@ def test_unlabeled_batches_learn_by_distilling_from_the_teacher(tmp_path):
     assert after < before * 0.5
 
 
+def _embedding_cosine(student, teacher, batch):
+    from fedcore_adapter.losses import pooled_cosine_distance
+
+    return 1 - pooled_cosine_distance(student(**batch).last_hidden_state, teacher(**batch).last_hidden_state,
+                                      batch["attention_mask"]).item()
+
+
+def test_unlabeled_loss_cosine_brings_the_mean_pooled_embeddings_towards_the_teachers(tmp_path):
+    teacher = TinyEncoder()
+    student = copy.deepcopy(teacher)
+    torch.nn.init.normal_(student.proj.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    dm = TokenDataModule()
+    ctx = _ctx(student, dm, tmp_path)
+    ctx.teacher = teacher
+    batch = next(iter(dm.test_dataloader()))
+    before = _embedding_cosine(student, teacher, batch)
+    train(student, ctx, TrainParams(epochs=10, learning_rate=1e-2, unlabeled_loss="cosine", progress=False))
+    after = _embedding_cosine(student, teacher, batch)
+    assert before < 0.9 and 1 - after < (1 - before) * 0.5
+
+
+@pytest.mark.parametrize("loss, moves", [("cosine", False), ("mse", True)])
+def test_unlabeled_loss_decides_what_is_learned_the_cosine_ignores_the_embeddings_length(tmp_path, loss, moves):
+    teacher = TinyEncoder()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # every embedding twice the teacher's: the same directions
+        student.proj.weight.mul_(2)
+        student.proj.bias.mul_(2)
+    start = copy.deepcopy(student.proj.weight)
+    ctx = _ctx(student, TokenDataModule(), tmp_path)
+    ctx.teacher = teacher
+    train(student, ctx, TrainParams(epochs=2, learning_rate=0.1, optimizer="sgd", unlabeled_loss=loss,
+                                    progress=False))
+    assert torch.allclose(student.proj.weight, start, atol=1e-5) is not moves
+
+
+class _FFNEncoder(torch.nn.Module):
+    """``TinyEncoder`` with an FFN whose hidden channels the pruning node can remove."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.up, self.down = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=self.down(torch.relu(self.up(self.emb(input_ids)))))
+
+
+def test_unlabeled_loss_is_an_option_of_a_setups_training_and_of_the_pruning_nodes_fine_tune(tmp_path, monkeypatch):
+    import fedcore_adapter.trainer as trainer
+
+    used = []
+    real = trainer.unlabeled_distillation
+    monkeypatch.setattr(trainer, "unlabeled_distillation",
+                        lambda *args: used.append(args[3:]) or real(*args))
+    setup = tiny_setup({"kind": "training", "epochs": 1, "unlabeled_loss": "cosine", "unlabeled_mse_weight": 0.1},
+                       {"kind": "pruning", "pruning_ratio": 0.25, "finetune_params": {
+                           "epochs": 1, "unlabeled_loss": "cosine"}})
+    result = run_setup(setup, _FFNEncoder(), TokenDataModule(), output_dir=tmp_path)
+    assert result.model.up.out_features == 24  # the node pruned, then fine-tuned
+    assert used == [("cosine", 0.1)] * 6 + [("cosine", 0.0)] * 6  # 6 batches in each of the two loops
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"unlabeled_loss": "kl"}, r"nodes\[0\] \(training\)\.unlabeled_loss.*'mse' or 'cosine'"),
+    ({"unlabeled_mse_weight": 0.5}, r"unlabeled_mse_weight adds the output mse to unlabeled_loss cosine; with "
+                                    r"unlabeled_loss mse leave it 0 \(got 0.5\)"),
+    ({"unlabeled_loss": "cosine", "unlabeled_mse_weight": -1}, r"unlabeled_mse_weight.*greater than or equal to 0"),
+])
+def test_a_wrong_unlabeled_loss_is_refused_in_one_line(tmp_path, option, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        run_setup(tiny_setup({"kind": "training", **option}), TinyEncoder(), TokenDataModule(), output_dir=tmp_path)
+    assert "\n" not in str(err.value)
+
+
 def test_distillation_node_moves_the_student_towards_the_teacher(tmp_path):
     dm = TinyDataModule()
     teacher = tiny_mlp(seed=0)
@@ -73,9 +149,10 @@ def test_distillation_node_moves_the_student_towards_the_teacher(tmp_path):
     assert gap_after < gap_before * 0.5
 
 
-@pytest.mark.parametrize("option", [{"distill": True}, {"distill_weight": 0.3}])
+@pytest.mark.parametrize("option", [{"distill": True}, {"distill_weight": 0.3}, {"unlabeled_loss": "cosine"},
+                                    {"unlabeled_loss": "cosine", "unlabeled_mse_weight": 1.0}])
 def test_fine_tune_distillation_options_on_the_distillation_node_are_refused_not_ignored(tmp_path, option):
-    with pytest.raises(ConfigError, match=r"nodes\[0\] \(distillation\).*options of recovery fine-tunes, not of "
+    with pytest.raises(ConfigError, match=r"nodes\[0\] \(distillation\).*options of training and fine-tunes, not of "
                                           r"the distillation node; set its loss with kl_weight") as err:
         run_setup(tiny_setup({"kind": "distillation", **option}), tiny_mlp(), TinyDataModule(), output_dir=tmp_path)
     assert "\n" not in str(err.value)

