@@ -96,8 +96,8 @@ def default_objective(teacher: nn.Module, task_loss: Callable, distill_from: Opt
 def module_objective(teacher: nn.Module, task_loss: Optional[Callable], distill_from: Optional[nn.Module] = None,
                      weight: float = 0.5, unlabeled: Comparison = distillation_mse) -> Objective:
     """The module's own step loss (``steps.step_loss``) on labeled batches; ``unlabeled`` (default: output MSE)
-    to ``teacher``'s step output on unlabeled ones. With ``distill_from``: ``(1 - weight) * own + weight * MSE`` of the step outputs
-    (a module's output may be an embedding, so no soft-label KL)."""
+    to ``teacher``'s step output on unlabeled ones. With ``distill_from``: ``(1 - weight) * own + weight * MSE``
+    of the step outputs (a module's output may be an embedding, so no soft-label KL)."""
     calls = [0]
 
     def objective(model: nn.Module, inputs, target: Optional[torch.Tensor]) -> torch.Tensor:
