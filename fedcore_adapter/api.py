@@ -232,7 +232,8 @@ def fedcore_fit(model: nn.Module, dm: Any, experiment_setup: Any, loss: Any = No
     ``calib_batch_limit``), ``distributed_compression`` (with ``cluster``, a cluster
     config mapping), ``need_evo_opt`` (the setup is the initial assumption of a search, ``search`` its
     ``search.*`` options: the result is the search's best trial under its constraint, see
-    :func:`fedcore_adapter.search.run_search`), ``need_fedot_pretrain`` (warned about and ignored), and the engine's ``overrides``, ``hooks``, ``executor``, ``resume``, ``config``.
+    :func:`fedcore_adapter.search.run_search`), ``need_fedot_pretrain`` (warned about and ignored), and
+    the engine's ``overrides``, ``hooks``, ``executor``, ``resume``, ``config``.
     Returns a :class:`FedcoreFitResult`; ``model`` itself is never modified. The metrics
     rows are measured on the validation split: the test split stays held out.
     """

@@ -78,7 +78,8 @@ def instantiate_target(section: str, spec: Any, **kwargs: Any) -> Any:
     from hydra.utils import instantiate
 
     if not isinstance(spec, Mapping) or not spec.get("_target_") or spec.get("_target_") == "???":
-        raise ConfigError(f"{section}._target_ is required (e.g. {section}=custom {section}._target_=my_pkg.build_{section})")
+        raise ConfigError(f"{section}._target_ is required "
+                          f"(e.g. {section}=custom {section}._target_=my_pkg.build_{section})")
     importable_from_working_directory()
     try:
         return instantiate(dict(spec), **kwargs)
@@ -184,9 +185,9 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     What is not given comes from ``cfg`` (a composed config: ``model``, ``data``, ``loss``, ``pretrained``,
     ``output_dir``, ``model_name``, ``resume``, ``tracking``, ``cluster``): the model is built under
     ``common.seed`` and started from ``pretrained`` (a given ``model`` is used as it is); hooks are the
-    tracking hook and the progress bars; the executor is ``cluster``'s when ``common.distributed_compression`` is on. Results go to
-    ``{output_dir}/{SETUP}[_{model_name}]``, or exactly to ``output_folder``. The results' ``config.yaml``
-    is ``config`` (default ``cfg``) with ``setup_resolved``.
+    tracking hook and the progress bars; the executor is ``cluster``'s when ``common.distributed_compression``
+    is on. Results go to ``{output_dir}/{SETUP}[_{model_name}]``, or exactly to ``output_folder``. The
+    results' ``config.yaml`` is ``config`` (default ``cfg``) with ``setup_resolved``.
     """
     from .engine import run  # lazy: torch, as in load_state_file
 

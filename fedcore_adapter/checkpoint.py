@@ -113,7 +113,8 @@ def load_tensors(path: Path | str, map_location: str | torch.device = "cpu") -> 
             warnings.filterwarnings("ignore", message=r"(?s).*[Ss]parse")  # "sparse CSR support is in beta"
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|(invalid load key, [^.]*)", str(err))
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|(invalid load key, [^.]*)",
+                          str(err))
         what = f" (it needs {found.group(1)})" if found and found.group(1) else ""
         raise FedcoreError(f"{path} is not a safe checkpoint: it holds pickled Python objects{what}, which are never "
                            f"loaded; save tensors only, e.g. torch.save(model.state_dict(), path), or pass a "
@@ -139,7 +140,8 @@ def load_state(directory: Path | str, map_location: str | torch.device = "cpu") 
     return out
 
 
-def load_model(checkpoint_dir: Path | str, base_model: nn.Module, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_model(checkpoint_dir: Path | str, base_model: nn.Module,
+               map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a compressed model on a freshly built original ``base_model`` and load its weights.
 
     ``checkpoint_dir`` is a node folder (``nodes/<i>_<kind>``), a run's ``final``

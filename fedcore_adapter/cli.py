@@ -29,7 +29,8 @@ from .setups import named_setups
 from .signals import RESUME_COMMAND, exit_status, sigterm_interrupts
 
 log = logging.getLogger("fedcore_adapter")
-# Start-up time: this module serves ``--help`` and ``setups``, so pydantic and torch (building), dask (sweep) and Hydra's app machinery are imported inside the functions that run a job.
+# Start-up time: this module serves ``--help`` and ``setups``, so pydantic and torch (building), dask (sweep)
+# and Hydra's app machinery are imported inside the functions that run a job.
 
 
 def _task(cfg) -> Optional[float]:

@@ -70,7 +70,8 @@ def _check_datamodule(datamodule: Any) -> None:
     if not provides(datamodule, "train_dataloader"):
         raise DataError(f"data module {name} has no train_dataloader(); it must provide train_dataloader(), "
                         f"val_dataloader() and optionally test_dataloader()")
-    for step, call in (("prepare_data()", lambda: datamodule.prepare_data()), ("setup('fit')", lambda: datamodule.setup("fit"))):
+    for step, call in (("prepare_data()", lambda: datamodule.prepare_data()),
+                       ("setup('fit')", lambda: datamodule.setup("fit"))):
         if callable(getattr(datamodule, step.split("(")[0], None)):
             try:
                 call()
@@ -153,13 +154,16 @@ class _Run:
             train_loader=train, val_loader=val, test_loader=test,
             loss_fn=loss_fn, device=self.device, teacher=teacher, output_dir=self.current_work,
             common=self.common, node_index=index, node_label=label, executor=self.executor,
-            logger=lambda metrics, step=None: self.hooks.on_log(self.info, index, self.setup.nodes[index], metrics, step),
+            logger=lambda metrics, step=None: self.hooks.on_log(self.info, index, self.setup.nodes[index], metrics,
+                                                                step),
             structure_recorder=lambda name, data: pending.append(transform_record(name, data)),
             checkpointer=save_intermediate,
         )
 
     def where(self, index: Optional[int]) -> str:
-        return f"node {index}:{self.setup.nodes[index].label}" if index is not None else "node input (measuring the input model)"
+        if index is None:
+            return "node input (measuring the input model)"
+        return f"node {index}:{self.setup.nodes[index].label}"
 
     def resume_hint(self, index: Optional[int]) -> str:
         node = f"node {index} ({self.setup.nodes[index].kind})" if index is not None else "the input model"
@@ -195,7 +199,8 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
         if placed.completed is not None:
             log.info("%s already completed; nothing to resume", placed.completed)
             rows = read_json(placed.completed / "metrics.json", [])
-            return RunResult(load_model(placed.completed / "final", copy.deepcopy(model)), rows, placed.completed, setup)
+            return RunResult(load_model(placed.completed / "final", copy.deepcopy(model)), rows, placed.completed,
+                             setup)
         r.use_folder(placed.final, placed.partial)
         r.run_json = read_json(r.dir / "run.json", {})
         with Heartbeat(lambda: r.write_run_json()):
@@ -223,7 +228,8 @@ def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool) -> RunResult:
         r.hooks.before_run(r.info)
         if start_index == 0 and not r.rows:
             checkpoint = save_checkpoint(current, r.node_dir(0, "input"), r.transforms, {"node": "input"})
-            r.rows.append({"node_index": 0, "node": "input", "kind": "input", **r.measure_row(current, checkpoint, loss_fn)})
+            r.rows.append({"node_index": 0, "node": "input", "kind": "input",
+                           **r.measure_row(current, checkpoint, loss_fn)})
             write_metrics(r.dir, r.rows)
             r.hooks.after_measure_input(r.info, r.rows[0], checkpoint)
         for index in range(start_index, len(setup.nodes)):
@@ -249,8 +255,9 @@ _ADVICE = [
                                                    "for every split the run uses"),
     (r"batch_size should be a positive integer", "batch_size must be 1 or more"),
     (r"(size|shape|dimension)s? .*(match|must|mismatch|expected)|mat1 and mat2|Expected input batch_size|"
-     r"target .*(expected|out of bounds|size)|multi-target|out of bounds", "the model's outputs and the targets do not fit the loss: check the "
-                                               "model's output size, the targets' shape and dtype, and loss._target_"),
+     r"target .*(expected|out of bounds|size)|multi-target|out of bounds",
+     "the model's outputs and the targets do not fit the loss: check the "
+     "model's output size, the targets' shape and dtype, and loss._target_"),
     (r"No space left|Read-only file system|Permission denied|Disk quota", "free space or choose a writable output_dir"),
 ]
 
@@ -271,7 +278,8 @@ def _failed(r: _Run, index: Optional[int], err: BaseException) -> BaseException:
         message = str(err.args[0] if err.args else err)
         out: BaseException = err
     elif isinstance(err, Exception):
-        message = f"{r.where(index)} failed: {error_line(err, typed=True)}; {_advice(err)} (debug=true shows the traceback)"
+        message = (f"{r.where(index)} failed: {error_line(err, typed=True)}; {_advice(err)} "
+                   f"(debug=true shows the traceback)")
         out = RunError(message, node=r.where(index))
         out.__cause__, out.__suppress_context__ = err, True
     else:  # SystemExit, GeneratorExit...: not ours to rephrase
@@ -296,7 +304,8 @@ def _interrupted(r: _Run, index: Optional[int], err: KeyboardInterrupt) -> BaseE
     """Clean up after Ctrl-C / SIGTERM: partial work removed, run.json ``interrupted``, hooks told; the one line."""
     signum = signal_of(err)
     node = r.setup.nodes[index] if index is not None else None
-    command = RESUME_COMMAND.get() or "rerun with resume=true (run_setup(..., resume=True) / fedcore_fit(..., resume=True))"
+    command = (RESUME_COMMAND.get()
+               or "rerun with resume=true (run_setup(..., resume=True) / fedcore_fit(..., resume=True))")
     message = (f"interrupted by {signal.Signals(signum).name} during {r.where(index)}; results so far in {r.dir}; "
                f"resume with: {command}")
     with signals_deferred():

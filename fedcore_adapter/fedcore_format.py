@@ -65,7 +65,8 @@ def from_fedcore(data: dict, name: str | None = None) -> dict[str, Any]:
         )
     task = data.get("compression_task", "composite_compression")
     if task != "composite_compression":
-        raise ConfigError(f"FedCore setup: compression_task={task!r} is not supported; allowed: 'composite_compression'")
+        raise ConfigError(f"FedCore setup: compression_task={task!r} is not supported; "
+                          f"allowed: 'composite_compression'")
     if "initial_assumption" not in data:
         raise ConfigError("FedCore setup: missing 'initial_assumption' (the ordered list of node names)")
     chain = data["initial_assumption"]
@@ -75,7 +76,8 @@ def from_fedcore(data: dict, name: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"FedCore setup: 'initial_assumption' must be a non-empty list of node names (got {chain!r})")
     params = data.get("model_params") or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"FedCore setup: 'model_params' must be a mapping of node name -> parameters (got {params!r})")
+        raise ConfigError(f"FedCore setup: 'model_params' must be a mapping of node name -> parameters "
+                          f"(got {params!r})")
 
     nodes = []
     for i, node_name in enumerate(chain):
@@ -95,9 +97,11 @@ def from_fedcore(data: dict, name: str | None = None) -> dict[str, Any]:
         else:
             dropped.append(key)
     if dropped:
-        warnings.warn(f"FedCore setup: common option(s) {sorted(dropped)} have no meaning here and are ignored", stacklevel=2)
+        warnings.warn(f"FedCore setup: common option(s) {sorted(dropped)} have no meaning here and are ignored",
+                      stacklevel=2)
     if data.get("need_pretrain"):
-        warnings.warn("FedCore setup: need_pretrain=True is ignored; put a 'training_model' first in the chain", stacklevel=2)
+        warnings.warn("FedCore setup: need_pretrain=True is ignored; put a 'training_model' first in the chain",
+                      stacklevel=2)
     out: dict[str, Any] = {"common": common, "nodes": nodes}
     if name or data.get("name"):
         out["name"] = name or data["name"]

@@ -195,7 +195,8 @@ def latency_ms(model: nn.Module, inputs: Any, device: torch.device, *, warmup: i
 
 
 def _accuracy_hits(logits: torch.Tensor, target: torch.Tensor) -> Optional[int]:
-    if logits.dim() == 2 and target.dim() == 1 and logits.shape[0] == target.shape[0] and not target.is_floating_point():
+    if (logits.dim() == 2 and target.dim() == 1 and logits.shape[0] == target.shape[0]
+            and not target.is_floating_point()):
         return int((logits.argmax(dim=1) == target).sum())
     return None
 

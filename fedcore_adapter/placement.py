@@ -163,7 +163,8 @@ def place(root: Path | str, base: str, *, resume: bool, setup_hash: str) -> Plac
             mine = [n for n, rj in stale.items() if rj.get("token") == attempt["token"] and rj.get("setup_hash")]
             if mine:
                 n = max(mine)
-                log.warning("%s: this run's previous attempt was lost with its worker; resuming it", found[n]["partial"])
+                log.warning("%s: this run's previous attempt was lost with its worker; resuming it",
+                            found[n]["partial"])
                 return _take_over(root, base, n, found[n]["partial"], runs[n])
             if attempt.get("attempt", 1) > 1:
                 log.warning("%s: this run's previous attempt was lost with its worker and its results folder is not "
@@ -215,7 +216,8 @@ def _attempt_fields(attempt: Optional[dict]) -> dict:
 def _take_over(root: Path, base: str, n: int, partial: Path, run_json: dict) -> Placement:
     """Make this process the owner of the stale unfinished run in ``partial``."""
     attempt = RUN_ATTEMPT.get()
-    write_json(partial / "run.json", {**run_json, "status": "running", "previous_status": run_json.get("status"), **owner_fields(), **_attempt_fields(attempt)})
+    write_json(partial / "run.json", {**run_json, "status": "running", "previous_status": run_json.get("status"),
+                                      **owner_fields(), **_attempt_fields(attempt)})
     return Placement(root / numbered(base, n), partial, resume=True)
 
 

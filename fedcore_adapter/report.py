@@ -24,8 +24,8 @@ from .plots import RAW_SETUP, plot_comparison
 from .results import DIFFERENCE_COLUMNS, PARTIAL_SUFFIX, markdown_table, write_text
 
 CSV_COLUMNS = ["run", "setup", "status", "baseline", "chain", "runtime", "threads", "batch_shape", "params", "macs",
-               "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss", "params_ratio", "size_mb_ratio", "speedup",
-               "accuracy_delta_pt", "loss_delta", "source"]
+               "size_mb", "latency_ms", "throughput_sps", "accuracy", "loss", "params_ratio", "size_mb_ratio",
+               "speedup", "accuracy_delta_pt", "loss_delta", "source"]
 MD_COLUMNS = ["run", "setup", "baseline", "chain", "runtime", "params", "size_mb", "latency_ms", "accuracy",
               "size_mb_ratio", "speedup", "accuracy_delta_pt"]
 
@@ -153,7 +153,8 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, metric: str = "accur
 def main(argv: Optional[list[str]] = None) -> int:
     """``fedcore-adapter compare``: the comparison report from results folders or a tracking store."""
     parser = argparse.ArgumentParser(prog="fedcore-adapter compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="*", help="results folders, or folders holding them (e.g. composition_results)")
+    parser.add_argument("folders", nargs="*",
+                        help="results folders, or folders holding them (e.g. composition_results)")
     parser.add_argument("--tracking-uri", help="read the runs from this MLflow store (default with --experiment: "
                                                "sqlite:///mlflow.db in the working directory)")
     parser.add_argument("--experiment", help="MLflow experiment to read (default: every experiment of the store)")
@@ -168,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.tracking_uri or args.experiment:
         from .tracking import fetch_runs  # lazy: pydantic (and mlflow when called), only to read from a server
 
-        runs += [r for r in fetch_runs(args.tracking_uri, args.experiment) if args.include_partial or r["status"] == "completed"]
+        runs += [r for r in fetch_runs(args.tracking_uri, args.experiment)
+                 if args.include_partial or r["status"] == "completed"]
     paths = write_report(runs, args.out, args.metric)
     print(paths["markdown"].read_text(), end="")
     print("written: " + ", ".join(str(p) for p in paths.values()))

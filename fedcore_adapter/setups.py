@@ -83,7 +83,8 @@ def apply_overrides(data: dict, overrides: Optional[Mapping[str, Any]]) -> dict:
             matched = [n for n in nodes if n.get("kind") == target]
             if not matched:
                 kinds = sorted({n.get("kind") for n in nodes})
-                raise ConfigError(f"override nodes.{target}: no node of that kind in the setup; its kinds: {', '.join(kinds)}")
+                raise ConfigError(f"override nodes.{target}: no node of that kind in the setup; "
+                                  f"its kinds: {', '.join(kinds)}")
             for n in matched:
                 _deep_update(n, fields)
     return data

@@ -55,7 +55,8 @@ def join_batch(inputs: Any, target: Any) -> Any:
 
 
 def step_output(model: nn.Module, inputs: Any, target: Any) -> tuple[torch.Tensor, Any]:
-    """``(output, target)`` as the module's objective sees them: ``shared_step`` (head included), else ``model(inputs)``."""
+    """``(output, target)`` as the module's objective sees them: ``shared_step`` (head included), else
+    ``model(inputs)``."""
     if _defined(model, "shared_step"):
         args = (*inputs, target) if isinstance(inputs, tuple) else (inputs, target)
         out, target = model.shared_step(*args)

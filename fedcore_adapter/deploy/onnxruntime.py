@@ -14,7 +14,8 @@ from .signature import Positional, Signature
 ARTIFACT = "model.onnx"
 
 
-def export_onnx(model: nn.Module, signature: Signature, tensors: Sequence[torch.Tensor], path: Path, opset: int) -> None:
+def export_onnx(model: nn.Module, signature: Signature, tensors: Sequence[torch.Tensor], path: Path,
+                opset: int) -> None:
     """Export ``model`` (called as its signature says) to ONNX with dynamic batch (and sequence) dims."""
     dims = signature.dynamic_dims(tensors)
     with warnings.catch_warnings(), torch.no_grad():

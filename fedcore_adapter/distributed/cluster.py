@@ -53,7 +53,8 @@ def _security(cfg: ClusterConfig) -> Optional[Security]:
     if cfg.security is True:
         if cfg.mode == "address":
             raise ConfigError("cluster.security = True: temporary credentials only work for a cluster started here; "
-                              "for cluster.address give the scheduler's TLS files, e.g. cluster.security.tls_ca_file=...")
+                              "for cluster.address give the scheduler's TLS files, "
+                              "e.g. cluster.security.tls_ca_file=...")
         return Security.temporary()
     try:
         return Security(**cfg.security)

@@ -31,19 +31,23 @@ class ClusterConfig(BaseModel):
 
     name: str = "none"
     address: Optional[str] = Field(None, description="scheduler address, e.g. tcp://10.0.0.5:8786")
-    target: Optional[str] = Field(None, alias="_target_", description="cluster manager class, e.g. dask_jobqueue.SLURMCluster")
-    n_workers: Optional[int] = Field(None, ge=1, description="local: worker processes (default: cores / threads_per_worker)")
+    target: Optional[str] = Field(None, alias="_target_",
+                                  description="cluster manager class, e.g. dask_jobqueue.SLURMCluster")
+    n_workers: Optional[int] = Field(None, ge=1,
+                                     description="local: worker processes (default: cores / threads_per_worker)")
     threads_per_worker: int = Field(1, ge=1, description="local: Dask threads per worker process")
     memory_limit: Union[str, float, int, None] = Field("auto", description="local: memory limit per worker")
     dashboard_address: Optional[str] = Field(None, description="local: e.g. ':8787' (served on 127.0.0.1); null: off")
     security: Union[bool, dict, None] = Field(None, description="local: temporary TLS unless false (null: the "
-                                                                 "default, TLS); a mapping: distributed.Security(**mapping)")
+                                                                 "default, TLS); a mapping: "
+                                                                 "distributed.Security(**mapping)")
     timeout: float = Field(10.0, gt=0, description="seconds to reach the scheduler and see a worker")
     wait_for_workers: int = Field(1, ge=0, description="workers to wait for before submitting")
     no_worker_timeout: float = Field(120.0, gt=0, description="seconds runs wait with no live worker before they "
                                                                 "fail (the cluster lost its workers)")
     allowed_failures: int = Field(3, ge=0, description="local scheduler: worker deaths a task survives (retries)")
-    torch_threads: Optional[int] = Field(None, ge=1, description="torch threads in each worker (default: its Dask threads)")
+    torch_threads: Optional[int] = Field(None, ge=1,
+                                         description="torch threads in each worker (default: its Dask threads)")
 
     @property
     def mode(self) -> Mode:
@@ -68,7 +72,8 @@ class ClusterConfig(BaseModel):
         """The dashboard address, bound to 127.0.0.1 when only a port is given."""
         if self.dashboard_address is None:
             return None
-        return f"127.0.0.1{self.dashboard_address}" if self.dashboard_address.startswith(":") else self.dashboard_address
+        address = self.dashboard_address
+        return f"127.0.0.1{address}" if address.startswith(":") else address
 
     def describe(self) -> str:
         if self.mode == "address":

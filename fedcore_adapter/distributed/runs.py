@@ -155,7 +155,8 @@ def run_many(configs: Sequence[Mapping[str, Any]], cluster: Any = None, *, label
     out = Path(sweep_dir) if sweep_dir else default_sweep_dir(cfgs)
     separate_folders(cfgs, [out / str(i) for i in indices])
 
-    parents = open_parents(cfgs, name=f"sweep {out.name}", model_labels=model_labels, tags={"fedcore.sweep_dir": str(out)})
+    parents = open_parents(cfgs, name=f"sweep {out.name}", model_labels=model_labels,
+                           tags={"fedcore.sweep_dir": str(out)})
     payloads = [{"cfg": c, "model_label": m} for c, m in zip(cfgs, model_labels)]
     results: list[TaskResult] = []
     if cfgs:

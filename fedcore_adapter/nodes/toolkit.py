@@ -102,7 +102,8 @@ def per_layer(executor: Any, measure: Callable[[J], R], jobs: Iterable[J],
 
 
 def write_report(ctx: Any, name: str, data: Any) -> None:
-    """``data`` as JSON (written atomically) in the node's output folder (``sensitivity.json``, ``pruning_report.json``...)."""
+    """``data`` as JSON (written atomically) in the node's output folder (``sensitivity.json``,
+    ``pruning_report.json``...)."""
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.output_dir / name, data)
 

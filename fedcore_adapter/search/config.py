@@ -18,8 +18,8 @@ class Moves(StrictModel):
     """Chain moves from the initial assumption (each candidate chain is at most ``depth`` moves away)."""
 
     drop: bool = Field(True, description="drop one compression node")
-    insert: list[str] = Field(default_factory=lambda: ["ptq_static", "distillation"], description="node kinds that may be inserted (one of each, "
-                                                                "where the chain rules allow)")
+    insert: list[str] = Field(default_factory=lambda: ["ptq_static", "distillation"],
+                              description="node kinds that may be inserted (one of each, where the chain rules allow)")
     reorder: bool = Field(True, description="swap two neighbouring compression nodes where the chain rules allow")
     depth: int = Field(1, ge=0, le=3, description="moves combined per candidate chain")
 

@@ -1,5 +1,6 @@
 """What a search leaves behind: ``trials.csv``, ``pareto.csv``, ``pareto.png`` (its reference points in
-``reference_points.csv``) and each Pareto trial's setup as a YAML file that ``setup=<file>`` runs again (with the search's ``pretrained=``)."""
+``reference_points.csv``) and each Pareto trial's setup as a YAML file that ``setup=<file>`` runs again (with
+the search's ``pretrained=``)."""
 from __future__ import annotations
 
 import csv

@@ -132,8 +132,9 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     pruned), the metrics rows (measured on the test split), the results folder, and the final model's
     validation accuracy and loss (``val_accuracy``, ``val_loss``: what the search selects on; ``val_split``
     false when the data module has no validation loader). ``input_val``: also the input model's validation
-    accuracy and loss (``input_val_accuracy``, ``input_val_loss``: the reference when no shared prefix was run). ``references``: results
-    folders whose final models are evaluated there too (``references``: :func:`_references`)."""
+    accuracy and loss (``input_val_accuracy``, ``input_val_loss``: the reference when no shared prefix was run).
+    ``references``: results folders whose final models are evaluated there too (``references``:
+    :func:`_references`)."""
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
     if payload.get("start"):

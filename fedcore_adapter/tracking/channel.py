@@ -145,7 +145,8 @@ class LoggerSession:
             reason = TimeoutError(f"logging did not finish within {timeout_s:g} s") if not finished \
                 else ConnectionError("the logger process stopped")
             self._warn_once(offline_message(self.target["uri"], reason, self.pending_path))
-            append_pending_live(self.folder, left if self.pending_path.exists() else with_head(self.target, self.ids, left))
+            append_pending_live(self.folder,
+                                left if self.pending_path.exists() else with_head(self.target, self.ids, left))
         return not self.pending_path.exists()
 
     def on_message(self, message: dict) -> None:

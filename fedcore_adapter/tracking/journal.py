@@ -38,7 +38,8 @@ def read_pending(path: Path) -> list[dict]:
 
 def append_pending(path: Path, records: list[dict], mode: str = "a") -> None:
     with open(path, mode) as handle:
-        handle.writelines(json.dumps({k: v for k, v in r.items() if k not in ("seq", "sid")}, default=str) + "\n" for r in records)
+        handle.writelines(json.dumps({k: v for k, v in r.items() if k not in ("seq", "sid")}, default=str) + "\n"
+                          for r in records)
 
 
 def append_pending_live(folder: Path, records: list[dict]) -> None:

@@ -106,8 +106,8 @@ def reopen_parent(cfg: Mapping[str, Any], run_id: str, model_label: Optional[str
     return ParentRun(uri, experiment, run_id, http)
 
 
-def close_parents(parents: Iterable[ParentRun], status: str = "completed", metrics: Optional[Mapping[str, float]] = None,
-                  files: Iterable[str | Path] = ()) -> None:
+def close_parents(parents: Iterable[ParentRun], status: str = "completed",
+                  metrics: Optional[Mapping[str, float]] = None, files: Iterable[str | Path] = ()) -> None:
     """End the parent runs (``completed`` / ``failed`` / ``killed``) with their summary metrics and files (a folder
     is logged as the artifact folder of its name)."""
     files = [Path(f) for f in files if Path(f).is_file() or Path(f).is_dir()]

@@ -103,7 +103,8 @@ def connect(uri: Optional[str], experiment: Optional[str] = None, *, http_timeou
             _mark_training_experiment(client, found)
             return client, found.experiment_id
         try:
-            return client, client.create_experiment(experiment, artifact_location=local_artifact_location(uri, experiment),
+            return client, client.create_experiment(experiment,
+                                                    artifact_location=local_artifact_location(uri, experiment),
                                                     tags=experiment_tags())
         except MlflowException as err:  # another process created it first
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -289,7 +290,8 @@ class Replayer:
         if not src.exists():
             raise SkipRecord(f"{src} is gone")
         files = [src] if src.is_file() else sorted(
-            p for p in src.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in record.get("exclude", ()))
+            p for p in src.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name not in record.get("exclude", ()))
         for path in files:
             self.client.log_artifact(run_id, str(path), record.get("dest"))
 
@@ -377,8 +379,9 @@ def fetch_runs(tracking_uri: Optional[str] = None, experiment: Optional[str] = N
             if child.info.status == "FINISHED" or index not in nodes:
                 nodes[index] = child
         rows = [_counts_as_int(r) for r in [input_row] + [
-            {"node_index": i + 1, "node": c.data.tags.get("fedcore.node", ""), "kind": c.data.tags.get("fedcore.node_kind", ""),
-             **c.data.metrics, **{k: c.data.tags[f"fedcore.{k}"] for k in TEXT_COLUMNS if f"fedcore.{k}" in c.data.tags}}
+            {"node_index": i + 1, "node": c.data.tags.get("fedcore.node", ""),
+             "kind": c.data.tags.get("fedcore.node_kind", ""), **c.data.metrics,
+             **{k: c.data.tags[f"fedcore.{k}"] for k in TEXT_COLUMNS if f"fedcore.{k}" in c.data.tags}}
             for i, c in sorted(nodes.items())]]
         summaries.append({"source": f"{client.tracking_uri}#{parent.info.run_id}", "run_id": parent.info.run_id,
                           "run_name": parent.info.run_name, "setup": tags.get("fedcore.setup", ""),

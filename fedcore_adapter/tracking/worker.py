@@ -47,7 +47,8 @@ class _Session:
         self.folder = Path(init["folder"])
         self.replayer = Replayer(lambda: live_folder(self.folder), http_timeout_s=init["http_timeout_s"],
                                  http_retries=init["http_retries"])
-        self.applier = Applier(self.replayer, self.folder, init["target"], lambda text: emit({"sid": sid, "warn": text}))
+        self.applier = Applier(self.replayer, self.folder, init["target"],
+                               lambda text: emit({"sid": sid, "warn": text}))
         self.known: dict[str, str] = {}
         self.applier.resend()
         self.report_binds()

@@ -32,7 +32,8 @@ FIELDS = {"mcc": 100, "tr_type": 6}  # categorical field -> number of values (in
 def generate_transactions(num_clients: int = 2000, num_classes: int = 4, n_mcc: int = FIELDS["mcc"],
                           min_len: int = 50, max_len: int = 300, class_strength: float = 0.3,
                           seed: int = 0) -> list[dict]:
-    """``num_clients`` ptls feature dicts (``client_id``, ``target``, ``event_time``, ``mcc``, ``tr_type``, ``amount``)."""
+    """``num_clients`` ptls feature dicts (``client_id``, ``target``, ``event_time``, ``mcc``, ``tr_type``,
+    ``amount``)."""
     arrays = generate_event_sequences(num_clients, num_classes, {"event_type": n_mcc, "tr_type": FIELDS["tr_type"]},
                                       min_len=min_len, max_len=max_len, class_strength=class_strength, seed=seed)
     records = []

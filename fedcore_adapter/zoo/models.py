@@ -5,7 +5,8 @@ from torch import nn
 
 
 def _conv1d_block(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv1d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm1d(cout), nn.ReLU()]
+    return [nn.Conv1d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm1d(cout),
+            nn.ReLU()]
 
 
 class MNIST1DCNN(nn.Module):

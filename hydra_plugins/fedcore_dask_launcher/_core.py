@@ -80,7 +80,8 @@ def _compose(launcher: Any, overrides: Sequence[str], idx: int, sweep_dir: Path)
 
 
 def _plain(config: DictConfig) -> Optional[dict]:
-    """The job's config as ``fedcore_adapter.building.run_from_config`` sees it, for fedcore_adapter apps (None otherwise)."""
+    """The job's config as ``fedcore_adapter.building.run_from_config`` sees it, for fedcore_adapter apps (None
+    otherwise)."""
     if "setup" not in config or "output_dir" not in config:
         return None
     try:
@@ -160,7 +161,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         payloads = [(configs[i], launcher.hydra_context, launcher.task_function, state) for i in positions]
         with open_client(_cluster_spec(launcher)) as client:
             ran = run_tasks(client, execute_job, payloads, [labels[i] for i in positions],
-                            indices=[initial_job_idx + i for i in positions], cwd=str(configs[positions[0]].hydra.runtime.cwd),
+                            indices=[initial_job_idx + i for i in positions],
+                            cwd=str(configs[positions[0]].hydra.runtime.cwd),
                             heartbeat_s=launcher.heartbeat_s, error_of=_job_error,
                             order=longest_first([estimated_work(_plain(configs[i]) or {}) for i in positions]))
         for i, result in zip(positions, ran):

@@ -65,7 +65,8 @@ def minimum_total(targets: list[Target], model_total: int, metric: str) -> int:
     return total
 
 
-def allocate(layers: list[LayerSpectrum], model_total: int, target_total: float, metric: str) -> dict[str, Optional[int]]:
+def allocate(layers: list[LayerSpectrum], model_total: int, target_total: float,
+             metric: str) -> dict[str, Optional[int]]:
     """``name -> rank`` (or ``None``: keep as is) meeting ``target_total``; :class:`BudgetError` if impossible."""
     floor = minimum_total([layer.target for layer in layers], model_total, metric)
     if floor > target_total:

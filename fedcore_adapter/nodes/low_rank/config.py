@@ -39,7 +39,8 @@ _FLAT_FALOR = {
     "cosine_loss_threshold": ("metric", "threshold"), "kl_threshold": ("metric", "kl_threshold"),
     "allocation": ("allocation",), "grid_points": ("grid_points",), "falor_statistic": ("statistic",),
     "metric_batches": ("metric_batches",), "falor_fit": ("fit", "name"), "falor_damping": ("fit", "damping"),
-    "falor_weighting": ("fit", "weighting"), "falor_probes": ("fit", "probes"), "falor_refit_kept": ("fit", "refit_kept"),
+    "falor_weighting": ("fit", "weighting"), "falor_probes": ("fit", "probes"),
+    "falor_refit_kept": ("fit", "refit_kept"),
 }
 _FLAT_BOTH = {"budget": ("budget",)}
 _FEDCORE_THRESHOLDS = ("energy_thresholds", "threshold")  # FedCore's names of ``thresholds``

@@ -112,7 +112,8 @@ def run(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets: dict
     else:
         ranks = {n: r.rank for n, r in results.items()}
     ranks = {n: r for n, r in ranks.items() if r is not None}
-    kept = sorted(n for n in results if n not in ranks) if sequential and fit.refit_kept else []  # refitted at full rank
+    # refitted at full rank
+    kept = sorted(n for n in results if n not in ranks) if sequential and fit.refit_kept else []
     record = _record(method, inputs, metric_inputs, kept)
     modules = dict(model.named_modules())
 

@@ -158,7 +158,8 @@ def load_factors(layer: FactorizedLayer, a: Tensor, b: Tensor, bias) -> Factoriz
     return layer
 
 
-def factorize(module: nn.Module, mode: str, a: Tensor, b: Tensor, bias: Tensor | None | str = "keep") -> FactorizedLayer:
+def factorize(module: nn.Module, mode: str, a: Tensor, b: Tensor,
+              bias: Tensor | None | str = "keep") -> FactorizedLayer:
     """The :class:`FactorizedLayer` computing ``A @ B`` in place of ``module`` (its bias, or ``bias``)."""
     layer = build_factorized(module, mode, a.shape[1])
     return load_factors(layer, a, b, _bias(module) if isinstance(bias, str) else bias)

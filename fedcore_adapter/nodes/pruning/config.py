@@ -110,9 +110,10 @@ class PruningConfig(_FinetuneFields):
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
     bn_sparsity: float = Field(0.0, ge=0, description="L1 penalty on BatchNorm scales during fine-tunes")
     schedule: Literal["linear", "geometric"] = Field(
-        "linear", json_schema_extra=searchable(default=False), description="ratio after each of pruning_iterations: linear (torch-pruning's equal shares of the "
-                              "original channels) or geometric (the same fraction of the remaining channels each "
-                              "step, so the last step cuts least)")
+        "linear", json_schema_extra=searchable(default=False),
+        description="ratio after each of pruning_iterations: linear (torch-pruning's equal shares of the "
+                    "original channels) or geometric (the same fraction of the remaining channels each "
+                    "step, so the last step cuts least)")
     sensitivity_ratios: Optional[list[float]] = Field(
         None, description="measure each layer group's sensitivity at these ratios first (sensitivity.json)")
 

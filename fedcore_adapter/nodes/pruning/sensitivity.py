@@ -105,7 +105,8 @@ def pruning_sensitivity(model: nn.Module, loader: Any, ratios: Iterable[float], 
     baseline = 0.0 if metric == "output_mse" else _score(metric, reference, reference, batches, loss_fn)
     options = dict(importance=importance, importance_norm=importance_norm, round_to=round_to,
                    ignored_layers=tuple(ignored_layers))
-    example = slice_inputs(split_batch(to_device(batches[0], device))[0], min(2, batch_size(split_batch(batches[0])[0])))
+    example = slice_inputs(split_batch(to_device(batches[0], device))[0],
+                           min(2, batch_size(split_batch(batches[0])[0])))
     groups = make_pruner(copy.deepcopy(model), example, label="sensitivity", ratio=0.0, **options).group_names()
     if layers is not None:
         wanted = list(layers)

@@ -26,7 +26,8 @@ from .history import History, apply_op
 from .identity import identity_equality, plain_modules
 from .layer_pruners import FrozenPruner, has_pruner
 from .padded import floating_tensors, is_padded, traceable, traced_output, with_tensors
-from .recurrent import RECURRENT_PRUNER, RecurrentMagnitude, initial_state_parameters, is_recurrent, owner_sizes, units_of
+from .recurrent import (RECURRENT_PRUNER, RecurrentMagnitude, initial_state_parameters, is_recurrent, owner_sizes,
+                        units_of)
 
 Ratio = Union[float, dict[str, float]]
 
@@ -201,7 +202,8 @@ class GraphPruner:
         if isinstance(ratio, dict):
             ratio_dict = {self._module(key, "pruning_ratio"): r for key, r in ratio.items()}
         ignored = plain_modules(self._module(name, "ignored_layers") for name in ignored_layers)
-        if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                for m in model.modules()):
             raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but the model has no "
                                    "BatchNorm layer; use magnitude, taylor, lamp or random")
         was_training = model.training
@@ -213,7 +215,8 @@ class GraphPruner:
                 model, example_inputs, importance=build_importance(importance, importance_norm),
                 global_pruning=global_pruning, pruning_ratio=0.0 if ratio_dict else float(ratio),
                 pruning_ratio_dict=ratio_dict or None, iterative_steps=steps, ignored_layers=ignored,
-                iterative_pruning_ratio_scheduler=lambda r, n: [scheduled_ratio(schedule, r, i, n) for i in range(n + 1)],
+                iterative_pruning_ratio_scheduler=lambda r, n: [scheduled_ratio(schedule, r, i, n)
+                                                                for i in range(n + 1)],
                 round_to=round_to, customized_pruners=customized,
                 root_module_types=[nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase],
                 out_channel_groups={m: 2 for m in recurrent.values() if m.bidirectional},
@@ -236,7 +239,8 @@ class GraphPruner:
         try:
             return self.model.get_submodule(name)
         except AttributeError:
-            layers = [n for n, m in self.model.named_modules() if n and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+            layers = [n for n, m in self.model.named_modules()
+                      if n and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
             raise NodeError(self.label, f"{field} names layer {name!r}, which the model does not have; "
                                         f"its layers include: {', '.join(layers[:12])}") from None
 

@@ -120,7 +120,8 @@ class TransformerPruner:
             raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but this transformer has "
                                    "no BatchNorm layer; use magnitude, taylor, lamp or random")
         self.model, self.label, self.steps = model, label, steps
-        self.importance, self.norm, self.global_pruning, self.round_to = importance, importance_norm, global_pruning, round_to
+        self.importance, self.norm = importance, importance_norm
+        self.global_pruning, self.round_to = global_pruning, round_to
         if isinstance(ratio, dict):
             for key in ratio:
                 if not any(_matches(g.name, key) for g in groups):
@@ -142,8 +143,9 @@ class TransformerPruner:
         self.groups = [g for g in self.groups if g.name not in small]
         self.removed = {g.name: 0 for g in self.groups}
         if any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):
-            warnings.warn(f"node {label}: heads of nn.MultiheadAttention are kept (its query size must equal the hidden "
-                          f"size); only FFN channels of nn.TransformerEncoderLayer are pruned", PruningWarning, stacklevel=3)
+            warnings.warn(f"node {label}: heads of nn.MultiheadAttention are kept (its query size must equal the "
+                          f"hidden size); only FFN channels of nn.TransformerEncoderLayer are pruned", PruningWarning,
+                          stacklevel=3)
 
     def group_names(self) -> list[str]:
         return [g.name for g in self.groups]

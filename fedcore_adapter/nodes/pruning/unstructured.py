@@ -107,7 +107,8 @@ def apply_unstructured_pruning(model: nn.Module, config: UnstructuredPruningConf
     try:
         for step in range(1, config.pruning_iterations + 1):
             if config.importance == "taylor":
-                batches = limited(ctx.train_loader, calibration_limit(ctx, config.calibration_batches, DEFAULT_CALIBRATION_BATCHES))
+                batches = limited(ctx.train_loader,
+                                  calibration_limit(ctx, config.calibration_batches, DEFAULT_CALIBRATION_BATCHES))
                 accumulate_gradients(work, batches, ctx.loss_fn, ctx.device)
             target = scheduled_sparsity(config.schedule, config.sparsity, step, config.pruning_iterations)
             masks.update(compute_masks(weight_scores(weights, masks, config.importance), target, config.global_pruning))

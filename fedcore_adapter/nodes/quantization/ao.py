@@ -33,7 +33,9 @@ def _layer_qconfig(plan: dict, module: nn.Module):
 
 def _default_qconfig(plan: dict):
     if plan["method"] == "qat":
-        return lsq_qconfig(plan["engine"], None) if plan.get("learnable") else qat_qconfig(plan["engine"], plan["per_channel"])
+        if plan.get("learnable"):
+            return lsq_qconfig(plan["engine"], None)
+        return qat_qconfig(plan["engine"], plan["per_channel"])
     return static_qconfig(plan["engine"], plan["per_channel"], plan["observer"], plan.get("percentile", 99.99))
 
 

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
+from torch.ao.quantization import (default_dynamic_qconfig, float_qparams_weight_only_qconfig,
+                                   per_channel_dynamic_qconfig)
 
 from ...context import NodeContext
 from ...data import call_model

@@ -82,7 +82,8 @@ def _lookup_mismatch(module: nn.Module, base: type) -> Optional[str]:
 
 
 def float_reason(module: nn.Module) -> Optional[str]:
-    """Why ``module`` (an ``nn.Embedding``/``nn.EmbeddingBag`` or a subclass) must stay float; None if it can be int8."""
+    """Why ``module`` (an ``nn.Embedding``/``nn.EmbeddingBag`` or a subclass) must stay float; None if it can be
+    int8."""
     base = _base(module)
     if base is nn.EmbeddingBag and (module.mode != "sum" or module.padding_idx is not None):
         return (f"EmbeddingBag mode={module.mode!r}, padding_idx={module.padding_idx}: torch's int8 bag kernel "

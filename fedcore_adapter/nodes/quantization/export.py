@@ -147,7 +147,10 @@ def _example(batches: Optional[list[Any]], ctx: Any) -> Any:
 def export_program(quantized: nn.Module, batches: Optional[list[Any]], ctx: Any, label: str) -> None:
     """Write ``model.pt2`` (torch.export) of ``quantized`` into ``ctx.output_dir``."""
     inputs = _example(batches, ctx)
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs if isinstance(inputs, tuple) else (inputs,), {})
+    if isinstance(inputs, dict):
+        args, kwargs = (), inputs
+    else:
+        args, kwargs = (inputs if isinstance(inputs, tuple) else (inputs,)), {}
     try:
         ref = reference_model(quantized, inputs)
         with torch.inference_mode():

@@ -89,7 +89,8 @@ def _conv_ends_in_graph(model: nn.Module, convs: set[str], skip: set[str]) -> li
     return ends
 
 
-def _conv_successors_in_sequentials(model: nn.Module, convs: set[str], skip: set[str]) -> list[tuple[str, Optional[str]]]:
+def _conv_successors_in_sequentials(model: nn.Module, convs: set[str],
+                                    skip: set[str]) -> list[tuple[str, Optional[str]]]:
     """``(conv, next)`` for every conv in ``convs`` inside an ``nn.Sequential``: ``next`` is the first
     sibling after it that is not a ``skip`` module (None at the end of the Sequential)."""
     found = []

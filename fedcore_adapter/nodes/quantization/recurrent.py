@@ -100,8 +100,8 @@ class _PortableRecurrent:
             missing_keys.extend(missing)
             return
         self.version = local_metadata.get("version", self.version)
-        self.set_weight_bias({n: _quantized(state_dict, prefix + n) if n.startswith("weight") else state_dict[prefix + n]
-                              for n in names})
+        self.set_weight_bias({n: _quantized(state_dict, prefix + n) if n.startswith("weight")
+                              else state_dict[prefix + n] for n in names})
 
     @classmethod
     def from_float(cls, mod, use_precomputed_fake_quant=False):

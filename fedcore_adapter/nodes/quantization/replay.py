@@ -25,7 +25,10 @@ from .dynamic import swap_dynamic_
 @register_replay("quantize")
 def replay_quantize(model: nn.Module, plan: dict) -> nn.Module:
     model = model.cpu().eval()
-    model = swap_dynamic_(model, plan) if plan["method"] == "dynamic" else convert_model(prepare_model(model, plan), plan)
+    if plan["method"] == "dynamic":
+        model = swap_dynamic_(model, plan)
+    else:
+        model = convert_model(prepare_model(model, plan), plan)
     if plan["engine"] != torch.backends.quantized.engine:
         model.register_load_state_dict_post_hook(functools.partial(_repack_after_load, engine=plan["engine"]))
     return model
