@@ -3,7 +3,9 @@ runtime's own int8 applied by hand, our int8 through the ``deploy`` node on each
 (falor low-rank + the runtime's int8 through the ``deploy`` node) on each runtime.
 
     python -m benchmarks.deploy.minilm [--rounds 5] [--goals 0.15 0.25] [--falor-cache /tmp/falor_minilm]
-        [--ffn-ratios 0.1 0.2] [--prune-cache /tmp/ffn_minilm] [--quality-only]
+        [--ffn-ratios 0.1 0.2] [--head-ratio 0] [--importance taylor] [--distill-loss cosine]
+        [--distill-mse-weight 0] [--distill-sentences 3000] [--distill-epochs 3] [--lr 5e-5]
+        [--prune-cache /tmp/ffn_minilm] [--quality-only]
 
 Cells: 1 and 2 threads x batch 1 (one sentence, its own length), batch 32 padded to the longest, batch
 32 x 128 tokens. Every round times every cell and every variant back to back
@@ -22,10 +24,15 @@ runtime. Sizes: bytes of what each runtime loads (``state.pt`` for torch, ``mode
   training) then the ``deploy`` node (the composite target: faster than the runtime's own int8 at mean
   cosine >= 0.98).
 - ``ffn <r> + deploy <runtime>``: the ``pruning`` node removing the share r of every layer's FFN channels
-  (no heads: ``head_pruning_ratio 0``; ``--importance``, default Taylor; counts a multiple of 32), its final
-  fine-tune a distillation from the original's last hidden states on the non-test sentences, then the
-  ``deploy`` node. Small ratios only: 50 % of heads and FFN channels keep mean cosine 0.79 after distillation
-  (``pruning.minilm``), and even 5 % of the FFN channels stays under 0.98 (RESULTS, *Deployment runtimes*).
+  (heads: ``--head-ratio``, default 0; ``--importance``, default Taylor; counts a multiple of 32), its final
+  fine-tune a distillation from the original on unlabeled batches of 32 sentences (``--distill-loss``: ``mse``
+  of the last hidden states, or ``cosine`` of the mean-pooled sentence embeddings, the node's
+  ``unlabeled_loss``), then the ``deploy`` node. The distillation sentences: the non-test pydoc sentences
+  (337), then, with ``--distill-sentences N`` above that, standard-library docstring sentences
+  (``zoo.text.docstring_sentences``, never a test sentence) up to N in all. ``--distill-epochs 0``: the
+  pruned model without a fine-tune. Small ratios only: 50 % of heads and FFN channels keep mean cosine 0.79
+  after distillation (``pruning.minilm``), and even 5 % of the FFN channels stayed under 0.98 after 8 epochs
+  of MSE distillation on 337 sentences (RESULTS, *Deployment runtimes*).
 
 ``--quality-only``: build every variant and print its size and cosine, no timing (the probe that picks the
 ratios worth timing).
@@ -47,11 +54,13 @@ from fedcore_adapter import run_setup
 from fedcore_adapter.checkpoint import load_model
 from fedcore_adapter.deploy import load_artifact
 from fedcore_adapter.metrics import count_params
-from fedcore_adapter.zoo.text import TextDataModule, load_minilm, load_tokenizer, sentence_embeddings
+from fedcore_adapter.hooks import Hook
+from fedcore_adapter.zoo.text import (TextDataModule, docstring_sentences, load_minilm, load_tokenizer,
+                                      sentence_embeddings)
 
 from benchmarks.common import environment, markdown
 from benchmarks.deploy.common import RUNTIMES, against_own_int8, latency_rows, ov_by_hand, time_cells
-from benchmarks.low_rank.minilm import EXCLUDE, linear_params, wide_calibration
+from benchmarks.low_rank.minilm import EXCLUDE, linear_params, non_test_sentences, sentence_batches, wide_calibration
 from benchmarks.low_rank.minilm_node import Sentences
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -100,19 +109,53 @@ def falor_model(original: nn.Module, dm: TextDataModule, goal: float, cache: Pat
     return result.model, seconds
 
 
-def ffn_pruned_model(original: nn.Module, dm: TextDataModule, ratio: float, importance: str, epochs: int, lr: float,
+def distillation_sentences(dm: TextDataModule, total: int | None) -> list[str]:
+    """The non-test pydoc sentences, then docstring sentences (never a test sentence) up to ``total`` in all
+    (None: the pydoc ones alone; fewer than them: their first ``total``)."""
+    sentences = non_test_sentences(dm, len(dm.test))
+    if total is None:
+        return sentences
+    return (sentences + docstring_sentences(max(total - len(sentences), 0), dm.seed))[:total]
+
+
+class Curves(Hook):
+    """Prints the fine-tune's epochs as they end: its mean batch loss, seconds, and seconds per step."""
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps = steps_per_epoch
+
+    def on_log(self, run, index, node, metrics, step):
+        loss = next((v for k, v in metrics.items() if k.endswith("train_loss")), None)
+        seconds = next((v for k, v in metrics.items() if k.endswith("epoch_s")), None)
+        if loss is not None and seconds is not None:
+            print(f"  distillation epoch {step}: train_loss {loss:.5g}, {seconds:.0f} s, "
+                  f"{seconds / self.steps:.2f} s per step of 32 sentences", flush=True)
+
+
+def ffn_pruned_model(original: nn.Module, dm: TextDataModule, ratio: float, args: argparse.Namespace,
                      cache: Path | None) -> tuple[nn.Module, float]:
-    """The ``pruning`` node on MiniLM's FFN channels only, then distilled from the original on every non-test
-    sentence (the model and the node's seconds; 0 when read from ``cache``)."""
-    cache = cache / f"ffn_{ratio:g}_{importance}_e{epochs}_lr{lr:g}" if cache is not None else None
+    """The ``pruning`` node on MiniLM's FFN channels (and ``--head-ratio`` of the heads), then distilled from
+    the original (``--distill-*``) (the model and the node's seconds; 0 when read from ``cache``)."""
+    loss, weight, total = args.distill_loss, args.distill_mse_weight, args.distill_sentences
+    key = (f"ffn_{ratio:g}_{args.importance}_e{args.distill_epochs}_lr{args.lr:g}"  # the first runs' names kept
+           + (f"_heads{args.head_ratio:g}" if args.head_ratio else "")
+           + (f"_{loss}" + (f"_mse{weight:g}" if weight else "") if loss != "mse" else "")
+           + (f"_s{total}" if total is not None else ""))
+    cache = cache / key if cache is not None else None
     if cache is not None and (cache / "final").exists():
         return load_model(cache, load_minilm()), 0.0
-    node = {"kind": "pruning", "pruning_ratio": ratio, "head_pruning_ratio": 0.0, "importance": importance,
-            "round_to": 32, "finetune_params": {"epochs": epochs, "learning_rate": lr}}
+    finetune = {"epochs": args.distill_epochs, "learning_rate": args.lr}
+    if loss != "mse":
+        finetune.update(unlabeled_loss=loss, unlabeled_mse_weight=weight)
+    node = {"kind": "pruning", "pruning_ratio": ratio, "head_pruning_ratio": args.head_ratio,
+            "importance": args.importance, "round_to": 32, "finetune_params": finetune}
+    batches = sentence_batches(distillation_sentences(dm, total), 32)
+    print(f"ffn {ratio:g}: {sum(len(b['input_ids']) for b in batches)} distillation sentences, {len(batches)} "
+          f"steps per epoch, {loss} loss", flush=True)
     start = time.perf_counter()
     result = run_setup({"name": "ffn", "common": {"measure": False, "seed": 0}, "nodes": [node]},
-                       copy.deepcopy(original), Sentences(wide_calibration(dm, len(dm.test), 32), dm.test_dataloader()),
-                       output_dir=Path(tempfile.mkdtemp()))
+                       copy.deepcopy(original), Sentences(batches, dm.test_dataloader()),
+                       output_dir=Path(tempfile.mkdtemp()), hooks=[Curves(len(batches))])
     seconds = time.perf_counter() - start
     if cache is not None:
         shutil.copytree(result.output_dir, cache)
@@ -145,8 +188,19 @@ def main() -> None:
     parser.add_argument("--ffn-ratios", type=float, nargs="*", default=[],
                         help="FFN-pruning composites: fractions of each layer's FFN channels removed")
     parser.add_argument("--importance", default="taylor", help="the pruning node's channel ranking")
-    parser.add_argument("--distil-epochs", type=int, default=8, help="the pruning node's distillation epochs")
-    parser.add_argument("--distil-lr", type=float, default=1e-4)
+    parser.add_argument("--head-ratio", type=float, default=0.0, help="fraction of each layer's heads removed too")
+    parser.add_argument("--distill-epochs", "--distil-epochs", type=int, default=8,
+                        help="the pruning node's distillation epochs (0: no fine-tune)")
+    parser.add_argument("--lr", "--distill-lr", "--distil-lr", type=float, default=1e-4,
+                        help="the distillation's learning rate")
+    parser.add_argument("--distill-loss", choices=["mse", "cosine"], default="mse",
+                        help="the fine-tune's unlabeled_loss: mse of the last hidden states, or cosine of the "
+                             "mean-pooled sentence embeddings")
+    parser.add_argument("--distill-mse-weight", type=float, default=0.0,
+                        help="with --distill-loss cosine: plus this weight times the hidden-state mse")
+    parser.add_argument("--distill-sentences", type=int,
+                        help="distillation sentences in all: the 337 non-test pydoc ones, then standard-library "
+                             "docstring sentences (default: the pydoc ones alone)")
     parser.add_argument("--prune-cache", type=Path, help="folder keeping the FFN-pruned models between runs")
     parser.add_argument("--quality-only", action="store_true", help="sizes and cosines only, no timing")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
@@ -154,6 +208,10 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each timed variant")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.distill_mse_weight and args.distill_loss != "cosine":
+        parser.error("--distill-mse-weight adds the hidden-state mse to --distill-loss cosine")
+    if args.distill_sentences is not None and args.distill_sentences < 32:
+        parser.error(f"--distill-sentences must be at least 32, one batch (got {args.distill_sentences})")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = load_minilm()
@@ -195,10 +253,10 @@ def main() -> None:
         bases.append((f"falor {goal:g} + ", falor))
         built[f"falor {goal:g} torch fp32"] = (lambda t, m=falor: m, state_mb(falor))
     for ratio in args.ffn_ratios:
-        pruned, seconds[f"ffn {ratio:g} node"] = ffn_pruned_model(model, dm, ratio, args.importance,
-                                                                  args.distil_epochs, args.distil_lr, args.prune_cache)
-        bases.append((f"ffn {ratio:g} + ", pruned))
-        built[f"ffn {ratio:g} torch fp32"] = (lambda t, m=pruned: m, state_mb(pruned))
+        name = f"ffn {ratio:g}" + (f" heads {args.head_ratio:g}" if args.head_ratio else "")
+        pruned, seconds[f"{name} node"] = ffn_pruned_model(model, dm, ratio, args, args.prune_cache)
+        bases.append((f"{name} + ", pruned))
+        built[f"{name} torch fp32"] = (lambda t, m=pruned: m, state_mb(pruned))
     composites: dict[str, list[str]] = {}
     for label, base in bases:
         for runtime in RUNTIMES:
@@ -206,7 +264,8 @@ def main() -> None:
             name = f"{label}deploy {runtime}"
             folder = deploy(base, dm, runtime, tmp / name.replace(" ", "_").replace("+", ""))
             seconds[name] = time.perf_counter() - start
-            built[name] = (lambda t, f=folder: load_artifact(f, threads=t), load_artifact(folder).artifact_bytes() / 2**20)
+            built[name] = (lambda t, f=folder: load_artifact(f, threads=t),
+                           load_artifact(folder).artifact_bytes() / 2**20)
             if label:
                 composites.setdefault(runtime, []).append(name)
 

@@ -149,10 +149,19 @@ def grid_search(original, calib, metric, grid: int, cache: str | None, include=N
 def wide_calibration(dm: TextDataModule, n_test: int, batch: int) -> list[dict]:
     """Every available sentence that is not a test sentence (the slices before the test ones, and those
     after them), as dict batches like the data module's."""
+    return sentence_batches(non_test_sentences(dm, n_test), batch)
+
+
+def non_test_sentences(dm: TextDataModule, n_test: int) -> list[str]:
+    """Every sentence ``english_sentences`` can give that is not one of ``dm``'s last ``n_test`` (its test ones)."""
     n_before = len(dm.sentences) - n_test
     pool = _all_sentences(dm.seed)
     assert pool[:len(dm.sentences)] == dm.sentences  # same sampling prefix: the test slice is the same
-    sentences = dm.sentences[:n_before] + pool[len(dm.sentences):]
+    return dm.sentences[:n_before] + pool[len(dm.sentences):]
+
+
+def sentence_batches(sentences: list[str], batch: int) -> list[dict]:
+    """``sentences`` in order, as dict batches of ``batch`` padded to their longest (at most 128 tokens)."""
     tok = load_tokenizer()
     return [dict(tok(sentences[i:i + batch], padding="longest", truncation=True, max_length=128, return_tensors="pt"))
             for i in range(0, len(sentences), batch)]
