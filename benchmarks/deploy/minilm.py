@@ -83,8 +83,8 @@ def ort_by_hand(model: nn.Module, batch: dict, folder: Path) -> Path:
 
     fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
     axes = {k: {0: "batch", 1: "seq"} for k in NAMES}
-    torch.onnx.export(Encoder(model).eval(), tuple(batch[k] for k in NAMES), str(fp32), dynamo=False, input_names=list(NAMES),
-                      output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17)
+    torch.onnx.export(Encoder(model).eval(), tuple(batch[k] for k in NAMES), str(fp32), dynamo=False,
+                      input_names=list(NAMES), output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17)
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     return int8
 
