@@ -181,3 +181,23 @@ def test_the_distillation_nodes_mse_term_ignores_padded_token_positions_too():
     mask = torch.tensor([[1, 1, 0]])
     assert distillation_loss(student, teacher, None, config, None, mask) == 0
     assert distillation_loss(student, teacher, None, config, None) > 0
+
+
+class _ScalarEncoder(torch.nn.Module):
+    """One number per sentence: nothing for a cosine to compare."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.emb(input_ids).sum((1, 2))
+
+
+def test_a_cosine_on_outputs_without_a_vector_per_sample_fails_the_node_in_one_line(tmp_path):
+    from fedcore_adapter.errors import RunError
+
+    setup = tiny_setup({"kind": "training", "epochs": 1, "unlabeled_loss": "cosine", "progress": False})
+    with pytest.raises(RunError, match=r"a cosine needs a vector per sample; the output has shape \(8,\)") as err:
+        run_setup(setup, _ScalarEncoder(), TokenDataModule(), output_dir=tmp_path)
+    assert "\n" not in str(err.value)
