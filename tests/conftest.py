@@ -76,7 +76,8 @@ def tiny_setup(*nodes: dict, name: str = "T", **common) -> dict:
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    """A real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1: ``(address, start_worker, workers)``."""
+    """A real ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1: ``(address, start_worker,
+    workers)``."""
     from tests.servers import dask_scheduler
 
     yield from dask_scheduler(tmp_path_factory.mktemp("dask"))

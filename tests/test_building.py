@@ -8,7 +8,8 @@ from fedcore_adapter.zoo.sequences import SeqGRUClassifier
 from tests.conftest import tiny_mlp
 
 TINY = {"model": {"_target_": "tests.helpers.build_tiny_mlp"}, "data": {"_target_": "tests.helpers.build_tiny_data"},
-        "tracking": {"name": "none"}, "common": {"latency_repeats": 2}, "nodes": {"0": {"epochs": 2, "progress": False}}}
+        "tracking": {"name": "none"}, "common": {"latency_repeats": 2},
+        "nodes": {"0": {"epochs": 2, "progress": False}}}
 
 
 def test_a_job_starts_from_a_pretrained_results_folder(tmp_path):
@@ -32,7 +33,8 @@ def test_pretrained_path_without_a_checkpoint_is_one_clear_error(tmp_path):
 
 def prune_setup(folder, ratio: float) -> str:
     path = folder / f"prune_{ratio}.yaml"
-    path.write_text(f"name: PRUNE\nnodes:\n  - {{kind: pruning, pruning_ratio: {ratio}, finetune_params: {{epochs: 0}}}}\n")
+    path.write_text(f"name: PRUNE\nnodes:\n"
+                    f"  - {{kind: pruning, pruning_ratio: {ratio}, finetune_params: {{epochs: 0}}}}\n")
     return str(path)
 
 

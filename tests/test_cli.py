@@ -46,9 +46,11 @@ def test_runs_a_setup_on_a_custom_model_and_data_and_prints_the_summary(tmp_path
     ("nodes.0.learning_rate=abc", "error: nodes[0] (training).learning_rate = 'abc': Input should be a valid number"),
     ("model._target_=nowhere.build",
      "error: model._target_='nowhere.build' could not be built: no module 'nowhere' in the working directory"),
-    ("data._target_=tests.helpers.NoTrainLoaderDataModule", "error: data module NoTrainLoaderDataModule has no train_dataloader()"),
+    ("data._target_=tests.helpers.NoTrainLoaderDataModule",
+     "error: data module NoTrainLoaderDataModule has no train_dataloader()"),
     ("data._target_=tests.helpers.EmptyDataModule", "error: train_dataloader() yielded no batches"),
-    ("tracking=nope", "error: In 'config': Could not find 'tracking/nope' Available options in 'tracking': mlflow none"),
+    ("tracking=nope",
+     "error: In 'config': Could not find 'tracking/nope' Available options in 'tracking': mlflow none"),
     ("setpu=raw", "error: unknown key 'setpu' in 'setpu=raw' (did you mean setup?); the config's keys: cluster, "),
     ("+setpu=raw", "error: unknown key 'setpu' in '+setpu=raw' (did you mean setup?); the config's keys: cluster, "),
     ("tracking.urri=x", "error: unknown key 'tracking.urri'; keys of tracking: name"),
@@ -119,7 +121,8 @@ def test_a_quick_named_setup_runs_every_node_for_one_epoch_on_two_batches(tmp_pa
 
 
 def test_help_imports_neither_mlflow_nor_dask_nor_transformers(tmp_path):
-    code = ("import sys\nfrom fedcore_adapter.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom fedcore_adapter.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('mlflow', 'dask', 'distributed', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -103,7 +103,8 @@ def test_tls_settings_pass_through_to_the_remote_scheduler_connection():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ({"name": "local", "n_wrokers": 2}, "cluster.n_wrokers: unknown option for cluster 'local'; allowed: _target_, address, "),
+    ({"name": "local", "n_wrokers": 2},
+     "cluster.n_wrokers: unknown option for cluster 'local'; allowed: _target_, address, "),
     ({"name": "local", "n_workers": 0}, "cluster.n_workers = 0: Input should be greater than or equal to 1"),
     ({"address": "localhost:8786"}, "cluster.address = 'localhost:8786': expected a scheduler address like tcp://host:8786"),
     ({"name": "local", "timeout": -1}, "cluster.timeout = -1: Input should be greater than 0"),
@@ -117,8 +118,10 @@ def test_bad_cluster_options_are_one_line_errors_naming_field_and_value(spec, me
 
 def test_a_sweep_expands_into_every_combination_in_hydra_order():
     jobs = expand(["setup=raw,test", "model=mnist1d_cnn", "++common.seed=1,2"])
-    assert jobs == [["setup=raw", "model=mnist1d_cnn", "++common.seed=1"], ["setup=raw", "model=mnist1d_cnn", "++common.seed=2"],
-                    ["setup=test", "model=mnist1d_cnn", "++common.seed=1"], ["setup=test", "model=mnist1d_cnn", "++common.seed=2"]]
+    assert jobs == [["setup=raw", "model=mnist1d_cnn", "++common.seed=1"],
+                    ["setup=raw", "model=mnist1d_cnn", "++common.seed=2"],
+                    ["setup=test", "model=mnist1d_cnn", "++common.seed=1"],
+                    ["setup=test", "model=mnist1d_cnn", "++common.seed=2"]]
     assert varying(jobs)[1] == ["setup=raw", "++common.seed=2"]
 
 
@@ -143,7 +146,8 @@ def test_the_launching_process_plans_folders_without_importing_torch():
 
     code = ("import sys; from fedcore_adapter.distributed.runs import planned_folder; "
             "print(planned_folder({'setup': 'raw', 'output_dir': 'o', 'model_name': 'x'}), 'torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["o/RAW_x", "False"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out.split() == ["o/RAW_x", "False"]
 
 
 def test_runs_sharing_a_results_root_each_get_their_own_job_folder_and_a_root_of_its_own_is_kept(tmp_path):

@@ -57,8 +57,10 @@ def test_the_sweep_command_runs_every_combination_and_reports_bad_overrides_whil
     sweep = Path(proc.stdout.strip().splitlines()[-1].removeprefix("sweep: "))
     record = json.loads((tmp_path / sweep / "sweep.json").read_text())
     assert [r["status"] for r in record] == ["completed", "completed", "failed", "failed"]
-    assert [r["label"] for r in record] == ["++nodes.0.epochs=1 ++common.seed=1", "++nodes.0.epochs=1 ++common.seed=2",
-                                            "++nodes.0.epochs=-1 ++common.seed=1", "++nodes.0.epochs=-1 ++common.seed=2"]
+    assert [r["label"] for r in record] == ["++nodes.0.epochs=1 ++common.seed=1",
+                                            "++nodes.0.epochs=1 ++common.seed=2",
+                                            "++nodes.0.epochs=-1 ++common.seed=1",
+                                            "++nodes.0.epochs=-1 ++common.seed=2"]
     assert record[2]["error"] == "nodes[0] (training).epochs = -1: Input should be greater than or equal to 0"
     for r in record[:2]:  # every run in its own job folder
         assert Path(r["output_dir"]).parent.parent == tmp_path / sweep

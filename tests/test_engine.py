@@ -75,7 +75,8 @@ def test_results_folder_layout(tmp_path, model, dm):
     result = run_setup(tiny_setup(name="LAYOUT"), model, dm, output_dir=tmp_path, model_name="mlp")
     out = result.output_dir
     assert out == tmp_path / "LAYOUT_mlp"
-    assert {p.name for p in out.iterdir()} >= {"config.yaml", "run.json", "metrics.json", "metrics.csv", "nodes", "final"}
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "run.json", "metrics.json", "metrics.csv", "nodes",
+                                               "final"}
     assert sorted(p.name for p in (out / "nodes").iterdir()) == ["0_input", "1_training"]
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["completed_nodes"] == 1 and run["error"] is None
@@ -133,7 +134,8 @@ def test_resume_after_interruption_skips_finished_nodes_and_matches_an_uninterru
             raise KeyboardInterrupt
         return spec.apply(model, config, ctx)
 
-    monkeypatch.setitem(registry._REGISTRY, "training", registry.NodeSpec("training", spec.config_cls, interrupt_second_training))
+    monkeypatch.setitem(registry._REGISTRY, "training",
+                        registry.NodeSpec("training", spec.config_cls, interrupt_second_training))
     with pytest.raises(KeyboardInterrupt):
         run_setup(tiny_setup(*chain, name="FULL2"), tiny_mlp(), dm, output_dir=tmp_path)
     assert json.loads((tmp_path / "FULL2.partial" / "run.json").read_text())["completed_nodes"] == 2

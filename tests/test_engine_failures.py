@@ -37,7 +37,8 @@ class Pickled:
      r"fix the model, data or setup"),
     (["data._target_=tests.helpers.WrongTargetsData"],
      r"node .* failed: RuntimeError: .*; the model's outputs and the targets do not fit the loss"),
-    (["+data.batch_size=0"], r"failed: ValueError: batch_size should be a positive integer value.*; batch_size must be 1"),
+    (["+data.batch_size=0"],
+     r"failed: ValueError: batch_size should be a positive integer value.*; batch_size must be 1"),
 ], ids=["empty-shuffled-dataset", "forward-raises", "wrong-target-shape", "batch-size-0"])
 def test_a_failure_during_a_cli_run_is_one_line_exit_2_and_run_json_failed(tmp_path, args, message):
     proc = cli(tmp_path, *args)

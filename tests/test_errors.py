@@ -19,7 +19,8 @@ def test_a_multi_line_message_is_one_line_with_single_spaces():
 
 
 def test_the_packages_own_errors_are_their_message_and_other_errors_are_named_by_type():
-    assert error_line(ConfigError("nodes[0].epochs = -1: must be 0 or more")) == "nodes[0].epochs = -1: must be 0 or more"
+    message = "nodes[0].epochs = -1: must be 0 or more"
+    assert error_line(ConfigError(message)) == message
     assert error_line(KeyError("no such column")) == "KeyError: 'no such column'"
     assert error_line(KeyError()) == "KeyError"  # no message: the type alone
 
@@ -32,7 +33,8 @@ def test_a_missing_file_or_package_speaks_for_itself():
 
 def test_the_caller_may_always_or_never_name_the_type():
     assert error_line(ConfigError("bad"), typed=True) == "ConfigError: bad"
-    assert error_line(ConnectionRefusedError(111, "Connection refused"), typed=False) == "[Errno 111] Connection refused"
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert error_line(refused, typed=False) == "[Errno 111] Connection refused"
     assert error_line(ValueError(), typed=False) == "ValueError"
 
 

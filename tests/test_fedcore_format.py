@@ -28,7 +28,8 @@ def test_missing_initial_assumption_is_one_clear_error():
 
 
 def test_unknown_fedcore_node_lists_known_names():
-    with pytest.raises(ConfigError, match=r"initial_assumption\[0\] = 'magic_model'.*known: .*pruning_model.*training_model"):
+    with pytest.raises(ConfigError,
+                       match=r"initial_assumption\[0\] = 'magic_model'.*known: .*pruning_model.*training_model"):
         from_fedcore({**RAW_FEDCORE, "initial_assumption": ["magic_model"]})
 
 

@@ -113,7 +113,8 @@ def test_the_lazy_import_check_finds_each_unexplained_import(tmp_path):
         "import os\n\n\ndef f():\n    from .b import g\n    import mlflow\n    import json\n    return g\n\n\n"
         "def h():\n    # lazy: mlflow costs seconds of start-up\n    import mlflow\n    from .b import g\n\n"
         "    from mlflow.entities import Param  # lazy: as above\n    import torch\n")
-    assert unexplained_lazy_imports((package,)) == [  # json: light stdlib; the second function's imports say why, but torch
+    # json: light stdlib; the second function's imports say why, but torch
+    assert unexplained_lazy_imports((package,)) == [
         "fedcore_adapter/a.py:17: import torch", "fedcore_adapter/a.py:5: from .b import g",
         "fedcore_adapter/a.py:6: import mlflow"]
 

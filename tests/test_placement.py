@@ -93,7 +93,8 @@ def test_resume_after_a_kill_before_anything_was_recorded_starts_over_without_a_
     """kill -9 between creating the folder and writing run.json left a folder with no run.json."""
     (tmp_path / "K.partial" / "nodes").mkdir(parents=True)
     result = run_setup(tiny_setup(name="K"), tiny_mlp(), dm, output_dir=tmp_path, resume=True)
-    assert result.output_dir == tmp_path / "K" and json.loads((tmp_path / "K" / "run.json").read_text())["status"] == "completed"
+    assert result.output_dir == tmp_path / "K"
+    assert json.loads((tmp_path / "K" / "run.json").read_text())["status"] == "completed"
     assert "setup differs" not in caplog.text
     assert "pass resume=true" not in caplog.text  # it was passed: the line says there was nothing to continue
     assert f"resume=true: nothing to resume in {tmp_path / 'K.partial'} (it stopped before recording anything)" \
@@ -152,7 +153,8 @@ def test_a_rerun_task_that_cannot_see_its_lost_attempts_folder_says_it_restarted
 
 def test_resume_with_nothing_to_resume_says_so_in_one_line_and_starts_a_new_run(tmp_path, dm, caplog):
     result = run_setup(tiny_setup(name="N"), tiny_mlp(), dm, output_dir=tmp_path, resume=True)
-    assert result.output_dir == tmp_path / "N" and json.loads((tmp_path / "N" / "run.json").read_text())["status"] == "completed"
+    assert result.output_dir == tmp_path / "N"
+    assert json.loads((tmp_path / "N" / "run.json").read_text())["status"] == "completed"
     lines = [r.getMessage() for r in caplog.records if "nothing to resume" in r.getMessage()]
     assert lines == [f"resume=true: nothing to resume under {tmp_path} (no unfinished or finished N run there); "
                      f"starting a new run"]

@@ -27,8 +27,8 @@ def run_on_a_terminal(args: list[str], cwd: Path) -> str:
     """stderr on a pseudo-terminal, as in an interactive shell; returns everything written to it."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns
-    proc = subprocess.Popen([sys.executable, "-m", "fedcore_adapter", *args], cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=slave)
+    proc = subprocess.Popen([sys.executable, "-m", "fedcore_adapter", *args], cwd=cwd, env=ENV,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     chunks = []
     while True:
@@ -57,7 +57,8 @@ def test_on_a_terminal_the_run_epochs_and_batches_have_bars_with_totals_and_eta(
     # any drawn state shows the total and the ETA
     eta_slot = r"\[\d\d:\d\d<(\d\d:\d\d|\?)"  # before its first step a bar's remaining time is tqdm's '?'
     assert re.search(r"0:training epochs: +\d+%\|[^|]*\| \d/3 " + eta_slot, screen), screen[-2000:]
-    assert re.search(r"0:training epoch \d/3: +\d+%\|[^|]*\| \d/6 " + eta_slot, screen), screen[-2000:]  # 96 samples / 16
+    # 96 samples / 16
+    assert re.search(r"0:training epoch \d/3: +\d+%\|[^|]*\| \d/6 " + eta_slot, screen), screen[-2000:]
 
 
 def test_off_a_terminal_there_are_no_bars_only_lines(tmp_path):

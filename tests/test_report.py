@@ -41,7 +41,8 @@ def test_compare_writes_csv_markdown_and_plot_with_the_input_baseline_first(resu
     assert [(r["setup"], r["baseline"]) for r in rows] == [("input", "input"), ("RAW", "RAW"), ("TWO", "")]
     base, two = results["TWO"][0], results["TWO"][-1]
     assert float(rows[0]["accuracy"]) == pytest.approx(base["accuracy"]) and int(rows[0]["params"]) == base["params"]
-    assert float(rows[2]["accuracy"]) == pytest.approx(two["accuracy"]) and rows[2]["chain"] == "training -> distillation"
+    assert float(rows[2]["accuracy"]) == pytest.approx(two["accuracy"])
+    assert rows[2]["chain"] == "training -> distillation"
     assert float(rows[2]["size_mb_ratio"]) == pytest.approx(two["size_mb"] / base["size_mb"])
     assert float(rows[2]["speedup"]) == pytest.approx(base["latency_ms"] / two["latency_ms"])
     assert float(rows[2]["accuracy_delta_pt"]) == pytest.approx(100 * (two["accuracy"] - base["accuracy"]))  # points

@@ -33,8 +33,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def shots(tmp_path_factory):
     out = tmp_path_factory.mktemp("screenshots")
     proc = subprocess.run([sys.executable, "-m", "docs.screenshots.make_screenshots", "--quick",
-                           "--out", str(out), "--chromium", CHROMIUM], cwd=out, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           "--out", str(out), "--chromium", CHROMIUM], cwd=out, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -165,6 +165,7 @@ def test_sigterm_to_an_api_run_removes_the_nodes_partial_work(tmp_path):
     assert (tmp_path / "W.partial" / "nodes" / ".1_slow_work.work" / "half.json").exists()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 3 and err.startswith("RunInterrupted: interrupted by SIGTERM during node 0:slow_work"), err
+    assert proc.returncode == 3, err
+    assert err.startswith("RunInterrupted: interrupted by SIGTERM during node 0:slow_work"), err
     assert sorted(p.name for p in (tmp_path / "W.partial" / "nodes").iterdir()) == ["0_input"]
     assert json.loads((tmp_path / "W.partial" / "run.json").read_text())["status"] == "interrupted"

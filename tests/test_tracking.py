@@ -33,7 +33,8 @@ def _steps(client, run_id: str, key: str) -> list[int]:
 def test_config_group_files_are_valid_tracking_configs():
     mlflow_cfg = TrackingConfig.model_validate(yaml.safe_load((conf_dir() / "tracking" / "mlflow.yaml").read_text()))
     none_cfg = TrackingConfig.model_validate(yaml.safe_load((conf_dir() / "tracking" / "none.yaml").read_text()))
-    assert (mlflow_cfg.name, mlflow_cfg.uri, mlflow_cfg.experiment, mlflow_cfg.log_model) == ("mlflow", None, None, True)
+    assert ((mlflow_cfg.name, mlflow_cfg.uri, mlflow_cfg.experiment, mlflow_cfg.log_model)
+            == ("mlflow", None, None, True))
     assert none_cfg.name == "none"
 
 
@@ -43,7 +44,8 @@ def test_tracking_none_gives_no_hook():
 
 def test_experiment_defaults_to_the_model_and_data_names():
     data = {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}
-    assert hook_from_config({"name": "mlflow"}, {"data": data}, "mnist1d_cnn").config.experiment == "mnist1d_cnn on mnist1d"
+    hook = hook_from_config({"name": "mlflow"}, {"data": data}, "mnist1d_cnn")
+    assert hook.config.experiment == "mnist1d_cnn on mnist1d"
     assert hook_from_config({"name": "mlflow"}, {}, "mnist1d_cnn").config.experiment == "mnist1d_cnn"
     cfg = {"model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"}, "data": data}
     assert hook_from_config({"name": "mlflow"}, cfg, None).config.experiment == "mnist1d_cnn on mnist1d"
@@ -54,8 +56,9 @@ def test_experiment_defaults_to_the_model_and_data_names():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"name": "mlfow"}, "tracking.name = 'mlfow': Input should be 'mlflow' or 'none'"),
-    ({"name": "mlflow", "url": "x"}, "tracking.url = 'x': unknown field (did you mean uri?); allowed: experiment, flush_timeout_s, "
-                                     "http_retries, http_timeout_s, log_model, name, parent_run_id, run_name, tags, uri"),
+    ({"name": "mlflow", "url": "x"},
+     "tracking.url = 'x': unknown field (did you mean uri?); allowed: experiment, flush_timeout_s, "
+     "http_retries, http_timeout_s, log_model, name, parent_run_id, run_name, tags, uri"),
     ({"name": "mlflow", "http_retries": -1}, "tracking.http_retries = -1: Input should be greater than or equal to 0"),
 ])
 def test_bad_tracking_option_is_one_line_naming_the_field(cfg, message):
@@ -208,13 +211,15 @@ def test_default_store_is_mlflow_db_in_the_working_directory(store, monkeypatch)
     from fedcore_adapter.building import run_from_config
 
     low_rank = {"kind": "low_rank", "thresholds": [0.9]}
-    cfg = {"setup": tiny_setup(TRAIN, low_rank, name="LOCAL"), "tracking": {"name": "mlflow"}, "model_name": "tiny_model",
+    cfg = {"setup": tiny_setup(TRAIN, low_rank, name="LOCAL"), "tracking": {"name": "mlflow"},
+           "model_name": "tiny_model",
            "output_dir": str(store["root"] / "local"), "model": {"_target_": "tests.helpers.build_tiny_mlp"},
            "data": {"_target_": "tests.helpers.build_tiny_data"}}
     result = run_from_config(cfg)
     client = mlflow_client(store["uri"])
     [parent] = runs_of(client, "tiny_model on build_tiny_data", "setup")  # the experiment: model and data names
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "LOCAL \N{MIDDLE DOT} tiny_model \N{MIDDLE DOT} seed=42"
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "LOCAL \N{MIDDLE DOT} tiny_model \N{MIDDLE DOT} seed=42"
     assert parent.data.params["model._target_"] == "tests.helpers.build_tiny_mlp"
     assert parent.data.params["data._target_"] == "tests.helpers.build_tiny_data"
     assert parent.data.params["setup_resolved.nodes.1.method.thresholds"] == "[0.9]"
@@ -284,4 +289,5 @@ def test_without_a_logger_process_the_run_completes_and_keeps_every_record(tmp_p
     assert len([r for r in caplog.records if "MLflow tracking at" in r.getMessage()]) == 1
     kept = [json.loads(line)["op"] for line in (result.output_dir / PENDING_FILE).read_text().splitlines()]
     assert kept[:3] == ["target", "open_parent", "params"]  # every record, in order
-    assert kept.count("metrics") == 1 + 3 + 1 + 1 + 1 and kept[-1] == "close"  # input, 3 epochs, node row, parent row, ratios
+    # input, 3 epochs, node row, parent row, ratios
+    assert kept.count("metrics") == 1 + 3 + 1 + 1 + 1 and kept[-1] == "close"

@@ -1,4 +1,5 @@
-"""Tracking against a real ``mlflow server`` (SQLite backend, artifacts in a temporary folder), checked with MlflowClient.
+"""Tracking against a real ``mlflow server`` (SQLite backend, artifacts in a temporary folder), checked with
+MlflowClient.
 
 The server is the session's ``mlflow_server`` fixture (tests/conftest.py).
 """
@@ -231,7 +232,8 @@ def test_resume_continues_logging_into_the_same_parent_run(mlflow_server, tmp_pa
         raise KeyboardInterrupt
 
     setup = tiny_setup(*CHAIN, name="RES")
-    monkeypatch.setitem(registry._REGISTRY, "distillation", registry.NodeSpec("distillation", spec.config_cls, interrupted))
+    monkeypatch.setitem(registry._REGISTRY, "distillation",
+                        registry.NodeSpec("distillation", spec.config_cls, interrupted))
     with pytest.raises(KeyboardInterrupt):
         run_setup(setup, tiny_mlp(), TinyDataModule(), output_dir=tmp_path,
                   hooks=[MlflowHook(uri=mlflow_server, experiment="server_resume")])

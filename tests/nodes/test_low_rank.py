@@ -191,7 +191,8 @@ def test_ranks_do_not_depend_on_the_thread_count(tmp_path):
     for threads in (1, 2):
         torch.set_num_threads(threads)
         try:
-            config = _config(_run(low_rank_mlp(), {"kind": "low_rank", "thresholds": [0.8]}, tmp_path=tmp_path / str(threads)))
+            config = _config(_run(low_rank_mlp(), {"kind": "low_rank", "thresholds": [0.8]},
+                                  tmp_path=tmp_path / str(threads)))
         finally:
             torch.set_num_threads(previous)
         ranks.append({name: r["rank"] for name, r in config["layers"].items()})
@@ -223,7 +224,8 @@ def test_per_layer_measurements_go_through_the_executor(tmp_path):
      < rec["meta"]["params_after"] + 128),  # the largest rank within 30% of the parameters
 ])
 def test_every_strategy_runs_in_the_node_and_the_result_reloads(tmp_path, strategy, threshold, check):
-    result = _run(low_rank_mlp(), {"kind": "low_rank", "spectrum_pruning_strategy": strategy, "thresholds": [threshold]},
+    result = _run(low_rank_mlp(),
+                  {"kind": "low_rank", "spectrum_pruning_strategy": strategy, "thresholds": [threshold]},
                   tmp_path=tmp_path, measure=True)
     record = _config(result)["layers"]["2"]
     assert record["meta"]["strategy"] == strategy and record["meta"]["threshold"] == threshold

@@ -72,7 +72,8 @@ def test_heads_and_ffn_channels_of_a_decomposed_transformer_are_pruned_inside_it
     block = model.encoder.layer[0]
 
     def factorise(linear, rank=8):
-        first, second = torch.nn.Linear(linear.in_features, rank, bias=False), torch.nn.Linear(rank, linear.out_features)
+        first = torch.nn.Linear(linear.in_features, rank, bias=False)
+        second = torch.nn.Linear(rank, linear.out_features)
         return FactorizedLayer(first, second, kind="linear")
 
     block.attention.self.query = factorise(block.attention.self.query)

@@ -84,14 +84,16 @@ def test_hydra_overrides_reach_every_method_option():
                             r"give it once, under method"),
     ({"method": {"name": "falor", "fit": {"name": "projection", "refit_kept": True}}},
      r"method.falor.fit.projection.refit_kept = True: unknown field; allowed: name$"),
-    ({"method": {"name": "falor", "epochs": 3}}, r"method.falor.epochs = 3: unknown field; allowed: allocation, budget, "
-                                                 r"fit, grid_points, metric, metric_batches, name, statistic$"),
+    ({"method": {"name": "falor", "epochs": 3}},
+     r"method.falor.epochs = 3: unknown field; allowed: allocation, budget, "
+     r"fit, grid_points, metric, metric_batches, name, statistic$"),
     ({"method": {"name": "svd", "metric": "nsr"}}, r"method.svd.metric = 'nsr': unknown field; allowed: budget, "
                                                     r"decomposing_mode, epochs, hoyer_loss, learning_rate, name, "
                                                     r"orthogonal_loss, rank, selection_tolerance, "
                                                     r"spectrum_pruning_strategy, thresholds$"),
     ({"method": {"name": "falor", "metric": {"name": "cosine", "kl_threshold": 0.1}}},
-     r"method.falor.metric.cosine.kl_threshold = 0.1: unknown field \(did you mean threshold\?\); allowed: name, threshold$"),
+     r"method.falor.metric.cosine.kl_threshold = 0.1: unknown field \(did you mean threshold\?\); "
+     r"allowed: name, threshold$"),
     ({"method": {"name": "falor", "metric": "cosine"}}, r"metric 'cosine' needs threshold"),
     ({"method": "pca"}, r"method = .*'pca'.*'svd', 'falor'"),
     ({"method": {"epochs": 3}}, r"method = .*name"),

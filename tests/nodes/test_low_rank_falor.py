@@ -25,8 +25,8 @@ def low_rank_feature_encoder(seed: int = 0) -> nn.Module:
 
 
 def _run(tmp_path, **node):
-    return run_setup(tiny_setup({"kind": "low_rank", "method": "falor", **node}, measure=False), low_rank_feature_encoder(),
-                     TokenDataModule(), output_dir=tmp_path)
+    return run_setup(tiny_setup({"kind": "low_rank", "method": "falor", **node}, measure=False),
+                     low_rank_feature_encoder(), TokenDataModule(), output_dir=tmp_path)
 
 
 def _config(result):
@@ -56,8 +56,8 @@ def test_a_tighter_threshold_never_keeps_a_smaller_rank(tmp_path):
         model.emb.weight.add_(0.05 * torch.randn(50, 32))
     ranks = []
     for i, nsr in enumerate([0.05, 1e-3]):
-        result = run_setup(tiny_setup({"kind": "low_rank", "method": "falor", "nsr_threshold": nsr}, measure=False), model,
-                           TokenDataModule(), output_dir=tmp_path / str(i))
+        result = run_setup(tiny_setup({"kind": "low_rank", "method": "falor", "nsr_threshold": nsr}, measure=False),
+                           model, TokenDataModule(), output_dir=tmp_path / str(i))
         meta = _config(result)["layers"]["proj"]["meta"]
         assert meta["nsr"] < nsr
         ranks.append(meta["rank"])
@@ -140,7 +140,8 @@ def test_padded_tokens_are_left_out_of_the_statistics():
     ids = torch.randint(1, 50, (2, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     padded = {"input_ids": ids, "attention_mask": mask}
-    real = [{"input_ids": ids[:1], "attention_mask": mask[:1]}, {"input_ids": ids[1:, :2], "attention_mask": mask[1:, :2]}]
+    real = [{"input_ids": ids[:1], "attention_mask": mask[:1]},
+            {"input_ids": ids[1:, :2], "attention_mask": mask[1:, :2]}]
     torch.testing.assert_close(collect_output_covariances(model, [padded], ["proj"])["proj"],
                                collect_output_covariances(model, real, ["proj"])["proj"])
     torch.testing.assert_close(input_statistics(model, [padded], {"proj": "channel", "emb": "channel"})["emb"],

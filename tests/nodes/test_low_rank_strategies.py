@@ -47,7 +47,8 @@ def test_params_ratio_gives_the_largest_rank_within_the_share_of_parameters():
 
 
 def test_unknown_strategy_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: energy, explained_variance, quantile, rank, rank_ratio, params_ratio"):
+    with pytest.raises(ValueError,
+                       match="allowed: energy, explained_variance, quantile, rank, rank_ratio, params_ratio"):
         choose_rank("magic", S, target(), threshold=0.5)
 
 

@@ -57,7 +57,8 @@ class ConvDataModule:
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=self.batch_size)
@@ -74,7 +75,8 @@ def setup(*nodes, measure=True, **common):
 def node_context(dm, tmp_path, teacher, **common) -> NodeContext:
     return NodeContext(train_loader=dm.train_dataloader(), val_loader=dm.val_dataloader(),
                        test_loader=dm.test_dataloader(), loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"),
-                       teacher=teacher, output_dir=tmp_path / "work", common=CommonConfig(**common), node_label="0:pruning")
+                       teacher=teacher, output_dir=tmp_path / "work", common=CommonConfig(**common),
+                       node_label="0:pruning")
 
 
 def same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
@@ -134,11 +136,16 @@ def test_a_fedcore_format_setup_runs_the_pruning_model(tmp_path):
                    "pruner_name": "magnitude_pruner", "importance_norm": 1, "pruning_ratio": 0.75,
                    "finetune_params": {"epochs": 1, "custom_loss": None}}},
                "initial_assumption": ["pruning_model"]}
-    result = run_setup(fedcore, res_conv(), ConvDataModule(), output_dir=tmp_path, overrides={"common": {"measure": False}})
+    result = run_setup(fedcore, res_conv(), ConvDataModule(), output_dir=tmp_path,
+                       overrides={"common": {"measure": False}})
     assert result.model.stem[0].out_channels == 2  # int(8 * 0.25)
 
 
-@pytest.mark.parametrize("value", [{"kind": "pruning", "pruning_ratio": 0.5}, {"kind": "pruning", "pruning_ratio": {"stem.0": 0.25}, "importance": "lamp", "global_pruning": True, "round_to": 2, "ignored_layers": ["head.1"], "finetune_params": {"epochs": 1}}])
+@pytest.mark.parametrize("value", [
+    {"kind": "pruning", "pruning_ratio": 0.5},
+    {"kind": "pruning", "pruning_ratio": {"stem.0": 0.25}, "importance": "lamp", "global_pruning": True, "round_to": 2,
+     "ignored_layers": ["head.1"], "finetune_params": {"epochs": 1}},
+])
 def test_config_round_trips_through_json(value):
     config = PruningConfig.model_validate(value)
     assert PruningConfig.model_validate_json(config.model_dump_json()) == config
@@ -238,13 +245,15 @@ def test_global_pruning_ranks_across_layers_and_round_to_keeps_multiples(tmp_pat
     out = apply_pruning(model, PruningConfig(pruning_ratio=0.5, global_pruning=True),
                         node_context(ConvDataModule(), tmp_path, model))
     assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in model.parameters())
-    rounded = apply_pruning(model, PruningConfig(pruning_ratio=0.4, round_to=4), node_context(ConvDataModule(), tmp_path, model))
+    rounded = apply_pruning(model, PruningConfig(pruning_ratio=0.4, round_to=4),
+                            node_context(ConvDataModule(), tmp_path, model))
     assert rounded.block[0].out_channels % 4 == 0 and rounded.head[1].out_features % 4 == 0
 
 
 def test_per_layer_ratios_and_ignored_layers(tmp_path):
     model = res_conv()
-    out = apply_pruning(model, PruningConfig(pruning_ratio={"block.0": 0.75}), node_context(ConvDataModule(), tmp_path, model))
+    out = apply_pruning(model, PruningConfig(pruning_ratio={"block.0": 0.75}),
+                        node_context(ConvDataModule(), tmp_path, model))
     assert (out.stem[0].out_channels, out.block[0].out_channels, out.head[1].out_features) == (8, 4, 16)
     kept = apply_pruning(model, PruningConfig(pruning_ratio=0.5, ignored_layers=["head"]),
                          node_context(ConvDataModule(), tmp_path, model))
@@ -312,7 +321,8 @@ def _assert_untouched(model, state):
 @pytest.mark.parametrize("field, value, message", [
     ("pruning_ratio", 1.0, r"nodes\[0\] \(pruning\)\.pruning_ratio = 1\.0: .*must be in \[0, 1\)"),
     ("pruning_ratio", -0.1, r"pruning_ratio = -0\.1: .*must be in \[0, 1\)"),
-    ("importance", "HessianImportance", r"\.importance = 'HessianImportance': .*valid: magnitude, taylor, lamp, bn_scale, random"),
+    ("importance", "HessianImportance",
+     r"\.importance = 'HessianImportance': .*valid: magnitude, taylor, lamp, bn_scale, random"),
     ("pruner_name", "growing_reg_pruner", r"unknown pruner_name 'growing_reg_pruner'; valid: magnitude_pruner"),
 ])
 def test_bad_options_fail_validation_with_one_line(tmp_path, field, value, message):
@@ -346,12 +356,14 @@ class _NumpyLayer(nn.Module):
 
 @pytest.mark.parametrize("make_model, config, message", [
     (lambda: nn.Sequential(nn.Linear(16, 2), nn.ReLU(), nn.Linear(2, 3)), {"pruning_ratio": {"0": 0.6}},
-     r"node 0:pruning: pruning ratio 0\.6 would remove every channel of layer '0' \(2 channels\); use a ratio below 0\.5"),
+     r"node 0:pruning: pruning ratio 0\.6 would remove every channel of layer '0' \(2 channels\); "
+     r"use a ratio below 0\.5"),
     (res_conv, {"pruning_ratio": {"nope": 0.5}}, r"pruning_ratio names layer 'nope', which the model does not have"),
     (res_conv, {"ignored_layers": ["head.9"]}, r"ignored_layers names layer 'head\.9', which the model does not have"),
     (lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)), {"importance": "bn_scale"},
      r"importance 'bn_scale' .* has no BatchNorm layer"),
-    (_Untraceable, {}, r"node 0:pruning: cannot trace the model for pruning in layer 'weird' \(_NumpyLayer\): RuntimeError"),
+    (_Untraceable, {},
+     r"node 0:pruning: cannot trace the model for pruning in layer 'weird' \(_NumpyLayer\): RuntimeError"),
 ])
 def test_bad_input_raises_one_line_naming_node_and_layer_and_leaves_the_model_untouched(tmp_path, make_model, config,
                                                                                         message):

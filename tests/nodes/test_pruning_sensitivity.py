@@ -64,6 +64,7 @@ def test_unknown_layer_group_lists_the_prunable_ones():
 def test_the_node_measures_sensitivity_through_the_run_executor(tmp_path):
     executor = PicklingExecutor()
     result = run_setup(setup({"kind": "pruning", "pruning_ratio": 0.5, "sensitivity_ratios": [0.5]}, measure=False,
-                             limit_valid_batches=1), res_conv(), ConvDataModule(), output_dir=tmp_path, executor=executor)
+                             limit_valid_batches=1), res_conv(), ConvDataModule(), output_dir=tmp_path,
+                       executor=executor)
     rows = json.loads((result.output_dir / "final" / "sensitivity.json").read_text())
     assert {r["layer"] for r in rows} == {"head.1", "block.0", "block.3"} and len(executor.items) == 3

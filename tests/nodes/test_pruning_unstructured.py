@@ -17,7 +17,8 @@ def test_schedules_start_low_and_reach_the_target_at_the_last_step():
     assert [round(scheduled_sparsity("linear", 0.8, k, 4), 4) for k in range(1, 5)] == [0.2, 0.4, 0.6, 0.8]
     assert [round(scheduled_sparsity("cubic", 0.8, k, 4), 4) for k in range(1, 5)] == [0.4625, 0.7, 0.7875, 0.8]
     assert [round(scheduled_sparsity("cosine", 0.8, k, 4), 4) for k in range(1, 5)] == [0.1172, 0.4, 0.6828, 0.8]
-    assert UnstructuredPruningConfig.model_validate({"kind": "unstructured_pruning", "schedule": "AGP"}).schedule == "cubic"
+    agp = UnstructuredPruningConfig.model_validate({"kind": "unstructured_pruning", "schedule": "AGP"})
+    assert agp.schedule == "cubic"
 
 
 def test_global_masks_rank_across_layers_and_local_masks_per_layer():
@@ -62,7 +63,8 @@ def test_sparse_format_checkpoint_counts_sparse_bytes_and_reloads_dense(tmp_path
     assert sparse.metrics[1]["size_mb"] < 0.5 * dense.metrics[1]["size_mb"]
     assert dense.metrics[1]["size_mb"] == pytest.approx(dense.metrics[0]["size_mb"], rel=0.01)
     stored = torch.load(sparse.output_dir / "final" / "state.pt", weights_only=True)
-    assert stored["head.1.weight"].layout == torch.sparse_csr and stored["head.1.weight"].col_indices().dtype == torch.int32
+    assert stored["head.1.weight"].layout == torch.sparse_csr
+    assert stored["head.1.weight"].col_indices().dtype == torch.int32
     assert stored["stem.1.weight"].layout == torch.strided  # a BatchNorm vector gains nothing from CSR
     assert same_outputs(load_model(sparse.output_dir, res_conv(seed=7, width=32)), sparse.model, X)
 

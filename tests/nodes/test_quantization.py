@@ -1,6 +1,7 @@
 """Quantization nodes end in real int8 modules, reload from tensors + a plan, and refuse bad input cleanly.
 
-Shared tiny models and data for the ``test_quantization_*`` files live here too (their fixtures: tests/nodes/conftest.py).
+Shared tiny models and data for the ``test_quantization_*`` files live here too (their fixtures:
+tests/nodes/conftest.py).
 """
 import copy
 import functools
@@ -149,5 +150,6 @@ def test_an_engine_missing_from_this_torch_build_lists_the_available_ones(dm, tm
     from fedcore_adapter.nodes.quantization import calibration
 
     monkeypatch.setattr(calibration, "supported_engines", lambda: ["x86", "fbgemm"])
-    with pytest.raises(NodeError, match=r"backend 'qnnpack' is not available in this torch build; available: x86, fbgemm"):
+    with pytest.raises(NodeError,
+                       match=r"backend 'qnnpack' is not available in this torch build; available: x86, fbgemm"):
         run({"kind": "ptq_dynamic", "backend": "qnnpack"}, tiny_mlp(), dm, tmp_path)

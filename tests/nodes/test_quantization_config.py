@@ -66,5 +66,6 @@ def test_static_observer_must_be_one_of_the_four_estimators():
 
 
 def test_training_after_an_int8_conversion_is_refused_for_the_whole_chain():
-    with pytest.raises(ConfigError, match=r"nodes\[1\] \(qat\) trains float weights but follows nodes\[0\] \(ptq_static\)"):
+    with pytest.raises(ConfigError,
+                       match=r"nodes\[1\] \(qat\) trains float weights but follows nodes\[0\] \(ptq_static\)"):
         load_setup({"nodes": [{"kind": "ptq_static"}, {"kind": "qat"}]})

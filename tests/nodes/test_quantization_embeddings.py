@@ -62,7 +62,8 @@ class BatchOnlyEmbedding(nn.Embedding):
 def classifier(seed: int = 0) -> SequenceToTarget:
     """A real ptls classifier: ``TrxEncoder`` (two ``NoisyEmbedding``s with training noise and dropout) -> GRU."""
     torch.manual_seed(seed)
-    trx = TrxEncoder(embeddings={"mcc": {"in": MCC[0], "out": MCC[1]}, "tr_type": {"in": TR_TYPE[0], "out": TR_TYPE[1]}},
+    trx = TrxEncoder(embeddings={"mcc": {"in": MCC[0], "out": MCC[1]},
+                                 "tr_type": {"in": TR_TYPE[0], "out": TR_TYPE[1]}},
                      numeric_values={"amount": "identity"}, embeddings_noise=0.003, emb_dropout=0.1)
     return SequenceToTarget(RnnSeqEncoder(trx_encoder=trx, hidden_size=32, type="gru"), head=nn.Linear(32, 3),
                             loss=nn.CrossEntropyLoss(),
@@ -95,7 +96,8 @@ def test_ptls_noisy_embeddings_become_int8_tables_that_trx_encoder_still_reads_a
     embeddings = quantized.seq_encoder.trx_encoder.embeddings
     assert all(type(e) is Int8Embedding and e.weight().dtype == torch.quint8 for e in embeddings.values())
     # what TrxEncoder reads: num_embeddings at forward time (clipping indices), embedding_dim for its output size
-    assert [(e.num_embeddings, e.embedding_dim, e.padding_idx) for e in embeddings.values()] == [(*MCC, 0), (*TR_TYPE, 0)]
+    assert ([(e.num_embeddings, e.embedding_dim, e.padding_idx) for e in embeddings.values()]
+            == [(*MCC, 0), (*TR_TYPE, 0)])
     assert quantized.seq_encoder.trx_encoder.output_size == model.seq_encoder.trx_encoder.output_size
     assert ctx.notes == []
     rows, weights = MCC[0] + TR_TYPE[0], MCC[0] * MCC[1] + TR_TYPE[0] * TR_TYPE[1]

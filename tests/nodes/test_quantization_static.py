@@ -58,7 +58,8 @@ def test_an_untraceable_model_is_quantized_layer_by_layer_and_reloads(conv_dm, t
 
 
 def test_forcing_fx_on_an_untraceable_model_says_so_in_one_line(conv_dm, tmp_path):
-    with pytest.raises(NodeError, match=r"graph_mode='fx' but torch.fx cannot trace the model \(.*\); use graph_mode=eager"):
+    with pytest.raises(NodeError,
+                       match=r"graph_mode='fx' but torch.fx cannot trace the model \(.*\); use graph_mode=eager"):
         run({"kind": "ptq_static", "graph_mode": "fx"}, BranchyNet(), conv_dm, tmp_path)
 
 

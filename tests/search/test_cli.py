@@ -29,7 +29,8 @@ def _run(tmp_path, command, *extra):
     ("search.objectives=[macs,flops]", "objective 'flops' is not a metric; allowed: macs, params"),
     ("search.trials=0", "trials must be a positive number of trials (got 0)"),
     ("search.space.pruning=false", "search space is empty: setup TINY (training -> pruning)"),
-    ("search.space.pruning.pruning_ratio.low=2", "search.space.pruning.pruning_ratio: a numeric range needs low < high"),
+    ("search.space.pruning.pruning_ratio.low=2",
+     "search.space.pruning.pruning_ratio: a numeric range needs low < high"),
 ])
 def test_bad_search_input_is_one_line_and_exit_status_2_with_nothing_written(tmp_path, override, message):
     proc = _run(tmp_path, "search", override, "search.moves.drop=false", "search.moves.reorder=false")

@@ -107,4 +107,5 @@ def test_a_reference_point_without_a_validation_loss_is_drawn_as_its_test_loss_m
         {"setup": "uncompressed", "x": 10, "y": 0.4, "split": "validation"},
         {"setup": "A", "x": 5, "y": 0.7, "split": "test"}]
     assert figure_points(rows, ["macs", "loss"], "test") == [
-        {"setup": "uncompressed", "x": 10, "y": 0.5, "split": "test"}, {"setup": "A", "x": 5, "y": 0.7, "split": "test"}]
+        {"setup": "uncompressed", "x": 10, "y": 0.5, "split": "test"},
+        {"setup": "A", "x": 5, "y": 0.7, "split": "test"}]

@@ -81,7 +81,8 @@ def test_selected_on_test_every_point_is_the_test_figure_and_none_is_marked():
     rows = [{"setup": "uncompressed", "params": 10, "val_accuracy": None, "accuracy": 0.9},
             {"setup": "A", "params": 5, "val_accuracy": 0.7, "accuracy": 0.8}]
     assert figure_points(rows, ["params", "accuracy"], "test") == [
-        {"setup": "uncompressed", "x": 10, "y": 0.9, "split": "test"}, {"setup": "A", "x": 5, "y": 0.8, "split": "test"}]
+        {"setup": "uncompressed", "x": 10, "y": 0.9, "split": "test"},
+        {"setup": "A", "x": 5, "y": 0.8, "split": "test"}]
     assert figure_points(rows, ["params", "accuracy"], "validation") == [
         {"setup": "uncompressed", "x": 10, "y": 0.9, "split": "test"},
         {"setup": "A", "x": 5, "y": 0.7, "split": "validation"}]
