@@ -8,8 +8,8 @@ import torch
 
 
 def environment() -> str:
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-            f"python {platform.python_version()}")
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
 
 
 def median(values):

@@ -1,4 +1,5 @@
-"""A pytorch-lifestream CoLES encoder pre-trained and compressed with fedcore-adapter; its embeddings checked downstream.
+"""A pytorch-lifestream CoLES encoder pre-trained and compressed with fedcore-adapter; its embeddings checked
+downstream.
 
     python examples/ptls_coles.py
     PTLS_CLIENTS=3000 PTLS_MAX_LEN=300 PTLS_HIDDEN=256 PTLS_EPOCHS=5 python examples/ptls_coles.py   # bigger

@@ -70,8 +70,9 @@ def composite_chains(prune: float, composite_2: float) -> dict[str, list[dict]]:
     """The float chains whose models the runtimes quantize (name -> nodes)."""
     chains = {}
     if prune > 0:
-        chains[f"pruned {prune:g}"] = [{"kind": "pruning", "pruning_ratio": prune, "pruning_iterations": 3, "epochs": 5,
-                                        "learning_rate": 1e-3, "importance": "MagnitudeImportance", "importance_norm": 1,
+        chains[f"pruned {prune:g}"] = [{"kind": "pruning", "pruning_ratio": prune, "pruning_iterations": 3,
+                                        "epochs": 5, "learning_rate": 1e-3, "importance": "MagnitudeImportance",
+                                        "importance_norm": 1,
                                         "finetune_params": {"epochs": 20, "progress": False}}]
     if composite_2 > 0:
         nodes = copy.deepcopy(setup_source("COMPOSITE_2")[0]["nodes"][1:])  # after its training node

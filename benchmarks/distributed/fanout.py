@@ -1,6 +1,7 @@
 """Four independent setups on a 2-worker local Dask cluster vs the same four one after another (2 cores).
 
-    python -m benchmarks.distributed.fanout [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2] [--train-batches 4]
+    python -m benchmarks.distributed.fanout [--repeats 3] [--setups RAW TEST COMPOSITE_1 COMPOSITE_2]
+        [--train-batches 4]
 
 Sequential: ``jobs.run_from_config`` in this process with ``torch.set_num_threads(2)`` (both cores for each
 run), and with 1 thread for reference. Distributed: ``distributed.run_many`` on ``cluster=local`` (2 worker
@@ -40,7 +41,8 @@ def configs(setups: list[str], out: str, train_batches: int = 4) -> list[dict]:
     cfgs = []
     for s in setups:
         kinds = {n.kind for n in load_setup(s).nodes}
-        cfgs.append({"setup": s, "common": {**COMMON, "limit_train_batches": train_batches}, "nodes": {k: v for k, v in SCALE.items() if k in kinds},
+        cfgs.append({"setup": s, "common": {**COMMON, "limit_train_batches": train_batches},
+                     "nodes": {k: v for k, v in SCALE.items() if k in kinds},
                      "output_dir": f"{out}/{s}", "tracking": {"name": "none"},
                      "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
                      "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"}})

@@ -66,7 +66,8 @@ def noop(x):
 def tiny(i: int, out: str) -> dict:
     return {"setup": "RAW", "output_dir": out, "model_name": f"m{i}", "tracking": {"name": "none"},
             "common": {"latency_repeats": 2, "latency_warmup": 1}, "nodes": {"0": {"epochs": 1, "progress": False}},
-            "model": {"_target_": "benchmarks.distributed.overhead.build_tiny_mlp"}, "data": {"_target_": "benchmarks.distributed.overhead.TinyData"}}
+            "model": {"_target_": "benchmarks.distributed.overhead.build_tiny_mlp"},
+            "data": {"_target_": "benchmarks.distributed.overhead.TinyData"}}
 
 
 def main() -> None:
@@ -96,8 +97,8 @@ def main() -> None:
             rows.append({"what": "no-op task round trip", "value": median(trips) * 1e3, "unit": "ms"})
             t = time.perf_counter()
             run_tasks(client, noop, list(range(args.tasks)), ["noop"] * args.tasks)
-            rows.append({"what": f"no-op tasks, {args.tasks} on 2 workers", "value": (time.perf_counter() - t) / args.tasks * 1e3,
-                         "unit": "ms / task"})
+            rows.append({"what": f"no-op tasks, {args.tasks} on 2 workers",
+                         "value": (time.perf_counter() - t) / args.tasks * 1e3, "unit": "ms / task"})
             t = time.perf_counter()
             DaskExecutor(client).map(noop, range(args.tasks))
             dask_map = time.perf_counter() - t
@@ -120,8 +121,8 @@ def main() -> None:
             rows.append({"what": f"tiny run in-process (median of {args.runs})", "value": median(seq) / args.runs * 1e3,
                          "unit": "ms / run"})
             rows.append({"what": "tiny run inside its task on a worker", "value": in_worker * 1e3, "unit": "ms / run"})
-            rows.append({"what": f"{args.runs} tiny runs: in-process / on 2 workers", "value": median(seq) / median(dist),
-                         "unit": "x"})
+            rows.append({"what": f"{args.runs} tiny runs: in-process / on 2 workers",
+                         "value": median(seq) / median(dist), "unit": "x"})
     print(environment(), f"load average {os.getloadavg()[0]:.1f}")
     print(markdown(rows, ["what", "value", "unit"]))
 

@@ -23,9 +23,11 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         times.append(time.perf_counter() - start)
-    probe = ("import sys\nfrom fedcore_adapter.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    probe = ("import sys\nfrom fedcore_adapter.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'mlflow', 'dask', 'transformers') if m in sys.modules))")
-    heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                           text=True).stdout.strip().splitlines()[-1]
     print(f"{' '.join(cmd[-2:])}: median {statistics.median(times):.3f} s over {args.runs} runs "
           f"(min {min(times):.3f}, max {max(times):.3f}); heavy modules imported: {heavy}")
 

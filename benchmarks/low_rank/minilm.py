@@ -377,7 +377,8 @@ def main() -> None:
         print(f"wide calibration: {sum(b['input_ids'].shape[0] for b in wide)} sentences (none of the test ones); "
               f"cosine grid {args.cosine_grid} ranks x {len(targets)} layers on {args.cosine_sentences} of them in "
               f"{cos_s:.0f} s; sequential damping {args.damping}")
-    print(f"attention {args.attn}; statistic {args.statistic}; falor grid search: {len(targets)} Linear layers x {args.grid} ranks in {search_s:.0f} s"
+    print(f"attention {args.attn}; statistic {args.statistic}; falor grid search: {len(targets)} Linear layers x "
+          f"{args.grid} ranks in {search_s:.0f} s"
           f"{f'; ptdeco falor {ptdeco_s:.0f} s' if theirs is not None else ''} (covariance: {args.calib_batches} x "
           f"{args.calib_batch} validation sentences, NSR on the first {args.calib_batch}; cosine: "
           f"{args.test_sentences} test sentences; latency: {args.timing_batch} x 128 tokens, {args.threads} threads, "

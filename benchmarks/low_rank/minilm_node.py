@@ -74,7 +74,8 @@ def main() -> None:
         meta = json.loads((result.output_dir / "nodes" / "1_low_rank" / "decompose_config.json").read_text())["meta"]
     original = load_minilm("sdpa")  # the engine worked on the model it was given
     reference = sentence_embeddings(original, dm.test_dataloader())
-    cos = torch.nn.functional.cosine_similarity(reference, sentence_embeddings(result.model, dm.test_dataloader()), dim=1)
+    cos = torch.nn.functional.cosine_similarity(reference, sentence_embeddings(result.model, dm.test_dataloader()),
+                                                dim=1)
     tok = load_tokenizer()
     timing = dict(tok(dm.sentences[:args.timing_batch], padding="max_length", truncation=True, max_length=128,
                       return_tensors="pt"))

@@ -123,7 +123,8 @@ def main() -> None:
             row["speedup"] = lat["RAW (input)"] / lat[row["variant"]]
     print(environment())
     print(f"RAW {args.raw_epochs} epochs; fine-tune {args.finetune} epochs (Adam 1e-3); test set 1000 samples; "
-          f"latency batch {x.shape[0]}, {args.latency_threads} thread(s), median of {args.repeats} x 3 interleaved; total {time.perf_counter() - start:.0f} s")
+          f"latency batch {x.shape[0]}, {args.latency_threads} thread(s), median of {args.repeats} x 3 interleaved; "
+          f"total {time.perf_counter() - start:.0f} s")
     print(markdown(rows, ["variant", "finetune", "params", "params_x", "macs", "macs_x", "accuracy", "acc_drop_pts",
                           "latency_ms", "speedup", "wall_s"]))
     ok = [r for r in rows if r["finetune"] not in ("no", "-") and r["params_x"] >= 2 and r["acc_drop_pts"] <= 1]

@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 with 50% of attention heads and FFN channels removed: latency and embedding cosine.
 
-    python -m benchmarks.pruning.minilm [--ratio 0.5] [--epochs 8] [--lr 2e-4] [--rounds 7] [--max-length 64] [--threads 1]
+    python -m benchmarks.pruning.minilm [--ratio 0.5] [--epochs 8] [--lr 2e-4] [--rounds 7] [--max-length 64]
+        [--threads 1]
 
 Sentences are real English prose (``zoo.text.english_sentences``): 256 to
 distil on, 256 others to compare on, batch 32 x ``--max-length`` tokens (the
@@ -81,8 +82,8 @@ def main() -> None:
         cos = embedding_cosine(original, models[row["variant"]], dm.test_dataloader())
         row["mean_cosine"], row["min_cosine"] = cos["mean_cosine"], cos["min_cosine"]
     print(environment())
-    print(f"ratio {args.ratio}, importance {args.importance}: {shape}; distillation {args.epochs} epochs, lr {args.lr}, "
-          f"256 train sentences; cosine over 256 held-out sentences; batch 32 x {args.max_length} tokens")
+    print(f"ratio {args.ratio}, importance {args.importance}: {shape}; distillation {args.epochs} epochs, "
+          f"lr {args.lr}, 256 train sentences; cosine over 256 held-out sentences; batch 32 x {args.max_length} tokens")
     print(markdown(rows, ["variant", "params", "macs", "macs_x", "size_mb", "latency_ms", "speedup", "mean_cosine",
                           "min_cosine", "node_wall_s"]))
 

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{folder.name}: line {res['line']:.4f}, best feasible {res['best_feasible']:.1f}x")
         for margin, m in res["margins"].items():
             lost = ", ".join(f"#{x['trial']} {x['macs_reduction']}x" for x in m["feasible_lost"]) or "none"
-            print(f"  margin {margin:+.3f}: stopped {m['stopped']:2d}, epochs {m['epochs']} of {m['whole_chain_epochs']}"
-                  f" ({m['cheaper']:.2f}x cheaper), feasible lost: {lost}; best feasible kept {m['best_feasible_kept']}x")
+            print(f"  margin {margin:+.3f}: stopped {m['stopped']:2d}, epochs {m['epochs']} of "
+                  f"{m['whole_chain_epochs']} ({m['cheaper']:.2f}x cheaper), feasible lost: {lost}; "
+                  f"best feasible kept {m['best_feasible_kept']}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -7,7 +7,8 @@ same candidates run as whole chains).
     python -m benchmarks.search.mnist1d --out /tmp/search_bench [--budget cut|full] [--seeds 0 1 2]
         [--trials 32] [--workers 2] [--samplers tpe random] [--full-chains 4] [--chain-threads 1]
         [--pretrained CHECKPOINT]
-    python -m benchmarks.search.mnist1d --out DIR --raw RAW_DIR --budget full --full-chains-of SEARCH_DIR --full-chains 8
+    python -m benchmarks.search.mnist1d --out DIR --raw RAW_DIR --budget full --full-chains-of SEARCH_DIR
+        --full-chains 8
 
 ``--budget full``: COMPOSITE_1 exactly as setups/composite_1.yaml defines it (only ``common.latency_repeats=10``);
 ``cut``: its fine-tunes cut 5-10x (CHAIN below). RAW (100 epochs) is trained once and cached under --raw; every
@@ -36,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # COMPOSITE_1 with fewer epochs per node (the machine is shared; the epochs are the same for every trial and
 # both samplers): training 2 more epochs on RAW, pruning 2 iterations (1 epoch between, 3 after), low-rank 3.
 CHAIN = ["nodes.0.epochs=5", "nodes.pruning.pruning_iterations=2", "nodes.pruning.epochs=1",
-         "nodes.pruning.finetune_params.epochs=2", "nodes.low_rank.method.epochs=0", "nodes.low_rank.finetune_params.epochs=2",
+         "nodes.pruning.finetune_params.epochs=2", "nodes.low_rank.method.epochs=0",
+         "nodes.low_rank.finetune_params.epochs=2",
          "common.limit_train_batches=10", "common.latency_repeats=10"]
 BUDGETS = {"cut": CHAIN, "full": ["common.latency_repeats=10"]}  # full: COMPOSITE_1 exactly as defined
 # the whole chains of the cost comparison: the same common options as the search's trials

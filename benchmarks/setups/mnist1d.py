@@ -49,9 +49,11 @@ _FT = ("1", "2", "3")
 RECOVERY = {
     "COMPOSITE_2 finetune_params.keep_best=false": ("COMPOSITE_2", {i: {"finetune_params": {"keep_best": False}}
                                                                     for i in _FT}),
-    "COMPOSITE_2 finetune_params.distill=true": ("COMPOSITE_2", {i: {"finetune_params": {"distill": True}} for i in _FT}),
+    "COMPOSITE_2 finetune_params.distill=true": ("COMPOSITE_2",
+                                                 {i: {"finetune_params": {"distill": True}} for i in _FT}),
     "COMPOSITE_2 nodes.2.schedule=geometric": ("COMPOSITE_2", {"2": {"schedule": "geometric"}}),
-    "COMPOSITE_1 finetune_params.distill=true": ("COMPOSITE_1", {i: {"finetune_params": {"distill": True}} for i in _FT}),
+    "COMPOSITE_1 finetune_params.distill=true": ("COMPOSITE_1",
+                                                 {i: {"finetune_params": {"distill": True}} for i in _FT}),
     "COMPOSITE_1 nodes.1.schedule=geometric nodes.3.schedule=geometric":
         ("COMPOSITE_1", {"1": {"schedule": "geometric"}, "3": {"schedule": "geometric"}}),
 }
@@ -110,7 +112,8 @@ def main() -> None:
     raw = rows[0]
     table = []
     for r in rows:
-        t = {"setup": r["setup"], "accuracy": f"{r['accuracy']:.4f} ({100 * (r['accuracy'] - raw['accuracy']):+.1f} pt)"}
+        t = {"setup": r["setup"],
+             "accuracy": f"{r['accuracy']:.4f} ({100 * (r['accuracy'] - raw['accuracy']):+.1f} pt)"}
         for c in COLUMNS[1:]:
             ratio = raw[c] / r[c] if c != "throughput_sps" else r[c] / raw[c]
             t[c] = f"{r[c]:.4g} ({ratio:.2f}x)"

@@ -47,7 +47,8 @@ def main() -> None:
     n_calib, n_val = (sum(b["input_ids"].shape[0] for b in part) for part in (calib, validation))
     layers = find_layers(original, ["linear"], exclude=EXCLUDE, refactorize=False)
     targets = {n: make_target(n, m, "channel", {}) for n, m in layers}
-    weights = {n: sqrt_pair(g) for n, g in gradient_grams(original, calib, list(targets), "cosine", args.probes).items()}
+    grams = gradient_grams(original, calib, list(targets), "cosine", args.probes)
+    weights = {n: sqrt_pair(g) for n, g in grams.items()}
     results, grid_s = cosine_grid(original, calib, args.cosine_sentences, args.cosine_grid, args.grid_cache, targets,
                                   weights)
     base = linear_params(original)

@@ -65,8 +65,8 @@ def _load() -> str:
 
 def run_child(mode: str, args, store: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "benchmarks.tracking.overhead", "--child", mode, "--setup", args.setup, "--epochs", str(args.epochs),
-               "--out", out, "--store", str(store)]
+        cmd = [sys.executable, "-m", "benchmarks.tracking.overhead", "--child", mode, "--setup", args.setup,
+               "--epochs", str(args.epochs), "--out", out, "--store", str(store)]
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=env)

@@ -37,8 +37,8 @@ SETUPS = {  # short versions of the named setups' shapes: a few epochs each
                                      "finetune_params": {"epochs": 1}},
                                     {"kind": "ptq_dynamic"}]},
 }
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def run_sweep(home: Path, uri: str, quick: bool = False) -> None:
