@@ -6,7 +6,9 @@
    setup validated like any other, run as a real run on a worker (``trial.run_trial``) from the longest
    prefix already computed, stopped early when its fine-tune stays below the accuracy constraint;
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
-   whose worker was lost is asked again with the same parameters;
+   whose worker was lost is asked again with the same parameters; another optimiser may propose the candidates
+   instead of the sampler (``run_search(..., loop=)``: ``Search.submit`` with the candidate's parameters, then
+   ``Search.collect``), the trials run and are recorded the same way;
 5. ``trials.csv``, ``pareto.csv``, ``pareto.png`` (beside the front, the named setups' runs, their final models
    evaluated on the validation split once, by one run: ``reference_points.csv``),
    ``pareto/trial_<n>.yaml`` and the MLflow parent run.
@@ -209,7 +211,10 @@ class Search:
         return {**payload, **{k: v for k, v in self.objects.items() if v is not None}}
 
     # -- the run -------------------------------------------------------------------------------------------
-    def run(self, pool_factory: Callable[[], Any]) -> SearchResult:
+    def run(self, pool_factory: Callable[[], Any], loop: Optional[Callable[["Search", Any], None]] = None
+            ) -> SearchResult:
+        """The search; ``loop(search, pool)``, when given, replaces the sampler's ask-and-tell loop: it proposes
+        the candidates (``submit`` with their parameters) and collects them (``collect``) until ``remaining`` is 0."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         resume = bool(self.cfg.get("resume"))
         self.state = _open_folder(self.folder, resume, self.space.signature())
@@ -234,9 +239,12 @@ class Search:
                  self.space.describe())
         pool = pool_factory()
         status = "failed"
+        self.in_flight: dict[int, tuple] = {}
+        self.retries: dict[str, int] = {}
         try:
             self._prefix(pool)
-            self._loop(pool)
+            self.progress = _Progress(self.scfg.trials, self._finished(), self.scfg.objectives)
+            (loop or Search._loop)(self, pool)
             status = "completed"
         finally:
             pool.close()
@@ -387,7 +395,37 @@ class Search:
         j, found = self.cache.longest(self.identity, common, nodes, n)
         return (j, found) if found is not None else ((n, shared) if shared is not None else (0, None))
 
-    def _ask(self, pool: Any, in_flight: dict) -> bool:
+    @property
+    def remaining(self) -> int:
+        """Trials still to start: ``search.trials`` less those finished (complete, stopped, failed) and in flight."""
+        return max(0, self.scfg.trials - self._finished() - len(self.in_flight))
+
+    def submit(self, pool: Any, params: Optional[Mapping[str, Any]] = None) -> int:
+        """Ask the study for a trial and start it on ``pool``; its number. ``params`` (``chain`` and
+        ``<node id>.<field path>``, as :meth:`SearchSpace.suggest` names them) fix the candidate instead of the
+        sampler (``study.enqueue_trial``). A candidate that is not a valid setup is failed at once, not started
+        (``number in search.in_flight`` tells)."""
+        if params is not None:
+            self.study.enqueue_trial(dict(params), skip_if_exists=False)
+        return self._ask(pool, self.in_flight)
+
+    def collect(self, pool: Any, timeout: Optional[float] = None) -> list[tuple[int, Optional[dict]]]:
+        """Tell the study the trials that finished (waiting up to ``timeout`` s for one), a progress line each;
+        ``[(number, row)]``, row as in ``trials.csv``, ``None`` for a trial lost with its worker and asked again."""
+        out = []
+        for number, outcome in pool.finished(timeout=timeout):
+            trial, fid, _ = self.in_flight.pop(number)
+            row = self._tell(trial, fid, outcome, self.retries)
+            if row is not None:
+                print(self.progress.line(row, self._best()), flush=True)
+            out.append((number, row))
+        return out
+
+    def row(self, number: int) -> dict:
+        """Trial ``number``'s row (as in ``trials.csv``)."""
+        return self._row(self.study.trials[number])
+
+    def _ask(self, pool: Any, in_flight: dict) -> int:
         trial = self.study.ask()
         try:
             label, nodes = self.space.suggest(trial)
@@ -401,7 +439,7 @@ class Search:
             trial.set_user_attr("error", str(err))
             self.study.tell(trial, state=TrialState.FAIL)
             log.info("trial #%d: candidate rejected: %s", trial.number, err)
-            return False
+            return trial.number
         start, checkpoint = self._start_of(nodes)
         trial.set_user_attr("chain", label)
         trial.set_user_attr("nodes", nodes)
@@ -421,26 +459,16 @@ class Search:
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
         in_flight[trial.number] = (trial, fid, time.time())
-        return True
+        return trial.number
 
     def _loop(self, pool: Any) -> None:
-        progress = _Progress(self.scfg.trials, self._finished(), self.scfg.objectives)
-        in_flight: dict[int, tuple] = {}
-        retries: dict[str, int] = {}
+        """The sampler's loop: a trial asked whenever a worker is free, told as it finishes."""
         while True:
-            while len(in_flight) < pool.slots and self._finished() + len(in_flight) < self.scfg.trials:
-                self._ask(pool, in_flight)
-                if self._finished() >= self.scfg.trials:
-                    break
-            if not in_flight:
+            while len(self.in_flight) < pool.slots and self.remaining:
+                self.submit(pool)
+            if not self.in_flight:
                 break
-            for number, outcome in pool.finished(timeout=30):
-                trial, fid, _ = in_flight.pop(number)
-                row = self._tell(trial, fid, outcome, retries)
-                if row is not None:
-                    print(progress.line(row, self._best()), flush=True)
-            if self._finished() >= self.scfg.trials and not in_flight:
-                break
+            self.collect(pool, timeout=30)
 
     def _tell(self, trial: Any, fid: Any, outcome: dict, retries: dict) -> Optional[dict]:
         def close_fid(state, value=None):
@@ -623,15 +651,17 @@ class Search:
 
 
 def run_search(cfg: Mapping[str, Any], *, model: Any = None, data: Any = None, loss: Any = None,
-               model_label: Optional[str] = None, setup: Optional[Setup] = None) -> SearchResult:
-    """Run the search a composed config describes (``cluster``: trials on Dask, else one after another here)."""
+               model_label: Optional[str] = None, setup: Optional[Setup] = None,
+               loop: Optional[Callable[[Search, Any], None]] = None) -> SearchResult:
+    """Run the search a composed config describes (``cluster``: trials on Dask, else one after another here);
+    ``loop``: another optimiser's loop instead of the sampler's (:meth:`Search.run`)."""
     search = Search(cfg, model=model, data=data, loss=loss, model_label=model_label, setup=setup)
     cluster = dict(cfg.get("cluster") or {})
     if cluster.get("name", "none") == "none" and not cluster.get("address") and not cluster.get("_target_"):
-        return search.run(lambda: SequentialPool(run_trial))
+        return search.run(lambda: SequentialPool(run_trial), loop)
     # lazy: dask, imported only when a cluster runs the trials
     from ..distributed.cluster import open_client
     from ..distributed.pool import DaskPool
 
     with open_client(cluster) as client:
-        return search.run(lambda: DaskPool(client, run_trial, cwd=os.getcwd()))
+        return search.run(lambda: DaskPool(client, run_trial, cwd=os.getcwd()), loop)

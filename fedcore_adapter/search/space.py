@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from ..errors import ConfigError, error_line
 from ..registry import get_node, known_kinds
 from ..schema import Setup
-from .config import SearchConfig
+from .config import Moves, SearchConfig
 
 SPEC_KEYS = ("low", "high", "log", "step", "choices", "type", "list")
 TRAINING_KINDS = ("training",)  # what ``prefix: auto`` shares: leading nodes that fit the model
@@ -75,6 +75,7 @@ class SearchSpace:
     templates: dict[str, Template]
     chains: dict[str, tuple[str, ...]]  # label -> template ids, the initial chain first
     common: dict = field(default_factory=dict)
+    moves: Optional[Moves] = None  # the ``search.moves`` the chains were derived with (``neighbours``)
 
     @property
     def initial(self) -> str:
@@ -98,6 +99,29 @@ class SearchSpace:
                 _set_path(node, dim.path, dim.suggest(trial))
             nodes.append(node)
         return label, nodes
+
+    def defined(self, tid: str) -> dict[str, Any]:
+        """The searchable values of node ``tid`` as the setup (or the insert template) defines them, else its node
+        config's defaults, named and shaped as :meth:`suggest` draws them (``<node id>.<field path>``: value)."""
+        template = self.templates[tid]
+        config = get_node(template.kind).config_cls.model_validate(template.node)
+        out = {}
+        for dim in template.dims:
+            value = _get_path(config, dim.path)
+            if dim.as_list and isinstance(value, (list, tuple)):
+                value = value[0] if len(value) == 1 else value
+            out[dim.name] = value
+        return out
+
+    def neighbours(self, label: str) -> list[str]:
+        """The space's chains one chain move (drop, insert, reorder as ``search.moves`` allows) from chain
+        ``label``, either way (a move that leads back to it too: the dropped node put back), in the space's order:
+        the steps an optimiser that edits chains may take without leaving the space."""
+        moves = self.moves or Moves()
+        chain = self.chains[label]
+        ahead = set(_moves(chain, self.templates, moves))
+        return [name for name, other in self.chains.items() if other != chain
+                and (other in ahead or chain in _moves(other, self.templates, moves))]
 
     def signature(self) -> str:
         data = {"prefix": self.prefix, "chains": self.chains, "common": self.common,
@@ -268,16 +292,16 @@ def prefix_length(setup: Setup, scfg: SearchConfig) -> int:
     return n
 
 
-def _moves(chain: tuple[str, ...], templates: dict[str, Template], scfg: SearchConfig) -> list[tuple[str, ...]]:
+def _moves(chain: tuple[str, ...], templates: dict[str, Template], moves: Moves) -> list[tuple[str, ...]]:
     out = []
-    if scfg.moves.drop and len(chain) > 1:
+    if moves.drop and len(chain) > 1:
         out += [chain[:i] + chain[i + 1:] for i in range(len(chain))]
     present = {templates[t].kind for t in chain}
-    for kind in scfg.moves.insert:
+    for kind in moves.insert:
         if kind in present:
             continue
         out += [chain[:i] + (f"{kind}+",) + chain[i:] for i in range(len(chain) + 1)]
-    if scfg.moves.reorder:
+    if moves.reorder:
         for i in range(len(chain) - 1):
             if templates[chain[i]].kind != templates[chain[i + 1]].kind:
                 out.append(chain[:i] + (chain[i + 1], chain[i]) + chain[i + 2:])
@@ -316,7 +340,7 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
     for _ in range(scfg.moves.depth):
         nxt = []
         for chain in frontier:
-            for cand in _moves(chain, templates, scfg):
+            for cand in _moves(chain, templates, scfg.moves):
                 if cand not in seen:
                     seen.add(cand)
                     nxt.append(cand)
@@ -332,7 +356,7 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
                 raise
             continue  # a move the chain rules forbid (e.g. int8 before a training node)
         chains[_label(chain)] = chain
-    return SearchSpace(setup, prefix, templates, chains, common)
+    return SearchSpace(setup, prefix, templates, chains, common, scfg.moves)
 
 
 def _label(chain: tuple[str, ...]) -> str:

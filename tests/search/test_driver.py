@@ -68,3 +68,34 @@ def test_a_constraint_no_trial_meets_ends_with_the_closest_trial_named(tmp_path)
     assert result.message.startswith("no trial met the constraint")
     assert "closest: trial #" in result.message
     assert not _rows_csv(result.folder / "pareto.csv")
+
+
+def test_another_optimisers_loop_runs_exactly_its_candidates_as_trials(tmp_path, count_training):
+    """``loop=``: the candidates given to ``Search.submit`` run as the sampler's would (the shared prefix once, the
+    trial rows, trials.csv); one that is not a valid setup fails at once without running."""
+    asked = [{"pruning#1.pruning_ratio": 0.3, "pruning#1.importance": "lamp"},
+             {"pruning#1.pruning_ratio": 1.5, "pruning#1.importance": "lamp"},  # not a valid setup
+             {"pruning#1.pruning_ratio": 0.7, "pruning#1.importance": "magnitude"}]
+    seen = {}
+
+    def loop(search, pool):
+        assert search.remaining == 3
+        for params in asked:
+            number = search.submit(pool, params)
+            if number not in search.in_flight:
+                seen[number] = search.row(number)
+            while search.in_flight:
+                seen.update(search.collect(pool, timeout=5))
+        assert search.remaining == 0
+
+    result = run_search(config(tmp_path, trials=3), loop=loop)
+    assert len(count_training) == 1  # the shared prefix, once
+    rows = {int(r["trial"]): r for r in _rows(result.folder)}
+    assert sorted(rows) == sorted(seen) == [0, 1, 2]
+    for number, params in enumerate(asked):
+        assert seen[number]["trial"] == number
+        assert {k: rows[number][f"param:{k}"] for k in params} == {k: str(v) for k, v in params.items()}
+    assert [rows[n]["state"] for n in range(3)] == ["complete", "failed", "complete"]
+    assert "pruning_ratio" in rows[1]["error"] and not rows[1]["output_dir"]
+    ran = [result.study.trials[n].user_attrs["nodes"][1] for n in (0, 2)]  # the chains the trials ran
+    assert [(n["pruning_ratio"], n["importance"]) for n in ran] == [(0.3, "lamp"), (0.7, "magnitude")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from fedcore_adapter.errors import ConfigError
+from fedcore_adapter.registry import get_node
 from fedcore_adapter.search.config import SearchConfig
 from fedcore_adapter.search.space import derive_space
 from fedcore_adapter.building import resolve_setup as load_setup
@@ -73,6 +74,27 @@ def test_chain_moves_drop_insert_and_reorder_where_the_chain_rules_allow():
     assert {"low_rank#2>pruning#1>pruning#3", "pruning#1>pruning#3>low_rank#2"} <= set(chains)  # swaps
     inserted = [c for c in chains if "ptq_static+" in c]
     assert inserted == ["pruning#1>low_rank#2>pruning#3>ptq_static+"]  # int8 only at the end of the chain
+
+
+def test_neighbours_are_the_space_chains_one_move_away_either_way():
+    space = derive_space(load_setup("composite_1"), SearchConfig.parse({"moves": {"insert": ["ptq_static"]}}))
+    initial = space.initial
+    assert set(space.neighbours(initial)) == set(space.chains) - {initial}  # depth 1: every chain is one move away
+    # a dropped node comes back (the move undone), the other drop is two moves away (not a neighbour)
+    assert set(space.neighbours("pruning#1>pruning#3")) == {initial, "low_rank#2>pruning#1>pruning#3",
+                                                            "pruning#1>pruning#3>low_rank#2"}
+    assert space.neighbours("pruning#1>low_rank#2>pruning#3>ptq_static+") == [initial]  # int8 stays last
+    fixed = derive_space(load_setup("composite_1"), SearchConfig.parse({"moves": {"insert": [], "drop": False,
+                                                                                  "reorder": False}}))
+    assert fixed.neighbours(fixed.initial) == []
+
+
+def test_defined_values_are_the_setups_own_named_and_shaped_as_suggested():
+    space = derive_space(load_setup("composite_1"), SearchConfig.parse({"moves": {"insert": ["ptq_static"]}}))
+    assert space.defined("pruning#1") == {"pruning#1.pruning_ratio": 0.75, "pruning#1.importance": "magnitude"}
+    assert space.defined("low_rank#2") == {"low_rank#2.method.thresholds": 0.9}  # [0.9] in the setup: one value
+    observer = space.defined("ptq_static+")["ptq_static+.observer"]  # not set: the node config's default
+    assert observer == get_node("ptq_static").config_cls().observer
 
 
 def test_every_candidate_chain_is_a_valid_setup_and_suggests_one():
