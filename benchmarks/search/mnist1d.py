@@ -214,7 +214,13 @@ def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, see
            f"search.sampler={sampler}", f"search.seed={seed}", "cluster=local", f"cluster.n_workers={args.workers}",
            "tracking=none", f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget]]
     wall = sh(cmd, out / f"search_{label}.log", ok=(0, 1))  # 1: no trial met the constraint
-    folder = out / f"SEARCH_COMPOSITE_1_{label}"
+    return search_figures(out / f"SEARCH_COMPOSITE_1_{label}", " ".join(cmd[2:]), sampler, seed, wall, args.workers)
+
+
+def search_figures(folder: Path, command: str, sampler: str, seed: int, wall: float, workers: int) -> dict:
+    """The figures of one finished search folder (selected on validation): trials complete / stopped / feasible,
+    hypervolume, the best MACs reduction within the constraint with its test drop and latency side by side, the
+    trials' walls and their parallel efficiency on ``workers``."""
     state = json.loads((folder / "search.json").read_text())
     ref = state["reference"]["row"]
     rows = read_trials(folder)
@@ -223,7 +229,7 @@ def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, see
     feasible = [r for r in rows if r["state"] == "complete" and r["feasible"] == "True"]
     best = max(feasible, key=lambda r: r["macs_reduction"]) if feasible else None
     walls = [r["wall_s"] for r in rows if isinstance(r["wall_s"], float)]
-    info = {"command": " ".join(cmd[2:]), "folder": str(folder), "sampler": sampler, "seed": seed, "wall_s": wall,
+    info = {"command": command, "folder": str(folder), "sampler": sampler, "seed": seed, "wall_s": wall,
             "reference": ref, "reference_val_accuracy": state["reference"].get("val_accuracy"),
             "selection": "validation" if on_val else "test", "trials": len(rows),
             "complete": sum(r["state"] == "complete" for r in rows),
@@ -234,7 +240,8 @@ def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, see
             "best_val_accuracy_drop_pt": best.get("val_accuracy_drop_pt") if best else None,
             "best_test_accuracy_drop_pt": best.get("accuracy_drop_pt") if best else None, "best": best,
             "mean_trial_wall_s": statistics.mean(walls) if walls else None,
-            "prefix_wall_s": state["reference"].get("wall_s"), **trial_efficiency(folder, args.workers)}
+            "epochs": sum(r["epochs"] for r in rows if isinstance(r.get("epochs"), float)),
+            "prefix_wall_s": state["reference"].get("wall_s"), **trial_efficiency(folder, workers)}
     if best:
         r_lat, b_lat = side_by_side_latency(Path(best["output_dir"]) / "final",
                                             Path(state["reference"]["output_dir"]) / "final")
