@@ -20,9 +20,10 @@ GOLEM's side:
   setup defines them (the seed's ``need_evo_opt`` start point); a graph node is a node of the chain
   (``{"name": "pruning#1", "params": {"pruning#1.pruning_ratio": 0.75, ...}}``, ``golem_chain``);
 - two mutations: a chain move (``SearchSpace.neighbours``: drop, insert, reorder, or undo one; kept nodes keep
-  their values, a gained node draws them) and a redraw of one field from its dimension (``SearchSpace``'s
-  ``Dimension``); GOLEM's own one-point crossover on the chain graphs too; GOLEM's verifier keeps only chains of the
-  space (``golem_chain.in_space``: the chains the package derived and validated);
+  their values, a gained node draws them) and a parameter change (FEDOT's: each node picked with GOLEM's per-node
+  probability, 1 / chain length at its default strength, gets all its fields drawn anew from their ``Dimension``s
+  of the package's space); GOLEM's own one-point crossover on the chain graphs too; GOLEM's verifier keeps only
+  chains of the space (``golem_chain.in_space``: the chains the package derived and validated);
 - objectives (both minimised): MACs / the reference's, and -validation accuracy.
 
 Where GOLEM's API forces a simplification:
@@ -138,6 +139,7 @@ def golem_loop(pop_size: int) -> Any:
 
         from golem.core.dag.verification_rules import has_no_cycle, has_one_root
         from golem.core.optimisers.genetic.gp_optimizer import EvoGraphOptimizer
+        from golem.core.optimisers.genetic.operators.base_mutations import MutationStrengthEnum, get_mutation_prob
         from golem.core.optimisers.genetic.gp_params import GPAlgorithmParameters
         from golem.core.optimisers.objective import Objective
         from golem.core.optimisers.optimization_parameters import GraphRequirements
@@ -152,9 +154,11 @@ def golem_loop(pop_size: int) -> Any:
             moved = golem_chain.move(space, chain, rng) if chain is not None else None
             return _graph(moved) if moved is not None else graph
 
-        def field_redraw(graph: Any, **_: Any) -> Any:
+        def parameter_change(graph: Any, parameters: Any = None, **_: Any) -> Any:
             chain = _chain(graph)
-            drawn = golem_chain.redraw(space, chain, rng) if chain is not None else None
+            strength = getattr(parameters, "mutation_strength", MutationStrengthEnum.mean)  # GOLEM's per-node
+            prob = get_mutation_prob(strength, graph.root_nodes()[0]) if chain else None  # probability (1/n)
+            drawn = golem_chain.redraw(space, chain, rng, prob) if chain is not None else None
             return _graph(drawn) if drawn is not None else graph
 
         def in_space(graph: Any) -> bool:
@@ -168,7 +172,7 @@ def golem_loop(pop_size: int) -> Any:
             early_stopping_timeout=None, n_jobs=pool.slots, show_progress=False, keep_history=True,
             history_dir=str(search.folder / "golem"), max_depth=len(max(space.chains.values(), key=len)))
         params = GPAlgorithmParameters(multi_objective=True, pop_size=pop_size, max_pop_size=pop_size,
-                                       mutation_types=[chain_move, field_redraw])
+                                       mutation_types=[chain_move, parameter_change])
         params.seed = seed
         generation = GraphGenerationParams(rules_for_constraint=[has_one_root, has_no_cycle, in_space],
                                            available_node_types=list(space.templates))

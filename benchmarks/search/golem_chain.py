@@ -1,5 +1,6 @@
 """Candidate chains as GOLEM sees them, without GOLEM: the mapping between a chain graph's nodes and the search's
-candidates, the two mutations, and the penalised fitness (``benchmarks.search.golem`` wraps them in GOLEM's types).
+candidates, the two mutations (a chain move, a parameter change), and the penalised fitness
+(``benchmarks.search.golem`` wraps them in GOLEM's types).
 
 A chain is a list of node contents as GOLEM's ``OptNode`` holds them: ``{"name": <node id>, "params": {<node id>.
 <field path>: value}}``; node ids and parameter names are the search space's (``pruning#1``, ``distillation+``,
@@ -84,21 +85,23 @@ def move(space: SearchSpace, chain: Chain, rng: random.Random) -> Optional[Chain
             for tid in space.chains[rng.choice(options)]]
 
 
-def redraw(space: SearchSpace, chain: Chain, rng: random.Random) -> Optional[Chain]:
-    """One field of one node drawn anew from its dimension (another choice for a categorical one); None when no
-    node of the chain has a searchable field."""
-    fields = [(i, d) for i, node in enumerate(chain) for d in space.templates[node["name"]].dims]
-    if not fields:
+def redraw(space: SearchSpace, chain: Chain, rng: random.Random, node_prob: Optional[float] = None
+           ) -> Optional[Chain]:
+    """The fields of some nodes drawn anew from their dimensions (FEDOT's parameter change mutation): each node with
+    searchable fields is picked with probability ``node_prob`` (default 1 / their number; at least one is), and all
+    its fields drawn; never the same chain back (drawn again). None when no node has a searchable field."""
+    nodes = [i for i, node in enumerate(chain) if space.templates[node["name"]].dims]
+    if not nodes:
         return None
-    i, dim = rng.choice(fields)
-    old = chain[i]["params"].get(dim.name)
-    value = draw(dim, rng)
-    if dim.type == "categorical" and len(dim.choices) > 1:
-        while value == old:
-            value = draw(dim, rng)
-    out = [dict(node, params=dict(node["params"])) for node in chain]
-    out[i]["params"][dim.name] = value
-    return out
+    prob = 1.0 / len(nodes) if node_prob is None else node_prob
+    for _ in range(100):
+        picked = [i for i in nodes if rng.random() < prob] or [rng.choice(nodes)]
+        out = [dict(node, params=dict(node["params"])) for node in chain]
+        for i in picked:
+            out[i] = _drawn(space, chain[i]["name"], rng)
+        if key(out) != key(chain):
+            return out
+    return None
 
 
 def fitness(row: Optional[Mapping[str, Any]], max_drop: Optional[float]) -> Optional[tuple[float, float]]:

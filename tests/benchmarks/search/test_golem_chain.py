@@ -61,19 +61,23 @@ def test_a_chain_move_keeps_the_kept_nodes_values_and_draws_a_gained_nodes(space
     assert gc.in_space(space, back)
 
 
-def test_a_redraw_changes_one_field_within_its_dimension_and_runs_with_it(space):
+def test_a_parameter_change_draws_whole_nodes_anew_within_their_dimensions_and_runs_with_them(space):
     rng = random.Random(3)
     chain = gc.initial(space)
-    for _ in range(30):
+    dims = {d.name: d for t in space.templates.values() for d in t.dims}
+    picked = []
+    for _ in range(40):
         new = gc.redraw(space, chain, rng)
-        before = gc.params(space, chain)
-        after = gc.params(space, new)
-        changed = [k for k in before if before[k] != after[k]]
-        assert len(changed) == 1
-        dim = next(d for t in space.templates.values() for d in t.dims if d.name == changed[0])
-        value = after[changed[0]]
-        assert value in dim.choices if dim.type == "categorical" else dim.low <= value <= dim.high
+        assert gc.label(new) == gc.label(chain) and gc.key(new) != gc.key(chain)
+        changed = {n["name"] for n, m in zip(chain, new) if n["params"] != m["params"]}
+        picked.append(len(changed))
+        for name, value in gc.params(space, new).items():
+            if name != "chain":
+                dim = dims[name]
+                assert value in dim.choices if dim.type == "categorical" else dim.low <= value <= dim.high
         chain = new
+    assert min(picked) >= 1 and max(picked) > 1  # one node at least; each with probability 1/3
+    assert gc.redraw(space, chain, rng, node_prob=0.0) is not None  # none picked: one is
     ran = _nodes_run(space, chain)
     assert ran[0]["pruning_ratio"] == chain[0]["params"]["pruning#1.pruning_ratio"]
     assert ran[1]["method"]["thresholds"] == [chain[1]["params"]["low_rank#2.method.thresholds"]]
