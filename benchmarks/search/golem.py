@@ -98,10 +98,9 @@ class Evaluations:
     def spent(self) -> bool:
         return not self.search.remaining and not self.search.in_flight
 
-    def fitness(self, graph: Any, first: bool = False) -> tuple[float, float]:
-        """(MACs ratio, -validation accuracy) of the graph's trial; ``first``: GOLEM's first metric call of it."""
+    def fitness(self, chain: Optional[golem_chain.Chain], first: bool = False) -> tuple[float, float]:
+        """(MACs ratio, -validation accuracy) of the chain's trial; ``first``: GOLEM's first metric call of it."""
         self.asked += first
-        chain = _chain(graph)
         row = self._row(chain, golem_chain.key(chain)) if chain is not None else None
         value = golem_chain.fitness(row, self.search.scfg.max_accuracy_drop)
         if value is None:
@@ -165,8 +164,9 @@ def golem_loop(pop_size: int) -> Any:
             chain = _chain(graph)
             return chain is not None and golem_chain.in_space(space, chain)
 
-        objective = Objective({"macs_ratio": lambda g: evaluations.fitness(g, first=True)[0],
-                               "neg_val_accuracy": lambda g: evaluations.fitness(g)[1]}, is_multi_objective=True)
+        objective = Objective({"macs_ratio": lambda g: evaluations.fitness(_chain(g), first=True)[0],
+                               "neg_val_accuracy": lambda g: evaluations.fitness(_chain(g))[1]},
+                              is_multi_objective=True)
         requirements = GraphRequirements(
             num_of_generations=search.scfg.trials, timeout=None, early_stopping_iterations=None,
             early_stopping_timeout=None, n_jobs=pool.slots, show_progress=False, keep_history=True,
