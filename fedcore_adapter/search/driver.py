@@ -523,6 +523,8 @@ class Search:
             trial.set_user_attr("reason", value.get("reason"))
             self.study.tell(trial, state=TrialState.PRUNED)
             close_fid(TrialState.PRUNED)
+            if value.get("output_dir"):  # the nodes it finished are as good a start as a complete trial's
+                self._register(trial.user_attrs["nodes"], trial.user_attrs["start_node"], value["output_dir"])
         else:
             values = [self._selected(value, last, o) for o in self.scfg.objectives]
             if not all(isinstance(v, (int, float)) for v in values):
@@ -537,7 +539,8 @@ class Search:
         return self._row(self.study.trials[trial.number])
 
     def _register(self, nodes: list[dict], start: int, output_dir: str) -> None:
-        """Every node checkpoint of a completed trial becomes a computed prefix other trials may start from."""
+        """Every node checkpoint a trial finished (complete, or stopped early at a node end: the nodes before the
+        stop are finished) becomes a computed prefix other trials may start from."""
         if not self.scfg.share_prefix:
             return
         common = {**self.space.common, "seed": self.base_seed}

@@ -2,6 +2,7 @@
 inside a node (each pruning step, the start of a fine-tune), and never stops the chain's last node."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -81,3 +82,32 @@ def test_in_a_search_a_trial_whose_first_compression_node_ends_below_the_line_st
     assert "at the end of node 0: pruning" in row["error"]  # the stop's reason
     nodes = result.folder / "trials" / "trial_0000.partial" / "nodes"  # the stopped run's folder
     assert sorted(p.name for p in nodes.iterdir()) == ["0_input", "1_pruning"]  # the second node never ran
+
+
+def test_a_stopped_trials_finished_nodes_are_a_prefix_later_trials_start_from(tmp_path):
+    """A candidate that shares the nodes a stopped trial finished starts after them (its run holds only the
+    rest), as it would after a complete trial: local moves around a stopped parent do not redo its work."""
+    from fedcore_adapter.search.driver import run_search
+    from tests.search.helpers import SETUP, config
+
+    cfg = config(tmp_path, trials=2, max_accuracy_drop=0.0, moves={"drop": False, "insert": [], "reorder": False},
+                 early_stop={"enabled": True, "margin": 0.0, "patience": 0},
+                 space={"pruning": {"pruning_ratio": {"low": 0.94, "high": 0.96}}})
+    prune = {"kind": "pruning", "pruning_ratio": 0.95, "finetune_params": {"epochs": 1, "learning_rate": 1e-5}}
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    first = {"pruning#1.pruning_ratio": 0.95, "pruning#1.importance": "magnitude"}
+    asked = [{**first, "pruning#2.pruning_ratio": 0.95, "pruning#2.importance": "magnitude"},
+             {**first, "pruning#2.pruning_ratio": 0.94, "pruning#2.importance": "lamp"}]
+
+    def loop(search, pool):
+        for params in asked:  # one after the other: the second is asked once the first has stopped
+            search.submit(pool, params)
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+
+    result = run_search(cfg, loop=loop)
+    stopped, second = result.trials
+    assert stopped["state"] == "pruned" and "at the end of node 0: pruning" in stopped["error"]
+    assert int(stopped["start_node"]) == 1 and int(second["start_node"]) == 2  # after the stopped trial's pruning#1
+    nodes = sorted(p.name for p in (Path(second["output_dir"]) / "nodes").iterdir())
+    assert nodes == ["0_input", "1_pruning"]  # its own run: the second pruning only
