@@ -55,7 +55,8 @@ from typing import Any, Optional
 
 from benchmarks.common import environment
 from benchmarks.search import golem_chain
-from benchmarks.search.mnist1d import BUDGETS, busy_loops, one_search, per_sampler, raw_model, search_figures, sh
+from benchmarks.search.mnist1d import (BUDGETS, busy_loops, one_search, per_sampler, raw_model, search_arguments,
+                                       search_figures, sh)
 
 POP_SIZE = 8
 
@@ -224,17 +225,8 @@ def golem_search(args: argparse.Namespace, raw: Path, out: Path, seed: int) -> d
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="/tmp/golem_bench")
-    p.add_argument("--raw", default="/tmp/search_bench_raw")
-    p.add_argument("--pretrained", default=None, help="a checkpoint to start from instead of RAW (100 epochs)")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="cut",
-                   help="full: COMPOSITE_1 exactly as defined; cut: its fine-tunes cut 5-10x")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search.seed values (one search each)")
-    p.add_argument("--trials", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--samplers", nargs="+", default=["golem"],
-                   help="golem, and Optuna samplers (tpe, random) to run beside it, seed by seed")
+    p = search_arguments("/tmp/golem_bench", ["golem"],
+                         "golem, and Optuna samplers (tpe, random) to run beside it, seed by seed")
     p.add_argument("--pop-size", type=int, default=POP_SIZE, help="GOLEM's population (fixed)")
     p.add_argument("--run-search", action="store_true", help=argparse.SUPPRESS)  # one search: Hydra overrides follow
     args, rest = p.parse_known_args()

@@ -300,9 +300,10 @@ def whole_chain_comparison(folder: Path, raw: Path, args: argparse.Namespace, ou
     return result
 
 
-def main() -> None:
+def search_arguments(out: str, samplers: list[str], samplers_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options every search benchmark takes: where, from which RAW, at which budget, seeds, trials, workers."""
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="/tmp/search_bench")
+    p.add_argument("--out", default=out)
     p.add_argument("--raw", default="/tmp/search_bench_raw")
     p.add_argument("--pretrained", default=None, help="a checkpoint to start from instead of RAW (100 epochs)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cut",
@@ -310,7 +311,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search.seed values (one search each)")
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--samplers", nargs="+", default=["tpe", "random"])
+    p.add_argument("--samplers", nargs="+", default=samplers, help=samplers_help)
+    return p
+
+
+def main() -> None:
+    p = search_arguments("/tmp/search_bench", ["tpe", "random"])
     p.add_argument("--full-chains", type=int, default=4)
     p.add_argument("--chain-threads", type=int, default=1,
                    help="torch threads of the whole chains (1: as each trial's worker)")
