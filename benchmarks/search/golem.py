@@ -46,7 +46,6 @@ import json
 import logging
 import os
 import random
-import statistics
 import sys
 import threading
 import time
@@ -55,7 +54,7 @@ from typing import Any, Optional
 
 from benchmarks.common import environment
 from benchmarks.search import golem_chain
-from benchmarks.search.mnist1d import (BUDGETS, busy_loops, one_search, per_sampler, raw_model, search_arguments,
+from benchmarks.search.mnist1d import (BUDGETS, busy_loops, one_search, raw_model, run_searches, search_arguments,
                                        search_figures, sh)
 
 POP_SIZE = 8
@@ -249,18 +248,8 @@ def main() -> None:
     summary["busy_loops_before"] = busy_loops()
     print("busy loops before:", json.dumps(summary["busy_loops_before"]), flush=True)
     save()
-    for seed in args.seeds:
-        for sampler in args.samplers:
-            run = golem_search(args, raw, out, seed) if sampler == "golem" else one_search(args, raw, out, sampler,
-                                                                                           seed)
-            summary["runs"].append(run)
-            save()
-    summary["busy_loops_after"] = busy_loops()
-    print("busy loops after:", json.dumps(summary["busy_loops_after"]), flush=True)
-    parallelism = statistics.mean([summary["busy_loops_before"]["parallelism"],
-                                   summary["busy_loops_after"]["parallelism"]])
-    summary["busy_loop_parallelism"] = parallelism
-    summary["per_sampler"] = per_sampler(summary["runs"], parallelism, args.workers)
+    run_searches(summary, args, save, lambda sampler, seed: golem_search(args, raw, out, seed) if sampler == "golem"
+                 else one_search(args, raw, out, sampler, seed))
     summary["wall_s"] = time.time() - started
     summary["load_average_end"] = os.getloadavg()
     save()

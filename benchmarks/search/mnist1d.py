@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -256,6 +256,23 @@ def _median(values: list) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
+def run_searches(summary: dict, args: argparse.Namespace, save: Callable[[], None],
+                 search: Callable[[str, int], dict]) -> None:
+    """Every seed's searches, one per sampler (``search(sampler, seed)``), each saved as it ends; then the busy-loop
+    pair again and the per-sampler medians against the mean of the pair's parallelism before and after."""
+    for seed in args.seeds:
+        for sampler in args.samplers:
+            summary["runs"].append(search(sampler, seed))
+            save()
+    summary["busy_loops_after"] = busy_loops()
+    print("busy loops after:", json.dumps(summary["busy_loops_after"]), flush=True)
+    parallelism = statistics.mean([summary["busy_loops_before"]["parallelism"],
+                                   summary["busy_loops_after"]["parallelism"]])
+    summary["busy_loop_parallelism"] = parallelism
+    summary["per_sampler"] = per_sampler(summary["runs"], parallelism, args.workers)
+    save()
+
+
 def per_sampler(runs: list[dict], parallelism: Optional[float], workers: int) -> dict:
     """Per sampler, the median over seeds; a seed with no feasible trial counts 1.0x (no reduction) in the median
     of the best MACs reduction, and its hypervolume is 0."""
@@ -353,17 +370,7 @@ def main() -> None:
     summary["train_loops_before"] = busy_loops(kind="train")
     print("training loops before:", json.dumps(summary["train_loops_before"]), flush=True)
     save()
-    for seed in args.seeds:
-        for sampler in args.samplers:
-            summary["runs"].append(one_search(args, raw, out, sampler, seed))
-            save()
-    summary["busy_loops_after"] = busy_loops()
-    print("busy loops after:", json.dumps(summary["busy_loops_after"]), flush=True)
-    parallelism = statistics.mean([summary["busy_loops_before"]["parallelism"],
-                                   summary["busy_loops_after"]["parallelism"]])
-    summary["busy_loop_parallelism"] = parallelism
-    summary["per_sampler"] = per_sampler(summary["runs"], parallelism, args.workers)
-    save()
+    run_searches(summary, args, save, lambda sampler, seed: one_search(args, raw, out, sampler, seed))
     if args.full_chains:
         summary.update(whole_chain_comparison(Path(summary["runs"][0]["folder"]), raw, args, out))
     summary["wall_s"] = time.time() - started
