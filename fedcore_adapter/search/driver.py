@@ -407,7 +407,7 @@ class Search:
         (``number in search.in_flight`` tells)."""
         if params is not None:
             self.study.enqueue_trial(dict(params), skip_if_exists=False)
-        return self._ask(pool, self.in_flight)
+        return self._ask(pool)
 
     def collect(self, pool: Any, timeout: Optional[float] = None) -> list[tuple[int, Optional[dict]]]:
         """Tell the study the trials that finished (waiting up to ``timeout`` s for one), a progress line each;
@@ -415,7 +415,7 @@ class Search:
         out = []
         for number, outcome in pool.finished(timeout=timeout):
             trial, fid, _ = self.in_flight.pop(number)
-            row = self._tell(trial, fid, outcome, self.retries)
+            row = self._tell(trial, fid, outcome)
             if row is not None:
                 print(self.progress.line(row, self._best()), flush=True)
             out.append((number, row))
@@ -425,7 +425,7 @@ class Search:
         """Trial ``number``'s row (as in ``trials.csv``)."""
         return self._row(self.study.trials[number])
 
-    def _ask(self, pool: Any, in_flight: dict) -> int:
+    def _ask(self, pool: Any) -> int:
         trial = self.study.ask()
         try:
             label, nodes = self.space.suggest(trial)
@@ -458,7 +458,7 @@ class Search:
         extra.update(self._references_to_measure(trial.number))
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
-        in_flight[trial.number] = (trial, fid, time.time())
+        self.in_flight[trial.number] = (trial, fid, time.time())
         return trial.number
 
     def _loop(self, pool: Any) -> None:
@@ -470,7 +470,7 @@ class Search:
                 break
             self.collect(pool, timeout=30)
 
-    def _tell(self, trial: Any, fid: Any, outcome: dict, retries: dict) -> Optional[dict]:
+    def _tell(self, trial: Any, fid: Any, outcome: dict) -> Optional[dict]:
         def close_fid(state, value=None):
             if fid is not None:
                 self.fidelity.tell(fid, value if state == TrialState.COMPLETE else None, state=state)
@@ -480,8 +480,8 @@ class Search:
         self._note_references(trial.number, f"trial_{trial.number:04d}", outcome.get("value"))
         if outcome.get("lost"):
             key = json.dumps(trial.params, sort_keys=True, default=str)
-            retries[key] = retries.get(key, 0) + 1
-            if retries[key] <= self.scfg.retries:
+            self.retries[key] = self.retries.get(key, 0) + 1
+            if self.retries[key] <= self.scfg.retries:
                 trial.set_user_attr("lost", True)
                 self.study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
                 log.warning("trial #%d lost its worker (%s): asked again with the same parameters", trial.number,
