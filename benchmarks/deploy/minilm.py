@@ -4,7 +4,7 @@ runtime's own int8 applied by hand, our int8 through the ``deploy`` node on each
 
     python -m benchmarks.deploy.minilm [--rounds 5] [--goals 0.15 0.25] [--falor-cache /tmp/falor_minilm]
         [--ffn-ratios 0.1 0.2] [--head-ratio 0] [--importance taylor] [--distill-loss cosine]
-        [--distill-mse-weight 0] [--distill-sentences 3000] [--distill-epochs 3] [--lr 5e-5]
+        [--distill-mse-weight 0] [--distill-sentences 3000] [--distill-epochs 3] [--lr 5e-5] [--reconstruct]
         [--prune-cache /tmp/ffn_minilm] [--quality-only]
 
 Cells: 1 and 2 threads x batch 1 (one sentence, its own length), batch 32 padded to the longest, batch
@@ -30,7 +30,9 @@ runtime. Sizes: bytes of what each runtime loads (``state.pt`` for torch, ``mode
   ``unlabeled_loss``), then the ``deploy`` node. The distillation sentences: the non-test pydoc sentences
   (337), then, with ``--distill-sentences N`` above that, standard-library docstring sentences
   (``zoo.text.docstring_sentences``, never a test sentence) up to N in all. ``--distill-epochs 0``: the
-  pruned model without a fine-tune. Small ratios only: 50 % of heads and FFN channels keep mean cosine 0.79
+  pruned model without a fine-tune. ``--reconstruct``: the node re-fits each block's pruned consumer by least
+  squares on the same sentences (``reconstruct: true``, every batch; with ``--importance obs``, the units whose
+  removal the re-fit repairs best). Small ratios only: 50 % of heads and FFN channels keep mean cosine 0.79
   after distillation (``pruning.minilm``), and even 5 % of the FFN channels stayed under 0.98 after 8 epochs
   of MSE distillation on 337 sentences (RESULTS, *Deployment runtimes*).
 
@@ -140,16 +142,19 @@ def ffn_pruned_model(original: nn.Module, dm: TextDataModule, ratio: float, args
     key = (f"ffn_{ratio:g}_{args.importance}_e{args.distill_epochs}_lr{args.lr:g}"  # the first runs' names kept
            + (f"_heads{args.head_ratio:g}" if args.head_ratio else "")
            + (f"_{loss}" + (f"_mse{weight:g}" if weight else "") if loss != "mse" else "")
-           + (f"_s{total}" if total is not None else ""))
+           + (f"_s{total}" if total is not None else "")
+           + ("_reconstruct" if args.reconstruct else ""))
     cache = cache / key if cache is not None else None
     if cache is not None and (cache / "final").exists():
         return load_model(cache, load_minilm()), 0.0
     finetune = {"epochs": args.distill_epochs, "learning_rate": args.lr}
     if loss != "mse":
         finetune.update(unlabeled_loss=loss, unlabeled_mse_weight=weight)
+    batches = sentence_batches(distillation_sentences(dm, total), 32)
     node = {"kind": "pruning", "pruning_ratio": ratio, "head_pruning_ratio": args.head_ratio,
             "importance": args.importance, "round_to": 32, "finetune_params": finetune}
-    batches = sentence_batches(distillation_sentences(dm, total), 32)
+    if args.reconstruct:
+        node.update(reconstruct=True, calibration_batches=len(batches))
     print(f"ffn {ratio:g}: {sum(len(b['input_ids']) for b in batches)} distillation sentences, {len(batches)} "
           f"steps per epoch, {loss} loss", flush=True)
     start = time.perf_counter()
@@ -188,6 +193,9 @@ def main() -> None:
     parser.add_argument("--ffn-ratios", type=float, nargs="*", default=[],
                         help="FFN-pruning composites: fractions of each layer's FFN channels removed")
     parser.add_argument("--importance", default="taylor", help="the pruning node's channel ranking")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="the pruning node's reconstruct: each block's pruned consumer re-fitted by least squares "
+                             "on the distillation sentences (before the fine-tune)")
     parser.add_argument("--head-ratio", type=float, default=0.0, help="fraction of each layer's heads removed too")
     parser.add_argument("--distill-epochs", "--distil-epochs", type=int, default=8,
                         help="the pruning node's distillation epochs (0: no fine-tune)")

@@ -1,9 +1,11 @@
 """Composite against single methods on all-MiniLM-L6-v2 without labels: at mean embedding cosine >= --min-cosine
-(0.98) to the original on 256 test sentences, the fastest composite chain (falor low-rank, then int8 dynamic
-quantization) against the fastest single method (falor alone, int8 alone), latency side by side in one process.
+(0.98) to the original on 256 test sentences, the fastest composite chain (falor low-rank or FFN pruning, then int8
+dynamic quantization) against the fastest single method (falor alone, FFN pruning alone, int8 alone), latency side
+by side in one process.
 
-    python -m benchmarks.search.minilm [--goals 0.1 0.2 0.3 0.4] [--min-cosine 0.98] [--rounds 7] [--threads 2]
-                                       [--smooth-alpha 0.7] [--falor-cache DIR] [--json out.json]
+    python -m benchmarks.search.minilm [--goals 0.1 0.2 0.3 0.4] [--ffn-ratios 0.2 0.25 0.3] [--min-cosine 0.98]
+                                       [--rounds 7] [--threads 2] [--smooth-alpha 0.7] [--falor-cache DIR]
+                                       [--ffn-sentences 1000] [--ffn-cache DIR] [--json out.json]
 
 Candidates, each run by the engine (``run_setup``) as a user runs it:
 
@@ -13,9 +15,14 @@ Candidates, each run by the engine (``run_setup``) as a user runs it:
   params ``budget`` removing the fraction ``g`` of the Linear params (pooler left out), for each ``--goals``;
 - ``falor g > int8``: the chain low_rank -> ptq_dynamic; its low-rank node is ``falor g``'s (the chain's prefix is
   computed once and shared, as the search does), ``ptq_dynamic`` runs on its model.
+- ``ffn r``: one ``pruning`` node removing the share ``r`` of every layer's FFN channels (heads kept, counts a
+  multiple of 32) with ``reconstruct: true, importance: obs``: each block's FFN output layer re-fitted by least
+  squares to the original's outputs on ``--ffn-sentences`` non-test sentences (the pydoc ones, then stdlib
+  docstring sentences), the channels chosen by the error the re-fit leaves; ``ffn r > int8`` the chain
+  pruning -> ptq_dynamic on its model, for each ``--ffn-ratios``.
 
-No labels and no fine-tunes (falor fits in closed form on the calibration sentences: every sentence that is not a
-test sentence). Cosine: mean and min over the 256 test sentences' mean-pooled embeddings against the original's.
+No labels and no fine-tunes (falor and the pruning re-fit solve in closed form on calibration sentences that are
+not test sentences). Cosine: mean and min over the 256 test sentences' mean-pooled embeddings against the original's.
 Latency: one batch of --timing-batch sentences padded to 128 tokens, every candidate and the original timed in
 interleaved rounds (``benchmarks.timing.interleaved_latency``); the verdict's ratio is the median over rounds of the
 per-round ratio best single / best composite.
@@ -40,7 +47,8 @@ from fedcore_adapter.metrics import count_params
 from fedcore_adapter.zoo.text import TextDataModule, embedding_cosine, load_minilm, load_tokenizer
 
 from benchmarks.common import environment, markdown
-from benchmarks.low_rank.minilm import EXCLUDE, linear_params, wide_calibration
+from benchmarks.deploy.minilm import distillation_sentences
+from benchmarks.low_rank.minilm import EXCLUDE, linear_params, sentence_batches, wide_calibration
 from benchmarks.low_rank.minilm_node import Sentences
 from benchmarks.timing import interleaved_latency
 
@@ -61,6 +69,12 @@ def falor_node(original: torch.nn.Module, goal: float, calibration: int, args: a
                        "metric_batches": args.metric_batches,
                        "fit": {"name": "sequential", "weighting": "gradient", "probes": args.probes,
                                "damping": args.damping, "refit_kept": True}}}
+
+
+def ffn_node(ratio: float, calibration: int) -> dict:
+    """The pruning node removing ``ratio`` of each FFN's channels, its output layer re-fitted (no training)."""
+    return {"kind": "pruning", "pruning_ratio": ratio, "head_pruning_ratio": 0.0, "round_to": 32,
+            "importance": "obs", "reconstruct": True, "calibration_batches": calibration}
 
 
 def run_node(model: torch.nn.Module, node: dict, data: Sentences, out: Path, name: str, threads: int,
@@ -94,6 +108,10 @@ def main() -> None:
     parser.add_argument("--smooth-alpha", type=float, default=0.7,
                         help="SmoothQuant strength of every int8 node (0: plain dynamic int8)")
     parser.add_argument("--falor-cache", type=Path, help="folder keeping this benchmark's falor models (goal_<g>/)")
+    parser.add_argument("--ffn-ratios", type=float, nargs="*", default=[0.2, 0.25, 0.3],
+                        help="fractions of every layer's FFN channels the pruning node removes")
+    parser.add_argument("--ffn-sentences", type=int, default=1000, help="calibration sentences of the FFN re-fit")
+    parser.add_argument("--ffn-cache", type=Path, help="folder keeping this benchmark's FFN-pruned models (ffn_<r>/)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     int8 = int8_node(args.smooth_alpha)
@@ -121,6 +139,24 @@ def main() -> None:
             family[name] = "single"
             composite = f"{name} > int8"
             models[composite], ptq_s = run_node(models[name], int8, data, Path(tmp), f"falor_{goal:g}_int8",
+                                                args.threads)
+            seconds[composite] = seconds[name] + ptq_s
+            family[composite] = "composite"
+            print(f"{name}: {seconds[name]:.0f} s; then int8: {ptq_s:.0f} s", flush=True)
+        ffn_data = Sentences(sentence_batches(distillation_sentences(dm, args.ffn_sentences), 32),
+                             dm.test_dataloader())
+        for ratio in args.ffn_ratios:
+            name = f"ffn {ratio:g}"
+            cached = args.ffn_cache / f"ffn_{ratio:g}_s{args.ffn_sentences}" if args.ffn_cache else None
+            if cached is not None and (cached / "final").exists():
+                models[name], seconds[name] = load_model(cached, load_minilm("sdpa")).eval(), 0.0
+            else:
+                node = ffn_node(ratio, len(ffn_data.calibration))
+                models[name], seconds[name] = run_node(original, node, ffn_data, Path(tmp), f"ffn_{ratio:g}",
+                                                       args.threads, keep=cached)
+            family[name] = "single"
+            composite = f"{name} > int8"
+            models[composite], ptq_s = run_node(models[name], int8, data, Path(tmp), f"ffn_{ratio:g}_int8",
                                                 args.threads)
             seconds[composite] = seconds[name] + ptq_s
             family[composite] = "composite"

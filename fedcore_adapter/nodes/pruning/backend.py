@@ -8,7 +8,9 @@ from torch import nn
 
 from ...data import batch_size, call_model, first_batch, primary_output, split_batch, to_device
 from ...steps import own_step, step_loss
+from ...errors import NodeError
 from .padded import is_padded, padded_slice
+from .reconstruction import Reconstruction
 from .structured import GraphPruner, Ratio
 from .transformers import TransformerPruner, find_groups
 
@@ -18,15 +20,21 @@ Pruner = Union[GraphPruner, TransformerPruner]
 def make_pruner(model: nn.Module, example_inputs: Any, *, label: str, ratio: Ratio, steps: int = 1,
                 head_ratio: Optional[float] = None, importance: str = "magnitude", importance_norm: float = 2.0,
                 global_pruning: bool = False, round_to: Optional[int] = None,
-                ignored_layers: Iterable[str] = (), schedule: str = "linear") -> Pruner:
+                ignored_layers: Iterable[str] = (), schedule: str = "linear",
+                reconstruction: Optional[Reconstruction] = None) -> Pruner:
     """A pruner for ``model`` (changed in place by its ``step``): heads + FFN for transformer encoders,
-    torch-pruning's dependency graph otherwise. Validates everything before anything is removed."""
+    torch-pruning's dependency graph otherwise. Validates everything before anything is removed.
+    ``reconstruction``: re-fit each pruned group's consumer by least squares (transformer encoders only)."""
     common = dict(label=label, ratio=ratio, steps=steps, importance=importance, importance_norm=importance_norm,
                   global_pruning=global_pruning, round_to=round_to, ignored_layers=tuple(ignored_layers),
                   schedule=schedule)
     groups = find_groups(model)
     if groups:
-        return TransformerPruner(model, groups, head_ratio=head_ratio, **common)
+        return TransformerPruner(model, groups, head_ratio=head_ratio, reconstruction=reconstruction, **common)
+    if reconstruction is not None:
+        raise NodeError(label, "reconstruct re-fits the layers after removed attention heads and FFN channels of "
+                               "transformer encoders (BERT-family, nn.TransformerEncoderLayer), and this model has "
+                               "none; use reconstruct: false")
     return GraphPruner(model, example_inputs, **common)
 
 

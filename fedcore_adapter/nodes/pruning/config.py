@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from ...schema import NodeConfig, TrainParams, searchable
 from ..toolkit import inherit_finetune
 
-IMPORTANCES = ("magnitude", "taylor", "lamp", "bn_scale", "random")
+IMPORTANCES = ("magnitude", "taylor", "lamp", "bn_scale", "random", "obs")
 UNSTRUCTURED_IMPORTANCES = ("magnitude", "taylor", "random")
 SCHEDULES = ("linear", "cubic", "cosine")
 
@@ -34,6 +34,7 @@ _FEDCORE_IMPORTANCE = {
     "lampimportance": "lamp", "lamp": "lamp",
     "bnscaleimportance": "bn_scale", "bn_scale": "bn_scale", "bnscale": "bn_scale",
     "randomimportance": "random", "random": "random",
+    "obs": "obs",
 }
 _FEDCORE_PRUNERS = {"magnitude_pruner": None, "meta_pruner": None, "batch_norm_pruner": "bn_scale"}
 _SCHEDULE_ALIASES = {"agp": "cubic"}
@@ -49,7 +50,7 @@ def _importance_name(value: Any, allowed: tuple[str, ...]) -> Any:
     name = _FEDCORE_IMPORTANCE.get(value.lower(), value)
     if name not in allowed:
         raise ValueError(f"unknown importance {value!r}; valid: {', '.join(allowed)} "
-                         f"(or FedCore's {', '.join(_FEDCORE_NAME[a] for a in allowed)})")
+                         f"(or FedCore's {', '.join(_FEDCORE_NAME[a] for a in allowed if a in _FEDCORE_NAME)})")
     return name
 
 
@@ -76,7 +77,8 @@ class _FinetuneFields(NodeConfig):
     finetune_params: Optional[TrainParams] = Field(None, description="final fine-tune after the last step")
     pruner_name: Optional[str] = Field(None, description="FedCore pruner name (see the module docstring)")
     calibration_batches: Optional[int] = Field(
-        None, ge=1, description="batches for Taylor gradients; default common.limit_valid_batches, else 16")
+        None, ge=1, description="training batches for Taylor gradients and for reconstruct; default "
+                                "common.limit_valid_batches, else 16")
     ignored_layers: list[str] = Field(
         default_factory=list, description="module names never pruned; structured pruning always keeps the layers "
                                           "producing the model's output (the final classifier)")
@@ -104,7 +106,14 @@ class PruningConfig(_FinetuneFields):
     head_pruning_ratio: Optional[float] = Field(
         None, description="transformers: fraction of attention heads removed; default pruning_ratio")
     importance: Literal[IMPORTANCES] = Field(  # type: ignore[valid-type]
-        "magnitude", json_schema_extra=searchable(choices=["magnitude", "lamp", "taylor"]))
+        "magnitude", json_schema_extra=searchable(choices=["magnitude", "lamp", "taylor"]),
+        description="channel ranking; 'obs' (with reconstruct): the output error each unit's removal leaves "
+                    "after the re-fit")
+    reconstruct: bool = Field(
+        False, json_schema_extra=searchable(default=False),
+        description="transformer encoders: after removing a block's heads / FFN channels, re-fit the linear "
+                    "that reads them by least squares so its outputs on calibration_batches of training data "
+                    "match the unpruned model's (block by block, no training)")
     importance_norm: float = Field(2.0, gt=0, description="p of the Lp norm for magnitude and LAMP")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
@@ -157,6 +166,20 @@ class PruningConfig(_FinetuneFields):
         if self.head_pruning_ratio is not None and isinstance(self.pruning_ratio, dict):
             raise ValueError(f"head_pruning_ratio = {self.head_pruning_ratio} applies only with one pruning_ratio for "
                              f"the whole model; with pruning_ratio as a dict, give the attention layers' ratios in it")
+        return self
+
+    @model_validator(mode="after")
+    def _obs_needs_reconstruct(self) -> "PruningConfig":
+        if self.importance == "obs":
+            if not self.reconstruct:
+                raise ValueError("importance 'obs' ranks units by the error left after the least-squares re-fit; "
+                                 "it needs reconstruct: true")
+            if self.global_pruning:
+                raise ValueError("importance 'obs' chooses units block by block; it cannot rank them across "
+                                 "layers (global_pruning: true); use global_pruning: false or another importance")
+            if self.sensitivity_ratios:
+                raise ValueError("sensitivity_ratios measure each layer group on its own, which importance 'obs' "
+                                 "(block by block after re-fits) cannot; use another importance for them")
         return self
 
     @field_validator("sensitivity_ratios")

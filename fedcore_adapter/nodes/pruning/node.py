@@ -3,8 +3,10 @@
 The node prunes the model it receives (never the setup's original), works on
 a copy so a bad option leaves the input untouched, and records every removal
 (``history.REPLAY_NAME``) so ``load_model`` can rebuild the pruned structure.
-It writes ``pruning_report.json`` (weight shapes before/after, skipped layers)
-and, with ``sensitivity_ratios``, ``sensitivity.json`` beside its checkpoint.
+With ``reconstruct`` (transformer encoders), each block's pruned consumer is re-fitted by least
+squares to the input model's outputs (:mod:`.reconstruction`). It writes ``pruning_report.json``
+(weight shapes before/after, skipped layers) and, with ``sensitivity_ratios``, ``sensitivity.json``
+beside its checkpoint.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ..toolkit import calibration_limit, write_report
 from .backend import accumulate_gradients, example_inputs, make_pruner
 from .config import PruningConfig
 from .history import REPLAY_NAME, History
+from .reconstruction import Reconstruction
 from .sensitivity import pruning_sensitivity
 
 DEFAULT_CALIBRATION_BATCHES = 16
@@ -54,11 +57,16 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
     label = ctx.node_label or config.label
     inputs = example_inputs(ctx.train_loader, ctx.device)
     work = copy.deepcopy(model)
+    reconstruction = None
+    if config.reconstruct:
+        batches = list(limited(ctx.train_loader, calibration_limit(ctx, config.calibration_batches,
+                                                                   DEFAULT_CALIBRATION_BATCHES)))
+        reconstruction = Reconstruction(model, batches, ctx.device)
     pruner = make_pruner(work, inputs, label=label, ratio=config.pruning_ratio, steps=config.pruning_iterations,
                          head_ratio=config.head_pruning_ratio, importance=config.importance,
                          importance_norm=config.importance_norm, global_pruning=config.global_pruning,
                          round_to=config.round_to, ignored_layers=config.ignored_layers,
-                         schedule=config.schedule)
+                         schedule=config.schedule, reconstruction=reconstruction)
     if config.sensitivity_ratios:
         rows = pruning_sensitivity(model, ctx.val_loader or ctx.train_loader, config.sensitivity_ratios,
                                    importance=config.importance, importance_norm=config.importance_norm,

@@ -20,6 +20,7 @@ from torch import nn
 from ...errors import NodeError
 from .factors import factor_part
 from .history import History
+from .reconstruction import Reconstruction, obs_choice, refit_consumer
 from .structured import PruningWarning, Ratio, _matches, ratio_for, scheduled_ratio, screen_small_groups
 
 
@@ -114,8 +115,11 @@ class TransformerPruner:
     def __init__(self, model: nn.Module, groups: list[UnitGroup], *, label: str, ratio: Ratio,
                  head_ratio: Optional[float], steps: int, importance: str = "magnitude", importance_norm: float = 2.0,
                  global_pruning: bool = False, round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = (),
-                 schedule: str = "linear"):
-        self.schedule = schedule
+                 schedule: str = "linear", reconstruction: Optional[Reconstruction] = None):
+        self.schedule, self.reconstruction = schedule, reconstruction
+        if importance == "obs" and reconstruction is None:
+            raise NodeError(label, "importance 'obs' ranks units by the error left after the least-squares re-fit; "
+                                   "it needs reconstruct: true")
         if importance == "bn_scale":
             raise NodeError(label, "importance 'bn_scale' ranks channels by BatchNorm scales, but this transformer has "
                                    "no BatchNorm layer; use magnitude, taylor, lamp or random")
@@ -178,9 +182,17 @@ class TransformerPruner:
         return chosen
 
     def step(self, history: History, step: int) -> None:
-        """Remove the units scheduled for ``step`` (1-based) and record them."""
-        chosen = self._choose(step)
+        """Remove the units scheduled for ``step`` (1-based) and record them; with a reconstruction, group by
+        group in model order, each consumer re-fitted before the next group's statistics are taken."""
+        chosen = {} if self.importance == "obs" else self._choose(step)
         for g in self.groups:
+            stats = None
+            obs = self.importance == "obs"
+            want = self._target(g, step) - self.removed[g.name] if obs else len(chosen.get(g.name, []))
+            if self.reconstruction is not None and want > 0:
+                stats = self.reconstruction.stats(self.model, g.consumer)
+                if obs:
+                    chosen[g.name] = obs_choice(stats, g.unit_size, want)
             units = sorted(chosen.get(g.name, []))
             if not units:
                 continue
@@ -189,7 +201,11 @@ class TransformerPruner:
                 history.add(producer, "out", idxs)
                 _prune_linear(self.model.get_submodule(producer), idxs, out=True)
             history.add(g.consumer, "in", idxs)
-            _prune_linear(self.model.get_submodule(g.consumer), idxs, out=False)
+            consumer = self.model.get_submodule(g.consumer)
+            kept = sorted(set(range(consumer.in_features)) - set(idxs))
+            _prune_linear(consumer, idxs, out=False)
+            if stats is not None:
+                refit_consumer(consumer, stats, kept)
             self.removed[g.name] += len(units)
             if g.attention is not None:
                 att = self.model.get_submodule(g.attention)

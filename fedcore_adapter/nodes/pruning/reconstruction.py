@@ -1,0 +1,156 @@
+"""Post-training reconstruction of pruned transformer blocks: the consumer linear of each pruned group is
+re-fitted by least squares so its outputs on calibration batches match the unpruned model's.
+
+Removing heads or FFN channels deletes input columns of one linear (``attention.output.dense``,
+``output.dense``, ``linear2``). Its remaining weights and bias can then be solved for in closed form: with
+``H`` the consumer's inputs in the model pruned so far and ``Y`` its outputs in the unpruned model (both on
+the same calibration tokens, padding excluded), the kept columns take ``argmin ||Y - W H - b||²`` (damped).
+Groups are done in model order, so each fit also absorbs the error of the blocks before it. The same
+statistics rank units by the error their removal leaves after the re-fit (optimal brain surgeon, one unit
+at a time with the inverse updated): ``importance: obs``. This is the layer-wise reconstruction of Kwon et
+al., "A Fast Post-Training Pruning Framework for Transformers" (2022) and ZipLM (2023), without training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ...data import call_model, split_batch, to_device
+
+DAMPING = 1e-3  # added to the Gram matrix's diagonal, relative to its mean (GPTQ-style)
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the consumer has run (the layers after it are not needed)."""
+
+
+@dataclass
+class LayerStats:
+    """Gram matrix ``G = [H 1]ᵀ[H 1]`` of a consumer's inputs and ``C = [H 1]ᵀ Y`` with the reference outputs
+    (float64; the last row / column is the bias's constant input)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    tokens: int
+
+    def damped(self, cols: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(cols + [self.gram.shape[0] - 1], device=self.gram.device)
+        g = self.gram[idx][:, idx]
+        g = g + DAMPING * torch.diagonal(g).mean().clamp_min(1e-12) * torch.eye(len(idx), dtype=g.dtype,
+                                                                                 device=g.device)
+        return g, self.cross[idx]
+
+
+def _rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x``'s feature rows, the padded positions left out when ``mask`` matches its leading dimensions."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _mask(inputs: Any) -> Optional[torch.Tensor]:
+    return inputs.get("attention_mask") if isinstance(inputs, dict) else None
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, name: str, inputs: Any, want: str) -> torch.Tensor:
+    """The input (``want='in'``) or output of layer ``name`` on ``inputs``; the forward stops there."""
+    got: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        got.append(args[0] if want == "in" else output)
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        call_model(model, inputs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"layer {name!r} did not run on a calibration batch")
+    return got[0]
+
+
+@torch.no_grad()
+def layer_stats(model: nn.Module, reference: nn.Module, name: str, batches: Iterable[Any],
+                device: torch.device) -> LayerStats:
+    """Statistics of consumer ``name``: its inputs in ``model``, its outputs in ``reference`` (same batches)."""
+    gram = cross = None
+    tokens = 0
+    was = model.training, reference.training
+    model.eval()
+    reference.eval()
+    try:
+        for batch in batches:
+            inputs, _ = split_batch(to_device(batch, device))
+            mask = _mask(inputs)
+            h = _rows(_capture(model, name, inputs, "in"), mask).double()
+            y = _rows(_capture(reference, name, inputs, "out"), mask).double()
+            h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], 1)
+            gram = h.T @ h if gram is None else gram.add_(h.T @ h)
+            cross = h.T @ y if cross is None else cross.add_(h.T @ y)
+            tokens += len(h)
+    finally:
+        model.train(was[0])
+        reference.train(was[1])
+    if gram is None:
+        raise ValueError("reconstruction needs calibration batches, and none were given")
+    return LayerStats(gram, cross, tokens)
+
+
+def obs_choice(stats: LayerStats, unit_size: int, remove: int) -> list[int]:
+    """``remove`` units (of ``unit_size`` adjacent inputs) chosen one at a time, each the one whose removal
+    leaves the least output error once the rest are re-fitted (block OBS with the inverse updated)."""
+    n = stats.gram.shape[0] - 1
+    units = n // unit_size
+    g, c = stats.damped(list(range(n)))
+    hinv = torch.linalg.inv(g)
+    w = hinv @ c  # the re-fitted weights, one row per input (+ the bias last)
+    alive = torch.ones(units, dtype=torch.bool)
+    cols = torch.arange(n, device=g.device).view(units, unit_size)
+    removed: list[int] = []
+    for _ in range(remove):
+        live = torch.nonzero(alive).flatten()
+        idx = cols[live]
+        h_blocks = hinv[idx[:, :, None], idx[:, None, :]]
+        w_blocks = w[idx]
+        err = (w_blocks * torch.linalg.solve(h_blocks, w_blocks)).sum((1, 2))
+        pick = int(live[int(torch.argmin(err))])
+        s = cols[pick]
+        inv_ss = torch.linalg.inv(hinv[s][:, s])
+        w = w - hinv[:, s] @ inv_ss @ w[s]
+        hinv = hinv - hinv[:, s] @ inv_ss @ hinv[s]
+        alive[pick] = False
+        removed.append(pick)
+    return removed
+
+
+@torch.no_grad()
+def refit_consumer(layer: nn.Linear, stats: LayerStats, kept_cols: list[int]) -> None:
+    """Set ``layer`` (already holding only ``kept_cols`` as inputs) to the damped least-squares fit."""
+    g, c = stats.damped(kept_cols)
+    solution = torch.linalg.solve(g, c)  # [kept + 1, out]
+    layer.weight.copy_(solution[:-1].T.to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_(solution[-1].to(layer.bias.dtype))
+    else:  # no bias to absorb the mean: fit without the constant input
+        g0, c0 = g[:-1, :-1], c[:-1]
+        layer.weight.copy_(torch.linalg.solve(g0, c0).T.to(layer.weight.dtype))
+
+
+
+@dataclass
+class Reconstruction:
+    """What re-fitting needs: the unpruned model (the reference outputs), calibration batches, the device."""
+
+    reference: nn.Module
+    batches: list
+    device: torch.device
+
+    def stats(self, model: nn.Module, consumer: str) -> LayerStats:
+        return layer_stats(model, self.reference, consumer, self.batches, self.device)
