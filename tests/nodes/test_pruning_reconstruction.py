@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from fedcore_adapter.errors import NodeError
+from fedcore_adapter.nodes.pruning import PruningWarning
 from fedcore_adapter.nodes.pruning.backend import make_pruner
 from fedcore_adapter.nodes.pruning.config import PruningConfig
 from fedcore_adapter.nodes.pruning.history import History, replay_pruning
@@ -146,3 +147,33 @@ def test_the_node_reconstructs_from_training_batches(tmp_path):
                       copy.deepcopy(original), Data(), output_dir=tmp_path / "p")
     held_out = batches(4, 5)
     assert relative_error(result.model, original, held_out) < 0.5 * relative_error(plain.model, original, held_out)
+
+
+def test_a_ptls_transformer_encoder_is_re_fitted_on_padded_batches():
+    """pytorch-lifestream's TransformerSeqEncoder runs nn.TransformerEncoderLayer on PaddedBatch inputs, where
+    PyTorch's fused fast path (nested tensors, linears not called) would hide the FFN's inputs from hooks."""
+    from ptls.nn import TransformerSeqEncoder, TrxEncoder
+
+    from fedcore_adapter.zoo import lifestream
+
+    torch.manual_seed(0)
+    trx = TrxEncoder(embeddings={"mcc": {"in": 101, "out": 8}, "tr_type": {"in": 11, "out": 3}},
+                     numeric_values={"amount": "log"})
+    original = TransformerSeqEncoder(trx_encoder=trx, n_heads=2, dim_hidden=32, n_layers=2).eval()
+    dm = lifestream.target_datamodule(num_clients=40, min_len=6, max_len=16, batch_size=8, seed=0)
+    calibration = [x for x, _ in dm.train_dataloader()][:4]
+    held_out = [x for x, _ in dm.val_dataloader()] + [x for x, _ in dm.test_dataloader()]
+
+    def error(model):
+        with torch.no_grad():
+            out, ref = (torch.cat([m(x) for x in held_out]) for m in (model, original))
+        return float((out - ref).norm() / ref.norm())
+
+    pruned = []
+    for rec in (None, Reconstruction(original, calibration, torch.device("cpu"))):
+        work = copy.deepcopy(original)
+        with pytest.warns(PruningWarning):
+            make_pruner(work, calibration[0], label="t", ratio=0.5, reconstruction=rec).step(History(), 1)
+        assert [layer.linear1.out_features for layer in work.seq_encoder.enc.layers] == [16, 16]
+        pruned.append(work.eval())
+    assert error(pruned[1]) < 0.5 * error(pruned[0])

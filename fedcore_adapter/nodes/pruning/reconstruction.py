@@ -12,13 +12,15 @@ al., "A Fast Post-Training Pruning Framework for Transformers" (2022) and ZipLM 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ...data import call_model, split_batch, to_device
+from .padded import is_padded
 
 DAMPING = 1e-3  # added to the Gram matrix's diagonal, relative to its mean (GPTQ-style)
 
@@ -45,14 +47,36 @@ class LayerStats:
 
 
 def _rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x``'s feature rows, the padded positions left out when ``mask`` matches its leading dimensions."""
+    """``x``'s feature rows, the padded positions left out when ``mask`` matches its leading dimensions (a nested
+    tensor holds no padding)."""
+    if x.is_nested:
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in x.unbind()])
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.bool()]
     return x.reshape(-1, x.shape[-1])
 
 
 def _mask(inputs: Any) -> Optional[torch.Tensor]:
-    return inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    """The real positions of a batch: a Hugging Face ``attention_mask``, a ptls ``PaddedBatch``'s lengths."""
+    if isinstance(inputs, dict):
+        return inputs.get("attention_mask")
+    return getattr(inputs, "seq_len_mask", None)
+
+
+@contextmanager
+def _unfused() -> Iterator[None]:
+    """PyTorch's fused transformer fast path off (it runs ``nn.TransformerEncoderLayer`` without calling its
+    linears, so their hooks would see nothing)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @torch.no_grad()
@@ -88,9 +112,12 @@ def layer_stats(model: nn.Module, reference: nn.Module, name: str, batches: Iter
     try:
         for batch in batches:
             inputs, _ = split_batch(to_device(batch, device))
+            if is_padded(inputs):
+                inputs = inputs.to(device)
             mask = _mask(inputs)
-            h = _rows(_capture(model, name, inputs, "in"), mask).double()
-            y = _rows(_capture(reference, name, inputs, "out"), mask).double()
+            with _unfused():
+                h = _rows(_capture(model, name, inputs, "in"), mask).double()
+                y = _rows(_capture(reference, name, inputs, "out"), mask).double()
             h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], 1)
             gram = h.T @ h if gram is None else gram.add_(h.T @ h)
             cross = h.T @ y if cross is None else cross.add_(h.T @ y)
