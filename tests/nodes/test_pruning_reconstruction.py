@@ -109,12 +109,53 @@ def test_a_reconstructed_model_replays_exactly_from_its_history():
     torch.testing.assert_close(hidden(fresh.eval(), batches(2, 3)), hidden(fitted, batches(2, 3)))
 
 
-def test_reconstruct_on_a_model_without_transformer_blocks_is_a_one_line_error():
-    cnn = nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 38, 10))
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Conv1d(16, 16, 3, stride=2, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Conv1d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 20, 10)).eval()
+
+
+def test_a_cnn_s_convolutions_and_linear_are_re_fitted_on_their_input_patches():
+    """Conv1d consumers are fitted on unfolded patches (stride and padding included), the Linear after the
+    flatten on its kept features; a conv that also lost outputs matches only the ones it kept."""
+    original = small_cnn()
+    g = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(32, 1, 40, generator=g) for _ in range(8)]
+    held_out = [torch.randn(32, 1, 40, generator=g) for _ in range(2)]
+
+    def error(model):
+        with torch.no_grad():
+            out, ref = (torch.cat([m(x) for x in held_out]) for m in (model, original))
+        return float((out - ref).norm() / ref.norm())
+
+    plain, _ = prune(original, calibration, reconstruct=False, ratio=0.5)
+    fitted, history = prune(original, calibration, reconstruct=True, ratio=0.5)
+    assert [m.out_channels for m in fitted if isinstance(m, nn.Conv1d)] == [8, 8, 8]
+    assert error(fitted) < 0.5 * error(plain)
+    fresh = replay_pruning(small_cnn(), history.to_json())
+    fresh.load_state_dict(fitted.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.eval()(held_out[0]), fitted(held_out[0]))
+
+
+@pytest.mark.parametrize("conv, x", [
+    (nn.Conv1d(3, 4, 5, stride=2, padding=2, dilation=2), torch.randn(2, 3, 17)),
+    (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0)), torch.randn(2, 3, 9, 7)),
+])
+def test_a_convolution_is_its_patches_times_its_flattened_weight(conv, x):
+    from fedcore_adapter.nodes.pruning.reconstruction import _outputs, _patches
+
+    rows = _patches(conv, x) @ conv.weight.flatten(1).T + conv.bias
+    torch.testing.assert_close(rows, _outputs(conv, conv(x)))
+
+
+def test_obs_on_a_model_without_transformer_blocks_is_a_one_line_error():
+    cnn = small_cnn()
     rec = Reconstruction(cnn, [torch.randn(2, 1, 40)], torch.device("cpu"))
-    with pytest.raises(NodeError, match=r"^node t: reconstruct re-fits .* this model has none; use reconstruct: "
-                                        r"false$"):
-        make_pruner(cnn, torch.randn(2, 1, 40), label="t", ratio=0.5, reconstruction=rec)
+    with pytest.raises(NodeError, match=r"^node t: importance 'obs' ranks the attention heads and FFN channels of "
+                                        r"transformer encoders, and this model has none; use magnitude, taylor, lamp, "
+                                        r"bn_scale or random \(reconstruct works with each\)$"):
+        make_pruner(cnn, torch.randn(2, 1, 40), label="t", ratio=0.5, reconstruction=rec, importance="obs")
 
 
 @pytest.mark.parametrize("options, message", [

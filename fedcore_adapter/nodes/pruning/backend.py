@@ -8,7 +8,6 @@ from torch import nn
 
 from ...data import batch_size, call_model, first_batch, primary_output, split_batch, to_device
 from ...steps import own_step, step_loss
-from ...errors import NodeError
 from .padded import is_padded, padded_slice
 from .reconstruction import Reconstruction
 from .structured import GraphPruner, Ratio
@@ -24,18 +23,14 @@ def make_pruner(model: nn.Module, example_inputs: Any, *, label: str, ratio: Rat
                 reconstruction: Optional[Reconstruction] = None) -> Pruner:
     """A pruner for ``model`` (changed in place by its ``step``): heads + FFN for transformer encoders,
     torch-pruning's dependency graph otherwise. Validates everything before anything is removed.
-    ``reconstruction``: re-fit each pruned group's consumer by least squares (transformer encoders only)."""
+    ``reconstruction``: re-fit the layers that lost input channels by least squares."""
     common = dict(label=label, ratio=ratio, steps=steps, importance=importance, importance_norm=importance_norm,
                   global_pruning=global_pruning, round_to=round_to, ignored_layers=tuple(ignored_layers),
                   schedule=schedule)
     groups = find_groups(model)
     if groups:
         return TransformerPruner(model, groups, head_ratio=head_ratio, reconstruction=reconstruction, **common)
-    if reconstruction is not None:
-        raise NodeError(label, "reconstruct re-fits the layers after removed attention heads and FFN channels of "
-                               "transformer encoders (BERT-family, nn.TransformerEncoderLayer), and this model has "
-                               "none; use reconstruct: false")
-    return GraphPruner(model, example_inputs, **common)
+    return GraphPruner(model, example_inputs, reconstruction=reconstruction, **common)
 
 
 def slice_inputs(inputs: Any, n: int) -> Any:

@@ -111,9 +111,9 @@ class PruningConfig(_FinetuneFields):
                     "after the re-fit")
     reconstruct: bool = Field(
         False, json_schema_extra=searchable(default=False),
-        description="transformer encoders: after removing a block's heads / FFN channels, re-fit the linear "
-                    "that reads them by least squares so its outputs on calibration_batches of training data "
-                    "match the unpruned model's (block by block, no training)")
+        description="after removing channels / heads, re-fit each layer that read them (Linear, Conv1d, Conv2d) "
+                    "by least squares so its outputs on calibration_batches of training data match the model's "
+                    "before the step (layer by layer, no training)")
     importance_norm: float = Field(2.0, gt=0, description="p of the Lp norm for magnitude and LAMP")
     global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")

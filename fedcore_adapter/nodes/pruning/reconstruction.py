@@ -1,4 +1,4 @@
-"""Post-training reconstruction of pruned transformer blocks: the consumer linear of each pruned group is
+"""Post-training reconstruction of pruned models: each layer that lost input channels (the consumer) is
 re-fitted by least squares so its outputs on calibration batches match the unpruned model's.
 
 Removing heads or FFN channels deletes input columns of one linear (``attention.output.dense``,
@@ -9,6 +9,10 @@ Groups are done in model order, so each fit also absorbs the error of the blocks
 statistics rank units by the error their removal leaves after the re-fit (optimal brain surgeon, one unit
 at a time with the inverse updated): ``importance: obs``. This is the layer-wise reconstruction of Kwon et
 al., "A Fast Post-Training Pruning Framework for Transformers" (2022) and ZipLM (2023), without training.
+
+Models pruned through torch-pruning's graph (CNNs, MLPs) re-fit every Linear and (ungrouped, zero-padded)
+Conv1d / Conv2d whose inputs lost channels, in model order, against the model as it entered the step (a
+convolution's rows are its input patches, as in ThiNet / He et al. 2017's channel pruning).
 """
 from __future__ import annotations
 
@@ -79,6 +83,35 @@ def _unfused() -> Iterator[None]:
         mha.set_fastpath_enabled(was)
 
 
+def refittable(layer: nn.Module) -> bool:
+    """A Linear, or a Conv1d / Conv2d without groups and with numeric zero padding (patches unfold exactly)."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return (isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == 1 and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str))
+
+
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as the rows its weight multiplies: ``[..., in]`` for a Linear, ``[N, positions,
+    in_channels * kernel]`` for a convolution (``F.unfold``'s channel-major order, the weight's flattened order)."""
+    if isinstance(layer, nn.Linear):
+        return x
+    one_d = isinstance(layer, nn.Conv1d)
+
+    def pair(v: tuple, unit: int) -> tuple:  # a Conv1d as a Conv2d of height 1
+        return (unit, v[0]) if one_d else tuple(v)
+
+    x = x.unsqueeze(-2) if one_d else x
+    cols = torch.nn.functional.unfold(x, pair(layer.kernel_size, 1), dilation=pair(layer.dilation, 1),
+                                      padding=pair(layer.padding, 0), stride=pair(layer.stride, 1))
+    return cols.transpose(1, 2)
+
+
+def _outputs(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """A layer's output with the channels last (``[N, positions, out]`` for a convolution)."""
+    return y if isinstance(layer, nn.Linear) else y.flatten(2).transpose(1, 2)
+
+
 @torch.no_grad()
 def _capture(model: nn.Module, name: str, inputs: Any, want: str) -> torch.Tensor:
     """The input (``want='in'``) or output of layer ``name`` on ``inputs``; the forward stops there."""
@@ -102,8 +135,10 @@ def _capture(model: nn.Module, name: str, inputs: Any, want: str) -> torch.Tenso
 
 @torch.no_grad()
 def layer_stats(model: nn.Module, reference: nn.Module, name: str, batches: Iterable[Any],
-                device: torch.device) -> LayerStats:
-    """Statistics of consumer ``name``: its inputs in ``model``, its outputs in ``reference`` (same batches)."""
+                device: torch.device, outputs: Optional[list[int]] = None) -> LayerStats:
+    """Statistics of consumer ``name``: its inputs in ``model``, its outputs in ``reference`` (same batches; only
+    the ``outputs`` channels the consumer kept, when it lost some too)."""
+    layer, ref_layer = model.get_submodule(name), reference.get_submodule(name)
     gram = cross = None
     tokens = 0
     was = model.training, reference.training
@@ -116,8 +151,10 @@ def layer_stats(model: nn.Module, reference: nn.Module, name: str, batches: Iter
                 inputs = inputs.to(device)
             mask = _mask(inputs)
             with _unfused():
-                h = _rows(_capture(model, name, inputs, "in"), mask).double()
-                y = _rows(_capture(reference, name, inputs, "out"), mask).double()
+                h = _rows(_patches(layer, _capture(model, name, inputs, "in")), mask).double()
+                y = _rows(_outputs(ref_layer, _capture(reference, name, inputs, "out")), mask).double()
+            if outputs is not None:
+                y = y[:, outputs]
             h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], 1)
             gram = h.T @ h if gram is None else gram.add_(h.T @ h)
             cross = h.T @ y if cross is None else cross.add_(h.T @ y)
@@ -158,16 +195,17 @@ def obs_choice(stats: LayerStats, unit_size: int, remove: int) -> list[int]:
 
 
 @torch.no_grad()
-def refit_consumer(layer: nn.Linear, stats: LayerStats, kept_cols: list[int]) -> None:
-    """Set ``layer`` (already holding only ``kept_cols`` as inputs) to the damped least-squares fit."""
-    g, c = stats.damped(kept_cols)
-    solution = torch.linalg.solve(g, c)  # [kept + 1, out]
-    layer.weight.copy_(solution[:-1].T.to(layer.weight.dtype))
-    if layer.bias is not None:
+def refit_consumer(layer: nn.Module, stats: LayerStats, kept_cols: Optional[list[int]] = None) -> None:
+    """Set ``layer`` (already holding only ``kept_cols`` of the statistics' inputs; None: all of them) to the
+    damped least-squares fit."""
+    g, c = stats.damped(list(range(stats.gram.shape[0] - 1)) if kept_cols is None else kept_cols)
+    if layer.bias is None:  # no bias to absorb the mean: fit without the constant input
+        weight = torch.linalg.solve(g[:-1, :-1], c[:-1]).T
+    else:
+        solution = torch.linalg.solve(g, c)  # [kept + 1, out]
+        weight = solution[:-1].T
         layer.bias.copy_(solution[-1].to(layer.bias.dtype))
-    else:  # no bias to absorb the mean: fit without the constant input
-        g0, c0 = g[:-1, :-1], c[:-1]
-        layer.weight.copy_(torch.linalg.solve(g0, c0).T.to(layer.weight.dtype))
+    layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
 
@@ -179,5 +217,7 @@ class Reconstruction:
     batches: list
     device: torch.device
 
-    def stats(self, model: nn.Module, consumer: str) -> LayerStats:
-        return layer_stats(model, self.reference, consumer, self.batches, self.device)
+    def stats(self, model: nn.Module, consumer: str, reference: Optional[nn.Module] = None,
+              outputs: Optional[list[int]] = None) -> LayerStats:
+        return layer_stats(model, self.reference if reference is None else reference, consumer, self.batches,
+                           self.device, outputs)

@@ -10,6 +10,7 @@ be ptls ``PaddedBatch`` objects (``padded``).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Union
@@ -26,6 +27,7 @@ from .history import History, apply_op
 from .identity import identity_equality, plain_modules
 from .layer_pruners import FrozenPruner, has_pruner
 from .padded import floating_tensors, is_padded, traceable, traced_output, with_tensors
+from .reconstruction import Reconstruction, refit_consumer, refittable
 from .recurrent import (RECURRENT_PRUNER, RecurrentMagnitude, initial_state_parameters, is_recurrent, owner_sizes,
                         units_of)
 
@@ -190,9 +192,14 @@ class GraphPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, label: str, ratio: Ratio, steps: int,
                  importance: str = "magnitude", importance_norm: float = 2.0, global_pruning: bool = False,
-                 round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = (), schedule: str = "linear"):
-        self.model, self.label = model, label
+                 round_to: Optional[int] = None, ignored_layers: tuple[str, ...] = (), schedule: str = "linear",
+                 reconstruction: Optional[Reconstruction] = None):
+        self.model, self.label, self.reconstruction = model, label, reconstruction
         self.skipped: list[str] = []
+        if importance == "obs":
+            raise NodeError(label, "importance 'obs' ranks the attention heads and FFN channels of transformer "
+                                   "encoders, and this model has none; use magnitude, taylor, lamp, bn_scale or "
+                                   "random (reconstruct works with each)")
         frozen = unsupported_modules(model)
         customized = {type(m): FrozenPruner() for m in frozen.values() if not is_recurrent(m)}
         customized.update({cls: RECURRENT_PRUNER for cls in RECURRENT_PRUNER.TARGET_MODULES})
@@ -311,7 +318,15 @@ class GraphPruner:
         return list(self.groups)
 
     def step(self, history: History, step: Optional[int] = None) -> None:
-        """The next scheduled pruning step; records every module's removed indices in ``history``."""
+        """The next scheduled pruning step; records every module's removed indices in ``history``; with a
+        reconstruction, the layers that lost inputs are then re-fitted to the model as it entered the step."""
+        before = copy.deepcopy(self.model) if self.reconstruction is not None else None
+        first = len(history.ops)
+        self._prune(history)
+        if before is not None:
+            self._reconstruct(before, history.ops[first:])
+
+    def _prune(self, history: History) -> None:
         dg = self.pruner.DG
         names = {id(m): n for n, m in self.model.named_modules()}
         for group in self.pruner.step(interactive=True):
@@ -326,6 +341,35 @@ class GraphPruner:
                     if side == "out" and is_recurrent(target.module):
                         self._prune_beside(names[id(target.module)], units_of(target.module, idxs), history)
             group.prune()
+
+    def _reconstruct(self, before: nn.Module, ops: list[dict]) -> None:
+        """Re-fit each layer that lost input channels in ``ops``, in model order, so its (kept) outputs match
+        ``before``'s on the calibration batches."""
+        kept: dict[tuple[str, str], list[int]] = {}
+        for op in ops:
+            try:
+                layer = before.get_submodule(op["module"])
+            except AttributeError:  # an unwrapped parameter
+                continue
+            if not refittable(layer):
+                kept.setdefault((op["module"], op["side"]), [])
+                continue
+            width = layer.weight.shape[1 if op["side"] == "in" else 0]
+            alive = kept.setdefault((op["module"], op["side"]), list(range(width)))
+            gone = set(op["idxs"])  # positions in the numbering left by this step's earlier removals
+            alive[:] = [a for i, a in enumerate(alive) if i not in gone]
+        left = []
+        for name, layer in self.model.named_modules():
+            if (name, "in") not in kept:
+                continue
+            if not refittable(layer):
+                left.append(name)
+                continue
+            stats = self.reconstruction.stats(self.model, name, before, kept.get((name, "out")))
+            refit_consumer(layer, stats)
+        if left:
+            warnings.warn(f"node {self.label}: reconstruct re-fits Linear and ungrouped, zero-padded Conv1d / Conv2d "
+                          f"layers; left as pruned: {', '.join(left[:6])}", PruningWarning, stacklevel=3)
 
     def _prune_beside(self, layer: str, units: list[int], history: History) -> None:
         """The recurrent ``layer``'s trainable initial states lose its removed hidden ``units`` (last axis), and
