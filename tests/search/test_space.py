@@ -22,7 +22,8 @@ def _dims(space):
 
 @pytest.mark.parametrize("node, expected", [
     ({"kind": "pruning"}, {"pruning#1.pruning_ratio": ("float", 0.1, 0.9),
-                           "pruning#1.importance": ("categorical", ("magnitude", "lamp", "taylor"))}),
+                           "pruning#1.importance": ("categorical", ("magnitude", "lamp", "taylor")),
+                           "pruning#1.reconstruct": ("categorical", (False, True))}),
     ({"kind": "low_rank"}, {"low_rank#1.method.thresholds": ("float", 0.5, 0.99)}),  # one energy threshold, [t]
     ({"kind": "low_rank", "method": {"name": "falor", "allocation": "global", "budget": {"ratio": 0.5}}},
      {"low_rank#1.method.budget.ratio": ("float", 0.2, 0.95)}),  # falor's params budget
@@ -91,7 +92,8 @@ def test_neighbours_are_the_space_chains_one_move_away_either_way():
 
 def test_defined_values_are_the_setups_own_named_and_shaped_as_suggested():
     space = derive_space(load_setup("composite_1"), SearchConfig.parse({"moves": {"insert": ["ptq_static"]}}))
-    assert space.defined("pruning#1") == {"pruning#1.pruning_ratio": 0.75, "pruning#1.importance": "magnitude"}
+    assert space.defined("pruning#1") == {"pruning#1.pruning_ratio": 0.75, "pruning#1.importance": "magnitude",
+                                          "pruning#1.reconstruct": False}
     assert space.defined("low_rank#2") == {"low_rank#2.method.thresholds": 0.9}  # [0.9] in the setup: one value
     observer = space.defined("ptq_static+")["ptq_static+.observer"]  # not set: the node config's default
     assert observer == get_node("ptq_static").config_cls().observer

@@ -110,7 +110,7 @@ class PruningConfig(_FinetuneFields):
         description="channel ranking; 'obs' (with reconstruct): the output error each unit's removal leaves "
                     "after the re-fit")
     reconstruct: bool = Field(
-        False, json_schema_extra=searchable(default=False),
+        False, json_schema_extra=searchable(),
         description="after removing channels / heads, re-fit each layer that read them (Linear, Conv1d, Conv2d) "
                     "by least squares so its outputs on calibration_batches of training data match the model's "
                     "before the step (layer by layer, no training)")
