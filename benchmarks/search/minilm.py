@@ -127,37 +127,24 @@ def main() -> None:
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         models["int8"], seconds["int8"] = run_node(original, int8, data, Path(tmp), "int8", args.threads)
-        for goal in args.goals:
-            name = f"falor {goal:g}"
-            cached = args.falor_cache / f"goal_{goal:g}" if args.falor_cache else None
+        singles = [(f"falor {goal:g}", args.falor_cache and args.falor_cache / f"goal_{goal:g}",
+                    lambda goal=goal: falor_node(original, goal, len(wide), args), data) for goal in args.goals]
+        if args.ffn_ratios:
+            ffn_data = Sentences(sentence_batches(distillation_sentences(dm, args.ffn_sentences), 32),
+                                 dm.test_dataloader())
+            singles += [(f"ffn {ratio:g}", args.ffn_cache and args.ffn_cache / f"ffn_{ratio:g}_s{args.ffn_sentences}",
+                         lambda ratio=ratio: ffn_node(ratio, len(ffn_data.calibration)), ffn_data)
+                        for ratio in args.ffn_ratios]
+        for name, cached, make_node, node_data in singles:  # each single method, then it followed by int8
+            tag = name.replace(" ", "_")
             if cached is not None and (cached / "final").exists():
                 models[name], seconds[name] = load_model(cached, load_minilm("sdpa")).eval(), 0.0
             else:
-                node = falor_node(original, goal, len(wide), args)
-                models[name], seconds[name] = run_node(original, node, data, Path(tmp), f"falor_{goal:g}",
+                models[name], seconds[name] = run_node(original, make_node(), node_data, Path(tmp), tag,
                                                        args.threads, keep=cached)
             family[name] = "single"
             composite = f"{name} > int8"
-            models[composite], ptq_s = run_node(models[name], int8, data, Path(tmp), f"falor_{goal:g}_int8",
-                                                args.threads)
-            seconds[composite] = seconds[name] + ptq_s
-            family[composite] = "composite"
-            print(f"{name}: {seconds[name]:.0f} s; then int8: {ptq_s:.0f} s", flush=True)
-        ffn_data = Sentences(sentence_batches(distillation_sentences(dm, args.ffn_sentences), 32),
-                             dm.test_dataloader())
-        for ratio in args.ffn_ratios:
-            name = f"ffn {ratio:g}"
-            cached = args.ffn_cache / f"ffn_{ratio:g}_s{args.ffn_sentences}" if args.ffn_cache else None
-            if cached is not None and (cached / "final").exists():
-                models[name], seconds[name] = load_model(cached, load_minilm("sdpa")).eval(), 0.0
-            else:
-                node = ffn_node(ratio, len(ffn_data.calibration))
-                models[name], seconds[name] = run_node(original, node, ffn_data, Path(tmp), f"ffn_{ratio:g}",
-                                                       args.threads, keep=cached)
-            family[name] = "single"
-            composite = f"{name} > int8"
-            models[composite], ptq_s = run_node(models[name], int8, data, Path(tmp), f"ffn_{ratio:g}_int8",
-                                                args.threads)
+            models[composite], ptq_s = run_node(models[name], int8, data, Path(tmp), f"{tag}_int8", args.threads)
             seconds[composite] = seconds[name] + ptq_s
             family[composite] = "composite"
             print(f"{name}: {seconds[name]:.0f} s; then int8: {ptq_s:.0f} s", flush=True)
