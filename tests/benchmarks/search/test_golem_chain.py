@@ -30,7 +30,8 @@ def _nodes_run(space, chain):
 def test_the_initial_chain_is_the_setups_chain_as_defined_and_runs_as_defined(space):
     chain = gc.initial(space)
     assert gc.label(chain) == "pruning#1>low_rank#2>pruning#3"
-    assert chain[0]["params"] == {"pruning#1.importance": "magnitude", "pruning#1.pruning_ratio": 0.75}
+    assert chain[0]["params"] == {"pruning#1.importance": "magnitude", "pruning#1.pruning_ratio": 0.75,
+                                  "pruning#1.reconstruct": False}
     assert gc.in_space(space, chain)
     ran = _nodes_run(space, chain)
     defined = space.setup.nodes[1:]
