@@ -44,16 +44,18 @@ def main() -> None:
     example = next(iter(dm.test_dataloader()))[0][:1]
     loss = torch.nn.CrossEntropyLoss()
 
-    def row(name: str, model: torch.nn.Module, seconds: float) -> dict:
-        accuracy = evaluate(model, dm.test_dataloader(), loss, device)["accuracy"]
-        return {"variant": name, "test_accuracy": round(accuracy, 4),
-                "drop_pt": round(100 * (base["test_accuracy"] - accuracy), 1) if rows else 0.0,
-                "macs_reduction": round(count_macs(raw, example) / count_macs(model, example), 2),
-                "params_reduction": round(count_params(raw) / count_params(model), 2), "node_s": round(seconds, 1)}
+    def accuracy(model: torch.nn.Module) -> float:
+        return evaluate(model, dm.test_dataloader(), loss, device)["accuracy"]
 
-    rows: list[dict] = []
-    base = row("RAW", raw, 0.0)
-    rows.append(base)
+    raw_accuracy, raw_macs, raw_params = accuracy(raw), count_macs(raw, example), count_params(raw)
+
+    def row(name: str, model: torch.nn.Module, seconds: float) -> dict:
+        acc = accuracy(model)
+        return {"variant": name, "test_accuracy": round(acc, 4), "drop_pt": round(100 * (raw_accuracy - acc), 1),
+                "macs_reduction": round(raw_macs / count_macs(model, example), 2),
+                "params_reduction": round(raw_params / count_params(model), 2), "node_s": round(seconds, 1)}
+
+    rows = [row("RAW", raw, 0.0)]
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
             for importance in args.importances:

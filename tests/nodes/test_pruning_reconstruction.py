@@ -41,7 +41,7 @@ def hidden(model: nn.Module, data: list[dict]) -> torch.Tensor:
 
 def prune(model: nn.Module, calibration: list[dict], reconstruct: bool, **options) -> tuple[nn.Module, History]:
     work = copy.deepcopy(model)
-    rec = Reconstruction(model, calibration, torch.device("cpu")) if reconstruct else None
+    rec = Reconstruction(model, calibration) if reconstruct else None
     history = History()
     make_pruner(work, calibration[0], label="t", reconstruction=rec, **options).step(history, 1)
     return work, history
@@ -96,7 +96,7 @@ def test_obs_removes_the_units_the_output_does_not_need_even_when_they_are_the_l
 
 def test_padded_positions_are_left_out_of_the_statistics():
     model = make_bert()
-    stats = layer_stats(model, model, "encoder.layer.0.output.dense", batches(3, 0, pad=5), torch.device("cpu"))
+    stats = layer_stats(model, model, "encoder.layer.0.output.dense", batches(3, 0, pad=5))
     assert stats.tokens == 3 * 4 * 7
     assert stats.gram.shape == (65, 65) and stats.cross.shape == (65, 32)
 
@@ -151,7 +151,7 @@ def test_a_convolution_is_its_patches_times_its_flattened_weight(conv, x):
 
 def test_obs_on_a_model_without_transformer_blocks_is_a_one_line_error():
     cnn = small_cnn()
-    rec = Reconstruction(cnn, [torch.randn(2, 1, 40)], torch.device("cpu"))
+    rec = Reconstruction(cnn, [torch.randn(2, 1, 40)])
     with pytest.raises(NodeError, match=r"^node t: importance 'obs' ranks the attention heads and FFN channels of "
                                         r"transformer encoders, and this model has none; use magnitude, taylor, lamp, "
                                         r"bn_scale or random \(reconstruct works with each\)$"):
@@ -211,7 +211,7 @@ def test_a_ptls_transformer_encoder_is_re_fitted_on_padded_batches():
         return float((out - ref).norm() / ref.norm())
 
     pruned = []
-    for rec in (None, Reconstruction(original, calibration, torch.device("cpu"))):
+    for rec in (None, Reconstruction(original, calibration)):
         work = copy.deepcopy(original)
         with pytest.warns(PruningWarning):
             make_pruner(work, calibration[0], label="t", ratio=0.5, reconstruction=rec).step(History(), 1)

@@ -3,8 +3,8 @@
 The node prunes the model it receives (never the setup's original), works on
 a copy so a bad option leaves the input untouched, and records every removal
 (``history.REPLAY_NAME``) so ``load_model`` can rebuild the pruned structure.
-With ``reconstruct`` (transformer encoders), each block's pruned consumer is re-fitted by least
-squares to the input model's outputs (:mod:`.reconstruction`). It writes ``pruning_report.json``
+With ``reconstruct``, each layer that lost input channels or heads is re-fitted by least squares
+to the outputs of the model before the step (:mod:`.reconstruction`). It writes ``pruning_report.json``
 (weight shapes before/after, skipped layers) and, with ``sensitivity_ratios``, ``sensitivity.json``
 beside its checkpoint.
 """
@@ -20,7 +20,7 @@ from ...context import NodeContext
 from ...data import limited
 from ...registry import register_node
 from ...trainer import train
-from ..toolkit import calibration_limit, write_report
+from ..toolkit import calibration_limit, input_batches, write_report
 from .backend import accumulate_gradients, example_inputs, make_pruner
 from .config import PruningConfig
 from .history import REPLAY_NAME, History
@@ -59,9 +59,8 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
     work = copy.deepcopy(model)
     reconstruction = None
     if config.reconstruct:
-        batches = list(limited(ctx.train_loader, calibration_limit(ctx, config.calibration_batches,
-                                                                   DEFAULT_CALIBRATION_BATCHES)))
-        reconstruction = Reconstruction(model, batches, ctx.device)
+        limit = calibration_limit(ctx, config.calibration_batches, DEFAULT_CALIBRATION_BATCHES)
+        reconstruction = Reconstruction(model, input_batches(ctx.train_loader, limit, ctx.device))
     pruner = make_pruner(work, inputs, label=label, ratio=config.pruning_ratio, steps=config.pruning_iterations,
                          head_ratio=config.head_pruning_ratio, importance=config.importance,
                          importance_norm=config.importance_norm, global_pruning=config.global_pruning,

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from ...data import call_model, split_batch, to_device
-from .padded import is_padded
+from ...data import call_model
+from ..toolkit import evaluating, forward_hooks
 
 DAMPING = 1e-3  # added to the Gram matrix's diagonal, relative to its mean (GPTQ-style)
 
@@ -121,34 +121,26 @@ def _capture(model: nn.Module, name: str, inputs: Any, want: str) -> torch.Tenso
         got.append(args[0] if want == "in" else output)
         raise _Reached
 
-    handle = model.get_submodule(name).register_forward_hook(hook)
     try:
-        call_model(model, inputs)
+        with forward_hooks(model, {name: hook}):
+            call_model(model, inputs)
     except _Reached:
         pass
-    finally:
-        handle.remove()
     if not got:
         raise RuntimeError(f"layer {name!r} did not run on a calibration batch")
     return got[0]
 
 
 @torch.no_grad()
-def layer_stats(model: nn.Module, reference: nn.Module, name: str, batches: Iterable[Any],
-                device: torch.device, outputs: Optional[list[int]] = None) -> LayerStats:
-    """Statistics of consumer ``name``: its inputs in ``model``, its outputs in ``reference`` (same batches; only
-    the ``outputs`` channels the consumer kept, when it lost some too)."""
+def layer_stats(model: nn.Module, reference: nn.Module, name: str, calibration: Iterable[Any],
+                outputs: Optional[list[int]] = None) -> LayerStats:
+    """Statistics of consumer ``name``: its inputs in ``model``, its outputs in ``reference`` (the same model
+    inputs, on the models' device; only the ``outputs`` channels the consumer kept, when it lost some too)."""
     layer, ref_layer = model.get_submodule(name), reference.get_submodule(name)
     gram = cross = None
     tokens = 0
-    was = model.training, reference.training
-    model.eval()
-    reference.eval()
-    try:
-        for batch in batches:
-            inputs, _ = split_batch(to_device(batch, device))
-            if is_padded(inputs):
-                inputs = inputs.to(device)
+    with evaluating(model, reference):
+        for inputs in calibration:
             mask = _mask(inputs)
             with _unfused():
                 h = _rows(_patches(layer, _capture(model, name, inputs, "in")), mask).double()
@@ -159,9 +151,6 @@ def layer_stats(model: nn.Module, reference: nn.Module, name: str, batches: Iter
             gram = h.T @ h if gram is None else gram.add_(h.T @ h)
             cross = h.T @ y if cross is None else cross.add_(h.T @ y)
             tokens += len(h)
-    finally:
-        model.train(was[0])
-        reference.train(was[1])
     if gram is None:
         raise ValueError("reconstruction needs calibration batches, and none were given")
     return LayerStats(gram, cross, tokens)
@@ -208,16 +197,15 @@ def refit_consumer(layer: nn.Module, stats: LayerStats, kept_cols: Optional[list
     layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
-
 @dataclass
 class Reconstruction:
-    """What re-fitting needs: the unpruned model (the reference outputs), calibration batches, the device."""
+    """What re-fitting needs: the unpruned model (the reference outputs) and calibration model inputs
+    (``toolkit.input_batches``: targets dropped, on the model's device)."""
 
     reference: nn.Module
-    batches: list
-    device: torch.device
+    inputs: list
 
     def stats(self, model: nn.Module, consumer: str, reference: Optional[nn.Module] = None,
               outputs: Optional[list[int]] = None) -> LayerStats:
-        return layer_stats(model, self.reference if reference is None else reference, consumer, self.batches,
-                           self.device, outputs)
+        return layer_stats(model, self.reference if reference is None else reference, consumer, self.inputs,
+                           outputs)

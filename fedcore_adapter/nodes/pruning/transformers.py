@@ -184,10 +184,10 @@ class TransformerPruner:
     def step(self, history: History, step: int) -> None:
         """Remove the units scheduled for ``step`` (1-based) and record them; with a reconstruction, group by
         group in model order, each consumer re-fitted before the next group's statistics are taken."""
-        chosen = {} if self.importance == "obs" else self._choose(step)
+        obs = self.importance == "obs"
+        chosen = {} if obs else self._choose(step)
         for g in self.groups:
             stats = None
-            obs = self.importance == "obs"
             want = self._target(g, step) - self.removed[g.name] if obs else len(chosen.get(g.name, []))
             if self.reconstruction is not None and want > 0:
                 stats = self.reconstruction.stats(self.model, g.consumer)
