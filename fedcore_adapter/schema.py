@@ -25,7 +25,9 @@ def searchable(low: Any = None, high: Any = None, *, choices: Optional[list] = N
     """``json_schema_extra`` marking a node config field as searchable by ``fedcore-adapter search``.
 
     ``low``/``high`` (and ``log``, ``step``) give a numeric range, ``choices`` a categorical one (a bool or
-    Literal field without them: all its values); ``type`` (float, int, categorical) when the annotation does
+    Literal field without them: all its values); ``step``: a grid, so that values drawn repeat and trials
+    start from the chain prefixes earlier trials computed (``step: null`` in ``search.space`` searches the
+    range continuously); ``type`` (float, int, categorical) when the annotation does
     not tell; ``default=False``: declared but searched only when the search's ``space`` names the field;
     ``as_list``: the field is a list and a candidate holds the one value searched (e.g. ``[0.9]``);
     ``if_set``: searched only where the field holds a value (an optional field whose alternative is another

@@ -3,8 +3,10 @@
 Each trial reports to the search's ``fidelity`` study the validation accuracy at the end of each node but the
 last (the model the node hands on). This replays those reports under other margins below the constraint line
 (stop at the first node end under ``line - margin``) and counts, per search: the trials stopped, the epochs they
-would run against the epochs of the same candidates as whole chains (the shared prefix included), and the
-trials that ended feasible but would have been stopped — with the best feasible MACs reduction kept.
+would run (from where each trial started: after the shared prefix, or after a longer chain prefix an earlier trial
+computed; the shared prefix counted once) against the epochs of the same candidates as whole chains (the shared
+prefix included in each), and the trials that ended feasible but would have been stopped — with the best feasible
+MACs reduction kept.
 
     python -m benchmarks.search.fidelity /tmp/search_full/SEARCH_COMPOSITE_1_tpe_s0 ... \
         [--margins 0.02 0.01 0 -0.005] [--node-epochs pruning=30 low_rank=30 distillation=3 ptq_static=0] \
@@ -38,25 +40,27 @@ def replay(folder: Path, margins: list[float], node_epochs: dict[str, int], pref
     line = meta["reference"]["val_accuracy"] - meta["search"]["max_accuracy_drop"]
     study = optuna.load_study(study_name="fidelity", storage=open_storage(folder / "study.journal"))
     reports = {t.number: [v for _, v in sorted(t.intermediate_values.items())] for t in study.trials}
-    rows = list(csv.DictReader((folder / "trials.csv").open()))
+    rows = [r for r in csv.DictReader((folder / "trials.csv").open()) if r["state"] in ("complete", "pruned")]
+    shared = min(int(r["start_node"]) for r in rows)  # the shared prefix's nodes: where the first trial started
     for row in rows:
         epochs = [node_epochs[node_kind(n)] for n in row["chain"].split(">")]
-        if row["state"] == "complete" and sum(epochs) != int(row["epochs"]):
-            sys.exit(f"--node-epochs disagree with trial {row['trial']} of {folder.name}: {row['chain']} "
-                     f"ran {row['epochs']} epochs, the table gives {sum(epochs)}")
+        row["start"] = int(row["start_node"]) - shared  # chain nodes a computed prefix spared this trial
+        if row["state"] == "complete" and sum(epochs[row["start"]:]) != int(row["epochs"]):
+            sys.exit(f"--node-epochs disagree with trial {row['trial']} of {folder.name}: {row['chain']} from "
+                     f"node {row['start']} ran {row['epochs']} epochs, the table gives {sum(epochs[row['start']:])}")
         row["node_epochs"] = epochs
     best_all = max((float(r["macs_reduction"]) for r in rows if r["feasible"] == "True"), default=1.0)
     out = {"line": line, "best_feasible": best_all, "margins": {}}
     for margin in margins:
-        run = whole = stopped = 0
+        run, whole, stopped = prefix_epochs, 0, 0  # the shared prefix ran once
         lost = []
         for row in rows:
-            epochs, seen = row["node_epochs"], reports.get(int(row["trial"]), [])
+            epochs, seen, start = row["node_epochs"], reports.get(int(row["trial"]), []), row["start"]
             whole += prefix_epochs + sum(epochs)
             spent, stop = 0, False
-            for k, n in enumerate(epochs):
+            for k, n in enumerate(epochs[start:]):  # reports: the node ends the trial ran, from its start
                 spent += n
-                if k < len(epochs) - 1 and k < len(seen) and seen[k] < line - margin:
+                if start + k < len(epochs) - 1 and k < len(seen) and seen[k] < line - margin:
                     stop = True
                     break
             if not stop and row["state"] == "pruned":  # stopped in the search at a node end not replayed here
@@ -69,7 +73,8 @@ def replay(folder: Path, margins: list[float], node_epochs: dict[str, int], pref
                     and int(r["trial"]) not in {x["trial"] for x in lost}), default=1.0)
         out["margins"][margin] = {"stopped": stopped, "epochs": run, "whole_chain_epochs": whole,
                                   "cheaper": round(whole / run, 2), "feasible_lost": lost,
-                                  "best_feasible_kept": round(kept, 1)}
+                                  "best_feasible_kept": round(kept, 1),
+                                  "started_past_prefix": sum(r["start"] > 0 for r in rows)}
     return out
 
 
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         for margin, m in res["margins"].items():
             lost = ", ".join(f"#{x['trial']} {x['macs_reduction']}x" for x in m["feasible_lost"]) or "none"
             print(f"  margin {margin:+.3f}: stopped {m['stopped']:2d}, epochs {m['epochs']} of "
-                  f"{m['whole_chain_epochs']} ({m['cheaper']:.2f}x cheaper), feasible lost: {lost}; "
+                  f"{m['whole_chain_epochs']} ({m['cheaper']:.2f}x cheaper; {m['started_past_prefix']} trials "
+                  f"started past the shared prefix), feasible lost: {lost}; "
                   f"best feasible kept {m['best_feasible_kept']}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

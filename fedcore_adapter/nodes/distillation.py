@@ -27,7 +27,7 @@ from ..trainer import train
 
 class DistillationConfig(TrainParams, NodeConfig):
     kind: Literal["distillation"] = "distillation"
-    temperature: float = Field(2.0, gt=0, json_schema_extra=searchable(1.0, 8.0))
+    temperature: float = Field(2.0, gt=0, json_schema_extra=searchable(1.0, 8.0, step=0.5))
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on softened logits")
     mse_weight: float = Field(0.0, ge=0, description="weight of MSE between student and teacher outputs")
     cosine_weight: float = Field(0.0, ge=0, description="weight of 1 - cosine of each sample's output (per-token "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
@@ -47,7 +48,8 @@ class Dimension:
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.type == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log, step=self.step)
+        value = trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log, step=self.step)
+        return round(value, 10) if self.step else value  # a grid point as written (0.6, not 0.6000000000000001)
 
     def describe(self) -> str:
         if self.type == "categorical":
@@ -201,8 +203,27 @@ def _dimension(name: str, path: str, annotation: Any, spec: dict, where: str) ->
         raise ConfigError(f"{where}: a numeric range needs low < high (got low={low!r}, high={high!r})")
     if spec.get("log") and low <= 0:
         raise ConfigError(f"{where}: a log range needs low > 0 (got {low})")
-    return Dimension(name, path, kind, low, high, bool(spec.get("log")), spec.get("step"),
+    step = spec.get("step")
+    if step is not None:
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or step <= 0 or spec.get("log"):
+            raise ConfigError(f"{where}.step = {step!r}: a grid step is a number > 0 on a linear range "
+                              f"(step: null searches the range continuously; log ranges take no step)")
+        cells = (high - low) / step
+        if abs(cells - round(cells)) > 1e-6 or (kind == "int" and step != int(step)):
+            raise ConfigError(f"{where}: step {step} does not divide [{low}, {high}] into whole steps; "
+                              f"choose low, high and step so that (high - low) / step is whole")
+    return Dimension(name, path, kind, low, high, bool(spec.get("log")), step,
                      as_list=bool(spec.get("list")))
+
+
+def _fitted_step(spec: Mapping[str, Any]) -> Any:
+    """A declared grid step fitted to a range the user gave: the coarsest step no wider than the declared one
+    that divides ``[low, high]`` into whole steps (the declared 0.05 on [0.94, 0.96]: 0.02)."""
+    low, high, step = spec.get("low"), spec.get("high"), spec["step"]
+    if not all(isinstance(v, (int, float)) for v in (low, high)) or not low < high:
+        return step  # _dimension names what is wrong
+    cells = max(1, math.ceil((high - low) / step - 1e-6))
+    return step if abs((high - low) / step - cells) < 1e-6 else round((high - low) / cells, 12)
 
 
 def _user_specs(space: Mapping[str, Any], node_index: Optional[int], kind: str) -> dict[str, Any]:
@@ -259,7 +280,10 @@ def node_dimensions(node_id: str, node: dict, node_index: Optional[int], space: 
             bad = sorted(set(wanted) - set(SPEC_KEYS))
             if bad:
                 raise ConfigError(f"{where}.{bad[0]}: unknown key; allowed: {', '.join(SPEC_KEYS)}")
-            spec = {**spec, **wanted, "default": True}
+            drop_grid = wanted.get("log") and "step" not in wanted  # a log range drops the declared grid
+            spec = {**{k: v for k, v in spec.items() if not (drop_grid and k == "step")}, **wanted, "default": True}
+            if "step" not in wanted and spec.get("step"):
+                spec["step"] = _fitted_step(spec)
         elif wanted is not None:
             raise ConfigError(f"{where} = {wanted!r}: expected a spec {{low, high, log, step, choices}} or false")
         if not spec.get("default", True):

@@ -128,7 +128,30 @@ def test_a_falor_budget_candidate_is_a_valid_low_rank_node_with_the_budget_searc
         assert set(method["budget"]) >= {"ratio"} and method["budget"].get("value") is None
         ratios.add(method["budget"]["ratio"])
         load_setup({"name": "x", "nodes": nodes})
-    assert len(ratios) == 5 and all(0.2 <= r <= 0.95 for r in ratios)
+    assert len(ratios) >= 3 and all(0.2 <= r <= 0.95 and round(r / 0.05, 6).is_integer() for r in ratios)
+
+
+def test_numeric_fields_are_searched_on_a_grid_so_drawn_nodes_repeat_and_share_computed_prefixes():
+    import optuna
+
+    grid = {round(0.1 + 0.05 * k, 10) for k in range(17)}  # pruning_ratio: 0.1, 0.15, ..., 0.9
+    space = _space([{"kind": "pruning"}], prefix=1)
+    assert _dims(space)["pruning#1.pruning_ratio"].step == 0.05
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [space.suggest(study.ask())[1][1]["pruning_ratio"] for _ in range(40)]
+    assert set(drawn) <= grid and len(set(drawn)) < len(drawn)  # written as the grid's points, and repeated
+
+    continuous = _space([{"kind": "pruning"}], prefix=1, space={"pruning": {"pruning_ratio": {"step": None}}})
+    assert _dims(continuous)["pruning#1.pruning_ratio"].step is None
+    logged = _space([{"kind": "pruning"}], prefix=1,
+                    space={"pruning": {"pruning_ratio": {"low": 0.1, "high": 0.8, "log": True}}})
+    assert _dims(logged)["pruning#1.pruning_ratio"].step is None  # a log range drops the declared grid
+    narrowed = _space([{"kind": "pruning"}], prefix=1,
+                      space={"pruning": {"pruning_ratio": {"low": 0.5, "high": 0.9, "step": 0.1}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    assert {narrowed.suggest(study.ask())[1][1]["pruning_ratio"] for _ in range(30)} <= {0.5, 0.6, 0.7, 0.8, 0.9}
+    fitted = _space([{"kind": "pruning"}], prefix=1, space={"pruning": {"pruning_ratio": {"low": 0.33, "high": 0.9}}})
+    assert _dims(fitted)["pruning#1.pruning_ratio"].step == pytest.approx(0.57 / 12)  # the declared 0.05, fitted
 
 
 @pytest.mark.parametrize("space, message", [
@@ -137,6 +160,10 @@ def test_a_falor_budget_candidate_is_a_valid_low_rank_node_with_the_budget_searc
     ({"pruning": {"pruning_ratio": {"low": 0.9, "high": 0.1}}}, "needs low < high"),
     ({"prunning": {}}, "search.space.prunning: not a node kind or a node index"),
     ({"0": {"epochs": {"low": 1, "high": 2}}}, "search.space.0: node 0 is not searched"),
+    ({"pruning": {"pruning_ratio": {"step": 0}}}, "search.space.pruning.pruning_ratio.step = 0: a grid step is a "
+                                                  "number > 0"),
+    ({"pruning": {"pruning_ratio": {"step": 0.07}}}, "step 0.07 does not divide [0.1, 0.9] into whole steps"),
+    ({"pruning": {"pruning_ratio": {"log": True, "step": 0.1}}}, "log ranges take no step"),
 ])
 def test_a_bad_space_is_one_line_naming_the_field(space, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -14,7 +14,7 @@ class Budget(StrictModel):
 
     metric: Literal["params", "macs"] = "params"
     ratio: Optional[float] = Field(None, gt=0, le=1, description="target total / current total",
-                                   json_schema_extra=searchable(0.2, 0.95, type="float", if_set=True))
+                                   json_schema_extra=searchable(0.2, 0.95, step=0.05, type="float", if_set=True))
     value: Optional[int] = Field(None, ge=1, description="target total (absolute count)")
 
     @model_validator(mode="after")

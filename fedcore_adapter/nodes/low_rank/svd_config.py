@@ -22,7 +22,7 @@ class SVDMethod(StrictModel):
     thresholds: list[float] = Field(default_factory=lambda: [0.9], min_length=1,
                                     description="strategy thresholds (FedCore: energy_thresholds); several -> "
                                                 "each is tried and the smallest model within selection_tolerance wins",
-                                    json_schema_extra=searchable(0.5, 0.99, type="float", as_list=True))
+                                    json_schema_extra=searchable(0.5, 0.99, step=0.01, type="float", as_list=True))
     rank: Optional[int] = Field(None, ge=1, description="fixed rank for spectrum_pruning_strategy='rank'")
     budget: Optional[Budget] = Field(None, description="global target; replaces the per-layer strategy")
     decomposing_mode: Literal["channel", "spatial"] = "channel"

@@ -102,7 +102,7 @@ class PruningConfig(_FinetuneFields):
     kind: Literal["pruning"] = "pruning"
     pruning_ratio: Union[float, dict[str, float]] = Field(
         0.5, description="fraction of channels removed per layer group; a dict {layer name: ratio} prunes only those",
-        json_schema_extra=searchable(0.1, 0.9, type="float"))
+        json_schema_extra=searchable(0.1, 0.9, step=0.05, type="float"))
     head_pruning_ratio: Optional[float] = Field(
         None, description="transformers: fraction of attention heads removed; default pruning_ratio")
     importance: Literal[IMPORTANCES] = Field(  # type: ignore[valid-type]
@@ -193,7 +193,7 @@ class UnstructuredPruningConfig(_FinetuneFields):
 
     kind: Literal["unstructured_pruning"] = "unstructured_pruning"
     sparsity: float = Field(0.5, description="fraction of weights set to zero, in [0, 1)",
-                            json_schema_extra=searchable(0.1, 0.95))
+                            json_schema_extra=searchable(0.1, 0.95, step=0.05))
     importance: Literal[UNSTRUCTURED_IMPORTANCES] = "magnitude"  # type: ignore[valid-type]
     global_pruning: bool = Field(True, description="one threshold across layers; False: the same sparsity per layer")
     schedule: Literal[SCHEDULES] = Field("cubic", description="sparsity across iterations: linear, cubic (AGP), cosine")  # type: ignore[valid-type]
