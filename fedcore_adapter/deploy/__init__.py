@@ -9,5 +9,7 @@ the artifact in its runtime, which ``metrics.measure`` times and evaluates like 
 - ``onnxruntime`` / ``openvino`` / ``torch_compile``: one module per runtime (export, quantize, load).
 - ``artifacts``: load an exported artifact by its path (``model.onnx``, ``model.xml``, ``model.pt2``).
 """
-from .artifacts import load_artifact  # noqa: F401
-from .config import DeployConfig, RUNTIMES  # noqa: F401
+from .artifacts import load_artifact
+from .config import DeployConfig, RUNTIMES
+
+__all__ = ["DeployConfig", "RUNTIMES", "load_artifact"]

@@ -96,6 +96,11 @@ def main() -> int:
             out.write(json.dumps(message) + "\n")
             out.flush()
 
+    # requests (mlflow's client) adds its warning filters as it is imported; a ``catch_warnings`` block leaving in
+    # another thread restores the filters it saved and drops them, and urllib3's SOCKS DependencyWarning then
+    # reaches stderr beside the run's one-line messages. Imported before any thread starts, they are in every
+    # snapshot.
+    import requests  # noqa: F401 - imported for its side effect (the warning filters)
     threading.Thread(target=_warm_imports, daemon=True).start()
     sessions: dict[str, _Session] = {}
     for line in sys.stdin:
