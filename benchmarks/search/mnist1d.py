@@ -14,6 +14,8 @@ same candidates run as whole chains).
 ``cut``: its fine-tunes cut 5-10x (CHAIN below). RAW (100 epochs) is trained once and cached under --raw; every
 search starts from it (``pretrained=``). Each search is the ``fedcore-adapter search`` command (printed), for each
 seed every sampler one after the other, one folder per sampler and seed (``SEARCH_COMPOSITE_1_<sampler>_s<seed>``).
+The random baseline runs with ``search.reuse=0`` (random search: every trial drawn whole); the other samplers with
+the package's defaults (a share of trials continues a feasible front trial's computed prefix).
 """
 from __future__ import annotations
 
@@ -212,7 +214,8 @@ def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, see
     cmd = [sys.executable, "-m", "fedcore_adapter", "search", "setup=composite_1", f"pretrained={raw}",
            f"search.trials={args.trials}", "search.objectives=[macs,accuracy]", "search.max_accuracy_drop=0.01",
            f"search.sampler={sampler}", f"search.seed={seed}", "cluster=local", f"cluster.n_workers={args.workers}",
-           "tracking=none", f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget]]
+           "tracking=none", f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget],
+           *(["search.reuse=0"] if sampler == "random" else [])]  # the baseline: random search, every trial drawn
     wall = sh(cmd, out / f"search_{label}.log", ok=(0, 1))  # 1: no trial met the constraint
     return search_figures(out / f"SEARCH_COMPOSITE_1_{label}", " ".join(cmd[2:]), sampler, seed, wall, args.workers)
 

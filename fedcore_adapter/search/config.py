@@ -56,6 +56,11 @@ class SearchConfig(StrictModel):
                                  "distillation": {"epochs": 3, "kl_weight": 1.0, "task_weight": 1.0}},
         description="node fields of an inserted kind")
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
+    reuse: float = Field(0.5, ge=0, le=1, description="share of the trials after the sampler's start-up ones that "
+                                                      "continue a feasible front trial: its chain and every node "
+                                                      "but the last fixed (a computed prefix, not run again), the "
+                                                      "last node's fields drawn by the sampler; 0: every trial "
+                                                      "drawn whole")
     retries: int = Field(2, ge=0, description="re-runs of a trial whose worker was lost")
     reference_runs: list[str] = Field(default_factory=list, description="results folders plotted beside the "
                                                                         "front (default: the named setups' runs "

@@ -4,7 +4,10 @@
 2. the shared prefix (the leading training nodes) runs once; its checkpoint starts every trial;
 3. Optuna asks for candidates (constrained multi-objective TPE / NSGA-II / random, ask and tell), each a
    setup validated like any other, run as a real run on a worker (``trial.run_trial``) from the longest
-   prefix already computed, stopped early when its fine-tune stays below the accuracy constraint;
+   prefix already computed, stopped early when its fine-tune stays below the accuracy constraint; after the
+   sampler's start-up trials a share of them (``search.reuse``) continues a feasible front trial: its chain
+   and every node but the last fixed (``study.enqueue_trial`` with those parameters), so the trial starts
+   from that trial's computed prefix and the sampler draws the last node's fields;
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters; another optimiser may propose the candidates
    instead of the sampler (``run_search(..., loop=)``: ``Search.submit`` with the candidate's parameters, then
@@ -19,6 +22,7 @@ import copy
 import json
 import logging
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -96,6 +100,11 @@ class SequentialPool:
         self.done = []
 
 
+def _startup_trials(scfg: SearchConfig) -> int:
+    """The sampler's start-up trials (TPE's random ones; no continuation before they are asked)."""
+    return max(4, min(10, scfg.trials // 3))
+
+
 def _sampler(scfg: SearchConfig) -> Any:
     """The optimiser; constraints come with each trial (``Trial.set_constraint``), which both samplers honour."""
     if scfg.sampler == "random":
@@ -105,7 +114,7 @@ def _sampler(scfg: SearchConfig) -> Any:
     with warnings.catch_warnings():  # group (conditional spaces: the chains' own fields) is "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=scfg.seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=max(4, min(10, scfg.trials // 3)))
+                                          n_startup_trials=_startup_trials(scfg))
 
 
 def _open_folder(folder: Path, resume: bool, signature: str) -> dict:
@@ -400,14 +409,41 @@ class Search:
         """Trials still to start: ``search.trials`` less those finished (complete, stopped, failed) and in flight."""
         return max(0, self.scfg.trials - self._finished() - len(self.in_flight))
 
-    def submit(self, pool: Any, params: Optional[Mapping[str, Any]] = None) -> int:
+    def submit(self, pool: Any, params: Optional[Mapping[str, Any]] = None,
+               user_attrs: Optional[Mapping[str, Any]] = None) -> int:
         """Ask the study for a trial and start it on ``pool``; its number. ``params`` (``chain`` and
         ``<node id>.<field path>``, as :meth:`SearchSpace.suggest` names them) fix the candidate instead of the
-        sampler (``study.enqueue_trial``). A candidate that is not a valid setup is failed at once, not started
-        (``number in search.in_flight`` tells)."""
+        sampler (``study.enqueue_trial``; those not given are drawn by the sampler). A candidate that is not a
+        valid setup is failed at once, not started (``number in search.in_flight`` tells)."""
         if params is not None:
-            self.study.enqueue_trial(dict(params), skip_if_exists=False)
+            self.study.enqueue_trial(dict(params), user_attrs=dict(user_attrs or {}) or None, skip_if_exists=False)
         return self._ask(pool)
+
+    def continuation(self) -> Optional[tuple[dict, dict]]:
+        """``(params, user_attrs)`` of the next trial when it continues a feasible front trial (``search.reuse``
+        of the trials after the sampler's start-up ones): that trial's chain and the fields of every node but
+        its last, so it starts from that trial's computed prefix; None: the sampler draws the whole trial.
+        Front trials whose chain is one node, holds a distillation (its prefix is not shared) or ends in a node
+        with nothing to draw are not continued. Seeded by ``search.seed`` and the trial's number."""
+        asked = len(self.study.trials)
+        if not self.scfg.reuse or asked < _startup_trials(self.scfg) or not self.scfg.share_prefix:
+            return None
+        rng = random.Random(f"{self.scfg.seed}:{asked}")
+        if rng.random() >= self.scfg.reuse:
+            return None
+        parents = []
+        for row in self._front():
+            chain = self.space.chains.get(row["chain"])
+            if not chain or len(chain) < 2 or not self.space.templates[chain[-1]].dims \
+                    or any(self.space.templates[t].kind == "distillation" for t in chain):
+                continue
+            parents.append((self.study.trials[row["trial"]], chain))
+        if not parents:
+            return None
+        parent, chain = parents[rng.randrange(len(parents))]
+        kept = set(chain[:-1])
+        params = {k: v for k, v in parent.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
+        return params, {"continues": parent.number}
 
     def collect(self, pool: Any, timeout: Optional[float] = None) -> list[tuple[int, Optional[dict]]]:
         """Tell the study the trials that finished (waiting up to ``timeout`` s for one), a progress line each;
@@ -465,7 +501,7 @@ class Search:
         """The sampler's loop: a trial asked whenever a worker is free, told as it finishes."""
         while True:
             while len(self.in_flight) < pool.slots and self.remaining:
-                self.submit(pool)
+                self.submit(pool, *(self.continuation() or ()))
             if not self.in_flight:
                 break
             self.collect(pool, timeout=30)

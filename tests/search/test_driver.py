@@ -99,3 +99,45 @@ def test_another_optimisers_loop_runs_exactly_its_candidates_as_trials(tmp_path,
     assert "pruning_ratio" in rows[1]["error"] and not rows[1]["output_dir"]
     ran = [result.study.trials[n].user_attrs["nodes"][1] for n in (0, 2)]  # the chains the trials ran
     assert [(n["pruning_ratio"], n["importance"]) for n in ran] == [(0.3, "lamp"), (0.7, "magnitude")]
+
+
+def test_after_the_start_up_trials_trials_continue_a_feasible_front_trials_computed_prefix(tmp_path, monkeypatch):
+    """``search.reuse``: a continuation fixes a front trial's chain and every node but the last, starts from that
+    trial's cached checkpoint (the node is not run again: counted) and draws only the last node's fields."""
+    from tests.search.helpers import SETUP
+
+    spec, runs = registry.get_node("pruning"), []
+
+    def counted(model, cfg, ctx):
+        runs.append(ctx.node_label)
+        return spec.apply(model, cfg, ctx)
+
+    monkeypatch.setitem(registry._REGISTRY, "pruning", registry.NodeSpec("pruning", spec.config_cls, counted))
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    cfg = config(tmp_path, trials=8, reuse=1.0, max_accuracy_drop=1.0,
+                 moves={"drop": False, "insert": [], "reorder": False},
+                 space={"pruning": {"importance": False, "reconstruct": False}})
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    rows = _rows(run_search(cfg).folder)
+    assert [r["state"] for r in rows] == ["complete"] * 8
+    assert [r["continues"] for r in rows[:4]] == [""] * 4  # the sampler's start-up trials are drawn whole
+    continued = rows[4:]
+    assert all(r["continues"] for r in continued)  # reuse=1.0 and every trial feasible: each continues one
+    for r in continued:
+        parent = rows[int(r["continues"])]
+        assert parent["feasible"] == "True" and int(parent["trial"]) < int(r["trial"])
+        assert r["param:pruning#1.pruning_ratio"] == parent["param:pruning#1.pruning_ratio"]
+        assert r["start_node"] == "2"  # past the training prefix and the parent's first pruning node
+    assert len(runs) == sum(3 - int(r["start_node"]) for r in rows)  # a node is run from where its trial starts
+
+
+def test_reuse_zero_draws_every_trial_whole(tmp_path):
+    from tests.search.helpers import SETUP
+
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    cfg = config(tmp_path, trials=6, reuse=0.0, max_accuracy_drop=1.0,
+                 moves={"drop": False, "insert": [], "reorder": False},
+                 space={"pruning": {"importance": False, "reconstruct": False}})
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    rows = _rows(run_search(cfg).folder)
+    assert [r["continues"] for r in rows] == [""] * 6
