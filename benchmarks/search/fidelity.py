@@ -40,7 +40,8 @@ def replay(folder: Path, margins: list[float], node_epochs: dict[str, int], pref
     line = meta["reference"]["val_accuracy"] - meta["search"]["max_accuracy_drop"]
     study = optuna.load_study(study_name="fidelity", storage=open_storage(folder / "study.journal"))
     reports = {t.number: [v for _, v in sorted(t.intermediate_values.items())] for t in study.trials}
-    rows = [r for r in csv.DictReader((folder / "trials.csv").open()) if r["state"] in ("complete", "pruned")]
+    rows = [r for r in csv.DictReader((folder / "trials.csv").open()) if r["state"] in ("complete", "pruned")
+            and not r.get("same_as")]  # a repeat told an earlier trial's figures is not a trial (nor a saving)
     shared = min(int(r["start_node"]) for r in rows)  # the shared prefix's nodes: where the first trial started
     for row in rows:
         epochs = [node_epochs[node_kind(n)] for n in row["chain"].split(">")]

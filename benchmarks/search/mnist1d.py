@@ -226,7 +226,8 @@ def search_figures(folder: Path, command: str, sampler: str, seed: int, wall: fl
     trials' walls and their parallel efficiency on ``workers``."""
     state = json.loads((folder / "search.json").read_text())
     ref = state["reference"]["row"]
-    rows = read_trials(folder)
+    every = read_trials(folder)
+    rows = [r for r in every if r.get("same_as") in ("", None)]  # a repeat told an earlier trial's figures: not run
     on_val = state.get("selection", "validation") == "validation"
     line = (state["reference"]["val_accuracy"] if on_val else ref["accuracy"]) - 0.01
     feasible = [r for r in rows if r["state"] == "complete" and r["feasible"] == "True"]
@@ -234,7 +235,9 @@ def search_figures(folder: Path, command: str, sampler: str, seed: int, wall: fl
     walls = [r["wall_s"] for r in rows if isinstance(r["wall_s"], float)]
     info = {"command": command, "folder": str(folder), "sampler": sampler, "seed": seed, "wall_s": wall,
             "reference": ref, "reference_val_accuracy": state["reference"].get("val_accuracy"),
-            "selection": "validation" if on_val else "test", "trials": len(rows),
+            "selection": "validation" if on_val else "test", "trials": len(rows), "repeats": len(every) - len(rows),
+            "continuations": sum(r.get("continues") not in ("", None) for r in rows),
+            "started_past_prefix": sum(r.get("start_node") != min(x["start_node"] for x in rows) for r in rows),
             "complete": sum(r["state"] == "complete" for r in rows),
             "pruned": sum(r["state"] == "pruned" for r in rows),
             "failed": sum(r["state"] == "failed" for r in rows), "feasible": len(feasible),

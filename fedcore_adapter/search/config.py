@@ -26,14 +26,21 @@ class Moves(StrictModel):
 
 class EarlyStop(StrictModel):
     """Stop a trial whose model, as a node hands it on, is below the accuracy constraint (an infeasible trial is
-    dominated). Checked at node ends only: inside a node accuracy dips and recovers (each pruning step, then the
-    fine-tune), so only the model a node hands on is a comparable fidelity."""
+    dominated); and, inside a node, one that cannot recover above it: inside a node accuracy dips and recovers
+    (each pruning step, then the fine-tune), so an epoch's accuracy is judged with the most that any node of the
+    same kind and length finished in this search gained from that epoch to its end."""
 
     enabled: bool = True
     margin: float = Field(0.02, ge=0, description="stop only this far below the constraint line (validation "
                                                   "accuracy of the node's last epoch), ...")
     patience: int = Field(0, ge=0, description="... after this many more node ends without improvement "
                                                "(0: at the first node end below)")
+    within_nodes: bool = Field(True, description="also stop inside a node, at the second epoch in a row whose "
+                                                 "accuracy plus the largest recovery seen from that epoch "
+                                                 "(finished nodes of the same kind and epochs) ends below the "
+                                                 "line less margin")
+    min_curves: int = Field(3, ge=1, description="finished nodes of the same kind and epochs needed before a "
+                                                 "node is judged inside")
 
 
 class SearchConfig(StrictModel):

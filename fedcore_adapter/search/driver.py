@@ -7,7 +7,8 @@
    prefix already computed, stopped early when its fine-tune stays below the accuracy constraint; after the
    sampler's start-up trials a share of them (``search.reuse``) continues a feasible front trial: its chain
    and every node but the last fixed (``study.enqueue_trial`` with those parameters), so the trial starts
-   from that trial's computed prefix and the sampler draws the last node's fields;
+   from that trial's computed prefix and the sampler draws the last node's fields; a candidate asked again is
+   told the earlier trial's figures, not run, and not counted;
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters; another optimiser may propose the candidates
    instead of the sampler (``run_search(..., loop=)``: ``Search.submit`` with the candidate's parameters, then
@@ -292,9 +293,11 @@ class Search:
                     study.tell(t.number, state=TrialState.FAIL)
 
     def _finished(self) -> int:
+        """Trials finished and counted: complete, stopped, failed (not lost, not a repeat told from an earlier one)."""
         return sum(1 for t in self.study.get_trials(deepcopy=False)
-                   if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                   or (t.state == TrialState.FAIL and not t.user_attrs.get("lost")))
+                   if (t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                       or (t.state == TrialState.FAIL and not t.user_attrs.get("lost")))
+                   and t.user_attrs.get("same_as") is None)
 
     @property
     def reference(self) -> dict:
@@ -392,7 +395,8 @@ class Search:
         if not es.enabled or self.scfg.max_accuracy_drop is None or not isinstance(val, (int, float)):
             return None
         return {"storage": str((self.folder / "study.journal").absolute()), "study": FIDELITY, "trial_id": trial_id,
-                "lower": val - self.scfg.max_accuracy_drop - es.margin, "patience": es.patience}
+                "lower": val - self.scfg.max_accuracy_drop - es.margin, "patience": es.patience,
+                "within_nodes": es.within_nodes, "min_curves": es.min_curves}
 
     def _start_of(self, nodes: list[dict]) -> tuple[int, Optional[Path]]:
         """Where a trial starts: the longest computed prefix of its chain (at least the shared one)."""
@@ -476,6 +480,10 @@ class Search:
             self.study.tell(trial, state=TrialState.FAIL)
             log.info("trial #%d: candidate rejected: %s", trial.number, err)
             return trial.number
+        earlier = self._evaluated(nodes)
+        if earlier is not None:
+            self._tell_repeat(trial, label, earlier)
+            return trial.number
         start, checkpoint = self._start_of(nodes)
         trial.set_user_attr("chain", label)
         trial.set_user_attr("nodes", nodes)
@@ -496,6 +504,37 @@ class Search:
         pool.submit(trial.number, payload)
         self.in_flight[trial.number] = (trial, fid, time.time())
         return trial.number
+
+    def _evaluated(self, nodes: list[dict]) -> Optional[Any]:
+        """The finished trial (complete or stopped) that ran exactly ``nodes``: the runs are deterministic, so the
+        same candidate would give the same figures. None when there is none, or when the sampler has repeated
+        itself ``search.trials`` times already (it is stuck: what it asks then runs and counts)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if sum(t.user_attrs.get("same_as") is not None for t in trials) >= self.scfg.trials:
+            return None
+        key = json.dumps(nodes, sort_keys=True, default=str)
+        return next((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                     and t.user_attrs.get("same_as") is None
+                     and json.dumps(t.user_attrs.get("nodes"), sort_keys=True, default=str) == key), None)
+
+    def _tell_repeat(self, trial: Any, label: str, earlier: Any) -> None:
+        """Tell a candidate asked again with the earlier trial's figures, without running it; it is not counted
+        among ``search.trials`` (the sampler learns it, the search asks another), and is not on the front."""
+        for key, value in earlier.user_attrs.items():
+            if key not in ("continues", "rerun_of", "wall_s", "worker"):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("chain", label)
+        trial.set_user_attr("same_as", earlier.number)
+        trial.set_user_attr("epochs", 0)
+        for key, value in earlier.system_attrs.items():  # Trial.set_constraint stores "constraints:<name>"
+            if key.startswith("constraints:"):
+                trial.set_constraint(key.split(":", 1)[1], value)
+        if earlier.state == TrialState.COMPLETE:
+            self.study.tell(trial, earlier.values)
+        else:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial #%d: the same candidate as trial #%d; told its figures, not run again and not counted",
+                 trial.number, earlier.number)
 
     def _loop(self, pool: Any) -> None:
         """The sampler's loop: a trial asked whenever a worker is free, told as it finishes."""
@@ -595,7 +634,8 @@ class Search:
                 if t.state.is_finished() and not t.user_attrs.get("lost")]
 
     def _front(self) -> list[dict]:
-        trials = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        trials = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if t.user_attrs.get("same_as") is None]
         if self.scfg.max_accuracy_drop is not None:
             trials = [t for t in trials if t.user_attrs.get("feasible")]
         signs = [1 if d == "minimize" else -1 for d in self.scfg.directions()]
@@ -664,7 +704,9 @@ class Search:
                 f"{_describe(closest, self.scfg.objectives)}")
 
     def _summary_metrics(self, result: SearchResult) -> dict:
-        out = {"trials_finished": float(len(result.trials)), "pareto_size": float(len(result.front))}
+        repeats = sum(r.get("same_as") is not None for r in result.trials)
+        out = {"trials_finished": float(len(result.trials) - repeats), "trials_repeated": float(repeats),
+               "pareto_size": float(len(result.front))}
         if result.best:
             out.update({f"best_{k}": result.best[k] for k in ("macs_reduction", "val_accuracy_drop_pt",
                                                               "accuracy_drop_pt", "latency_ratio", "params_reduction")

@@ -24,8 +24,8 @@ SPLIT_METRICS = ("accuracy", "loss")
 _FIGURES = ["val_accuracy", "val_accuracy_drop_pt", "accuracy", "accuracy_drop_pt", "val_loss", "loss", "macs",
             "macs_reduction", "params", "params_reduction", "size_mb", "latency_ms", "latency_ms_per_sample",
             "latency_ratio", "throughput_sps"]
-SUMMARY = ["trial", "state", "chain", "start_node", "continues", *_FIGURES, "feasible", "wall_s", "epochs", "worker",
-           "output_dir", "error"]
+SUMMARY = ["trial", "state", "chain", "start_node", "continues", "same_as", *_FIGURES, "feasible", "wall_s", "epochs",
+           "worker", "output_dir", "error"]
 # reference_points.csv: the points pareto.png draws for reference (plotted_split: the split of the accuracy / loss
 # drawn)
 REFERENCE_COLUMNS = ["setup", "folder", *_FIGURES[:6], "plotted_split", "val_note", *_FIGURES[6:]]
@@ -60,7 +60,7 @@ def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dic
     """One line of trials.csv: the trial's validation accuracy and loss, its last measured row (test split), the
     drops and reductions against the reference, its params."""
     row = {"trial": number, "state": state, "chain": attrs.get("chain"), "start_node": attrs.get("start_node"),
-           "continues": attrs.get("continues"),
+           "continues": attrs.get("continues"), "same_as": attrs.get("same_as"),
            **_measured(attrs.get("metrics") or {}, attrs, reference),
            "feasible": attrs.get("feasible"), "wall_s": attrs.get("wall_s"), "epochs": attrs.get("epochs"),
            "worker": attrs.get("worker"), "output_dir": attrs.get("output_dir"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -19,6 +20,7 @@ from ..building import build_data, build_model, build_run, load_pretrained, reso
 from ..data import make_loader, model_device
 from ..errors import error_line
 from ..hooks import Hook
+from ..progress import node_work
 from ..losses import find_loss
 from ..metrics import evaluate
 from ..results import PARTIAL_SUFFIX, read_json
@@ -47,7 +49,13 @@ def fidelity_pruner(spec: Mapping[str, Any]) -> Any:
 class EarlyStopHook(Hook):
     """Reports the validation accuracy of each node's last epoch (the model the node hands on) to the trial's
     fidelity twin when the node ends; stops the run when pruned, before the next node. A node without epochs
-    reports nothing, nor does the last node (the trial is complete then, and judged as such)."""
+    reports nothing, nor does the last node (the trial is complete then, and judged as such).
+
+    Inside a node (``within_nodes``): each finished node's epoch curve is kept on the fidelity twin
+    (``curves``); a running node's epoch ``k`` is judged with the largest gain from epoch ``k`` to the end that
+    finished nodes of the same kind and epochs showed (at least ``min_curves`` of them, this search's trials). The
+    trial stops at the second epoch in a row whose accuracy plus that gain is below ``lower``: even the best
+    recovery seen would leave it infeasible."""
 
     def __init__(self, spec: Mapping[str, Any]):
         self.spec = dict(spec)
@@ -58,6 +66,10 @@ class EarlyStopHook(Hook):
         self._node_last: Optional[float] = None  # the running node's latest epoch
         self._node_loss: float | None = None
         self._trial = None
+        self._curve: list[float] = []  # the running node's validation accuracy per epoch
+        self._key = ""  # its kind and epochs: the curves it is compared with
+        self._gain: Optional[list[float]] = None  # per epoch: the largest gain to the node's end seen
+        self._below = 0  # epochs in a row judged unrecoverable
 
     def trial(self) -> Any:
         if self._trial is None:
@@ -69,19 +81,45 @@ class EarlyStopHook(Hook):
 
     def before_node(self, run: Any, index: int, node: Any) -> None:
         self._node_last = self._node_loss = None
+        self._curve, self._below, self._gain = [], 0, None
+        self._key = f"{node.kind}:{node_work(node)}"  # the kind and its epoch settings
+        if self.spec.get("within_nodes"):
+            self._gain = largest_gains(self._curves(), self._key, int(self.spec.get("min_curves", 3)))
+
+    def _curves(self) -> list[dict]:
+        """The finished nodes' curves of this search's trials (their fidelity twins' ``curves``)."""
+        trials = self.trial().study.get_trials(deepcopy=False)
+        return [c for t in trials for c in t.user_attrs.get("curves", [])]
 
     def on_log(self, run: Any, index: int, node: Any, metrics: dict, step: Optional[int]) -> None:
         value = next((v for k, v in metrics.items() if k.endswith("val_accuracy") and isinstance(v, (int, float))),
                      None)
-        if value is not None:
-            self.epochs += 1
-            self._node_last = float(value)
-            self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
-                                    and isinstance(v, (int, float))), None)
+        if value is None:
+            return
+        self.epochs += 1
+        self._node_last = float(value)
+        self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
+                                and isinstance(v, (int, float))), None)
+        self._curve.append(float(value))
+        k = len(self._curve) - 1
+        if self._gain is None or k >= len(self._gain) - 1:  # the node's last epoch: judged at its end
+            return
+        self._below = self._below + 1 if value + self._gain[k] < self.spec["lower"] else 0
+        if self._below >= 2:
+            raise TrialStopped(f"validation accuracy {value:.4f} at epoch {k + 1} of {len(self._gain)} of node "
+                               f"{index}: {node.kind} (after {self.epochs} epochs): with the largest recovery a "
+                               f"finished {node.kind} node showed from there (+{self._gain[k]:.4f}) still below "
+                               f"{self.spec['lower']:.4f}")
 
     def after_node(self, run: Any, index: int, node: Any, model: Any, row: dict, checkpoint: Path) -> None:
         value, loss, self._node_last, self._node_loss = self._node_last, self._node_loss, None, None
-        if value is None or index >= len(run.setup.nodes) - 1:  # the last node: the trial completes and is judged
+        if value is None:
+            return
+        if self.spec.get("within_nodes") and len(self._curve) > 1:
+            trial = self.trial()
+            trial.set_user_attr("curves", [*trial.user_attrs.get("curves", []),
+                                           {"key": self._key, "values": self._curve}])
+        if index >= len(run.setup.nodes) - 1:  # the last node: the trial completes and is judged
             return
         self.step += 1
         self.last, self.last_loss = value, loss
@@ -90,6 +128,20 @@ class EarlyStopHook(Hook):
         if trial.should_prune():
             raise TrialStopped(f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after "
                                f"{self.epochs} epochs) below {self.spec['lower']:.4f}")
+
+
+def largest_gains(curves: list[dict], key: str, min_curves: int) -> Optional[list[float]]:
+    """Per epoch ``k`` of a node of ``key`` (kind and epoch settings): the largest ``end - curve[k]`` among the
+    finished ``curves`` of that key and of its most common length (at least ``min_curves`` of them); None with
+    fewer, or for nodes of one epoch."""
+    same = [c["values"] for c in curves if c.get("key") == key and len(c.get("values", ())) > 1]
+    if not same:
+        return None
+    length = Counter(len(c) for c in same).most_common(1)[0][0]
+    same = [c for c in same if len(c) == length]
+    if len(same) < min_curves:
+        return None
+    return [max(c[-1] - c[k] for c in same) for k in range(length)]
 
 
 def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> dict:

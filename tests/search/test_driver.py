@@ -141,3 +141,29 @@ def test_reuse_zero_draws_every_trial_whole(tmp_path):
     cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
     rows = _rows(run_search(cfg).folder)
     assert [r["continues"] for r in rows] == [""] * 6
+
+
+def test_a_candidate_asked_again_is_told_the_earlier_trials_figures_not_run_and_not_counted(tmp_path, count_training):
+    """The runs are deterministic: a repeat of a finished candidate costs nothing, is marked ``same_as`` and leaves
+    the search to ask another, so ``search.trials`` are distinct candidates; the front holds the trial once."""
+    asked = [{"pruning#1.pruning_ratio": 0.3, "pruning#1.importance": "lamp"},
+             {"pruning#1.pruning_ratio": 0.3, "pruning#1.importance": "lamp"},  # the same candidate again
+             {"pruning#1.pruning_ratio": 0.7, "pruning#1.importance": "magnitude"}]
+
+    def loop(search, pool):
+        remaining = []
+        for params in asked:
+            search.submit(pool, params)
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+            remaining.append(search.remaining)
+        assert remaining == [1, 1, 0]  # the repeat did not use up a trial
+
+    result = run_search(config(tmp_path, trials=2, space={"pruning": {"reconstruct": False}}), loop=loop)
+    rows = {int(r["trial"]): r for r in _rows(result.folder)}
+    assert rows[1]["same_as"] == "0" and rows[1]["epochs"] == "0"
+    assert not (result.folder / "trials" / "trial_0001").exists()  # not run
+    assert {k: rows[1][k] for k in ("macs", "params", "val_accuracy", "feasible", "output_dir")} == \
+        {k: rows[0][k] for k in ("macs", "params", "val_accuracy", "feasible", "output_dir")}
+    assert result.study.trials[1].values == result.study.trials[0].values
+    assert 1 not in {r["trial"] for r in result.front}

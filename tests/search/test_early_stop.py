@@ -1,5 +1,7 @@
-"""Early stopping judges the model each node hands on (its last epoch's validation accuracy), never the dips
-inside a node (each pruning step, the start of a fine-tune), and never stops the chain's last node."""
+"""Early stopping judges the model each node hands on (its last epoch's validation accuracy) and never stops the
+chain's last node at its end; inside a node it stops only a trial that even the largest recovery finished nodes of
+the same kind showed would leave below the line, two epochs in a row (each pruning step dips, the fine-tune
+recovers)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,18 +10,20 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from fedcore_adapter.search.trial import EarlyStopHook, TrialStopped, open_storage
+from fedcore_adapter.registry import get_node
+from fedcore_adapter.search.trial import EarlyStopHook, TrialStopped, largest_gains, open_storage
 
 RUN = SimpleNamespace(setup=SimpleNamespace(nodes=[object(), object(), object()]))
-PRUNING = SimpleNamespace(kind="pruning")
+PRUNING = get_node("pruning").config_cls.model_validate({"kind": "pruning"})
 
 
-def _hook(tmp_path, lower=0.9, patience=0) -> EarlyStopHook:
+def _hook(tmp_path, lower=0.9, patience=0, **spec) -> EarlyStopHook:
     path = tmp_path / "study.journal"
-    study = optuna.create_study(study_name="fidelity", storage=open_storage(path), direction="maximize")
+    study = optuna.create_study(study_name="fidelity", storage=open_storage(path), direction="maximize",
+                                load_if_exists=True)
     trial = study.ask()
     return EarlyStopHook({"storage": str(path), "study": "fidelity", "trial_id": trial._trial_id,
-                          "lower": lower, "patience": patience})
+                          "lower": lower, "patience": patience, **spec})
 
 
 def _node(hook: EarlyStopHook, index: int, accuracies: list[float]) -> None:
@@ -111,3 +115,46 @@ def test_a_stopped_trials_finished_nodes_are_a_prefix_later_trials_start_from(tm
     assert int(stopped["start_node"]) == 1 and int(second["start_node"]) == 2  # after the stopped trial's pruning#1
     nodes = sorted(p.name for p in (Path(second["output_dir"]) / "nodes").iterdir())
     assert nodes == ["0_input", "1_pruning"]  # its own run: the second pruning only
+
+
+def test_the_largest_gain_per_epoch_is_taken_over_finished_curves_of_the_same_kind_and_length():
+    curves = [{"key": "pruning:7", "values": [0.5, 0.9, 0.95]}, {"key": "pruning:7", "values": [0.8, 0.7, 0.96]},
+              {"key": "pruning:7", "values": [0.9, 0.9, 0.9]}, {"key": "pruning:7", "values": [0.1, 0.99]},
+              {"key": "low_rank:7", "values": [0.0, 0.0, 1.0]}]
+    assert largest_gains(curves, "pruning:7", 3) == pytest.approx([0.45, 0.26, 0.0])
+    assert largest_gains(curves, "pruning:7", 4) is None  # too few of them to judge by
+    assert largest_gains(curves, "training:7", 1) is None
+
+
+def _finish_others(tmp_path, curves, last=True):
+    """Other trials of the search finish nodes with these epoch curves (stored on their fidelity twins)."""
+    for curve in curves:
+        _node(_hook(tmp_path, within_nodes=True), 2 if last else 0, curve)
+
+
+def test_inside_a_node_a_trial_that_even_the_best_recovery_seen_leaves_below_the_line_stops(tmp_path):
+    _finish_others(tmp_path, [[0.90, 0.93, 0.96, 0.97], [0.85, 0.95, 0.96, 0.98], [0.96, 0.97, 0.97, 0.98]])
+    hook = _hook(tmp_path, within_nodes=True)  # largest gains per epoch: 0.13, 0.04, 0.02, 0
+    with pytest.raises(TrialStopped, match=r"0\.8200 at epoch 2 of 4 of node 2: pruning \(after 2 epochs\): "
+                                           r"with the largest recovery a finished pruning node showed from there "
+                                           r"\(\+0\.0400\) still below 0\.9000"):
+        _node(hook, 2, [0.70, 0.82, 0.9, 0.9])  # the chain's last node too: it would end infeasible
+    assert hook.epochs == 2
+
+
+def test_inside_a_node_one_epoch_dipping_past_the_best_recovery_seen_is_not_enough(tmp_path):
+    _finish_others(tmp_path, [[0.90, 0.93, 0.96, 0.97], [0.85, 0.95, 0.96, 0.98], [0.96, 0.97, 0.97, 0.98]])
+    hook = _hook(tmp_path, within_nodes=True)
+    _node(hook, 0, [0.70, 0.90, 0.95, 0.97])  # a deeper dip than any seen, recovered at once
+    assert hook.epochs == 4 and hook.last == 0.97
+
+
+def test_inside_a_node_nothing_is_judged_before_min_curves_nodes_of_its_kind_finished(tmp_path):
+    _finish_others(tmp_path, [[0.90, 0.93, 0.96, 0.97], [0.85, 0.95, 0.96, 0.98]])
+    hook = _hook(tmp_path, within_nodes=True, min_curves=3)
+    _node(hook, 2, [0.1, 0.1, 0.1, 0.1])
+    assert hook.epochs == 4
+    off = _hook(tmp_path, within_nodes=False)
+    _finish_others(tmp_path, [[0.96, 0.97, 0.97, 0.98]])
+    _node(off, 2, [0.1, 0.1, 0.1, 0.1])  # within_nodes false: only node ends are judged
+    assert off.epochs == 4
