@@ -104,8 +104,6 @@ def test_another_optimisers_loop_runs_exactly_its_candidates_as_trials(tmp_path,
 def test_after_the_start_up_trials_trials_continue_a_feasible_front_trials_computed_prefix(tmp_path, monkeypatch):
     """``search.reuse``: a continuation fixes a front trial's chain and every node but the last, starts from that
     trial's cached checkpoint (the node is not run again: counted) and draws only the last node's fields."""
-    from tests.search.helpers import SETUP
-
     spec, runs = registry.get_node("pruning"), []
 
     def counted(model, cfg, ctx):
@@ -113,18 +111,14 @@ def test_after_the_start_up_trials_trials_continue_a_feasible_front_trials_compu
         return spec.apply(model, cfg, ctx)
 
     monkeypatch.setitem(registry._REGISTRY, "pruning", registry.NodeSpec("pruning", spec.config_cls, counted))
-    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
-    cfg = config(tmp_path, trials=8, reuse=1.0, max_accuracy_drop=1.0,
-                 moves={"drop": False, "insert": [], "reorder": False},
-                 space={"pruning": {"importance": False, "reconstruct": False}})
-    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
-    rows = _rows(run_search(cfg).folder)
+    rows = _two_pruning_nodes_searched(tmp_path, trials=8, reuse=1.0)
     assert [r["state"] for r in rows] == ["complete"] * 8
-    assert [r["continues"] for r in rows[:4]] == [""] * 4  # the sampler's start-up trials are drawn whole
-    continued = rows[4:]
-    assert all(r["continues"] for r in continued)  # reuse=1.0 and every trial feasible: each continues one
+    by_number = {int(r["trial"]): r for r in rows}
+    assert all(not r["continues"] for n, r in by_number.items() if n < 4)  # the start-up trials: drawn whole
+    continued = [r for n, r in by_number.items() if n >= 4]
+    assert continued and all(r["continues"] for r in continued)  # reuse=1.0, every trial feasible: all continue
     for r in continued:
-        parent = rows[int(r["continues"])]
+        parent = by_number[int(r["continues"])]
         assert parent["feasible"] == "True" and int(parent["trial"]) < int(r["trial"])
         assert r["param:pruning#1.pruning_ratio"] == parent["param:pruning#1.pruning_ratio"]
         assert r["start_node"] == "2"  # past the training prefix and the parent's first pruning node
@@ -132,15 +126,21 @@ def test_after_the_start_up_trials_trials_continue_a_feasible_front_trials_compu
 
 
 def test_reuse_zero_draws_every_trial_whole(tmp_path):
+    rows = _two_pruning_nodes_searched(tmp_path, trials=6, reuse=0.0)
+    assert [r["continues"] for r in rows] == [""] * 6
+
+
+def _two_pruning_nodes_searched(tmp_path, trials: int, reuse: float) -> list[dict]:
+    """The rows of the trials run (not the repeats) of a search over training -> pruning -> pruning, every trial
+    feasible, only the pruning ratios searched."""
     from tests.search.helpers import SETUP
 
     prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
-    cfg = config(tmp_path, trials=6, reuse=0.0, max_accuracy_drop=1.0,
+    cfg = config(tmp_path, trials=trials, reuse=reuse, max_accuracy_drop=1.0,
                  moves={"drop": False, "insert": [], "reorder": False},
                  space={"pruning": {"importance": False, "reconstruct": False}})
     cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
-    rows = _rows(run_search(cfg).folder)
-    assert [r["continues"] for r in rows] == [""] * 6
+    return [r for r in _rows(run_search(cfg).folder) if not r["same_as"]]
 
 
 def test_a_candidate_asked_again_is_told_the_earlier_trials_figures_not_run_and_not_counted(tmp_path, count_training):
