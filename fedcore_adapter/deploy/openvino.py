@@ -1,14 +1,18 @@
 """OpenVINO: ``openvino.convert_model`` from the torch model, int8 through NNCF post-training quantization."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import error_line
 from .runner import Runner, numpy_inputs
 from .signature import Positional, Signature
+
+log = logging.getLogger("fedcore_adapter")
 
 ARTIFACT = "model.xml"
 
@@ -65,7 +69,18 @@ class OpenVinoRunner(Runner):
         options = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if weight_dtype == "float32":  # fp32 stays fp32 (the CPU plugin's default is bf16 where the CPU has it)
             options["INFERENCE_PRECISION_HINT"] = "f32"
-        compiled = core.compile_model(str(path), "CPU", options)
+        try:
+            compiled = core.compile_model(str(path), "CPU", options)
+        except RuntimeError as err:
+            if "INFERENCE_PRECISION_HINT" in options:
+                raise
+            # On CPUs with bf16 (AMD Zen 4, Intel AMX) the plugin runs an int8 model's float parts in bf16 by
+            # default, and has no bf16 kernel for some layers of it ("No suitable implementations"): f32 then.
+            log.warning("openvino: %s does not compile at the CPU's default inference precision (%s); compiled "
+                        "at f32", Path(path).name, error_line(err, limit=160))
+            options["INFERENCE_PRECISION_HINT"] = "f32"
+            compiled = core.compile_model(str(path), "CPU", options)
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # f32, bf16...
         self.request = compiled.create_infer_request()
         names = tuple(p.get_any_name() for p in compiled.inputs)
         keyword = names != tuple(f"input_{i}" for i in range(len(names)))

@@ -106,3 +106,29 @@ def test_the_agreement_check_reads_the_real_tokens_only():
     logits = torch.randn(2, 5)
     assert _real_tokens(logits, {"attention_mask": mask}) is logits  # not token outputs: all of it
     assert _real_tokens(hidden, hidden) is hidden  # no mask
+
+
+def test_an_openvino_model_the_cpus_default_precision_cannot_compile_is_compiled_at_f32(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """On CPUs with bf16 the plugin runs an int8 model's float parts in bf16, and lacks a kernel for some layers
+    ("No suitable implementations", the MNIST-1D CNN on an AMD EPYC): the runner compiles it at f32, and says so."""
+    import openvino as ov
+
+    from fedcore_adapter.deploy.openvino import ARTIFACT, build, load
+    from fedcore_adapter.deploy.signature import Signature
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    x = torch.randn(2, 1, 8)
+    build(model, Signature.of(x), (x,), tmp_path, quantize="none", calibration=[], model_type="auto")
+    compile_model = ov.Core.compile_model
+
+    def bf16_fails(self, path, device, options):
+        if "INFERENCE_PRECISION_HINT" not in options:
+            raise RuntimeError("Check '!implementations.empty()' failed: No suitable implementations.")
+        return compile_model(self, path, device, options)
+
+    monkeypatch.setattr(ov.Core, "compile_model", bf16_fails)
+    with caplog.at_level("WARNING", logger="fedcore_adapter"):
+        runner = load(tmp_path / ARTIFACT, threads=1, weight_dtype="int8")
+    assert runner.precision == "f32" and "compiled at f32" in caplog.text
+    assert relative_error(call_model(runner, (x,)), model(x)) < FP32_TOLERANCE
