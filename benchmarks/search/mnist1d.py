@@ -228,6 +228,7 @@ def search_figures(folder: Path, command: str, sampler: str, seed: int, wall: fl
     ref = state["reference"]["row"]
     every = read_trials(folder)
     rows = [r for r in every if r.get("same_as") in ("", None)]  # a repeat told an earlier trial's figures: not run
+    shared = min((r["start_node"] for r in rows), default=None)  # the shared prefix's end: where the first trial began
     on_val = state.get("selection", "validation") == "validation"
     line = (state["reference"]["val_accuracy"] if on_val else ref["accuracy"]) - 0.01
     feasible = [r for r in rows if r["state"] == "complete" and r["feasible"] == "True"]
@@ -237,7 +238,7 @@ def search_figures(folder: Path, command: str, sampler: str, seed: int, wall: fl
             "reference": ref, "reference_val_accuracy": state["reference"].get("val_accuracy"),
             "selection": "validation" if on_val else "test", "trials": len(rows), "repeats": len(every) - len(rows),
             "continuations": sum(r.get("continues") not in ("", None) for r in rows),
-            "started_past_prefix": sum(r.get("start_node") != min(x["start_node"] for x in rows) for r in rows),
+            "started_past_prefix": sum(r.get("start_node") != shared for r in rows),
             "complete": sum(r["state"] == "complete" for r in rows),
             "pruned": sum(r["state"] == "pruned" for r in rows),
             "failed": sum(r["state"] == "failed" for r in rows), "feasible": len(feasible),

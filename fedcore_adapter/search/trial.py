@@ -20,9 +20,9 @@ from ..building import build_data, build_model, build_run, load_pretrained, reso
 from ..data import make_loader, model_device
 from ..errors import error_line
 from ..hooks import Hook
-from ..progress import node_work
 from ..losses import find_loss
 from ..metrics import evaluate
+from ..progress import node_work
 from ..results import PARTIAL_SUFFIX, read_json
 
 
