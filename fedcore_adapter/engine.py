@@ -179,11 +179,14 @@ class _Run:
 
 def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, conf_loss: Any = None,
         output_dir: str | Path = "composition_results", model_name: Optional[str] = None, resume: bool = False,
-        hooks: Sequence[Hook] = (), executor: Any = None, config: Optional[dict] = None) -> RunResult:
+        hooks: Sequence[Hook] = (), executor: Any = None, config: Optional[dict] = None,
+        teacher: Optional[nn.Module] = None) -> RunResult:
     """Run a resolved ``setup`` on ``model`` and ``datamodule``; see the package README for the results layout.
 
-    The input ``model`` is never modified: the chain works on a copy. Callers build the run with
-    ``building.build_run`` (which resolves and validates the setup once). The run gets its own folder
+    The input ``model`` is never modified: the chain works on a copy. ``teacher``: the model distillation nodes
+    learn from, and rebuild a ``teacher_checkpoint`` on (default: the input model); give it when ``model`` is a
+    start point inside a longer chain (e.g. a pruned checkpoint) whose own input model is the teacher. Callers
+    build the run with ``building.build_run`` (which resolves and validates the setup once). The run gets its own folder
     (``placement``): a finished or live run's folder is never replaced. A failure of user code, data,
     model or the file system is raised as :class:`~.errors.RunError` naming the node (the original as
     ``__cause__``); an interrupt (Ctrl-C, SIGTERM) as :class:`~.signals.RunInterrupted` with the resume hint.
@@ -204,21 +207,23 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
         r.use_folder(placed.final, placed.partial)
         r.run_json = read_json(r.dir / "run.json", {})
         with Heartbeat(lambda: r.write_run_json()):
-            return _execute(r, model, loss_fn, resumed=placed.resume)
+            return _execute(r, model, loss_fn, resumed=placed.resume, teacher=teacher)
 
 
-def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool) -> RunResult:
+def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool, teacher: Optional[nn.Module] = None) -> RunResult:
+    given_teacher = copy.deepcopy(teacher).eval() if teacher is not None else None
     setup = r.setup
     start_index, index = 0, None
     if resumed:
         try:
             start_index, teacher, current = _restore(r, model)
+            teacher = given_teacher if given_teacher is not None else teacher
         except BaseException:
             write_json(r.dir / "run.json", {**r.run_json, "status": r.run_json.get("previous_status") or "failed"})
             raise
     try:
         if not resumed:
-            teacher = copy.deepcopy(model).eval()
+            teacher = given_teacher if given_teacher is not None else copy.deepcopy(model).eval()
             current = copy.deepcopy(model)
             r.run_json.update({"setup": setup.name, "finished_at": None, "completed_nodes": 0,
                                "total_nodes": len(setup.nodes), "error": None})

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..context import NodeContext
+from ..errors import ConfigError, FedcoreError
 from ..losses import distillation_mse, pooled_cosine_distance, soft_target_kl, token_mask
 from ..registry import register_node
 from ..schema import NodeConfig, TrainParams, searchable
@@ -70,7 +71,11 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, targ
 def apply_distillation(model: nn.Module, config: DistillationConfig, ctx: NodeContext) -> nn.Module:
     teacher = ctx.teacher
     if config.teacher_checkpoint:
-        teacher = load_model(config.teacher_checkpoint, copy.deepcopy(ctx.teacher))
+        try:
+            teacher = load_model(config.teacher_checkpoint, copy.deepcopy(ctx.teacher))
+        except FedcoreError as err:  # e.g. a teacher that is not the input model's ancestor
+            raise ConfigError(f"teacher_checkpoint={config.teacher_checkpoint!r} cannot be rebuilt on the run's "
+                              f"teacher (the input model, or the one the caller gave): {err}") from None
     teacher = teacher.to(ctx.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -403,7 +403,7 @@ class Search:
         n = len(self.space.prefix)
         common = {**self.space.common, "seed": self.base_seed}
         shared = self.cache.get(prefix_key(self.identity, common, nodes[:n])) if n else None
-        if not self.scfg.share_prefix or any(x["kind"] == "distillation" for x in nodes[n:]):
+        if not self.scfg.share_prefix:
             return (n, shared) if shared is not None else (0, None)
         j, found = self.cache.longest(self.identity, common, nodes, n)
         return (j, found) if found is not None else ((n, shared) if shared is not None else (0, None))
@@ -427,8 +427,8 @@ class Search:
         """``(params, user_attrs)`` of the next trial when it continues a feasible front trial (``search.reuse``
         of the trials after the sampler's start-up ones): that trial's chain and the fields of every node but
         its last, so it starts from that trial's computed prefix; None: the sampler draws the whole trial.
-        Front trials whose chain is one node, holds a distillation (its prefix is not shared) or ends in a node
-        with nothing to draw are not continued. Seeded by ``search.seed`` and the trial's number."""
+        Front trials whose chain is one node or ends in a node with nothing to draw are not continued. Seeded by
+        ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         if not self.scfg.reuse or asked < _startup_trials(self.scfg) or not self.scfg.share_prefix:
             return None
@@ -438,8 +438,7 @@ class Search:
         parents = []
         for row in self._front():
             chain = self.space.chains.get(row["chain"])
-            if not chain or len(chain) < 2 or not self.space.templates[chain[-1]].dims \
-                    or any(self.space.templates[t].kind == "distillation" for t in chain):
+            if not chain or len(chain) < 2 or not self.space.templates[chain[-1]].dims:
                 continue
             parents.append((self.study.trials[row["trial"]], chain))
         if not parents:

@@ -189,7 +189,10 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     :func:`_references`)."""
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
+    teacher = None
     if payload.get("start"):
+        if any(node.kind == "distillation" for node in setup.nodes):  # as if the whole chain ran: its input
+            teacher = _input_model(payload, cfg, setup)  # model teaches (and rebuilds a teacher_checkpoint)
         cfg["pretrained"] = payload["start"]
     hooks = tracking_hooks(cfg, cfg.get("model_name"))
     stopper = EarlyStopHook(payload["early_stop"]) if payload.get("early_stop") else None
@@ -202,7 +205,8 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     out = Path(payload["output_dir"])
     try:
         result = build_run(setup, cfg=cfg, model=model, data=data, loss=payload.get("loss"),
-                           output_dir=out, model_name="", hooks=[*hooks, *([stopper] if stopper else [])])
+                           output_dir=out, model_name="", hooks=[*hooks, *([stopper] if stopper else [])],
+                           teacher=teacher)
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),

@@ -143,6 +143,39 @@ def _two_pruning_nodes_searched(tmp_path, trials: int, reuse: float) -> list[dic
     return [r for r in _rows(run_search(cfg).folder) if not r["same_as"]]
 
 
+def test_chains_ending_in_distillation_are_continued_and_learn_from_the_shared_prefix_as_their_whole_chain(
+        tmp_path):
+    """A continued trial of training -> pruning -> distillation starts past its parent's pruning node; its
+    distillation learns from the shared prefix (``teacher_checkpoint``) there as in its whole chain, which the
+    exported setup file runs again with the same figures."""
+    import yaml
+
+    from fedcore_adapter.building import run_from_config
+    from tests.search.helpers import DATA, MODEL, SETUP
+
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    distill = {"kind": "distillation", "epochs": 1, "learning_rate": 0.01, "temperature": 2.0}
+    cfg = config(tmp_path, trials=6, reuse=1.0, max_accuracy_drop=1.0,
+                 moves={"drop": False, "insert": [], "reorder": False},
+                 space={"pruning": {"importance": False, "reconstruct": False}})
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, distill]}
+    result = run_search(cfg)
+    rows = [r for r in _rows(result.folder) if not r["same_as"]]
+    continued = [r for r in rows if r["continues"]]
+    assert continued and all(r["start_node"] == "2" and r["state"] == "complete" for r in continued)
+    shared = str((result.folder / "prefix").absolute())
+    for r in continued:
+        node = result.study.trials[int(r["trial"])].user_attrs["nodes"][-1]
+        assert node["kind"] == "distillation" and node["teacher_checkpoint"].startswith(shared)
+    row = next(r for r in result.front if r["trial"] in {int(c["trial"]) for c in continued})
+    path = result.folder / "pareto" / f"trial_{row['trial']:04d}.yaml"
+    again = run_from_config({"setup": str(path), "model": MODEL, "data": DATA, "tracking": {"name": "none"},
+                             "output_dir": str(tmp_path / "again")})
+    assert yaml.safe_load(path.read_text())["nodes"][0]["kind"] == "training"  # the whole chain, from the input
+    last = again.metrics[-1]
+    assert (last["params"], last["accuracy"]) == (row["params"], row["accuracy"])
+
+
 def test_a_candidate_asked_again_is_told_the_earlier_trials_figures_not_run_and_not_counted(tmp_path, count_training):
     """The runs are deterministic: a repeat of a finished candidate costs nothing, is marked ``same_as`` and leaves
     the search to ask another, so ``search.trials`` are distinct candidates; the front holds the trial once."""
