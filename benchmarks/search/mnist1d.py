@@ -6,7 +6,7 @@ same candidates run as whole chains).
 
     python -m benchmarks.search.mnist1d --out /tmp/search_bench [--budget cut|full] [--seeds 0 1 2]
         [--trials 32] [--workers 2] [--samplers tpe random] [--full-chains 4] [--chain-threads 1]
-        [--pretrained CHECKPOINT]
+        [--pretrained CHECKPOINT] [--guided search.reuse=0.75 ...]
     python -m benchmarks.search.mnist1d --out DIR --raw RAW_DIR --budget full --full-chains-of SEARCH_DIR
         --full-chains 8
 
@@ -15,7 +15,8 @@ same candidates run as whole chains).
 search starts from it (``pretrained=``). Each search is the ``fedcore-adapter search`` command (printed), for each
 seed every sampler one after the other, one folder per sampler and seed (``SEARCH_COMPOSITE_1_<sampler>_s<seed>``).
 The random baseline runs with ``search.reuse=0`` (random search: every trial drawn whole); the other samplers with
-the package's defaults (a share of trials continues a feasible front trial's computed prefix).
+the package's defaults and ``--guided`` overrides (a share of trials continues a feasible front trial's
+computed prefix).
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, see
            f"search.trials={args.trials}", "search.objectives=[macs,accuracy]", "search.max_accuracy_drop=0.01",
            f"search.sampler={sampler}", f"search.seed={seed}", "cluster=local", f"cluster.n_workers={args.workers}",
            "tracking=none", f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget],
-           *(["search.reuse=0"] if sampler == "random" else [])]  # the baseline: random search, every trial drawn
+           *(["search.reuse=0"] if sampler == "random" else getattr(args, "guided", []))]  # random: every trial drawn
     wall = sh(cmd, out / f"search_{label}.log", ok=(0, 1))  # 1: no trial met the constraint
     return search_figures(out / f"SEARCH_COMPOSITE_1_{label}", " ".join(cmd[2:]), sampler, seed, wall, args.workers)
 
@@ -342,6 +343,8 @@ def search_arguments(out: str, samplers: list[str], samplers_help: Optional[str]
 def main() -> None:
     p = search_arguments("/tmp/search_bench", ["tpe", "random"])
     p.add_argument("--full-chains", type=int, default=4)
+    p.add_argument("--guided", nargs="*", default=[], metavar="OVERRIDE",
+                   help="search overrides for the samplers but random (e.g. search.reuse=0.75)")
     p.add_argument("--chain-threads", type=int, default=1,
                    help="torch threads of the whole chains (1: as each trial's worker)")
     p.add_argument("--parallelism-only", action="store_true",
