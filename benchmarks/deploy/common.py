@@ -18,8 +18,9 @@ from torch import nn
 
 from benchmarks.timing import time_call
 
-RUNTIMES = ("onnxruntime", "openvino")
-BY_HAND = {"onnxruntime": "ORT int8 (by hand)", "openvino": "OpenVINO int8 (by hand)"}
+RUNTIMES = ("onnxruntime", "openvino")  # timed by default; torch_compile on request (compiles per shape)
+BY_HAND = {"onnxruntime": "ORT int8 (by hand)", "openvino": "OpenVINO int8 (by hand)",
+           "torch_compile": "PT2E int8 + torch.compile (by hand)"}
 
 
 def ov_by_hand(model: nn.Module, example_input: Any, calibration: list, folder: Path, transformer: bool,
@@ -35,6 +36,40 @@ def ov_by_hand(model: nn.Module, example_input: Any, calibration: list, folder: 
                               model_type=nncf.ModelType.TRANSFORMER if transformer else None)
     ov.save_model(quantized, str(folder / "int8.xml"), compress_to_fp16=False)
     return folder / "int8.xml"
+
+
+class CompiledByHand(nn.Module):
+    """torchao's PT2E recipe for x86 CPUs, as its tutorial writes it (plus dead-code elimination, which MiniLM's
+    unused pooler needs on torchao 0.18): ``torch.export``, ``prepare_pt2e`` with the
+    ``X86InductorQuantizer`` (static, per-channel weights), calibration, ``convert_pt2e``, then ``torch.compile``
+    with inductor's ``freezing`` on (which fuses the int8 patterns into oneDNN kernels): what a torch.compile
+    user deploys. Called with the model's keyword inputs (``names``, in order); compiled on first call, with the
+    thread count of that call baked into the kernels, so build one per thread count."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...], example: tuple, calibration: list[tuple]):
+        super().__init__()
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        self.names = names
+        shapes = tuple({d: torch.export.Dim.AUTO for d in range(t.dim())} for t in example)
+        exported = torch.export.export(module.eval(), example, dynamic_shapes=shapes).module()
+        exported.graph.eliminate_dead_code()  # BERT's pooler, unused: the x86 quantizer fails on its Linear -> Tanh
+        exported.recompile()
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for args in calibration:
+                prepared(*args)
+        self.converted = convert_pt2e(prepared)
+        self.compiled = torch.compile(self.converted)
+
+    def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return self.compiled(*args, *(inputs[k] for k in self.names if k in inputs))
 
 
 def time_cells(variants: dict[str, Callable[[int], nn.Module]], settings: dict[str, Callable[[nn.Module], Any]],
@@ -91,12 +126,13 @@ def latency_rows(names: list[str], times: dict, baseline: str) -> list[dict]:
     return rows
 
 
-def against_own_int8(times: dict, composites: dict[str, list[str]], qualified: set[str]) -> tuple[list[dict], dict]:
+def against_own_int8(times: dict, composites: dict[str, list[str]], qualified: set[str],
+                     runtimes: tuple[str, ...] = RUNTIMES) -> tuple[list[dict], dict]:
     """Rows ``variant / runtime's own int8`` (median per-round latency ratio; < 1: faster) for the ``deploy``
     node on each runtime (parity) and each composite; and per runtime the best qualified composite with
     how many cells it is faster than the runtime's own int8 in."""
     rows, verdict = [], {}
-    for runtime in RUNTIMES:
+    for runtime in runtimes:
         own = BY_HAND[runtime]
         candidates = [f"deploy {runtime}"] + composites.get(runtime, [])
         best: Optional[tuple[int, float, str]] = None

@@ -1,11 +1,14 @@
 """all-MiniLM-L6-v2 in its deployment runtimes, side by side in one run: torch fp32, our eager int8, each
 runtime's own int8 applied by hand, our int8 through the ``deploy`` node on each runtime, and the composites
-(falor low-rank + the runtime's int8 through the ``deploy`` node) on each runtime.
+(falor low-rank + the runtime's int8 through the ``deploy`` node) on each runtime. ``--runtimes``: ONNX Runtime
+and OpenVINO by default; ``torch_compile`` too (its own int8 by hand: torchao's PT2E recipe for x86 under
+``torch.compile`` with freezing, ``benchmarks.deploy.common.CompiledByHand``; each variant compiles once per
+thread count and input shape, seconds to a minute each).
 
     python -m benchmarks.deploy.minilm [--rounds 5] [--goals 0.15 0.25] [--falor-cache /tmp/falor_minilm]
         [--ffn-ratios 0.1 0.2] [--head-ratio 0] [--importance taylor] [--distill-loss cosine]
         [--distill-mse-weight 0] [--distill-sentences 3000] [--distill-epochs 3] [--lr 5e-5] [--reconstruct]
-        [--prune-cache /tmp/ffn_minilm] [--quality-only]
+        [--prune-cache /tmp/ffn_minilm] [--quality-only] [--runtimes onnxruntime openvino torch_compile]
 
 Cells: 1 and 2 threads x batch 1 (one sentence, its own length), batch 32 padded to the longest, batch
 32 x 128 tokens. Every round times every cell and every variant back to back
@@ -61,7 +64,8 @@ from fedcore_adapter.zoo.text import (TextDataModule, docstring_sentences, load_
                                       sentence_embeddings)
 
 from benchmarks.common import environment, markdown
-from benchmarks.deploy.common import RUNTIMES, against_own_int8, latency_rows, ov_by_hand, time_cells
+from benchmarks.deploy.common import (BY_HAND, RUNTIMES, CompiledByHand, against_own_int8, latency_rows, ov_by_hand,
+                                      time_cells)
 from benchmarks.low_rank.minilm import EXCLUDE, linear_params, non_test_sentences, sentence_batches, wide_calibration
 from benchmarks.low_rank.minilm_node import Sentences
 
@@ -214,6 +218,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--sentences", type=int, default=256, help="test sentences (fewer for a smoke run)")
     parser.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each timed variant")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=sorted(BY_HAND),
+                        help="runtimes timed (own int8 by hand, the deploy node, composites); torch_compile "
+                             "compiles each variant once per thread count and input shape")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.distill_mse_weight and args.distill_loss != "cosine":
@@ -245,16 +252,26 @@ def main() -> None:
     built["ours eager int8 (ptq_dynamic)"] = (lambda t: ours.model,
                                               (ours.output_dir / "final" / "state.pt").stat().st_size / 2**20)
     batch = next(iter(dm.train_dataloader()))
-    start = time.perf_counter()
-    ort_path = ort_by_hand(model, batch, tmp)
-    seconds["ORT by hand"] = time.perf_counter() - start
-    built["ORT int8 (by hand)"] = (lambda t: load_artifact(ort_path, threads=t), ort_path.stat().st_size / 2**20)
-    start = time.perf_counter()
-    calibration = [{k: b[k].numpy() for k in NAMES} for b in dm.train_dataloader()]
-    ov_path = ov_by_hand(model, {k: batch[k] for k in NAMES}, calibration, tmp, transformer=True)
-    seconds["OpenVINO by hand"] = time.perf_counter() - start
-    built["OpenVINO int8 (by hand)"] = (lambda t: load_artifact(ov_path, threads=t),
-                                        (ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size) / 2**20)
+    if "onnxruntime" in args.runtimes:
+        start = time.perf_counter()
+        ort_path = ort_by_hand(model, batch, tmp)
+        seconds["ORT by hand"] = time.perf_counter() - start
+        built[BY_HAND["onnxruntime"]] = (lambda t: load_artifact(ort_path, threads=t), ort_path.stat().st_size / 2**20)
+    if "openvino" in args.runtimes:
+        start = time.perf_counter()
+        calibration = [{k: b[k].numpy() for k in NAMES} for b in dm.train_dataloader()]
+        ov_path = ov_by_hand(model, {k: batch[k] for k in NAMES}, calibration, tmp, transformer=True)
+        seconds["OpenVINO by hand"] = time.perf_counter() - start
+        built[BY_HAND["openvino"]] = (lambda t: load_artifact(ov_path, threads=t),
+                                      (ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size) / 2**20)
+    if "torch_compile" in args.runtimes:  # as the deploy node calibrates: 2 training batches
+        example = tuple(batch[k] for k in NAMES)
+        calibration_args = [tuple(b[k] for k in NAMES) for _, b in zip(range(2), dm.train_dataloader())]
+        start = time.perf_counter()
+        pt2e_size = state_mb(CompiledByHand(Encoder(model), NAMES, example, calibration_args).converted)
+        seconds["PT2E by hand (before compiling)"] = time.perf_counter() - start
+        built[BY_HAND["torch_compile"]] = (lambda t: CompiledByHand(Encoder(model), NAMES, example, calibration_args),
+                                           pt2e_size)
     bases = [("", model)]
     for goal in args.goals:
         falor, seconds[f"falor {goal:g} node"] = falor_model(model, dm, goal, args.falor_cache)
@@ -267,7 +284,7 @@ def main() -> None:
         built[f"{name} torch fp32"] = (lambda t, m=pruned: m, state_mb(pruned))
     composites: dict[str, list[str]] = {}
     for label, base in bases:
-        for runtime in RUNTIMES:
+        for runtime in args.runtimes:
             start = time.perf_counter()
             name = f"{label}deploy {runtime}"
             folder = deploy(base, dm, runtime, tmp / name.replace(" ", "_").replace("+", ""))
@@ -299,7 +316,7 @@ def main() -> None:
              "min_cos": round(quality[name][1], 4)} | row
             for (name, (_, size)), row in zip(built.items(), latency_rows(list(built), times, "torch fp32"))]
     qualified = {name for name, (mean, _) in quality.items() if mean >= 0.98}
-    own, verdict = against_own_int8(times, composites, qualified)
+    own, verdict = against_own_int8(times, composites, qualified, tuple(args.runtimes))
     print(environment())
     print("build seconds:", json.dumps({k: round(v) for k, v in seconds.items()}))
     print(markdown(rows, list(rows[0])))

@@ -65,7 +65,8 @@ def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dic
            "feasible": attrs.get("feasible"), "wall_s": attrs.get("wall_s"), "epochs": attrs.get("epochs"),
            "worker": attrs.get("worker"), "output_dir": attrs.get("output_dir"),
            "error": attrs.get("error") or attrs.get("reason")}
-    row.update({f"param:{k}": v for k, v in sorted(params.items())})
+    row.update({f"param:{k}": round(v, 10) if isinstance(v, float) else v  # grid points as written: 0.45,
+                for k, v in sorted(params.items())})  # not Optuna's 0.45000000000000007
     return row
 
 

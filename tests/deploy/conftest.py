@@ -64,13 +64,13 @@ class TokenData:
         return DataLoader(self.test, batch_size=8)
 
 
-def tiny_bert() -> torch.nn.Module:
+def tiny_bert(pooler: bool = False) -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32)
-    return BertModel(config, add_pooling_layer=False).eval()
+    return BertModel(config, add_pooling_layer=pooler).eval()
 
 
 def deploy_run(tmp_path, model, dm, **node):

@@ -86,6 +86,18 @@ def test_torch_compile_runs_the_int8_graph_in_fused_onednn_kernels(tmp_path):
     assert relative_error(output, expected) <= INT8_TOLERANCE
 
 
+@pytest.mark.slow
+def test_torch_compile_takes_a_bert_whose_pooler_the_hidden_states_leave_unused(tmp_path):
+    """all-MiniLM-L6-v2 loads with a pooler (Linear -> Tanh) that its hidden states do not use: torchao's x86
+    quantizer failed on that dead pattern ("list index out of range"), so the export drops dead code first."""
+    model, dm = tiny_bert(pooler=True), TokenData()
+    runner = deploy_run(tmp_path, model, dm, runtime="torch_compile", calibration_batches=2).model
+    batch = next(iter(dm.test_dataloader()))
+    with torch.inference_mode():
+        assert relative_error(runner(**batch), model(**batch).last_hidden_state) <= INT8_TOLERANCE
+    assert runner.fused
+
+
 def test_the_node_checkpoint_keeps_the_float_model_it_exported(tmp_path, cnn):
     from fedcore_adapter.checkpoint import load_model
     from fedcore_adapter.zoo.models import MNIST1DCNN

@@ -120,3 +120,13 @@ def test_on_dask_the_named_runs_are_measured_by_one_run_while_trials_run_side_by
     with open(result.folder / "reference_points.csv") as f:
         row, = [r for r in csv.DictReader(f) if r["setup"] == "NAMED"]
     assert float(row["val_accuracy"]) == pytest.approx(_validation_accuracy(named)) and not row["val_note"]
+
+
+def test_a_trials_params_are_written_as_the_grid_points_its_nodes_ran_with():
+    """Optuna's stepped floats come back as 0.45000000000000007; trials.csv shows the value the node ran with."""
+    from fedcore_adapter.search.report import trial_row
+
+    row = trial_row(3, "complete", {"chain": "pruning#1"}, {"pruning#1.pruning_ratio": 0.45000000000000007,
+                                                             "pruning#1.importance": "lamp", "chain": "pruning#1"}, {})
+    assert row["param:pruning#1.pruning_ratio"] == 0.45 and repr(row["param:pruning#1.pruning_ratio"]) == "0.45"
+    assert row["param:pruning#1.importance"] == "lamp" and row["param:chain"] == "pruning#1"
