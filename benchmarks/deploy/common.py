@@ -62,8 +62,9 @@ class CompiledByHand(nn.Module):
         with torch.no_grad():
             for args in calibration:
                 prepared(*args)
-        self.converted = convert_pt2e(prepared)
-        self.compiled = torch.compile(self.converted)
+        converted = convert_pt2e(prepared)  # not registered as submodules: eval() must not reach the exported graph
+        object.__setattr__(self, "converted", converted)
+        object.__setattr__(self, "compiled", torch.compile(converted))
 
     def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config as inductor_config
