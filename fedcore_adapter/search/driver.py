@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -313,6 +314,7 @@ class Search:
         if "selection" in self.state or "val_split" not in value:
             return
         self.state["selection"] = "validation" if value["val_split"] else "test"
+        self.state["val_samples"] = value.get("val_samples")
         if not value["val_split"]:
             self.state["selection_note"] = "the data module has no val_dataloader(): selected on the test split"
             log.warning("the data module has no val_dataloader(): the search selects trials on the test split "
@@ -387,7 +389,26 @@ class Search:
         self.state["reference"] = {"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
                                    "val_loss": value.get("val_loss"), "output_dir": value["output_dir"],
                                    "wall_s": outcome.get("wall_s")}
+        self._check_validation_size()
         self._save()
+
+    def _check_validation_size(self) -> None:
+        """Warn once when the validation split is too small for the constraint: the standard error of the
+        reference's validation accuracy is half of ``max_accuracy_drop`` or more (search.json: ``val_note``)."""
+        n, p, drop = self.state.get("val_samples"), self.reference.get("val_accuracy"), self.scfg.max_accuracy_drop
+        if "val_standard_error" in self.state or not self.on_validation or not n or not drop \
+                or not isinstance(p, (int, float)):
+            return
+        se = math.sqrt(p * (1 - p) / n)
+        self.state["val_standard_error"] = se
+        if se >= drop / 2:
+            wanted = math.ceil(4 * p * (1 - p) / drop ** 2)
+            self.state["val_note"] = (
+                f"the validation split has {n} samples: an accuracy of {p:.3f} there has a standard error of "
+                f"{100 * se:.1f} pt, {se / drop:.0%} of the constraint ({100 * drop:g} pt), so trials near the line "
+                f"are told apart by chance and the best one may hold less on the test split; a val_dataloader() of "
+                f"{wanted:,}+ samples brings it under half the constraint")
+            log.warning(self.state["val_note"])
 
     def _early_stop_spec(self, trial_id: int) -> Optional[dict]:
         es = self.scfg.early_stop
@@ -575,11 +596,13 @@ class Search:
             # no prefix ran: the trial's input row (test split) and its input model's validation accuracy and loss
             self.state["reference"] = {"row": rows[0], "val_accuracy": value.get("input_val_accuracy"),
                                        "val_loss": value.get("input_val_loss")}
+            self._check_validation_size()
             self._save()
         elif "val_accuracy" in self.reference and self.reference["val_accuracy"] is None \
                 and isinstance(value.get("input_val_accuracy"), (int, float)):
             self.state["reference"].update(val_accuracy=value["input_val_accuracy"],
                                            val_loss=value.get("input_val_loss"))
+            self._check_validation_size()
             self._save()
         last = rows[-1] if rows else {}
         trial.set_user_attr("metrics", {k: v for k, v in last.items() if isinstance(v, (int, float, str))})

@@ -151,7 +151,18 @@ def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[
         return {"val_split": False}
     val = evaluate(model, loader, find_loss(model, payload.get("loss"), cfg.get("loss")), model_device(model),
                    setup.common.limit_valid_batches)
-    return {"val_split": True, "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss")}
+    return {"val_split": True, "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
+            "val_samples": _samples(loader, setup.common.limit_valid_batches)}
+
+
+def _samples(loader: Any, limit_batches: Optional[int]) -> Optional[int]:
+    """How many samples ``loader`` yields (within ``limit_batches``): its dataset's length; None when unknown."""
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+    size = getattr(loader, "batch_size", None)
+    return min(n, limit_batches * size) if limit_batches and size else n
 
 
 def _input_model(payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> Any:

@@ -72,3 +72,23 @@ def test_without_a_shared_prefix_the_input_models_validation_accuracy_sets_the_l
     for r in _rows(result.folder / "trials.csv"):
         assert int(r["start_node"]) == 0
         assert r["feasible"] == str(expected - float(r["val_accuracy"]) <= 0.05 + 1e-12)
+
+
+def test_a_validation_split_too_small_for_the_constraint_is_said_once_with_the_size_that_would_do(tmp_path, caplog):
+    """32 validation samples: an accuracy near 0.9 has a standard error of about 5 pt, so a 5-point constraint
+    is inside the noise (warned, in search.json); a 50-point one is not (nothing said)."""
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        result = run_search(config(tmp_path / "tight", trials=1, max_accuracy_drop=0.05))
+    state = json.loads((result.folder / "search.json").read_text())
+    p, n = result.reference["val_accuracy"], state["val_samples"]
+    assert n == 32 and 0 < p < 1
+    assert abs(state["val_standard_error"] - (p * (1 - p) / n) ** 0.5) < 1e-12
+    warned = [r.getMessage() for r in caplog.records if "the validation split has 32 samples" in r.getMessage()]
+    assert len(warned) == 1 and warned[0] == state["val_note"] and "\n" not in warned[0]
+    assert "of the constraint (5 pt)" in warned[0] and "samples brings it under half the constraint" in warned[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
+        loose = run_search(config(tmp_path / "loose", trials=1, max_accuracy_drop=0.5))
+    assert "val_note" not in json.loads((loose.folder / "search.json").read_text())
+    assert not [r for r in caplog.records if "validation split has" in r.getMessage()]
