@@ -273,6 +273,28 @@ def test_dead_server_never_fails_the_run_warns_once_and_keeps_everything_for_lat
         a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_the_input_model_is_measured_after_the_logger_process_has_started(tmp_path, monkeypatch):
+    """A fresh logger process's start-up (mlflow's imports, the store's schema, the run's opening, matplotlib)
+    takes a core for seconds; measured beside it, on 2 cores, the input model's latency read twice its own. So
+    the tracking hook returns from ``before_run`` (the input row is measured next) once the logger is warm and
+    has applied every record sent."""
+    from fedcore_adapter.hooks import Hook
+    from fedcore_adapter.tracking import channel
+
+    monkeypatch.setattr(channel, "_CONNECTION", None)  # a logger process started by this run
+    hook = hook_from_config({"name": "mlflow", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, {}, "settle")
+    seen = {}
+
+    class Probe(Hook):  # runs after the tracking hook, right before the engine measures the input model
+        def before_run(self, run):
+            seen.update(warm=hook.sink._conn.warm.is_set(), unacked=len(hook.sink._unacked),
+                        opened="parent" in hook.sink.ids)
+
+    run_setup(tiny_setup(TRAIN, name="SETTLE"), tiny_mlp(), TinyDataModule(), output_dir=tmp_path,
+              hooks=[hook, Probe()])
+    assert seen == {"warm": True, "unacked": 0, "opened": True}
+
+
 def test_without_a_logger_process_the_run_completes_and_keeps_every_record(tmp_path, monkeypatch, caplog):
     from fedcore_adapter.tracking import channel
 

@@ -15,6 +15,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +32,7 @@ class _Connection:
         self.pid = os.getpid()
         self.sessions: dict[str, "LoggerSession"] = {}
         self.alive = True
+        self.warm = threading.Event()  # the logger's start-up imports are done (or it died)
         self._outbox: "queue.Queue" = queue.Queue()
         root = str(Path(__file__).resolve().parents[2])  # the folder holding fedcore_adapter
         env = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", **os.environ,
@@ -61,6 +63,9 @@ class _Connection:
                 message = json.loads(line)
             except ValueError:
                 continue
+            if message.get("warm"):
+                self.warm.set()
+                continue
             session = self.sessions.get(message.get("sid"))
             if session is not None:
                 session.on_message(message)
@@ -68,6 +73,7 @@ class _Connection:
 
     def _died(self) -> None:
         self.alive = False
+        self.warm.set()
         for session in list(self.sessions.values()):
             session.closed.set()
 
@@ -122,6 +128,19 @@ class LoggerSession:
             self._unacked[self._seq] = record
         if self._conn is not None:
             self._conn.send(record)
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until the logger has finished its start-up imports and applied (or
+        journaled) every record sent so far; True when it has. Its start-up takes a core for seconds (mlflow,
+        the store's schema, matplotlib): a latency measured beside it is not the model's."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                pending = bool(self._unacked)
+            if self._conn is None or not self._conn.alive or (not pending and self._conn.warm.is_set()):
+                return True
+            time.sleep(0.02)
+        return False
 
     def move_folder(self, folder: Path) -> None:
         """The results folder was renamed (``.partial`` -> final)."""

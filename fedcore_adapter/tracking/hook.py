@@ -36,6 +36,10 @@ from .store import headline_url
 log = logging.getLogger("fedcore_adapter")
 PLOT_FILE = "metrics_by_node.png"
 INTERRUPT_FLUSH_S = 10.0
+# at most this long, before the input model is measured, for the logger process to finish starting (mlflow's
+# imports, the store's schema, the run's opening take a core for seconds: beside them, on 2 cores, the input
+# model's latency read twice its own); a dead or slow server costs a run this once, never more
+SETTLE_S = 10.0
 MODEL_README = """# Final model of this run (fedcore_adapter checkpoint format)
 
 `state.pt` holds the tensors (load with `weights_only=True`), `manifest.json` the structural
@@ -94,6 +98,9 @@ class MlflowHook(Hook):
         self._submit({"op": "open_parent", "key": "parent", "run_id": parent_id, "tags": tags,
                       "name": self.config.run_name or self._run_name(run)})
         self._submit({"op": "params", "key": "parent", "params": run_params(run.config)})
+        if not self.sink.settle(SETTLE_S):  # the input model is measured next: not beside the logger's start-up
+            log.info("tracking: the logger was still starting after %g s; measuring the input model anyway",
+                     SETTLE_S)
 
     def after_measure_input(self, run: RunInfo, row: dict, checkpoint: Path) -> None:
         self._metrics("parent", {**numeric_metrics(row), **numeric_metrics(row, prefix="input_")}, 0)

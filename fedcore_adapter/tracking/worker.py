@@ -31,12 +31,14 @@ def _protocol_stream():
     return stream
 
 
-def _warm_imports() -> None:
-    """matplotlib for the end-of-run plot, imported while the first run trains."""
+def _warm_imports(emit) -> None:
+    """matplotlib for the end-of-run plot, imported as the first run starts; then ``{"warm": true}`` (the
+    training process measures its input model once the logger's start-up work is done)."""
     try:
         pyplot()
     except Exception:  # noqa: BLE001 - the plot record reports its own failure
         pass
+    emit({"warm": True})
 
 
 class _Session:
@@ -101,7 +103,7 @@ def main() -> int:
     # reaches stderr beside the run's one-line messages. Imported before any thread starts, they are in every
     # snapshot.
     import requests  # noqa: F401 - imported for its side effect (the warning filters)
-    threading.Thread(target=_warm_imports, daemon=True).start()
+    threading.Thread(target=_warm_imports, args=(emit,), daemon=True).start()
     sessions: dict[str, _Session] = {}
     for line in sys.stdin:
         if not line.strip():
