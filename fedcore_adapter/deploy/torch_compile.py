@@ -46,16 +46,11 @@ def export_leaf(module: nn.Module, args: tuple, folder: Path, opset: int) -> Non
     _export(Positional(module, signature).eval(), signature, args)
 
 
-def _without_dead_code(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``graph`` without ops whose results nothing uses (a BERT pooler's Linear -> Tanh when only the hidden states
-    are returned): torchao's x86 quantizer fails on such a Linear -> unary pattern ("list index out of range")."""
-    graph.graph.eliminate_dead_code()
-    graph.recompile()
-    return graph
-
-
 def _without_unused_weights(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Drop the float weights the int8 graph no longer reads (they would be saved beside their int8 copies)."""
+    """``graph`` without the ops whose results nothing uses and the weights nothing reads. Before quantizing: a BERT
+    pooler's Linear -> Tanh that the returned hidden states leave unused, on which torchao's x86 quantizer fails
+    ("list index out of range"); after: the float weights the int8 graph no longer reads (they would be saved
+    beside their int8 copies)."""
     graph.graph.eliminate_dead_code()
     used = {n.target for n in graph.graph.nodes if n.op == "get_attr"}
     for name, _ in list(graph.named_parameters()) + list(graph.named_buffers()):
@@ -77,7 +72,7 @@ def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor
 
         quantizer = x86.X86InductorQuantizer()
         quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=quantize == "dynamic"))
-        prepared = prepare_pt2e(_without_dead_code(program.module()), quantizer)
+        prepared = prepare_pt2e(_without_unused_weights(program.module()), quantizer)
         with torch.no_grad():
             for tensors in calibration:
                 prepared(*tensors)
