@@ -23,6 +23,15 @@ BY_HAND = {"onnxruntime": "ORT int8 (by hand)", "openvino": "OpenVINO int8 (by h
            "torch_compile": "PT2E int8 + torch.compile (by hand)"}
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
 def ov_by_hand(model: nn.Module, example_input: Any, calibration: list, folder: Path, transformer: bool,
                subset_size: Optional[int] = None) -> Path:
     """``openvino.convert_model`` + ``nncf.quantize`` (the transformer preset for attention models) on
@@ -43,8 +52,10 @@ class CompiledByHand(nn.Module):
     unused pooler needs on torchao 0.18): ``torch.export``, ``prepare_pt2e`` with the
     ``X86InductorQuantizer`` (static, per-channel weights), calibration, ``convert_pt2e``, then ``torch.compile``
     with inductor's ``freezing`` on (which fuses the int8 patterns into oneDNN kernels): what a torch.compile
-    user deploys. Called with the model's keyword inputs (``names``, in order); compiled on first call, with the
-    thread count of that call baked into the kernels, so build one per thread count."""
+    user deploys. Called with the model's keyword inputs (``names``, in order) or positional ones; compiled on
+    first call, with the thread count of that call baked into the kernels, so build one per thread count. Where
+    the frozen compile fails (torch 2.13: a Conv1d whose output is reshaped), compiled without freezing, as a
+    user would then run it: ``fused`` False, and one line printed."""
 
     def __init__(self, module: nn.Module, names: tuple[str, ...], example: tuple, calibration: list[tuple]):
         super().__init__()
@@ -65,12 +76,23 @@ class CompiledByHand(nn.Module):
         converted = convert_pt2e(prepared)  # not registered as submodules: eval() must not reach the exported graph
         object.__setattr__(self, "converted", converted)
         object.__setattr__(self, "compiled", torch.compile(converted))
+        self.fused = True
 
     def forward(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         from torch._inductor import config as inductor_config
 
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            return self.compiled(*args, *(inputs[k] for k in self.names if k in inputs))
+        tensors = (*args, *(inputs[k] for k in self.names if k in inputs))
+        with torch.no_grad():
+            if self.fused:
+                try:
+                    with inductor_config.patch(freezing=True):
+                        return self.compiled(*tensors)
+                except Exception as err:  # noqa: BLE001 - reported, then run as a user could
+                    print(f"# PT2E by hand: the frozen compile failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}); compiled without freezing", flush=True)
+                    self.fused = False
+                    object.__setattr__(self, "compiled", torch.compile(self.converted))
+            return self.compiled(*tensors)
 
 
 def time_cells(variants: dict[str, Callable[[int], nn.Module]], settings: dict[str, Callable[[nn.Module], Any]],

@@ -65,6 +65,7 @@ from fedcore_adapter.zoo.text import (TextDataModule, docstring_sentences, load_
 
 from benchmarks.common import environment, markdown
 from benchmarks.deploy.common import (BY_HAND, RUNTIMES, CompiledByHand, against_own_int8, latency_rows, ov_by_hand,
+                                      state_bytes,
                                       time_cells)
 from benchmarks.low_rank.minilm import EXCLUDE, linear_params, non_test_sentences, sentence_batches, wide_calibration
 from benchmarks.low_rank.minilm_node import Sentences
@@ -181,11 +182,7 @@ def deploy(model: nn.Module, dm: TextDataModule, runtime: str, folder: Path) -> 
 
 
 def state_mb(model: nn.Module) -> float:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell() / 2**20
+    return state_bytes(model) / 2**20
 
 
 def main() -> None:

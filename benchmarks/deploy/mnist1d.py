@@ -3,6 +3,7 @@
 and the composites (pruned / low-rank CNNs from the composite chains, then the runtime's int8) on each runtime.
 
     python -m benchmarks.deploy.mnist1d [--raw-epochs 30] [--prune 0.5] [--composite-2 0.5] [--rounds 5]
+        [--runtimes onnxruntime openvino torch_compile]
 
 RAW trains the fp32 model (``--raw-epochs``, seed 42); every other variant starts from it. Cells: 1 and 2 threads
 x batch 1 and batch 256 (one test batch); every round times every cell and every variant back to back
@@ -13,6 +14,11 @@ runtime loads.
 - ``ORT int8 (by hand)``: ``torch.onnx.export`` + ``quantize_static`` (QDQ, per-channel, 8 training batches):
   ONNX Runtime's recipe for CNNs (its dynamic int8 runs convolutions as ConvInteger, slower).
 - ``OpenVINO int8 (by hand)``: ``openvino.convert_model`` + ``nncf.quantize`` (default preset, 8 batches).
+- ``PT2E int8 + torch.compile (by hand)`` (``--runtimes ... torch_compile``): torchao's PT2E recipe for x86
+  (``benchmarks.deploy.common.CompiledByHand``, 2 training batches as the node calibrates), compiled frozen;
+  where that compile fails it runs unfrozen and the run says so. Beside it ``torch fp32 + torch.compile``: the
+  ``deploy`` node with ``quantize: none`` (the float model compiled frozen), the float baseline of that runtime.
+  Each variant compiles once per thread count and input shape (batch 1 first: the batch-256 compile stays static).
 - ``deploy <runtime>``: the ``deploy`` node (``quantize: static``) on the fp32 model (parity target: within 5 %
   of the runtime's own int8 at equal or better accuracy).
 - composites (target: faster than the runtime's own int8 within 0.5 pt of fp32's accuracy), then ``deploy``:
@@ -40,7 +46,8 @@ from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
 from fedcore_adapter.zoo.models import MNIST1DCNN
 
 from benchmarks.common import environment, markdown
-from benchmarks.deploy.common import RUNTIMES, against_own_int8, latency_rows, ov_by_hand, time_cells
+from benchmarks.deploy.common import (BY_HAND, RUNTIMES, CompiledByHand, against_own_int8, latency_rows,
+                                      ov_by_hand, state_bytes, time_cells)
 
 
 def ort_by_hand(model: nn.Module, calibration: list, folder: Path) -> Path:
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--limit-batches", type=int, help="training batches per epoch (a smoke run)")
     parser.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each timed variant")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=sorted(BY_HAND),
+                        help="runtimes timed (own int8 by hand, the deploy node, composites)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -107,12 +116,23 @@ def main() -> None:
     built["ours eager int8 (ptq_static)"] = (lambda t: ours.model,
                                              (ours.output_dir / "final" / "state.pt").stat().st_size)
     calibration = [x for i, (x, _) in zip(range(8), dm.train_dataloader())]
-    ort_path = ort_by_hand(fp32, calibration, tmp)
-    built["ORT int8 (by hand)"] = (lambda t: load_artifact(ort_path, threads=t), ort_path.stat().st_size)
-    ov_path = ov_by_hand(fp32, calibration[0], [x.numpy() for x in calibration], tmp, transformer=False,
-                         subset_size=sum(len(x) for x in calibration))
-    built["OpenVINO int8 (by hand)"] = (lambda t: load_artifact(ov_path, threads=t),
-                                        ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size)
+    if "onnxruntime" in args.runtimes:
+        ort_path = ort_by_hand(fp32, calibration, tmp)
+        built[BY_HAND["onnxruntime"]] = (lambda t: load_artifact(ort_path, threads=t), ort_path.stat().st_size)
+    if "openvino" in args.runtimes:
+        ov_path = ov_by_hand(fp32, calibration[0], [x.numpy() for x in calibration], tmp, transformer=False,
+                             subset_size=sum(len(x) for x in calibration))
+        built[BY_HAND["openvino"]] = (lambda t: load_artifact(ov_path, threads=t),
+                                      ov_path.stat().st_size + ov_path.with_suffix(".bin").stat().st_size)
+    if "torch_compile" in args.runtimes:
+        def by_hand(threads: int) -> CompiledByHand:  # as the deploy node calibrates: 2 training batches
+            return CompiledByHand(fp32, (), (calibration[0],), [(x,) for x in calibration[:2]])
+
+        built[BY_HAND["torch_compile"]] = (by_hand, state_bytes(by_hand(2).converted))
+        float_compiled = run_nodes([{"kind": "deploy", "runtime": "torch_compile", "quantize": "none"}], fp32, dm,
+                                   tmp / "compiled_fp32", args.seed).output_dir / "final"
+        built["torch fp32 + torch.compile"] = (lambda t: load_artifact(float_compiled, threads=t),
+                                               load_artifact(float_compiled).artifact_bytes())
     bases = [("", fp32)]
     for name, nodes in composite_chains(args.prune, args.composite_2).items():
         start = time.perf_counter()
@@ -123,7 +143,7 @@ def main() -> None:
         bases.append((f"{name} + ", result.model))
     composites: dict[str, list[str]] = {}
     for label, base in bases:
-        for runtime in RUNTIMES:
+        for runtime in args.runtimes:
             name = f"{label}deploy {runtime}"
             node = {"kind": "deploy", "runtime": runtime, "quantize": "static"}
             result = run_nodes([node], base, dm, tmp / name.replace(" ", "_").replace("+", ""), args.seed)
@@ -133,8 +153,10 @@ def main() -> None:
                 composites.setdefault(runtime, []).append(name)
     x256 = next(iter(dm.test_dataloader()))[0]
     settings = {"batch 1": x256[:1], "batch 256": x256}
-    accuracy = {name: evaluate(make(2), dm.test_dataloader(), None, torch.device("cpu"))["accuracy"]
-                for name, (make, _) in built.items()}
+    evaluated = {name: make(2) for name, (make, _) in built.items()}
+    accuracy = {name: evaluate(module, dm.test_dataloader(), None, torch.device("cpu"))["accuracy"]
+                for name, module in evaluated.items()}
+    unfused = [name for name, module in evaluated.items() if getattr(module, "fused", True) is False]
     times = time_cells({name: make for name, (make, _) in built.items()},
                        {setting: (lambda m, x=x: m(x)) for setting, x in settings.items()}, args.threads, args.rounds,
                        per_round=lambda setting: 10 if setting == "batch 1" else 3, settle=args.settle)
@@ -144,17 +166,19 @@ def main() -> None:
              "delta_pt": round(100 * (accuracy[name] - base_acc), 2)} | row
             for (name, (_, size)), row in zip(built.items(), latency_rows(list(built), times, "torch fp32"))]
     qualified = {name for name, acc in accuracy.items() if acc >= base_acc - 0.005}
-    own, verdict = against_own_int8(times, composites, qualified)
+    own, verdict = against_own_int8(times, composites, qualified, tuple(args.runtimes))
     print(environment(), f"seed {args.seed}")
     print("build seconds:", json.dumps({k: round(v) for k, v in seconds.items()}))
     print(markdown(rows, list(rows[0])))
     print("\nlatency / the runtime's own int8 (median of per-round ratios, range; < 1: faster):")
     print(markdown(own, list(own[0])))
     print("best composite within 0.5 pt of fp32, per runtime:", json.dumps(verdict))
+    if unfused:
+        print("compiled without freezing (float kernels; the frozen int8 compile failed):", ", ".join(unfused))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "against_own_int8": own, "verdict": verdict,
                                          "times": {"|".join(map(str, k)): v for k, v in times.items()},
-                                         "seconds": seconds}, indent=2))
+                                         "seconds": seconds, "unfused": unfused}, indent=2))
 
 
 if __name__ == "__main__":

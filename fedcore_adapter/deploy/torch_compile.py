@@ -4,18 +4,22 @@ The artifact ``model.pt2`` is a ``torch.export`` archive of the quantized graph 
 dequantize ops around float ops); its input names ride along in the archive's extra files. The
 runner compiles it with inductor's ``freezing`` (patched around each call: the compile is lazy),
 which folds the weights into constants and fuses the quantize / dequantize patterns into oneDNN
-int8 kernels (``onednn.qlinear_pointwise``...).
-Where the frozen compile fails (torch 2.13 + torchao 0.18: Conv1d with stride gets a wrong output
-length, "shape '[64, 1280]' is invalid for input of size 114688"), it runs the graph compiled
-unfrozen (the quantize / dequantize ops as written, no int8 kernels) and says so in the log.
+int8 kernels (``onednn.qlinear_pointwise``, ``onednn.qconv_pointwise``...).
+Conv1d layers are exported as the Conv2d they equal (a height of 1): torch 2.13's shape function of the
+int8 1D convolution reads the kernel's width from the wrong axis of the prepacked weight, so the frozen
+compile of a Conv1d whose output is reshaped (a CNN's flatten before its classifier) failed with
+"shape '[64, 1280]' is invalid for input of size 114688". A graph with convolutions compiles once per
+input shape (static). Where a frozen compile still fails, the runner runs the graph compiled unfrozen
+(the quantize / dequantize ops as written, no int8 kernels) and says so in the log.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +32,8 @@ from .signature import Positional, Signature
 log = logging.getLogger("fedcore_adapter")
 
 ARTIFACT = "model.pt2"
+_CONVOLUTIONS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+                 torch.ops.aten.convolution.default}
 _SIGNATURE_FILE = "fedcore_signature.json"
 
 
@@ -61,6 +67,76 @@ def _without_unused_weights(graph: torch.fx.GraphModule) -> torch.fx.GraphModule
     return graph
 
 
+# ops that act on each channel's values alone: as valid on [N, C, 1, L] as on [N, C, L]
+_CHANNELWISE = {torch.ops.aten.batch_norm.default, torch.ops.aten.relu.default, torch.ops.aten.hardtanh.default,
+                torch.ops.aten.leaky_relu.default, torch.ops.aten.gelu.default, torch.ops.aten.silu.default,
+                torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default, torch.ops.aten.hardswish.default,
+                torch.ops.aten.dropout.default}
+
+
+def _explicit_padding(padding: Any, dilation: Sequence[int], kernel: int) -> Optional[list[int]]:
+    """A conv1d's padding as a number per side (``"valid"``: 0, ``"same"``: half the dilated kernel), or None where
+    ``"same"`` pads one side more than the other."""
+    if not isinstance(padding, str):
+        return list(padding)
+    total = 0 if padding == "valid" else dilation[0] * (kernel - 1)
+    return None if total % 2 else [total // 2]
+
+
+def _source_meta(node: torch.fx.Node, module: Optional[type] = None) -> dict:
+    """``node``'s source (the module it was called in: the quantizer finds its patterns by it), for the node that
+    replaces it; ``module``: the innermost module's class replaced by this one."""
+    meta = {k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")}
+    stack = dict(meta.get("nn_module_stack") or {})
+    if module is not None and stack:
+        key, (fqn, cls) = list(stack.items())[-1]
+        stack[key] = (fqn, module if isinstance(cls, type) else f"{module.__module__}.{module.__qualname__}")
+        meta["nn_module_stack"] = stack
+    return meta
+
+
+def _conv1d_as_conv2d(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph`` with each ``conv1d`` computed as the ``conv2d`` it equals on ``[N, C, 1, L]`` (its weight
+    ``[O, I, 1, K]``), the channel-wise ops after it (batch norm, activations) kept in 4D and the result squeezed
+    back where anything else reads it: a Conv1d -> BatchNorm -> ReLU stack stays one 4D run (its batch norm still
+    folds, its ReLU still fuses) and reaches inductor as the int8 2D convolutions it lowers correctly."""
+    aten = torch.ops.aten
+    lifted: dict[torch.fx.Node, torch.fx.Node] = {}  # a 3D node -> the same values as [N, C, 1, L]
+    unsqueezed: dict[torch.fx.Node, torch.fx.Node] = {}  # a 3D input of the lifted nodes -> its 4D view
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in (aten.conv1d.default, aten.conv1d.padding) and node.args[1].op == "get_attr" \
+                and len(node.args[1].users) == 1:  # a weight read elsewhere too keeps its shape
+            x, weight, *rest = node.args
+            bias, stride, padding, dilation, groups = (rest + [None, [1], [0], [1], 1][len(rest):])
+            padding = _explicit_padding(padding, dilation, graph.get_parameter(weight.target).shape[-1])
+            if padding is None:  # "same" with an odd total: padded unevenly, which conv2d cannot take
+                continue
+            owner, _, attr = weight.target.rpartition(".")
+            holder = graph.get_submodule(owner) if owner else graph
+            tensor = getattr(holder, attr)
+            setattr(holder, attr, torch.nn.Parameter(tensor.detach().unsqueeze(2), tensor.requires_grad))
+            with graph.graph.inserting_before(node):
+                if x not in lifted:  # one 4D copy of a 3D input, however many convolutions read it
+                    unsqueezed.setdefault(x, graph.graph.call_function(aten.unsqueeze.default, (x, 2)))
+                x4 = lifted.get(x) or unsqueezed[x]
+                lifted[node] = graph.graph.call_function(aten.conv2d.default, (x4, weight, bias, [1, *stride],
+                                                                              [0, *padding], [1, *dilation], groups))
+            lifted[node].meta = _source_meta(node, torch.nn.Conv2d)
+        elif node.target in _CHANNELWISE and node.args and node.args[0] in lifted:
+            with graph.graph.inserting_before(node):
+                lifted[node] = graph.graph.call_function(node.target, (lifted[node.args[0]], *node.args[1:]),
+                                                         dict(node.kwargs))
+            lifted[node].meta = _source_meta(node)
+    for node, twin in lifted.items():
+        with graph.graph.inserting_after(twin):
+            node.replace_all_uses_with(graph.graph.call_function(aten.squeeze.dim, (twin, 2)))
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph
+
+
 def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor], folder: Path, *, quantize: str,
           calibration: Iterable[Sequence[torch.Tensor]]) -> list[Path]:
     """Write ``model.pt2`` (PT2E int8 unless ``quantize=none``); returns the files."""
@@ -72,7 +148,8 @@ def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor
 
         quantizer = x86.X86InductorQuantizer()
         quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=quantize == "dynamic"))
-        prepared = prepare_pt2e(_without_unused_weights(program.module()), quantizer)
+        graph = _conv1d_as_conv2d(_without_unused_weights(program.module()))
+        prepared = prepare_pt2e(_export(graph, signature, example).module(), quantizer)
         with torch.no_grad():
             for tensors in calibration:
                 prepared(*tensors)
@@ -87,14 +164,22 @@ class CompiledRunner(Runner):
 
     def __init__(self, path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,
                  weight_dtype: str = "int8"):
+        # the int8 graph's quantize / dequantize ops are registered by this import (PT2E registers them when it
+        # quantizes; a process that only loads the archive has not run it)
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
         extra = {_SIGNATURE_FILE: ""}
         program = torch.export.load(str(path), extra_files=extra)
         signature = Signature.from_json(json.loads(extra[_SIGNATURE_FILE])) if extra[_SIGNATURE_FILE] else \
             Signature(tuple(s.arg.name for s in program.graph_signature.input_specs
                             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT), False)
         module = program.module()
+        # inductor prepacks int8 convolutions for static shapes only (and a dynamic recompile of a convolution on
+        # one input channel fails its own stride check): a graph with convolutions is compiled once per input
+        # shape, as a CNN is served (fixed batch shapes); one without keeps dynamic recompiles (token lengths vary)
+        self.static = any(n.target in _CONVOLUTIONS for n in module.graph.nodes)
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "compiled", torch.compile(module))
+        object.__setattr__(self, "compiled", torch.compile(module, dynamic=False if self.static else None))
         super().__init__(path, [path], signature, threads or torch.get_num_threads(), weight_dtype, reference)
         self.fused = True  # frozen: int8 kernels; False once the frozen compile failed and the runner fell back
 
@@ -109,8 +194,9 @@ class CompiledRunner(Runner):
                 except Exception as err:  # noqa: BLE001 - inductor's frozen int8 lowering fails on some graphs
                     log.warning("torch_compile: the frozen (int8-fused) compile of %s failed (%s); running it "
                                 "compiled without freezing", self.artifact.name, error_line(err, typed=True, limit=200))
-                    self.fused = False
-                    object.__setattr__(self, "compiled", torch.compile(self._module))
+                    self.fused = False  # a copy: the module's own compiled code is cached with the frozen one
+                    object.__setattr__(self, "compiled", torch.compile(copy.deepcopy(self._module),
+                                                                       dynamic=False if self.static else None))
             return self.compiled(*tensors)
 
 def load(path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,

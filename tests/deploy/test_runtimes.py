@@ -98,6 +98,81 @@ def test_torch_compile_takes_a_bert_whose_pooler_the_hidden_states_leave_unused(
     assert runner.fused
 
 
+@pytest.mark.slow
+def test_torch_compile_runs_the_cnn_in_fused_int8_convolutions(tmp_path, cnn):
+    """The CNN's Conv1d layers reach inductor as the Conv2d they equal: torch 2.13's int8 Conv1d, frozen, failed
+    where its output is reshaped (the flatten before the classifier), and the runner fell back to float kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, dm = cnn
+    result = deploy_run(tmp_path, model, dm, runtime="torch_compile", calibration_batches=2)
+    assert result.model.fused  # as measured in the node
+    runner = load_artifact(result.output_dir / "final" / "model.pt2")  # compiled anew
+    with torch.inference_mode():
+        for x, _ in dm.test_dataloader():  # 64 each, then 40: a second shape compiled static too (recompiled with
+            assert relative_error(runner(x), model(x)) <= INT8_TOLERANCE  # dynamic shapes, the one-channel
+    assert runner.fused                                                   # input failed its stride check)
+    with torch.inference_mode():
+        _, code = run_and_get_code(runner, x)
+    assert any("qconv_pointwise" in c for c in code)  # int8 convolutions in oneDNN
+
+
+@pytest.mark.slow
+def test_an_int8_torch_compile_artifact_loads_in_a_process_that_never_quantized(tmp_path, cnn):
+    """The archive's quantize / dequantize ops are registered by PT2E's quantizing; the inference command's
+    process only loads it (it failed there: "We failed to resolve torch.ops.quantized_decomposed...")."""
+    import subprocess
+    import sys
+
+    model, dm = cnn
+    final = deploy_run(tmp_path / "run", model, dm, runtime="torch_compile", calibration_batches=2).output_dir
+    x = next(iter(dm.test_dataloader()))[0][:4]
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch; from fedcore_adapter.deploy import load_artifact; "
+              "torch.save(load_artifact(sys.argv[1])(torch.load(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", script, str(final / "final" / "model.pt2"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, capture_output=True, timeout=600)
+    with torch.inference_mode():
+        assert relative_error(torch.load(tmp_path / "y.pt"), model(x)) <= INT8_TOLERANCE
+
+
+class _Conv1dKinds(torch.nn.Module):
+    """Conv1d with bias, dilation, ``padding="same"``, groups; a batch norm and ReLU after one, an add after both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv1d(4, 8, 3, padding="same", dilation=2)
+        self.b = torch.nn.Conv1d(4, 8, 3, stride=2, padding=1, groups=4, bias=False)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8 * 10, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.norm(self.a(x)))[..., ::2] + self.b(x)
+        return self.head(y.flatten(1))
+
+
+def test_conv1d_layers_are_exported_as_the_conv2d_they_equal():
+    from fedcore_adapter.deploy.torch_compile import _conv1d_as_conv2d
+
+    torch.manual_seed(0)
+    model = _Conv1dKinds().eval()
+    model.norm.running_mean.uniform_(-1, 1)
+    model.norm.running_var.uniform_(0.5, 2)
+    dynamic = ({0: torch.export.Dim.AUTO},)
+    graph = torch.export.export(model, (torch.randn(6, 4, 20),), dynamic_shapes=dynamic).module()
+    graph = _conv1d_as_conv2d(graph)
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert aten.conv1d.default not in targets and aten.conv1d.padding not in targets
+    assert targets.count(aten.conv2d.default) + targets.count(aten.conv2d.padding) == 2
+    assert targets.count(aten.unsqueeze.default) == 1  # both convolutions read one 4D copy of the input
+    assert targets.index(aten.relu.default) < targets.index(aten.squeeze.dim)  # batch norm, ReLU stay 4D
+    for batch in (6, 1, 9):
+        x = torch.randn(batch, 4, 20)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_the_node_checkpoint_keeps_the_float_model_it_exported(tmp_path, cnn):
     from fedcore_adapter.checkpoint import load_model
     from fedcore_adapter.zoo.models import MNIST1DCNN
