@@ -451,7 +451,8 @@ class Search:
         Front trials whose chain is one node or ends in a node with nothing to draw are not continued. Seeded by
         ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
-        if not self.scfg.reuse or asked < _startup_trials(self.scfg) or not self.scfg.share_prefix:
+        after = self.scfg.reuse_after or _startup_trials(self.scfg)
+        if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:
             return None
         rng = random.Random(f"{self.scfg.seed}:{asked}")
         if rng.random() >= self.scfg.reuse:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from typing import Any
 
 import pytest
 
@@ -125,18 +126,25 @@ def test_after_the_start_up_trials_trials_continue_a_feasible_front_trials_compu
     assert len(runs) == sum(3 - int(r["start_node"]) for r in rows)  # a node is run from where its trial starts
 
 
+def test_reuse_after_lets_continuations_start_before_the_start_up_trials_end(tmp_path):
+    rows = _two_pruning_nodes_searched(tmp_path, trials=8, reuse=1.0, reuse_after=2)
+    by_number = {int(r["trial"]): r for r in rows}
+    assert all(not r["continues"] for n, r in by_number.items() if n < 2)
+    assert all(r["continues"] for n, r in by_number.items() if n >= 2)  # the front has feasible trials by then
+
+
 def test_reuse_zero_draws_every_trial_whole(tmp_path):
     rows = _two_pruning_nodes_searched(tmp_path, trials=6, reuse=0.0)
     assert [r["continues"] for r in rows] == [""] * 6
 
 
-def _two_pruning_nodes_searched(tmp_path, trials: int, reuse: float) -> list[dict]:
+def _two_pruning_nodes_searched(tmp_path, trials: int, reuse: float, **search: Any) -> list[dict]:
     """The rows of the trials run (not the repeats) of a search over training -> pruning -> pruning, every trial
     feasible, only the pruning ratios searched."""
     from tests.search.helpers import SETUP
 
     prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
-    cfg = config(tmp_path, trials=trials, reuse=reuse, max_accuracy_drop=1.0,
+    cfg = config(tmp_path, trials=trials, reuse=reuse, max_accuracy_drop=1.0, **search,
                  moves={"drop": False, "insert": [], "reorder": False},
                  space={"pruning": {"importance": False, "reconstruct": False}})
     cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
