@@ -53,7 +53,7 @@ from .report import (
     trial_row,
     write_csv,
 )
-from .space import WEIGHTS_ONLY_KINDS, SearchSpace, derive_space
+from .space import SearchSpace, derive_space
 from .trial import open_storage, run_trial
 
 log = logging.getLogger("fedcore_adapter.search")
@@ -444,22 +444,12 @@ class Search:
             self.study.enqueue_trial(dict(params), user_attrs=dict(user_attrs or {}) or None, skip_if_exists=False)
         return self._ask(pool)
 
-    def _redrawn(self, chain: tuple[str, ...]) -> int:
-        """Where a continuation of ``chain`` starts drawing: its last node, or the last node that changes the
-        architecture when only training / distillation nodes follow it (re-drawing those alone would give the
-        parent's MACs and params again: a point beside it on the front, never past it)."""
-        i = len(chain) - 1
-        while i > 0 and self.space.templates[chain[i]].kind in WEIGHTS_ONLY_KINDS:
-            i -= 1
-        return i if self.space.templates[chain[i]].kind not in WEIGHTS_ONLY_KINDS else len(chain) - 1
-
     def continuation(self) -> Optional[tuple[dict, dict]]:
         """``(params, user_attrs)`` of the next trial when it continues a feasible front trial (``search.reuse``
-        of the trials after the sampler's start-up ones): that trial's chain and the fields of every node before
-        the ones re-drawn (its last, with the training / distillation nodes after its last architecture change:
-        :meth:`_redrawn`), so it starts from that trial's computed prefix; None: the sampler draws the whole
-        trial. Front trials whose chain is one node or whose re-drawn nodes have nothing to draw are not
-        continued. Seeded by ``search.seed`` and the trial's number."""
+        of the trials after the sampler's start-up ones): that trial's chain and the fields of every node but
+        its last, so it starts from that trial's computed prefix; None: the sampler draws the whole trial.
+        Front trials whose chain is one node or ends in a node with nothing to draw are not continued. Seeded by
+        ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
         if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:
@@ -470,16 +460,13 @@ class Search:
         parents = []
         for row in self._front():
             chain = self.space.chains.get(row["chain"])
-            if not chain or len(chain) < 2:
+            if not chain or len(chain) < 2 or not self.space.templates[chain[-1]].dims:
                 continue
-            start = self._redrawn(chain)
-            if start == 0 or not any(self.space.templates[t].dims for t in chain[start:]):
-                continue
-            parents.append((self.study.trials[row["trial"]], chain, start))
+            parents.append((self.study.trials[row["trial"]], chain))
         if not parents:
             return None
-        parent, chain, start = parents[rng.randrange(len(parents))]
-        kept = set(chain[:start])
+        parent, chain = parents[rng.randrange(len(parents))]
+        kept = set(chain[:-1])
         params = {k: v for k, v in parent.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
         return params, {"continues": parent.number}
 

@@ -23,7 +23,6 @@ from .config import Moves, SearchConfig
 
 SPEC_KEYS = ("low", "high", "log", "step", "choices", "type", "list")
 TRAINING_KINDS = ("training",)  # what ``prefix: auto`` shares: leading nodes that fit the model
-WEIGHTS_ONLY_KINDS = ("training", "distillation")  # change the weights, never the architecture (MACs, params)
 
 
 @dataclass(frozen=True)
