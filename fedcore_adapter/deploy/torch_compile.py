@@ -118,8 +118,8 @@ def _conv1d_as_conv2d(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
             tensor = getattr(holder, attr)
             setattr(holder, attr, torch.nn.Parameter(tensor.detach().unsqueeze(2), tensor.requires_grad))
             with graph.graph.inserting_before(node):
-                if x not in lifted:  # one 4D copy of a 3D input, however many convolutions read it
-                    unsqueezed.setdefault(x, graph.graph.call_function(aten.unsqueeze.default, (x, 2)))
+                if x not in lifted and x not in unsqueezed:  # one 4D copy of a 3D input, however many read it
+                    unsqueezed[x] = graph.graph.call_function(aten.unsqueeze.default, (x, 2))
                 x4 = lifted.get(x) or unsqueezed[x]
                 lifted[node] = graph.graph.call_function(aten.conv2d.default, (x4, weight, bias, [1, *stride],
                                                                               [0, *padding], [1, *dilation], groups))
