@@ -446,10 +446,10 @@ class Search:
 
     def continuation(self) -> Optional[tuple[dict, dict]]:
         """``(params, user_attrs)`` of the next trial when it continues a feasible front trial (``search.reuse``
-        of the trials after the sampler's start-up ones): that trial's chain and the fields of every node but
-        its last, so it starts from that trial's computed prefix; None: the sampler draws the whole trial.
-        Front trials whose chain is one node or ends in a node with nothing to draw are not continued. Seeded by
-        ``search.seed`` and the trial's number."""
+        of the trials after the sampler's start-up ones, or after ``search.reuse_after``): that trial's chain and
+        the fields of every node but its last, so it starts from that trial's computed prefix; None: the sampler
+        draws the whole trial. Front trials whose chain is one node or ends in a node with nothing to draw are not
+        continued. Seeded by ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
         if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:
