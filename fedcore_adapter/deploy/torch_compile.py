@@ -95,11 +95,12 @@ def _source_meta(node: torch.fx.Node, module: Optional[type] = None) -> dict:
     return meta
 
 
-def _conv1d_as_conv2d(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``graph`` with each ``conv1d`` computed as the ``conv2d`` it equals on ``[N, C, 1, L]`` (its weight
-    ``[O, I, 1, K]``), the channel-wise ops after it (batch norm, activations) kept in 4D and the result squeezed
-    back where anything else reads it: a Conv1d -> BatchNorm -> ReLU stack stays one 4D run (its batch norm still
-    folds, its ReLU still fuses) and reaches inductor as the int8 2D convolutions it lowers correctly."""
+def _conv1d_as_conv2d(graph: torch.fx.GraphModule) -> bool:
+    """Rewrite ``graph`` in place: each ``conv1d`` computed as the ``conv2d`` it equals on ``[N, C, 1, L]`` (its
+    weight ``[O, I, 1, K]``), the channel-wise ops after it (batch norm, activations) kept in 4D and the result
+    squeezed back where anything else reads it: a Conv1d -> BatchNorm -> ReLU stack stays one 4D run (its batch
+    norm still folds, its ReLU still fuses) and reaches inductor as the int8 2D convolutions it lowers correctly.
+    True when anything was rewritten (the new nodes have no shapes yet: export the graph again)."""
     aten = torch.ops.aten
     lifted: dict[torch.fx.Node, torch.fx.Node] = {}  # a 3D node -> the same values as [N, C, 1, L]
     unsqueezed: dict[torch.fx.Node, torch.fx.Node] = {}  # a 3D input of the lifted nodes -> its 4D view
@@ -134,7 +135,7 @@ def _conv1d_as_conv2d(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.replace_all_uses_with(graph.graph.call_function(aten.squeeze.dim, (twin, 2)))
     graph.graph.eliminate_dead_code()
     graph.recompile()
-    return graph
+    return bool(lifted)
 
 
 def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor], folder: Path, *, quantize: str,
@@ -148,8 +149,10 @@ def build(model: nn.Module, signature: Signature, example: Sequence[torch.Tensor
 
         quantizer = x86.X86InductorQuantizer()
         quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=quantize == "dynamic"))
-        graph = _conv1d_as_conv2d(_without_unused_weights(program.module()))
-        prepared = prepare_pt2e(_export(graph, signature, example).module(), quantizer)
+        graph = _without_unused_weights(program.module())
+        if _conv1d_as_conv2d(graph):
+            graph = _export(graph, signature, example).module()
+        prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for tensors in calibration:
                 prepared(*tensors)
@@ -179,7 +182,7 @@ class CompiledRunner(Runner):
         # shape, as a CNN is served (fixed batch shapes); one without keeps dynamic recompiles (token lengths vary)
         self.static = any(n.target in _CONVOLUTIONS for n in module.graph.nodes)
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "compiled", torch.compile(module, dynamic=False if self.static else None))
+        object.__setattr__(self, "compiled", self._compile(module))
         super().__init__(path, [path], signature, threads or torch.get_num_threads(), weight_dtype, reference)
         self.fused = True  # frozen: int8 kernels; False once the frozen compile failed and the runner fell back
 
@@ -195,9 +198,11 @@ class CompiledRunner(Runner):
                     log.warning("torch_compile: the frozen (int8-fused) compile of %s failed (%s); running it "
                                 "compiled without freezing", self.artifact.name, error_line(err, typed=True, limit=200))
                     self.fused = False  # a copy: the module's own compiled code is cached with the frozen one
-                    object.__setattr__(self, "compiled", torch.compile(copy.deepcopy(self._module),
-                                                                       dynamic=False if self.static else None))
+                    object.__setattr__(self, "compiled", self._compile(copy.deepcopy(self._module)))
             return self.compiled(*tensors)
+
+    def _compile(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module, dynamic=False if self.static else None)
 
 def load(path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,
          weight_dtype: str = "int8") -> CompiledRunner:

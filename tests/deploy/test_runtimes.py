@@ -160,7 +160,7 @@ def test_conv1d_layers_are_exported_as_the_conv2d_they_equal():
     model.norm.running_var.uniform_(0.5, 2)
     dynamic = ({0: torch.export.Dim.AUTO},)
     graph = torch.export.export(model, (torch.randn(6, 4, 20),), dynamic_shapes=dynamic).module()
-    graph = _conv1d_as_conv2d(graph)
+    assert _conv1d_as_conv2d(graph)
     targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
     aten = torch.ops.aten
     assert aten.conv1d.default not in targets and aten.conv1d.padding not in targets
