@@ -7,6 +7,7 @@ OpenVINO: ``INFERENCE_NUM_THREADS``, latency hint), so by hand and through the n
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from functools import partial
@@ -90,8 +91,8 @@ class CompiledByHand(nn.Module):
                 except Exception as err:  # noqa: BLE001 - reported, then run as a user could
                     print(f"# PT2E by hand: the frozen compile failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:120]}); compiled without freezing", flush=True)
-                    self.fused = False
-                    object.__setattr__(self, "compiled", torch.compile(self.converted))
+                    self.fused = False  # a copy: the converted graph's compiled code is cached with the frozen one
+                    object.__setattr__(self, "compiled", torch.compile(copy.deepcopy(self.converted)))
             return self.compiled(*tensors)
 
 
