@@ -67,6 +67,7 @@ class EarlyStopHook(Hook):
         self._node_loss: float | None = None
         self._trial = None
         self._curve: list[float] = []  # the running node's validation accuracy per epoch
+        self._phases: list[str] = []  # per epoch: its training phase (the metric's prefix: ``finetune_3``...)
         self._key = ""  # its kind and epochs: the curves it is compared with
         self._gain: Optional[list[float]] = None  # per epoch: the largest gain to the node's end seen
         self._below = 0  # epochs in a row judged unrecoverable
@@ -81,7 +82,7 @@ class EarlyStopHook(Hook):
 
     def before_node(self, run: Any, index: int, node: Any) -> None:
         self._node_last = self._node_loss = None
-        self._curve, self._below, self._gain = [], 0, None
+        self._curve, self._phases, self._below, self._gain = [], [], 0, None
         self._key = f"{node.kind}:{node_work(node)}"  # the kind and its epoch settings
         if self.spec.get("within_nodes"):
             self._gain = largest_gains(self._curves(), self._key, int(self.spec.get("min_curves", 3)))
@@ -92,10 +93,11 @@ class EarlyStopHook(Hook):
         return [c for t in trials for c in t.user_attrs.get("curves", [])]
 
     def on_log(self, run: Any, index: int, node: Any, metrics: dict, step: Optional[int]) -> None:
-        value = next((v for k, v in metrics.items() if k.endswith("val_accuracy") and isinstance(v, (int, float))),
-                     None)
+        key, value = next(((k, v) for k, v in metrics.items() if k.endswith("val_accuracy")
+                           and isinstance(v, (int, float))), (None, None))
         if value is None:
             return
+        self._phases.append(key[:-len("val_accuracy")].rstrip("_/"))
         self.epochs += 1
         self._node_last = float(value)
         self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
@@ -115,15 +117,14 @@ class EarlyStopHook(Hook):
         value, loss, self._node_last, self._node_loss = self._node_last, self._node_loss, None, None
         if value is None:
             return
-        if self.spec.get("within_nodes") and len(self._curve) > 1:
-            trial = self.trial()
-            trial.set_user_attr("curves", [*trial.user_attrs.get("curves", []),
-                                           {"key": self._key, "values": self._curve}])
+        trial = self.trial()  # every node's curve is kept: judged inside nodes, or replayed after the search
+        trial.set_user_attr("curves", [*trial.user_attrs.get("curves", []),
+                                       {"key": self._key, "node": index, "values": self._curve,
+                                        "phases": self._phases}])
         if index >= len(run.setup.nodes) - 1:  # the last node: the trial completes and is judged
             return
         self.step += 1
         self.last, self.last_loss = value, loss
-        trial = self.trial()
         trial.report(value, self.step)
         if trial.should_prune():
             raise TrialStopped(f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after "
