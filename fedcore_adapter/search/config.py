@@ -35,12 +35,18 @@ class EarlyStop(StrictModel):
                                                   "accuracy of the node's last epoch), ...")
     patience: int = Field(0, ge=0, description="... after this many more node ends without improvement "
                                                "(0: at the first node end below)")
-    within_nodes: bool = Field(False, description="also stop inside a node, at the second epoch in a row whose "
-                                                  "accuracy plus the largest recovery seen from that epoch "
-                                                  "(finished nodes of the same kind and epochs) ends below the "
-                                                  "line less margin (off by default: on the MNIST-1D benchmark "
-                                                  "it stopped a trial that ends feasible, a pruning step's dip "
-                                                  "deeper than the first nodes' showed)")
+    within_nodes: Literal["off", "final_phase", "phase_ends", "all"] = Field(
+        "off", description="also stop inside a node, at the second epoch in a row whose accuracy plus the largest "
+                           "recovery seen from that epoch (finished nodes of the same kind and epochs) ends below "
+                           "the line less margin: in every epoch (all; true), or only in the node's last training "
+                           "phase (final_phase: the fine-tune after its last pruning step or truncation, where "
+                           "no structural step dips the accuracy); off (false) by default")
+
+    @field_validator("within_nodes", mode="before")
+    @classmethod
+    def _bool_within(cls, value: Any) -> Any:
+        return {True: "all", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     min_curves: int = Field(3, ge=1, description="finished nodes of the same kind and epochs needed before a "
                                                  "node is judged inside")
 

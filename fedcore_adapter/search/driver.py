@@ -514,6 +514,7 @@ class Search:
         spec = None
         if start < len(nodes):
             fid = self.fidelity.ask()
+            fid.set_user_attr("trial", trial.number)  # its numbers part from the search's with repeats told
             spec = self._early_stop_spec(fid._trial_id)
         if spec:
             extra["early_stop"] = spec

@@ -51,8 +51,9 @@ class EarlyStopHook(Hook):
     fidelity twin when the node ends; stops the run when pruned, before the next node. A node without epochs
     reports nothing, nor does the last node (the trial is complete then, and judged as such).
 
-    Inside a node (``within_nodes``): each finished node's epoch curve is kept on the fidelity twin
-    (``curves``); a running node's epoch ``k`` is judged with the largest gain from epoch ``k`` to the end that
+    Each finished node's epoch curve (and each epoch's training phase) is kept on the fidelity twin (``curves``).
+    Inside a node (``within_nodes``: ``all`` epochs, or only its ``final_phase``, the fine-tune after its last
+    structural step), a running node's epoch ``k`` is judged with the largest gain from epoch ``k`` to the end that
     finished nodes of the same kind and epochs showed (at least ``min_curves`` of them, this search's trials). The
     trial stops at the second epoch in a row whose accuracy plus that gain is below ``lower``: even the best
     recovery seen would leave it infeasible."""
@@ -69,8 +70,7 @@ class EarlyStopHook(Hook):
         self._curve: list[float] = []  # the running node's validation accuracy per epoch
         self._phases: list[str] = []  # per epoch: its training phase (the metric's prefix: ``finetune_3``...)
         self._key = ""  # its kind and epochs: the curves it is compared with
-        self._gain: Optional[list[float]] = None  # per epoch: the largest gain to the node's end seen
-        self._below = 0  # epochs in a row judged unrecoverable
+        self._gain: Optional[list[Optional[float]]] = None  # per epoch judged: the largest gain to the end seen
 
     def trial(self) -> Any:
         if self._trial is None:
@@ -82,10 +82,11 @@ class EarlyStopHook(Hook):
 
     def before_node(self, run: Any, index: int, node: Any) -> None:
         self._node_last = self._node_loss = None
-        self._curve, self._phases, self._below, self._gain = [], [], 0, None
+        self._curve, self._phases = [], []
         self._key = f"{node.kind}:{node_work(node)}"  # the kind and its epoch settings
-        if self.spec.get("within_nodes"):
-            self._gain = largest_gains(self._curves(), self._key, int(self.spec.get("min_curves", 3)))
+        mode = within_mode(self.spec)
+        self._gain = None if mode == "off" else \
+            judged_epochs(self._curves(), self._key, mode, int(self.spec.get("min_curves", 3)))
 
     def _curves(self) -> list[dict]:
         """The finished nodes' curves of this search's trials (their fidelity twins' ``curves``)."""
@@ -104,10 +105,7 @@ class EarlyStopHook(Hook):
                                 and isinstance(v, (int, float))), None)
         self._curve.append(float(value))
         k = len(self._curve) - 1
-        if self._gain is None or k >= len(self._gain) - 1:  # the node's last epoch: judged at its end
-            return
-        self._below = self._below + 1 if value + self._gain[k] < self.spec["lower"] else 0
-        if self._below >= 2:
+        if unrecoverable(self._curve, self._gain, self.spec["lower"]):
             raise TrialStopped(f"validation accuracy {value:.4f} at epoch {k + 1} of {len(self._gain)} of node "
                                f"{index}: {node.kind} (after {self.epochs} epochs): with the largest recovery a "
                                f"finished {node.kind} node showed from there (+{self._gain[k]:.4f}) still below "
@@ -129,6 +127,42 @@ class EarlyStopHook(Hook):
         if trial.should_prune():
             raise TrialStopped(f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after "
                                f"{self.epochs} epochs) below {self.spec['lower']:.4f}")
+
+
+def within_mode(spec: Mapping[str, Any]) -> str:
+    """``off``, ``final_phase`` or ``all`` (``within_nodes`` as configured; a bool means off / all)."""
+    mode = spec.get("within_nodes") or "off"
+    return "all" if mode is True else str(mode)
+
+
+def judged_epochs(curves: list[dict], key: str, mode: str, min_curves: int) -> Optional[list[Optional[float]]]:
+    """How a running node of ``key`` is judged inside: per epoch, the largest gain to the node's end that finished
+    nodes showed (``largest_gains``), or None where the epoch is not judged; None: nothing is judged. ``all``:
+    every epoch; ``final_phase``: the epochs of the last training phase the finished nodes ran (after the last
+    pruning step, or a low-rank truncation), where no structural step dips the accuracy any more;
+    ``phase_ends``: those and the last epoch of each earlier phase (a step's fine-tune has recovered by then)."""
+    if mode == "off":
+        return None
+    gain = largest_gains(curves, key, min_curves)
+    if gain is None or mode == "all":
+        return gain
+    phases = next((c["phases"] for c in curves if c.get("key") == key and len(c.get("phases") or ()) == len(gain)),
+                  None)
+    if not phases:  # curves without phases (an older study): nothing is judged
+        return None
+    final = phases.index(phases[-1])
+    judged = [k >= final or (mode == "phase_ends" and phases[k + 1] != phases[k]) for k in range(len(gain))]
+    return [g if j else None for g, j in zip(gain, judged)]
+
+
+def unrecoverable(curve: list[float], gain: Optional[list[Optional[float]]], lower: float) -> bool:
+    """The running node's last epoch and the judged epoch before it (``gain`` not None; the node's last epoch is
+    judged at the node's end) are both below ``lower`` even with the largest gain seen from each to the end."""
+    k = len(curve) - 1
+    if gain is None or k >= len(gain) - 1 or gain[k] is None:
+        return False
+    before = next((j for j in range(k - 1, -1, -1) if gain[j] is not None), None)
+    return before is not None and all(curve[j] + gain[j] < lower for j in (before, k))
 
 
 def largest_gains(curves: list[dict], key: str, min_curves: int) -> Optional[list[float]]:

@@ -26,10 +26,11 @@ def _hook(tmp_path, lower=0.9, patience=0, **spec) -> EarlyStopHook:
                           "lower": lower, "patience": patience, **spec})
 
 
-def _node(hook: EarlyStopHook, index: int, accuracies: list[float]) -> None:
+def _node(hook: EarlyStopHook, index: int, accuracies: list[float], phases: list[str] | None = None) -> None:
     hook.before_node(RUN, index, PRUNING)
     for step, acc in enumerate(accuracies):
-        hook.on_log(RUN, index, PRUNING, {"pruning/val_accuracy": acc, "pruning/val_loss": 1.0}, step)
+        tag = phases[step] if phases else "pruning"
+        hook.on_log(RUN, index, PRUNING, {f"{tag}/val_accuracy": acc, f"{tag}/val_loss": 1.0}, step)
     hook.after_node(RUN, index, PRUNING, None, {}, None)
 
 
@@ -126,10 +127,10 @@ def test_the_largest_gain_per_epoch_is_taken_over_finished_curves_of_the_same_ki
     assert largest_gains(curves, "training:7", 1) is None
 
 
-def _finish_others(tmp_path, curves, last=True):
+def _finish_others(tmp_path, curves, last=True, phases=None):
     """Other trials of the search finish nodes with these epoch curves (stored on their fidelity twins)."""
     for curve in curves:
-        _node(_hook(tmp_path, within_nodes=True), 2 if last else 0, curve)
+        _node(_hook(tmp_path, within_nodes=True), 2 if last else 0, curve, phases)
 
 
 def test_inside_a_node_a_trial_that_even_the_best_recovery_seen_leaves_below_the_line_stops(tmp_path):
@@ -158,3 +159,48 @@ def test_inside_a_node_nothing_is_judged_before_min_curves_nodes_of_its_kind_fin
     _finish_others(tmp_path, [[0.96, 0.97, 0.97, 0.98]])
     _node(off, 2, [0.1, 0.1, 0.1, 0.1])  # within_nodes false: only node ends are judged
     assert off.epochs == 4
+
+
+# two pruning steps with a fine-tune each: the second step's fine-tune (epochs 3-5) is the node's final phase
+STEPS = ["finetune_1", "finetune_1", "finetune_2", "finetune_2", "finetune_2"]
+FINISHED = [[0.95, 0.97, 0.90, 0.94, 0.96], [0.93, 0.96, 0.88, 0.93, 0.97], [0.96, 0.97, 0.91, 0.95, 0.97]]
+
+
+def test_every_finished_nodes_curve_is_kept_with_its_epochs_training_phases(tmp_path):
+    _finish_others(tmp_path, FINISHED[:1], phases=STEPS)
+    study = optuna.load_study(study_name="fidelity", storage=open_storage(tmp_path / "study.journal"))
+    (curve,) = study.trials[0].user_attrs["curves"]
+    assert curve == {"key": curve["key"], "node": 2, "values": FINISHED[0], "phases": STEPS}
+
+
+def test_final_phase_judges_only_the_fine_tune_after_the_last_structural_step(tmp_path):
+    _finish_others(tmp_path, FINISHED, phases=STEPS)  # largest gains: 0.04, 0.01, 0.09, 0.04, 0
+    early = _hook(tmp_path, within_nodes="final_phase")
+    _node(early, 2, [0.70, 0.72, 0.95, 0.96, 0.97], STEPS)  # far below in the first step: not judged there
+    assert early.epochs == 5
+    late = _hook(tmp_path, within_nodes="final_phase")
+    with pytest.raises(TrialStopped, match=r"0\.8000 at epoch 4 of 5 of node 2: pruning \(after 4 epochs\)"):
+        _node(late, 2, [0.95, 0.97, 0.78, 0.80, 0.82], STEPS)  # the last step's fine-tune cannot reach 0.9
+    assert late.epochs == 4
+
+
+def test_all_judges_every_epoch_and_a_bool_reads_as_all_or_off(tmp_path):
+    from fedcore_adapter.search.config import EarlyStop
+
+    _finish_others(tmp_path, FINISHED, phases=STEPS)
+    hook = _hook(tmp_path, within_nodes="all")
+    with pytest.raises(TrialStopped, match="at epoch 2 of 5"):
+        _node(hook, 2, [0.70, 0.72, 0.95, 0.96, 0.97], STEPS)
+    assert [EarlyStop(within_nodes=v).within_nodes for v in (True, False, "final_phase")] == \
+        ["all", "off", "final_phase"]
+
+
+def test_phase_ends_also_judges_the_last_epoch_of_each_earlier_phase(tmp_path):
+    _finish_others(tmp_path, FINISHED, phases=STEPS)  # judged: epoch 2 (the first step's fine-tune ends), 3, 4
+    curve = [0.95, 0.85, 0.80, 0.95, 0.96]  # below after the first step's fine-tune and the last step
+    ends = _hook(tmp_path, within_nodes="phase_ends")
+    with pytest.raises(TrialStopped, match="at epoch 3 of 5"):
+        _node(ends, 2, curve, STEPS)
+    final = _hook(tmp_path, within_nodes="final_phase")  # (a stopped node's curve is not kept: same envelope)
+    _node(final, 2, curve, STEPS)  # epoch 4 recovers: the final phase alone never has two below in a row
+    assert final.epochs == 5

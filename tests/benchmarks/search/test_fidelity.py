@@ -1,0 +1,50 @@
+"""The fidelity replay finds each trial's fidelity twin (by name, or for older studies by the order they were
+asked in, skipping the repeats told) and replays stopping rules on the node curves kept there."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+
+from benchmarks.search.fidelity import fidelity_twins, replay_trial
+from fedcore_adapter.search.trial import open_storage
+
+STEPS = ["finetune_1", "finetune_1", "finetune_2", "finetune_2", "finetune_2"]
+FINISHED = [[0.95, 0.97, 0.90, 0.94, 0.96], [0.93, 0.96, 0.88, 0.93, 0.97], [0.96, 0.97, 0.91, 0.95, 0.97]]
+
+
+def _studies(tmp_path, named: bool):
+    tmp_path.mkdir()
+    storage = open_storage(tmp_path / "study.journal")
+    search = optuna.create_study(study_name="search", storage=storage)
+    fid = optuna.create_study(study_name="fidelity", storage=storage, direction="maximize")
+    for repeat in (False, True, False):  # trial 1 is a repeat told: it asks no fidelity twin
+        trial = search.ask()
+        trial.set_user_attr("nodes", [{}, {}])
+        trial.set_user_attr("start_node", 1)
+        if repeat:
+            trial.set_user_attr("same_as", 0)
+            continue
+        twin = fid.ask()
+        if named:
+            twin.set_user_attr("trial", trial.number)
+    return tmp_path
+
+
+def test_twins_are_found_by_name_or_by_the_order_they_were_asked_in(tmp_path):
+    for named in (True, False):
+        folder = _studies(tmp_path / str(named), named)
+        assert {k: t.number for k, t in fidelity_twins(folder).items()} == {0: 0, 2: 1}
+
+
+def test_final_phase_replay_stops_a_trial_in_its_last_fine_tune_and_all_in_its_first_dip():
+    earlier = [{"key": "pruning:6", "node": 0, "values": v, "phases": STEPS} for v in FINISHED]
+    dips = SimpleNamespace(user_attrs={"curves": [{"key": "pruning:6", "node": 0, "phases": STEPS,
+                                                   "values": [0.70, 0.72, 0.95, 0.96, 0.97]}]})
+    assert replay_trial({}, dips, earlier, 0.9, "final_phase", 3, last_node=0) is None
+    assert replay_trial({}, dips, earlier, 0.9, "all", 3, last_node=0) == (2, "epoch 2 of node 0")
+    assert replay_trial({}, dips, earlier, 0.9, "off", 3, last_node=1) is None
+    doomed = SimpleNamespace(user_attrs={"curves": [{"key": "pruning:6", "node": 0, "phases": STEPS,
+                                                     "values": [0.95, 0.97, 0.78, 0.80, 0.82]}]})
+    assert replay_trial({}, doomed, earlier, 0.9, "final_phase", 3, last_node=0) == (4, "epoch 4 of node 0")
+    assert replay_trial({}, doomed, earlier, 0.9, "off", 3, last_node=1) == (5, "end of node 0")
