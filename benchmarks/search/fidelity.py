@@ -88,7 +88,7 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
                      f"node {row['start']} ran {row['epochs']} epochs, the table gives {sum(epochs[row['start']:])}")
         row["node_epochs"] = epochs
         row["twin"] = twins.get(int(row["trial"]))
-    curves = all(r["twin"] is not None and "curves" in r["twin"].user_attrs for r in rows)
+    curves = any(r["twin"] is not None and "curves" in r["twin"].user_attrs for r in rows)  # kept (new studies)
     best_all = max((float(r["macs_reduction"]) for r in rows if r["feasible"] == "True"), default=1.0)
     out = {"line": line, "best_feasible": best_all, "curves": curves, "rules": {}}
     finished = [t for t in twins.values() if t.datetime_complete is not None]
@@ -98,7 +98,9 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
             for row in rows:
                 whole += prefix_epochs + sum(row["node_epochs"])
                 twin, stop = row["twin"], None
-                if curves:
+                if curves and twin is None:  # it ran no node (a computed prefix was its whole chain)
+                    spent = int(row["epochs"] or 0)
+                elif curves:  # a twin without curves ran only nodes without epochs
                     began = twin.datetime_start
                     earlier = [c for t in finished if t.datetime_complete < began
                                for c in t.user_attrs.get("curves", [])]

@@ -6,7 +6,7 @@ same candidates run as whole chains).
 
     python -m benchmarks.search.mnist1d --out /tmp/search_bench [--budget cut|full] [--seeds 0 1 2]
         [--trials 32] [--workers 2] [--samplers tpe random] [--full-chains 4] [--chain-threads 1]
-        [--pretrained CHECKPOINT] [--guided search.reuse=0.75 ...]
+        [--pretrained CHECKPOINT] [--guided search.reuse=0.9 ...]
     python -m benchmarks.search.mnist1d --out DIR --raw RAW_DIR --budget full --full-chains-of SEARCH_DIR
         --full-chains 8
 
@@ -344,7 +344,7 @@ def main() -> None:
     p = search_arguments("/tmp/search_bench", ["tpe", "random"])
     p.add_argument("--full-chains", type=int, default=4)
     p.add_argument("--guided", nargs="*", default=[], metavar="OVERRIDE",
-                   help="search overrides for the samplers but random (e.g. search.reuse=0.75)")
+                   help="search overrides for the samplers but random (e.g. search.reuse=0.9)")
     p.add_argument("--chain-threads", type=int, default=1,
                    help="torch threads of the whole chains (1: as each trial's worker)")
     p.add_argument("--parallelism-only", action="store_true",

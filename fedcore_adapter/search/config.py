@@ -71,7 +71,7 @@ class SearchConfig(StrictModel):
                                  "distillation": {"epochs": 3, "kl_weight": 1.0, "task_weight": 1.0}},
         description="node fields of an inserted kind")
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
-    reuse: float = Field(0.75, ge=0, le=1, description="share of the trials after the sampler's start-up ones that "
+    reuse: float = Field(0.9, ge=0, le=1, description="share of the trials after the sampler's start-up ones that "
                                                       "continue a feasible front trial: its chain and every node "
                                                       "but the last fixed (a computed prefix, not run again), the "
                                                       "last node's fields drawn by the sampler; 0: every trial "
