@@ -149,6 +149,31 @@ def test_resume_after_interruption_skips_finished_nodes_and_matches_an_uninterru
     assert json.loads((tmp_path / "FULL2" / "run.json").read_text())["status"] == "completed"
 
 
+def test_a_resumed_run_given_a_teacher_teaches_with_it_and_loads_no_other(tmp_path, dm, monkeypatch):
+    from fedcore_adapter import engine, registry
+
+    chain = [{"kind": "training", "epochs": 1}, {"kind": "training", "epochs": 1}]
+    spec, seen = registry.get_node("training"), {}
+
+    def record_teacher(model, config, ctx):
+        if ctx.node_index == 1 and "interrupted" not in seen:
+            seen["interrupted"] = True
+            raise KeyboardInterrupt
+        seen["teacher"] = ctx.teacher
+        return spec.apply(model, config, ctx)
+
+    monkeypatch.setitem(registry._REGISTRY, "training", registry.NodeSpec("training", spec.config_cls, record_teacher))
+    teacher = tiny_mlp()
+    with pytest.raises(KeyboardInterrupt):
+        run_setup(tiny_setup(*chain, name="T"), tiny_mlp(), dm, output_dir=tmp_path, teacher=teacher)
+    loaded = []
+    monkeypatch.setattr(engine, "load_model", lambda folder, model, *a, **k: loaded.append(folder.name) or model)
+    run_setup(tiny_setup(*chain, name="T"), tiny_mlp(), dm, output_dir=tmp_path, resume=True, teacher=teacher)
+    assert loaded == ["1_training"]  # the finished node's model; not the run's input as a teacher
+    assert all(torch.equal(a, b) for a, b in zip(seen["teacher"].state_dict().values(),
+                                                 teacher.state_dict().values()))
+
+
 def test_save_each_writes_intermediate_checkpoints_inside_training(tmp_path, model, dm):
     result = run_setup(tiny_setup({"kind": "training", "epochs": 4}, save_each=2), model, dm, output_dir=tmp_path)
     names = sorted(p.name for p in (result.output_dir / "nodes").iterdir())
