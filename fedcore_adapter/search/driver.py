@@ -60,6 +60,8 @@ log = logging.getLogger("fedcore_adapter.search")
 STATE_FILE = "search.json"
 STUDY = "search"
 FIDELITY = "fidelity"
+REPEATS_PER_TRIAL = 8  # repeats told per trial wanted before the sampler counts as stuck (continuations of a
+#                        front trial re-draw one node on its grid: with search.reuse 0.9 a search told up to 32)
 
 
 @dataclass
@@ -530,9 +532,9 @@ class Search:
     def _evaluated(self, nodes: list[dict]) -> Optional[Any]:
         """The finished trial (complete or stopped) that ran exactly ``nodes``: the runs are deterministic, so the
         same candidate would give the same figures. None when there is none, or when the sampler has repeated
-        itself ``search.trials`` times already (it is stuck: what it asks then runs and counts)."""
+        itself ``REPEATS_PER_TRIAL`` times per trial wanted (it is stuck: what it asks then runs and counts)."""
         trials = self.study.get_trials(deepcopy=False)
-        if sum(t.user_attrs.get("same_as") is not None for t in trials) >= self.scfg.trials:
+        if sum(t.user_attrs.get("same_as") is not None for t in trials) >= REPEATS_PER_TRIAL * self.scfg.trials:
             return None
         key = json.dumps(nodes, sort_keys=True, default=str)
         return next((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)

@@ -208,3 +208,21 @@ def test_a_candidate_asked_again_is_told_the_earlier_trials_figures_not_run_and_
         {k: rows[0][k] for k in ("macs", "params", "val_accuracy", "feasible", "output_dir")}
     assert result.study.trials[1].values == result.study.trials[0].values
     assert 1 not in {r["trial"] for r in result.front}
+
+
+def test_a_sampler_that_repeats_itself_eight_times_per_trial_wanted_is_stuck_and_its_repeat_runs(tmp_path):
+    """Repeats are told, not run, up to ``REPEATS_PER_TRIAL`` per trial wanted (continuations re-draw one node on
+    its grid, so they repeat often); past that the sampler is stuck and what it asks runs and counts."""
+    from fedcore_adapter.search.driver import REPEATS_PER_TRIAL
+
+    same = {"pruning#1.pruning_ratio": 0.3, "pruning#1.importance": "lamp"}
+    told = REPEATS_PER_TRIAL * 2
+
+    def loop(search, pool):
+        for _ in range(told + 2):
+            search.submit(pool, same)
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+
+    rows = _rows(run_search(config(tmp_path, trials=2, space={"pruning": {"reconstruct": False}}), loop=loop).folder)
+    assert [bool(r["same_as"]) for r in rows] == [False] + [True] * told + [False]
