@@ -216,8 +216,8 @@ def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool, teacher: Optiona
     start_index, index = 0, None
     if resumed:
         try:
-            start_index, teacher, current = _restore(r, model, with_teacher=given_teacher is None)
-            teacher = given_teacher if given_teacher is not None else teacher
+            start_index, current = _restore(r, model)
+            teacher = given_teacher if given_teacher is not None else _saved_input(r, model)
         except BaseException:
             write_json(r.dir / "run.json", {**r.run_json, "status": r.run_json.get("previous_status") or "failed"})
             raise
@@ -359,9 +359,14 @@ def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn
     return model
 
 
-def _restore(r: _Run, model: nn.Module, with_teacher: bool = True) -> tuple[int, Optional[nn.Module], nn.Module]:
-    """Continue an interrupted run: reload its rows, teacher (None unless ``with_teacher``: the caller gave
-    one) and the last finished node's model."""
+def _saved_input(r: _Run, model: nn.Module) -> nn.Module:
+    """The interrupted run's input model (its teacher), as saved in its folder."""
+    folder = r.node_dir(0, "input")
+    return load_model(folder, copy.deepcopy(model)) if folder.exists() else copy.deepcopy(model).eval()
+
+
+def _restore(r: _Run, model: nn.Module) -> tuple[int, nn.Module]:
+    """Continue an interrupted run: reload its rows and the last finished node's model."""
     if r.run_json.get("setup_hash") != _setup_hash(r.setup):
         raise FedcoreError(f"cannot resume {r.dir}: the setup differs from the interrupted run's; "
                            f"run without resume=true to start over")
@@ -369,12 +374,10 @@ def _restore(r: _Run, model: nn.Module, with_teacher: bool = True) -> tuple[int,
     r.run_json["resumed_at"] = _now()
     done = int(r.run_json.get("completed_nodes", 0))
     r.rows = [row for row in read_json(r.dir / "metrics.json", []) if row["node_index"] <= done]
-    teacher = None if not with_teacher else load_model(r.node_dir(0, "input"), copy.deepcopy(model)) \
-        if (r.node_dir(0, "input")).exists() else copy.deepcopy(model).eval()
     if done == 0:
-        return 0, teacher, copy.deepcopy(model)
+        return 0, copy.deepcopy(model)
     last = r.node_dir(done, r.setup.nodes[done - 1].kind)
     r.transforms = read_manifest(last)["transforms"]
     current = load_model(last, copy.deepcopy(model))
     log.info("resuming %s after node %d of %d", r.dir, done, len(r.setup.nodes))
-    return done, teacher, current
+    return done, current

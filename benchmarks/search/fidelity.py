@@ -53,7 +53,7 @@ def fidelity_twins(folder: Path) -> dict[int, Any]:
     return dict(zip(ran, fid))
 
 
-def replay_trial(row: dict, twin: Any, earlier: list[dict], lower: float, mode: str, min_curves: int,
+def replay_trial(twin: Any, earlier: list[dict], lower: float, mode: str, min_curves: int,
                  last_node: int) -> Optional[tuple[int, str]]:
     """``(epochs run, where)`` if ``mode`` and ``lower`` stop the trial (inside a node, or at a node end before
     its last, ``last_node``); None if it runs on as recorded. Needs the twin's curves."""
@@ -88,10 +88,15 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
                      f"node {row['start']} ran {row['epochs']} epochs, the table gives {sum(epochs[row['start']:])}")
         row["node_epochs"] = epochs
         row["twin"] = twins.get(int(row["trial"]))
+        row["last"] = len(epochs) - 1 - row["start"]  # the last node's index in the trial's run
     curves = any(r["twin"] is not None and "curves" in r["twin"].user_attrs for r in rows)  # kept (new studies)
+    finished = [t for t in twins.values() if t.datetime_complete is not None]
+    for row in rows:  # what the trial could judge by: the curves of the trials finished before it started
+        row["earlier"] = [] if row["twin"] is None else [
+            c for t in finished if t.datetime_complete < row["twin"].datetime_start
+            for c in t.user_attrs.get("curves", [])]
     best_all = max((float(r["macs_reduction"]) for r in rows if r["feasible"] == "True"), default=1.0)
     out = {"line": line, "best_feasible": best_all, "curves": curves, "rules": {}}
-    finished = [t for t in twins.values() if t.datetime_complete is not None]
     for mode in modes if curves else ["off"]:
         for margin in margins:
             run, whole, stopped, lost, wrong = prefix_epochs, 0, 0, [], []  # the shared prefix ran once
@@ -101,11 +106,7 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
                 if curves and twin is None:  # it ran no node (a computed prefix was its whole chain)
                     spent = int(row["epochs"] or 0)
                 elif curves:  # a twin without curves ran only nodes without epochs
-                    began = twin.datetime_start
-                    earlier = [c for t in finished if t.datetime_complete < began
-                               for c in t.user_attrs.get("curves", [])]
-                    last = len(row["node_epochs"]) - 1 - row["start"]  # the last node's index in the trial's run
-                    stop = replay_trial(row, twin, earlier, line - margin, mode, min_curves, last)
+                    stop = replay_trial(twin, row["earlier"], line - margin, mode, min_curves, row["last"])
                     spent = stop[0] if stop else int(row["epochs"])
                 else:
                     seen = [v for _, v in sorted(twin.intermediate_values.items())] if twin else []

@@ -204,6 +204,7 @@ class CompiledRunner(Runner):
     def _compile(self, module: nn.Module) -> nn.Module:
         return torch.compile(module, dynamic=False if self.static else None)
 
+
 def load(path: Path, threads: Optional[int] = None, reference: Optional[nn.Module] = None,
          weight_dtype: str = "int8") -> CompiledRunner:
     return CompiledRunner(Path(path), threads, reference, weight_dtype)

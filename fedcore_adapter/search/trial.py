@@ -130,7 +130,8 @@ class EarlyStopHook(Hook):
 
 
 def within_mode(spec: Mapping[str, Any]) -> str:
-    """``off``, ``final_phase`` or ``all`` (``within_nodes`` as configured; a bool means off / all)."""
+    """``off``, ``final_phase``, ``phase_ends`` or ``all`` (``within_nodes`` as configured; a bool means off /
+    all, as ``EarlyStop`` reads it)."""
     mode = spec.get("within_nodes") or "off"
     return "all" if mode is True else str(mode)
 

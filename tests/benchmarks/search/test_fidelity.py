@@ -41,10 +41,10 @@ def test_final_phase_replay_stops_a_trial_in_its_last_fine_tune_and_all_in_its_f
     earlier = [{"key": "pruning:6", "node": 0, "values": v, "phases": STEPS} for v in FINISHED]
     dips = SimpleNamespace(user_attrs={"curves": [{"key": "pruning:6", "node": 0, "phases": STEPS,
                                                    "values": [0.70, 0.72, 0.95, 0.96, 0.97]}]})
-    assert replay_trial({}, dips, earlier, 0.9, "final_phase", 3, last_node=0) is None
-    assert replay_trial({}, dips, earlier, 0.9, "all", 3, last_node=0) == (2, "epoch 2 of node 0")
-    assert replay_trial({}, dips, earlier, 0.9, "off", 3, last_node=1) is None
+    assert replay_trial(dips, earlier, 0.9, "final_phase", 3, last_node=0) is None
+    assert replay_trial(dips, earlier, 0.9, "all", 3, last_node=0) == (2, "epoch 2 of node 0")
+    assert replay_trial(dips, earlier, 0.9, "off", 3, last_node=1) is None
     doomed = SimpleNamespace(user_attrs={"curves": [{"key": "pruning:6", "node": 0, "phases": STEPS,
                                                      "values": [0.95, 0.97, 0.78, 0.80, 0.82]}]})
-    assert replay_trial({}, doomed, earlier, 0.9, "final_phase", 3, last_node=0) == (4, "epoch 4 of node 0")
-    assert replay_trial({}, doomed, earlier, 0.9, "off", 3, last_node=1) == (5, "end of node 0")
+    assert replay_trial(doomed, earlier, 0.9, "final_phase", 3, last_node=0) == (4, "epoch 4 of node 0")
+    assert replay_trial(doomed, earlier, 0.9, "off", 3, last_node=1) == (5, "end of node 0")
