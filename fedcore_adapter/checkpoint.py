@@ -167,6 +167,9 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     for item in src.iterdir():
+        if item.is_dir():  # e.g. a deploy node's model.aoti/ packages
+            link_or_copy_tree(item, dst / item.name)
+            continue
         try:
             os.link(item, dst / item.name)
         except OSError:

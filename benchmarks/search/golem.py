@@ -124,9 +124,10 @@ class Evaluations:
                 if key in self.known:
                     return self.known[key]
                 for number, row in self.search.collect(self.pool, timeout=1.0):
-                    done = next(k for k, n in self.pending.items() if n == number)
-                    del self.pending[done]
-                    self.known[done] = row
+                    done = next((k for k, n in self.pending.items() if n == number), None)
+                    if done is not None:  # not a twin the search told (GOLEM's candidates are distinct)
+                        del self.pending[done]
+                        self.known[done] = row
             time.sleep(0.01)  # the other evaluation thread's turn
 
 

@@ -40,11 +40,18 @@ class DeployConfig(NodeConfig):
     tolerance: float = Field(0.2, gt=0, description="largest accepted relative output error ||y_rt - y|| / ||y|| "
                                                     "of the reloaded artifact against the torch model")
     opset: int = Field(17, ge=13, description="ONNX opset of the export")
+    compile: Literal["jit", "aot"] = Field(
+        "jit", description="torch_compile: jit (torch.compile at the first call of each shape) or aot (an "
+                           "AOTInductor package compiled in the node, model.aoti/, loaded and called without "
+                           "compiling)")
     produces_int8: ClassVar[bool] = True  # nothing trains after it: the model left torch
 
     @model_validator(mode="after")
     def _check_quantize(self) -> "DeployConfig":
         require_extra(self.runtime)  # refused when the setup loads, without importing the runtime
+        if self.compile == "aot" and self.runtime != "torch_compile":
+            raise ValueError(f"compile=aot is a torch_compile option (AOTInductor); runtime {self.runtime} loads its "
+                             f"artifact as it is (got runtime={self.runtime!r})")
         allowed = RUNTIMES[self.runtime]
         if self.quantize == "auto":
             object.__setattr__(self, "quantize", _DEFAULT_QUANTIZE[self.runtime])

@@ -21,12 +21,12 @@ from .signature import Signature, export_error, failing_layer, layer_tracker
 log = logging.getLogger("fedcore_adapter")
 
 
-def _build_options(config: DeployConfig) -> dict[str, Any]:
+def _build_options(config: DeployConfig, threads: int) -> dict[str, Any]:
     if config.runtime == "onnxruntime":
         return {"per_channel": config.per_channel, "opset": config.opset}
     if config.runtime == "openvino":
         return {"model_type": config.model_type}
-    return {}
+    return {"compile": config.compile, "threads": threads}
 
 
 def _real_tokens(output: torch.Tensor, inputs: Any) -> torch.Tensor:
@@ -53,10 +53,11 @@ def apply_deploy(model: nn.Module, config: DeployConfig, ctx: NodeContext) -> nn
         if config.quantize == "static" else []
     folder = ctx.output_dir
     folder.mkdir(parents=True, exist_ok=True)
+    threads = config.threads or ctx.common.num_threads or torch.get_num_threads()
     try:
         with layer_tracker(model) as tracked:
             files = runtime.build(model, signature, example, folder, quantize=config.quantize, calibration=calibration,
-                                  **_build_options(config))
+                                  **_build_options(config, threads))
     except Exception as err:  # noqa: BLE001 - every exporter failure becomes one line naming the layer
         scratch = folder / ".leaf"
         scratch.mkdir(exist_ok=True)
@@ -64,7 +65,6 @@ def apply_deploy(model: nn.Module, config: DeployConfig, ctx: NodeContext) -> nn
                               lambda m, args: runtime.export_leaf(m, args, scratch, config.opset))
         shutil.rmtree(folder, ignore_errors=True)
         raise export_error(ctx.node_label, config.runtime, layer, err) from None
-    threads = config.threads or ctx.common.num_threads or torch.get_num_threads()
     weight_dtype = "float32" if config.quantize == "none" else "int8+float32"
     runner = runtime.load(files[0], threads, model, weight_dtype)
     with torch.inference_mode():
@@ -74,8 +74,10 @@ def apply_deploy(model: nn.Module, config: DeployConfig, ctx: NodeContext) -> nn
         shutil.rmtree(folder, ignore_errors=True)
         raise NodeError(ctx.node_label, f"the reloaded {config.runtime} model disagrees with the torch model: relative "
                                         f"output error {error:.3g} > tolerance {config.tolerance}")
-    write_info(folder, {"runtime": config.runtime, "artifact": files[0].name, "files": [f.name for f in files],
-                        "quantize": config.quantize, "threads": threads, "weight_dtype": weight_dtype,
+    compiled = {"compile": config.compile} if config.runtime == "torch_compile" else {}
+    write_info(folder, {"runtime": config.runtime, "artifact": files[0].name,
+                        "files": [str(f.relative_to(folder)) for f in files],
+                        "quantize": config.quantize, "threads": threads, **compiled, "weight_dtype": weight_dtype,
                         "inputs": signature.to_json(), "relative_error": error})
     log.info("%s: %s model written (%s, relative output error %.3g)", ctx.node_label, config.runtime,
              files[0].name, error)

@@ -76,9 +76,13 @@ class SearchConfig(StrictModel):
                                                       "but the last fixed (a computed prefix, not run again), the "
                                                       "last node's fields drawn by the sampler; 0: every trial "
                                                       "drawn whole")
+    reuse_parent: Literal["uniform", "contribution"] = Field(
+        "uniform", description="which feasible front trial a continuation continues: any, evenly (uniform), or "
+                               "drawn in proportion to its own share of the front's hypervolume (contribution: "
+                               "the front's gaps and ends, where continuing adds most)")
     reuse_after: Optional[int] = Field(None, ge=1, description="trials asked before continuations may start "
                                                                "(default: the sampler's start-up trials)")
-    retries: int = Field(2, ge=0, description="re-runs of a trial whose worker was lost")
+    retries: int = Field(2, ge=0, description="re-runs of a trial (or of the shared prefix) whose worker was lost")
     reference_runs: list[str] = Field(default_factory=list, description="results folders plotted beside the "
                                                                         "front (default: the named setups' runs "
                                                                         "found in output_dir)")

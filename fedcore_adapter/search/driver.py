@@ -8,7 +8,7 @@
    sampler's start-up trials a share of them (``search.reuse``) continues a feasible front trial: its chain
    and every node but the last fixed (``study.enqueue_trial`` with those parameters), so the trial starts
    from that trial's computed prefix and the sampler draws the last node's fields; a candidate asked again is
-   told the earlier trial's figures, not run, and not counted;
+   told the earlier trial's figures, not run, and not counted (asked while its twin runs: when the twin ends);
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters; another optimiser may propose the candidates
    instead of the sampler (``run_search(..., loop=)``: ``Search.submit`` with the candidate's parameters, then
@@ -47,6 +47,7 @@ from .report import (
     REFERENCE_COLUMNS,
     SPLIT_METRICS,
     figure_points,
+    hypervolume,
     plot_front,
     reference_rows,
     setup_yaml,
@@ -187,6 +188,11 @@ def _describe(row: dict, objectives: list[str]) -> str:
     return ", ".join(parts)
 
 
+def _key(nodes: Any) -> str:
+    """A candidate's identity: its nodes, as JSON."""
+    return json.dumps(nodes, sort_keys=True, default=str)
+
+
 class Search:
     """One search: its config, space, folder, study, pool and prefix cache."""
 
@@ -253,6 +259,8 @@ class Search:
         pool = pool_factory()
         status = "failed"
         self.in_flight: dict[int, tuple] = {}
+        self.running: dict[int, str] = {}  # trial in flight -> its candidate (nodes) key
+        self.twins: dict[int, list] = {}  # trial in flight -> the same candidates asked meanwhile, told when it ends
         self.retries: dict[str, int] = {}
         try:
             self._prefix(pool)
@@ -376,11 +384,15 @@ class Search:
         name = f"PREFIX_{key[:8]}"
         payload = self._payload(name, self.space.prefix, 0, None, self.folder / "prefix", "prefix",
                                 **self._references_to_measure("prefix"))
-        pool.submit("prefix", payload)
-        outcome = None
-        while outcome is None:
-            done = pool.finished(timeout=30)  # the prefix is the pool's only job
-            outcome = done[-1][1] if done else None
+        for attempt in range(self.scfg.retries + 1):
+            pool.submit("prefix", payload)
+            outcome = None
+            while outcome is None:
+                done = pool.finished(timeout=30)  # the prefix is the pool's only job
+                outcome = done[-1][1] if done else None
+            if not outcome.get("lost") or attempt == self.scfg.retries:
+                break
+            log.warning("the shared prefix lost its worker (%s): run again", outcome.get("error"))
         if outcome["status"] != "completed":
             self._note_references("prefix", name, None)
             raise FedcoreError(f"the shared prefix failed: {outcome['error']}")
@@ -451,7 +463,8 @@ class Search:
         of the trials after the sampler's start-up ones, or after ``search.reuse_after``): that trial's chain and
         the fields of every node but its last, so it starts from that trial's computed prefix; None: the sampler
         draws the whole trial. Front trials whose chain is one node or ends in a node with nothing to draw are not
-        continued. Seeded by ``search.seed`` and the trial's number."""
+        continued; the one continued is drawn as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the
+        trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
         if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:
@@ -467,10 +480,33 @@ class Search:
             parents.append((self.study.trials[row["trial"]], chain))
         if not parents:
             return None
-        parent, chain = parents[rng.randrange(len(parents))]
+        if self.scfg.reuse_parent == "contribution":
+            weights = self._contributions([t for t, _ in parents])
+            parent, chain = rng.choices(parents, weights)[0] if sum(weights) > 0 else rng.choice(parents)
+        else:
+            parent, chain = parents[rng.randrange(len(parents))]
         kept = set(chain[:-1])
         params = {k: v for k, v in parent.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
         return params, {"continues": parent.number}
+
+    def _contributions(self, trials: list[Any]) -> list[float]:
+        """Each trial's exclusive share of the hypervolume of ``trials`` (their objective values as selected):
+        what the front loses without it. The reference point: the uncompressed model's value of each cost
+        objective and the constraint line for accuracy, or the worst value among the trials (then the trials at
+        that end add nothing of their own in that objective)."""
+        directions = self.scfg.directions()
+        points = [list(t.values) for t in trials]
+        ref_row = self.reference.get("row") or {}
+        reference = []
+        for i, (name, direction) in enumerate(zip(self.scfg.objectives, directions)):
+            value = self._line() if name == "accuracy" else ref_row.get(name) if name != "loss" else None
+            worst = (max if direction == "minimize" else min)(p[i] for p in points)
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                value = worst
+            reference.append(max(value, worst) if direction == "minimize" else min(value, worst))
+        whole = hypervolume(points, directions, reference)
+        return [max(0.0, whole - hypervolume(points[:i] + points[i + 1:], directions, reference))
+                for i in range(len(points))]
 
     def collect(self, pool: Any, timeout: Optional[float] = None) -> list[tuple[int, Optional[dict]]]:
         """Tell the study the trials that finished (waiting up to ``timeout`` s for one), a progress line each;
@@ -478,10 +514,14 @@ class Search:
         out = []
         for number, outcome in pool.finished(timeout=timeout):
             trial, fid, _ = self.in_flight.pop(number)
+            self.running.pop(number, None)
             row = self._tell(trial, fid, outcome)
             if row is not None:
                 print(self.progress.line(row, self._best()), flush=True)
             out.append((number, row))
+            for twin, label in self.twins.pop(number, []):  # lost: asked again, so the twin is not told a figure
+                self._tell_repeat(twin, label, self.study.trials[number], lost=row is None)
+                out.append((twin.number, self.row(twin.number)))
         return out
 
     def row(self, number: int) -> dict:
@@ -507,6 +547,12 @@ class Search:
         if earlier is not None:
             self._tell_repeat(trial, label, earlier)
             return trial.number
+        twin = self._in_flight_twin(nodes)
+        if twin is not None:  # told the twin's figures when it finishes (collect), not run twice at once
+            self.twins.setdefault(twin, []).append((trial, label))
+            log.info("trial #%d: the same candidate as trial #%d, still running; told its figures when it ends",
+                     trial.number, twin)
+            return trial.number
         start, checkpoint = self._start_of(nodes)
         trial.set_user_attr("chain", label)
         trial.set_user_attr("nodes", nodes)
@@ -527,7 +573,13 @@ class Search:
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
         self.in_flight[trial.number] = (trial, fid, time.time())
+        self.running[trial.number] = _key(nodes)
         return trial.number
+
+    def _in_flight_twin(self, nodes: list[dict]) -> Optional[int]:
+        """The number of the trial in flight that runs exactly ``nodes`` (asked while it runs), or None."""
+        key = _key(nodes)
+        return next((n for n in self.in_flight if self.running.get(n) == key), None)
 
     def _evaluated(self, nodes: list[dict]) -> Optional[Any]:
         """The finished trial (complete or stopped) that ran exactly ``nodes``: the runs are deterministic, so the
@@ -536,14 +588,19 @@ class Search:
         trials = self.study.get_trials(deepcopy=False)
         if sum(t.user_attrs.get("same_as") is not None for t in trials) >= REPEATS_PER_TRIAL * self.scfg.trials:
             return None
-        key = json.dumps(nodes, sort_keys=True, default=str)
+        key = _key(nodes)
         return next((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                     and t.user_attrs.get("same_as") is None
-                     and json.dumps(t.user_attrs.get("nodes"), sort_keys=True, default=str) == key), None)
+                     and t.user_attrs.get("same_as") is None and _key(t.user_attrs.get("nodes")) == key), None)
 
-    def _tell_repeat(self, trial: Any, label: str, earlier: Any) -> None:
+    def _tell_repeat(self, trial: Any, label: str, earlier: Any, lost: bool = False) -> None:
         """Tell a candidate asked again with the earlier trial's figures, without running it; it is not counted
-        among ``search.trials`` (the sampler learns it, the search asks another), and is not on the front."""
+        among ``search.trials`` (the sampler learns it, the search asks another), and is not on the front.
+        ``lost``: the earlier trial (its twin in flight) lost its worker and is asked again: failed, no figures."""
+        if lost:
+            trial.set_user_attr("chain", label)
+            trial.set_user_attr("same_as", earlier.number)
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
         for key, value in earlier.user_attrs.items():
             if key not in ("continues", "rerun_of", "wall_s", "worker"):
                 trial.set_user_attr(key, value)
@@ -555,8 +612,8 @@ class Search:
                 trial.set_constraint(key.split(":", 1)[1], value)
         if earlier.state == TrialState.COMPLETE:
             self.study.tell(trial, earlier.values)
-        else:
-            self.study.tell(trial, state=TrialState.PRUNED)
+        else:  # stopped early, or (a twin in flight) failed
+            self.study.tell(trial, state=TrialState.PRUNED if earlier.state == TrialState.PRUNED else TrialState.FAIL)
         log.info("trial #%d: the same candidate as trial #%d; told its figures, not run again and not counted",
                  trial.number, earlier.number)
 

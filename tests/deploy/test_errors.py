@@ -46,6 +46,11 @@ def test_loading_an_artifact_without_the_extra_is_refused_the_same_way(tmp_path,
      r"\(got quantize='dynamic'\)$"),
     ({"runtime": "tensorrt"}, r"^nodes\[0\] \(deploy\)\.runtime = 'tensorrt': Input should be 'onnxruntime', "
                               r"'openvino' or 'torch_compile'$"),
+    ({"runtime": "onnxruntime", "compile": "aot"},
+     r"^nodes\[0\] \(deploy\) = .*: compile=aot is a torch_compile option \(AOTInductor\); runtime onnxruntime "
+     r"loads its artifact as it is \(got runtime='onnxruntime'\)$"),
+    ({"runtime": "torch_compile", "compile": "ahead"},
+     r"^nodes\[0\] \(deploy\)\.compile = 'ahead': Input should be 'jit' or 'aot'$"),
 ])
 def test_bad_deploy_options_are_one_line(node, message):
     with pytest.raises(ConfigError, match=message):

@@ -219,3 +219,64 @@ def test_an_openvino_model_the_cpus_default_precision_cannot_compile_is_compiled
         runner = load(tmp_path / ARTIFACT, threads=1, weight_dtype="int8")
     assert runner.precision == "f32" and "compiled at f32" in caplog.text
     assert relative_error(call_model(runner, (x,)), model(x)) < FP32_TOLERANCE
+
+
+def _package_code(package) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(package) as z:
+        return "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".cpp"))
+
+
+@pytest.mark.slow
+def test_torch_compile_aot_packages_the_int8_cnn_and_its_runner_loads_it_without_compiling(tmp_path, cnn):
+    """``compile: aot``: the node compiles the archive with AOTInductor for its threads and its batch's shape
+    (frozen: int8 oneDNN convolutions), measures the package, and a later load of the archive runs that package
+    without compiling; another shape gets its own package (static: AOTInductor's int8 code with dynamic dims
+    answered wrongly at other shapes)."""
+    from fedcore_adapter.deploy import torch_compile
+
+    model, dm = cnn
+    result = deploy_run(tmp_path, model, dm, runtime="torch_compile", compile="aot", threads=1,
+                        calibration_batches=2)
+    final = result.output_dir / "final"
+    package = final / "model.aoti" / "threads_1" / "64x1x40.pt2"
+    info = json.loads((final / "deploy.json").read_text())
+    assert info["compile"] == "aot" and info["files"] == ["model.pt2", "model.aoti/threads_1/64x1x40.pt2"]
+    assert "qconv_pointwise" in _package_code(package)  # int8 convolutions, not float ones with fake quantization
+    row = result.metrics[-1]
+    assert (row["runtime"], row["batch_shape"]) == ("torch_compile", "64x1x40")
+    assert row["size_mb"] == pytest.approx(package.stat().st_size / MB)
+    assert abs(row["accuracy"] - result.metrics[0]["accuracy"]) <= 0.03
+
+    compiled = []
+    real = torch_compile.aot_package
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch_compile, "aot_package", lambda *a: compiled.append(a[2][0].shape) or real(*a))
+        runner = load_artifact(final)
+        x = next(iter(dm.test_dataloader()))[0]
+        with torch.inference_mode():
+            for n in (64, 7, 64):
+                assert relative_error(runner(x[:n]), model(x[:n])) <= INT8_TOLERANCE
+    assert isinstance(runner, torch_compile.PackagedRunner) and runner.packages["64x1x40"] == package
+    assert compiled == [torch.Size([7, 1, 40])]  # the node's package loaded; 7 compiled once, outside the results
+    assert final not in runner.packages["7x1x40"].parents
+    assert sorted(p.name for p in (final / "model.aoti" / "threads_1").iterdir()) == ["64x1x40.pt2"]
+
+
+@pytest.mark.slow
+def test_an_aot_runner_asked_for_other_threads_compiles_its_own_package_outside_the_results(tmp_path, cnn):
+    from fedcore_adapter.deploy import torch_compile
+
+    model, dm = cnn
+    final = deploy_run(tmp_path, model, dm, runtime="torch_compile", compile="aot", threads=1,
+                       calibration_batches=2).output_dir / "final"
+    runner = load_artifact(final / "model.pt2", threads=2)
+    x = next(iter(dm.test_dataloader()))[0]
+    with torch.inference_mode():
+        assert relative_error(runner(x), model(x)) <= INT8_TOLERANCE
+    assert isinstance(runner, torch_compile.PackagedRunner) and runner.threads == 2
+    package = runner.packages["64x1x40"]
+    assert final not in package.parents and not (final / "model.aoti" / "threads_2").exists()
+    assert "omp parallel" in _package_code(package) and "omp parallel" not in \
+        _package_code(final / "model.aoti" / "threads_1" / "64x1x40.pt2")  # the thread count is compiled in

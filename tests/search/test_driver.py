@@ -226,3 +226,99 @@ def test_a_sampler_that_repeats_itself_eight_times_per_trial_wanted_is_stuck_and
 
     rows = _rows(run_search(config(tmp_path, trials=2, space={"pruning": {"reconstruct": False}}), loop=loop).folder)
     assert [bool(r["same_as"]) for r in rows] == [False] + [True] * told + [False]
+
+
+class _LosesOnce:
+    """The sequential pool, but the run ``lose`` (a trial number, or "prefix") is reported lost with its worker
+    the first time it finishes (as the Dask pool reports it)."""
+
+    def __init__(self, pool, lose):
+        self.pool, self.slots, self.lose, self.lost = pool, pool.slots, lose, False
+
+    def submit(self, key, payload):
+        self.pool.submit(key, payload)
+
+    def finished(self, timeout=None):
+        out = self.pool.finished(timeout)
+        for i, (key, outcome) in enumerate(out):
+            if key == self.lose and not self.lost:
+                self.lost = True
+                out[i] = (key, {**outcome, "status": "failed", "lost": True, "error": "worker lost"})
+        return out
+
+    def close(self):
+        self.pool.close()
+
+
+@pytest.mark.parametrize("twin_lost", [False, True], ids=["twin finishes", "twin lost"])
+def test_a_candidate_asked_while_its_twin_runs_is_not_run_twice_but_told_when_the_twin_ends(tmp_path, twin_lost):
+    """Two workers: a candidate may be asked again before its twin finishes. It is not started; it waits for the
+    twin and is told its figures (``same_as``, not counted), or, if the twin's worker is lost (the twin is asked
+    again), it is failed without figures and the re-run counts once."""
+    from fedcore_adapter.search import driver
+
+    same = {"pruning#1.pruning_ratio": 0.3, "pruning#1.importance": "lamp"}
+    seen = []
+
+    def loop(search, pool):
+        first = search.submit(pool, same)
+        second = search.submit(pool, same)  # the first is still in flight
+        assert list(search.in_flight) == [first] and second not in search.in_flight
+        assert not (search.folder / "trials" / f"trial_{second:04d}").exists()
+        while search.in_flight or search.remaining:
+            while not search.in_flight and search.remaining:
+                search.submit(pool)  # the lost twin's re-run, asked again by the search
+            seen.extend(search.collect(pool, timeout=5))
+
+    real = driver.SequentialPool
+    factory = (lambda fn: _LosesOnce(real(fn), 0)) if twin_lost else real
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(driver, "SequentialPool", factory)
+        result = run_search(config(tmp_path, trials=1, space={"pruning": {"reconstruct": False}}), loop=loop)
+    assert [n for n, _ in seen][:2] == [0, 1]  # the twin's row is returned by the collect that told its twin
+    study = result.study
+    if not twin_lost:
+        assert study.trials[1].user_attrs["same_as"] == 0 and study.trials[1].values == study.trials[0].values
+        assert study.trials[1].user_attrs["epochs"] == 0
+        assert len(study.trials) == 2
+    else:
+        assert study.trials[0].user_attrs["lost"] and study.trials[1].state.name == "FAIL"
+        assert study.trials[1].user_attrs["same_as"] == 0 and "metrics" not in study.trials[1].user_attrs
+        assert study.trials[2].user_attrs["rerun_of"] == 0 and study.trials[2].state.name == "COMPLETE"
+    rows = [r for r in _rows(result.folder) if not r["same_as"]]
+    assert len(rows) == 1 and rows[0]["state"] == "complete"
+    assert sorted(p.name for p in (result.folder / "trials").iterdir() if p.name.startswith("trial_")) == \
+        (["trial_0000", "trial_0002"] if twin_lost else ["trial_0000"])
+
+
+def test_a_shared_prefix_whose_worker_was_lost_is_run_again(tmp_path, count_training):
+    """The prefix runs on the pool like a trial: a lost worker there re-runs it (``search.retries``), not the
+    search's end; it is still computed once when it finishes."""
+    from fedcore_adapter.search import driver
+
+    real = driver.SequentialPool
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(driver, "SequentialPool", lambda fn: _LosesOnce(real(fn), "prefix"))
+        result = run_search(config(tmp_path, trials=1, space={"pruning": {"reconstruct": False}}))
+    assert len(count_training) == 2  # the lost run and its re-run; the trial started from the re-run's checkpoint
+    assert [r["state"] for r in _rows(result.folder)] == ["complete"]
+
+
+def test_contribution_weights_each_front_trial_by_what_the_front_loses_without_it():
+    """``search.reuse_parent=contribution``: a front trial is continued in proportion to its exclusive share of
+    the hypervolume, against the uncompressed model's MACs and the constraint line (validation 0.9575 - 1 pt)."""
+    from types import SimpleNamespace
+
+    from fedcore_adapter.search.config import SearchConfig
+    from fedcore_adapter.search.driver import Search
+
+    search = Search.__new__(Search)
+    search.scfg = SearchConfig.parse({"objectives": ["macs", "accuracy"], "max_accuracy_drop": 0.01,
+                                      "reuse_parent": "contribution"})
+    search.state = {"reference": {"row": {"macs": 1000.0}, "val_accuracy": 0.9575}}
+    front = [SimpleNamespace(values=v) for v in ([100, 0.96], [50, 0.955], [10, 0.95])]
+    # (100, 0.96) alone covers MACs 100..1000 between 0.955 and 0.96; (50, 0.955) MACs 50..100 between 0.95 and
+    # 0.955; (10, 0.95) MACs 10..50 between the line and 0.95
+    assert search._contributions(front) == pytest.approx([900 * 0.005, 50 * 0.005, 40 * 0.0025])
+    on_the_line = [SimpleNamespace(values=[5, 0.9475])] + front
+    assert search._contributions(on_the_line)[0] == 0.0  # at the line it adds nothing: never continued
