@@ -22,6 +22,19 @@ from benchmarks.timing import time_call
 RUNTIMES = ("onnxruntime", "openvino")  # timed by default; torch_compile on request (compiles per shape)
 BY_HAND = {"onnxruntime": "ORT int8 (by hand)", "openvino": "OpenVINO int8 (by hand)",
            "torch_compile": "PT2E int8 + torch.compile (by hand)"}
+# a timed target -> the deploy node's options: torch_compile_aot is the torch_compile runtime with compile: aot
+# (AOTInductor packages), compared with the same runtime's own int8
+TARGETS = {"torch_compile_aot": {"runtime": "torch_compile", "compile": "aot"}}
+
+
+def deploy_options(target: str) -> dict:
+    """The deploy node's fields for a timed target (a runtime, or ``torch_compile_aot``)."""
+    return TARGETS.get(target, {"runtime": target})
+
+
+def own_int8(target: str) -> str:
+    """The variant name of the target's runtime's own int8 applied by hand."""
+    return BY_HAND[deploy_options(target)["runtime"]]
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -157,7 +170,7 @@ def against_own_int8(times: dict, composites: dict[str, list[str]], qualified: s
     how many cells it is faster than the runtime's own int8 in."""
     rows, verdict = [], {}
     for runtime in runtimes:
-        own = BY_HAND[runtime]
+        own = own_int8(runtime)
         candidates = [f"deploy {runtime}"] + composites.get(runtime, [])
         best: Optional[tuple[int, float, str]] = None
         for name in candidates:

@@ -3,7 +3,7 @@
 and the composites (pruned / low-rank CNNs from the composite chains, then the runtime's int8) on each runtime.
 
     python -m benchmarks.deploy.mnist1d [--raw-epochs 30] [--prune 0.5] [--composite-2 0.5] [--rounds 5]
-        [--runtimes onnxruntime openvino torch_compile]
+        [--runtimes onnxruntime openvino torch_compile] [--aot]
 
 RAW trains the fp32 model (``--raw-epochs``, seed 42); every other variant starts from it. Cells: 1 and 2 threads
 x batch 1 and batch 256 (one test batch); every round times every cell and every variant back to back
@@ -19,6 +19,8 @@ runtime loads.
   where that compile fails it runs unfrozen and the run says so. Beside it ``torch fp32 + torch.compile``: the
   ``deploy`` node with ``quantize: none`` (the float model compiled frozen), the float baseline of that runtime.
   Each variant compiles once per thread count and input shape (batch 1 first: the batch-256 compile stays static).
+  ``--aot`` adds ``deploy torch_compile_aot``: the same runtime with ``compile: aot`` (AOTInductor packages, one
+  per thread count and input shape, called without torch.compile's guards), for the node and each composite.
 - ``deploy <runtime>``: the ``deploy`` node (``quantize: static``) on the fp32 model (parity target: within 5 %
   of the runtime's own int8 at equal or better accuracy).
 - composites (target: faster than the runtime's own int8 within 0.5 pt of fp32's accuracy), then ``deploy``:
@@ -46,8 +48,8 @@ from fedcore_adapter.zoo.datamodules import MNIST1DDataModule
 from fedcore_adapter.zoo.models import MNIST1DCNN
 
 from benchmarks.common import environment, markdown
-from benchmarks.deploy.common import (BY_HAND, RUNTIMES, CompiledByHand, against_own_int8, latency_rows,
-                                      ov_by_hand, state_bytes, time_cells)
+from benchmarks.deploy.common import (BY_HAND, RUNTIMES, CompiledByHand, against_own_int8, deploy_options,
+                                      latency_rows, ov_by_hand, state_bytes, time_cells)
 
 
 def ort_by_hand(model: nn.Module, calibration: list, folder: Path) -> Path:
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each timed variant")
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=sorted(BY_HAND),
                         help="runtimes timed (own int8 by hand, the deploy node, composites)")
+    parser.add_argument("--aot", action="store_true",
+                        help="with torch_compile: its deploy node with compile: aot too (torch_compile_aot)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -142,10 +146,11 @@ def main() -> None:
                                        (result.output_dir / "final" / "state.pt").stat().st_size)
         bases.append((f"{name} + ", result.model))
     composites: dict[str, list[str]] = {}
+    targets = list(args.runtimes) + (["torch_compile_aot"] if args.aot and "torch_compile" in args.runtimes else [])
     for label, base in bases:
-        for runtime in args.runtimes:
+        for runtime in targets:
             name = f"{label}deploy {runtime}"
-            node = {"kind": "deploy", "runtime": runtime, "quantize": "static"}
+            node = {"kind": "deploy", **deploy_options(runtime), "quantize": "static"}
             result = run_nodes([node], base, dm, tmp / name.replace(" ", "_").replace("+", ""), args.seed)
             folder = result.output_dir / "final"
             built[name] = (lambda t, f=folder: load_artifact(f, threads=t), result.model.artifact_bytes())
@@ -166,7 +171,7 @@ def main() -> None:
              "delta_pt": round(100 * (accuracy[name] - base_acc), 2)} | row
             for (name, (_, size)), row in zip(built.items(), latency_rows(list(built), times, "torch fp32"))]
     qualified = {name for name, acc in accuracy.items() if acc >= base_acc - 0.005}
-    own, verdict = against_own_int8(times, composites, qualified, tuple(args.runtimes))
+    own, verdict = against_own_int8(times, composites, qualified, tuple(targets))
     print(environment(), f"seed {args.seed}")
     print("build seconds:", json.dumps({k: round(v) for k, v in seconds.items()}))
     print(markdown(rows, list(rows[0])))
