@@ -79,7 +79,7 @@ class SearchConfig(StrictModel):
     reuse_parent: Literal["uniform", "contribution"] = Field(
         "uniform", description="which feasible front trial a continuation continues: any, evenly (uniform), or "
                                "drawn in proportion to its own share of the front's hypervolume (contribution: "
-                               "the front's gaps and ends, where continuing adds most)")
+                               "in practice the high-accuracy end and the trials beside wide gaps)")
     reuse_after: Optional[int] = Field(None, ge=1, description="trials asked before continuations may start "
                                                                "(default: the sampler's start-up trials)")
     retries: int = Field(2, ge=0, description="re-runs of a trial (or of the shared prefix) whose worker was lost")
