@@ -258,8 +258,7 @@ class Search:
                  self.space.describe())
         pool = pool_factory()
         status = "failed"
-        self.in_flight: dict[int, tuple] = {}
-        self.running: dict[int, str] = {}  # trial in flight -> its candidate (nodes) key
+        self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, fidelity trial, candidate key)
         self.twins: dict[int, list] = {}  # trial in flight -> the same candidates asked meanwhile, told when it ends
         self.retries: dict[str, int] = {}
         try:
@@ -514,7 +513,6 @@ class Search:
         out = []
         for number, outcome in pool.finished(timeout=timeout):
             trial, fid, _ = self.in_flight.pop(number)
-            self.running.pop(number, None)
             row = self._tell(trial, fid, outcome)
             if row is not None:
                 print(self.progress.line(row, self._best()), flush=True)
@@ -543,11 +541,12 @@ class Search:
             self.study.tell(trial, state=TrialState.FAIL)
             log.info("trial #%d: candidate rejected: %s", trial.number, err)
             return trial.number
-        earlier = self._evaluated(nodes)
+        key = _key(nodes)
+        earlier = self._evaluated(key)
         if earlier is not None:
             self._tell_repeat(trial, label, earlier)
             return trial.number
-        twin = self._in_flight_twin(nodes)
+        twin = next((n for n, (_, _, running) in self.in_flight.items() if running == key), None)
         if twin is not None:  # told the twin's figures when it finishes (collect), not run twice at once
             self.twins.setdefault(twin, []).append((trial, label))
             log.info("trial #%d: the same candidate as trial #%d, still running; told its figures when it ends",
@@ -572,23 +571,17 @@ class Search:
         extra.update(self._references_to_measure(trial.number))
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
         pool.submit(trial.number, payload)
-        self.in_flight[trial.number] = (trial, fid, time.time())
-        self.running[trial.number] = _key(nodes)
+        self.in_flight[trial.number] = (trial, fid, key)
         return trial.number
 
-    def _in_flight_twin(self, nodes: list[dict]) -> Optional[int]:
-        """The number of the trial in flight that runs exactly ``nodes`` (asked while it runs), or None."""
-        key = _key(nodes)
-        return next((n for n in self.in_flight if self.running.get(n) == key), None)
-
-    def _evaluated(self, nodes: list[dict]) -> Optional[Any]:
-        """The finished trial (complete or stopped) that ran exactly ``nodes``: the runs are deterministic, so the
-        same candidate would give the same figures. None when there is none, or when the sampler has repeated
-        itself ``REPEATS_PER_TRIAL`` times per trial wanted (it is stuck: what it asks then runs and counts)."""
+    def _evaluated(self, key: str) -> Optional[Any]:
+        """The finished trial (complete or stopped) that ran the candidate ``key`` (its nodes): the runs are
+        deterministic, so the same candidate would give the same figures. None when there is none, or when the
+        sampler has repeated itself ``REPEATS_PER_TRIAL`` times per trial wanted (it is stuck: what it asks then
+        runs and counts)."""
         trials = self.study.get_trials(deepcopy=False)
         if sum(t.user_attrs.get("same_as") is not None for t in trials) >= REPEATS_PER_TRIAL * self.scfg.trials:
             return None
-        key = _key(nodes)
         return next((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                      and t.user_attrs.get("same_as") is None and _key(t.user_attrs.get("nodes")) == key), None)
 
