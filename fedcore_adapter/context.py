@@ -38,6 +38,7 @@ class NodeContext:
     checkpointer: Callable[[nn.Module, str], None] = lambda model, tag: None
     checkpoint_options: dict = field(default_factory=dict)  # extra save_checkpoint options for this node's output
     notes: list[str] = field(default_factory=list)  # remarks for this node's metrics row (``note`` column)
+    training_cache: Any = None  # a TrainingCache: trainings equal to earlier ones are restored (the search's trials)
 
     def log(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         """Log training curves (``train_loss``, ``val_loss``, ``val_accuracy``...) at ``step`` (the epoch)."""

@@ -116,6 +116,7 @@ class _Run:
         self.transforms: list[dict] = []
         self.run_json: dict = {}
         self.current_work: Optional[Path] = None
+        self.training_cache: Any = None
         self._json_lock = threading.Lock()
 
     def use_folder(self, final: Path, partial: Path) -> None:
@@ -157,7 +158,7 @@ class _Run:
             logger=lambda metrics, step=None: self.hooks.on_log(self.info, index, self.setup.nodes[index], metrics,
                                                                 step),
             structure_recorder=lambda name, data: pending.append(transform_record(name, data)),
-            checkpointer=save_intermediate,
+            checkpointer=save_intermediate, training_cache=self.training_cache,
         )
 
     def where(self, index: Optional[int]) -> str:
@@ -180,12 +181,14 @@ class _Run:
 def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, conf_loss: Any = None,
         output_dir: str | Path = "composition_results", model_name: Optional[str] = None, resume: bool = False,
         hooks: Sequence[Hook] = (), executor: Any = None, config: Optional[dict] = None,
-        teacher: Optional[nn.Module] = None) -> RunResult:
+        teacher: Optional[nn.Module] = None, training_cache: Any = None) -> RunResult:
     """Run a resolved ``setup`` on ``model`` and ``datamodule``; see the package README for the results layout.
 
     The input ``model`` is never modified: the chain works on a copy. ``teacher``: the model distillation nodes
     learn from, and rebuild a ``teacher_checkpoint`` on (default: the input model); give it when ``model`` is a
-    start point inside a longer chain (e.g. a pruned checkpoint) whose own input model is the teacher. Callers
+    start point inside a longer chain (e.g. a pruned checkpoint) whose own input model is the teacher.
+    ``training_cache``: a :class:`~.training_cache.TrainingCache` the nodes' trainings are restored from when an
+    identical one ran before, and written to (the search's trials share one). Callers
     build the run with ``building.build_run`` (which resolves and validates the setup once). The run gets its own folder
     (``placement``): a finished or live run's folder is never replaced. A failure of user code, data,
     model or the file system is raised as :class:`~.errors.RunError` naming the node (the original as
@@ -195,6 +198,7 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
         raise TypeError(f"engine.run takes a Setup (got {type(setup).__name__}); building.resolve_setup makes one")
     r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, model_name=model_name, hooks=hooks,
              executor=executor, config=config)
+    r.training_cache = training_cache
     loss_fn = find_loss(model, loss, conf_loss)
     r.transforms = applied_transforms(model)  # a compressed start point (pretrained=) keeps its history
     with sigterm_interrupts():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ from .metrics import evaluate
 from .progress import batch_bar, epoch_bar
 from .steps import own_step, reset_metrics, step_loss, step_output
 from .schema import TrainParams
+from .training_cache import loader_generators, set_random_state
 
+REUSED = "reused_epochs"  # logged (with the last epoch's metrics) when a training is restored, not run
 Regularizer = Callable[[nn.Module], torch.Tensor]
 Objective = Callable[[nn.Module, object, Optional[torch.Tensor]], torch.Tensor]
 Comparison = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]  # (student, teacher, mask)
@@ -145,7 +147,8 @@ def _validate(model: nn.Module, ctx: NodeContext, task_loss: Callable, device, l
 
 def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularizer: Optional[Regularizer] = None,
           tag: str = "train", objective: Optional[Objective] = None,
-          node_input: Optional[nn.Module] = None, recovery: bool = False) -> TrainReport:
+          node_input: Optional[nn.Module] = None, recovery: bool = False,
+          reuse_key: Optional[Mapping[str, Any]] = None) -> TrainReport:
     """Train ``model`` in place for ``params.epochs``; returns the per-epoch history.
 
     ``objective(model, inputs, target)`` replaces the default batch loss (task
@@ -155,10 +158,82 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
     ``recovery`` or a ``node_input`` (the model as it entered a compression node)
     marks a recovery fine-tune, where ``auto`` options turn on; ``distill``
     distils from ``node_input``, or from ``ctx.teacher`` without one.
+
+    With ``ctx.training_cache`` (the search's trials), a training whose inputs equal an earlier one's restores
+    its result instead (:mod:`.training_cache`); ``reuse_key`` names what ``regularizer`` / ``objective``
+    compute (JSON-able): without it, a training with either is always run.
     """
-    report = TrainReport()
     if params.epochs == 0:
-        return report
+        return TrainReport()
+    key = _reuse_key(model, ctx, params, regularizer, objective, node_input, recovery, reuse_key)
+    if key is not None:
+        entry = ctx.training_cache.load(key)
+        if entry is not None:
+            return _restored(model, ctx, entry, tag)
+    report = _train(model, ctx, params, regularizer=regularizer, tag=tag, objective=objective,
+                    node_input=node_input, recovery=recovery)
+    if key is not None:
+        ctx.training_cache.save(key, model.state_dict(), report, loader_generators(ctx.train_loader, ctx.val_loader))
+    return report
+
+
+def _callable_name(fn: Any) -> Optional[str]:
+    """A loss's name across processes: a module's printed form, a function's qualified name."""
+    if fn is None or isinstance(fn, nn.Module):
+        return repr(fn)
+    name = getattr(fn, "__qualname__", None)
+    return f"{getattr(fn, '__module__', '')}.{name}" if name and "<" not in name else None
+
+
+def _loader_facts(loader: Any) -> Any:
+    if loader is None:
+        return None
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size = len(dataset)
+    except TypeError:
+        size = None
+    return [type(dataset).__name__, size, getattr(loader, "batch_size", None)]
+
+
+def _reuse_key(model: nn.Module, ctx: NodeContext, params: TrainParams, regularizer: Any, objective: Any,
+               node_input: Optional[nn.Module], recovery: bool, reuse_key: Optional[Mapping]) -> Optional[str]:
+    """The training cache's key of this call, or None when it is not reused (no cache, intermediate checkpoints
+    wanted, a regularizer or objective without ``reuse_key``, a loss or model that cannot be named)."""
+    cache = ctx.training_cache
+    if cache is None or ctx.common.save_each > 0 or ((regularizer or objective) and reuse_key is None):
+        return None
+    loss = _callable_name(ctx.loss_fn)
+    if loss is None:
+        return None
+    options = {"params": params.model_dump(mode="json"), "common": ctx.common.model_dump(mode="json"),
+               "recovery": recovery, "loss": loss, "extra": dict(reuse_key or {}), "device": str(ctx.device),
+               "data": [_loader_facts(ctx.train_loader), _loader_facts(ctx.val_loader)]}
+    return cache.key(options, {"model": model, "teacher": ctx.teacher, "node_input": node_input},
+                     loader_generators(ctx.train_loader, ctx.val_loader))
+
+
+def _restored(model: nn.Module, ctx: NodeContext, entry: Mapping[str, Any], tag: str) -> TrainReport:
+    """The earlier training's weights and the random state it left; the node's row notes it."""
+    model.load_state_dict(entry["state"])
+    set_random_state(entry["random"], loader_generators(ctx.train_loader, ctx.val_loader))
+    model.eval()
+    report = entry["report"]
+    ctx.note(f"{tag}: {report.epochs_run} epochs reused from an identical earlier training")
+    last = {k: v for k, v in (report.history[-1] if report.history else {}).items() if k != "epoch"}
+    ctx.log({**{_tagged(tag, k): v for k, v in last.items()}, _tagged(tag, REUSED): report.epochs_run},
+            report.epochs_run)  # the metrics the weights ended with; hooks see no epoch run
+    return report
+
+
+def _tagged(tag: str, name: str) -> str:
+    """A logged metric's name: ``<tag>_<name>`` (``name`` alone for the training node's ``train``)."""
+    return f"{tag}_{name}" if tag != "train" else name
+
+
+def _train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularizer: Optional[Regularizer],
+           tag: str, objective: Optional[Objective], node_input: Optional[nn.Module], recovery: bool) -> TrainReport:
+    report = TrainReport()
     device = ctx.device
     model.to(device)
     teacher = ctx.teacher.to(device).eval()
@@ -222,7 +297,7 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
         report.epochs_run = epoch + 1
         epochs.update(1)
         epochs.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss", "val_accuracy")})
-        ctx.log({f"{tag}_{k}" if tag != "train" else k: v for k, v in row.items()}, epoch + 1)
+        ctx.log({_tagged(tag, k): v for k, v in row.items()}, epoch + 1)
         if ctx.common.save_each > 0 and (epoch + 1) % ctx.common.save_each == 0:
             ctx.save_intermediate(model, f"epoch_{epoch + 1:04d}")
         if keep_best and best_of_all:

@@ -87,5 +87,6 @@ def apply_distillation(model: nn.Module, config: DistillationConfig, ctx: NodeCo
         return distillation_loss(out, teacher_out, target, config, ctx.loss_fn, token_mask(inputs))
 
     params = TrainParams.model_validate(config.model_dump(include=set(TrainParams.model_fields)))
-    train(model, ctx, params, objective=objective, tag="distill")
+    reuse_key = None if config.teacher_checkpoint else {"distillation": config.model_dump(mode="json")}
+    train(model, ctx, params, objective=objective, tag="distill", reuse_key=reuse_key)
     return model

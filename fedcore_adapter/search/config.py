@@ -63,6 +63,12 @@ class SearchConfig(StrictModel):
     prefix: Union[Literal["auto"], int] = Field("auto", description="leading nodes shared by every trial, run once "
                                                                     "(auto: the leading training nodes)")
     share_prefix: bool = Field(True, description="start trials from cached checkpoints of computed prefixes")
+    share_training: bool = Field(True, description="restore a training equal to one an earlier trial ran (the same "
+                                                   "input weights, options and random state; e.g. a low-rank node's "
+                                                   "U,S,Vh training when only its thresholds differ) instead of "
+                                                   "running it again (prefix/training/ of the results folder)")
+    training_cache_mb: float = Field(2048, gt=0, description="disk the restorable trainings may take; beyond it "
+                                                             "those used longest ago are removed")
     space: dict[str, Any] = Field(default_factory=dict, description="<kind or node index>: {<field>: spec or "
                                                                     "false}; spec: low, high, log, step, choices")
     moves: Moves = Field(default_factory=Moves)

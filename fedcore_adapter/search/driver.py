@@ -565,6 +565,9 @@ class Search:
             spec = self._early_stop_spec(fid._trial_id)
         if spec:
             extra["early_stop"] = spec
+        if self.scfg.share_training:
+            extra["training_cache"] = {"folder": str((self.folder / "prefix" / "training").absolute()),
+                                       "max_bytes": int(self.scfg.training_cache_mb * 2**20)}
         if start == 0 and not isinstance(self.reference.get("val_accuracy"), (int, float)):
             extra["input_val"] = True  # no prefix ran: the input model's validation accuracy is the reference
         name = f"trial_{trial.number:04d}"

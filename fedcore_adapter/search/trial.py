@@ -24,6 +24,8 @@ from ..losses import find_loss
 from ..metrics import evaluate
 from ..progress import node_work
 from ..results import PARTIAL_SUFFIX, read_json
+from ..trainer import REUSED
+from ..training_cache import TrainingCache
 
 
 class TrialStopped(BaseException):
@@ -97,6 +99,11 @@ class EarlyStopHook(Hook):
         key, value = next(((k, v) for k, v in metrics.items() if k.endswith("val_accuracy")
                            and isinstance(v, (int, float))), (None, None))
         if value is None:
+            return
+        if any(k.endswith(REUSED) for k in metrics):  # a training restored, not run: its end, no epochs
+            self._node_last = float(value)
+            self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
+                                    and isinstance(v, (int, float))), None)
             return
         self._phases.append(key[:-len("val_accuracy")].rstrip("_/"))
         self.epochs += 1
@@ -250,10 +257,11 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     if model is not None:  # the Python API's model object: a copy, started where the trial starts
         model = _input_model(payload, cfg, setup)
     out = Path(payload["output_dir"])
+    cache = TrainingCache(**payload["training_cache"]) if payload.get("training_cache") else None
     try:
         result = build_run(setup, cfg=cfg, model=model, data=data, loss=payload.get("loss"),
                            output_dir=out, model_name="", hooks=[*hooks, *([stopper] if stopper else [])],
-                           teacher=teacher)
+                           teacher=teacher, training_cache=cache)
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),

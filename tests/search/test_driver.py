@@ -322,3 +322,46 @@ def test_contribution_weights_each_front_trial_by_what_the_front_loses_without_i
     assert search._contributions(front) == pytest.approx([900 * 0.005, 50 * 0.005, 40 * 0.0025])
     on_the_line = [SimpleNamespace(values=[5, 0.9475])] + front
     assert search._contributions(on_the_line)[0] == 0.0  # at the line it adds nothing: never continued
+
+
+LOW_RANK = {"name": "TINY_LR", "common": {"latency_repeats": 2, "latency_warmup": 1},
+            "nodes": [{"kind": "training", "epochs": 8, "learning_rate": 0.01},
+                      {"kind": "low_rank", "method": {"name": "svd", "epochs": 2, "thresholds": [0.9]},
+                       "finetune_params": {"epochs": 1, "learning_rate": 0.01}}]}
+
+
+def _thresholds_searched(tmp_path, share_training: bool) -> list[dict]:
+    """Two candidates whose low-rank node differs only in its threshold, one after the other; each trial's
+    row and its low-rank node's metrics row."""
+    cfg = config(tmp_path / str(share_training), trials=2, share_training=share_training,
+                 early_stop={"enabled": True, "margin": 1.0})
+    cfg["setup"] = LOW_RANK
+
+    def loop(search, pool):
+        for threshold in (0.6, 0.95):
+            search.submit(pool, {"low_rank#1.method.thresholds": threshold})
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+
+    result = run_search(cfg, loop=loop)
+    rows = sorted(_rows(result.folder), key=lambda r: int(r["trial"]))
+    nodes = [json.loads((result.folder / "trials" / f"trial_{int(r['trial']):04d}" / "metrics.json").read_text())[-1]
+             for r in rows]
+    return [{**r, "node": node} for r, node in zip(rows, nodes)]
+
+
+def test_a_trials_training_equal_to_an_earlier_trials_is_restored_with_the_same_result(tmp_path):
+    """The low-rank node's U,S,Vh training does not depend on its threshold: the second trial restores it from
+    the first (2 of its 3 epochs not run, its row says so) and ends exactly where running it gives."""
+    shared = _thresholds_searched(tmp_path, share_training=True)
+    alone = _thresholds_searched(tmp_path, share_training=False)
+    assert [r["state"] for r in shared + alone] == ["complete"] * 4
+    assert [int(r["epochs"]) for r in shared] == [3, 1] and [int(r["epochs"]) for r in alone] == [3, 3]
+    assert "low_rank_train: 2 epochs reused from an identical earlier training" in shared[1]["node"]["note"]
+    assert "note" not in alone[1]["node"] or "reused" not in alone[1]["node"]["note"]
+    for a, b in zip(shared, alone):
+        assert a["params"] == b["params"] and a["val_accuracy"] == b["val_accuracy"]
+        assert a["node"]["loss"] == b["node"]["loss"]
+    assert shared[0]["params"] != shared[1]["params"]  # the thresholds gave different models
+    assert list((tmp_path / "True" / "out").glob("SEARCH_*/prefix/training/*.pt"))
+    assert not list((tmp_path / "False" / "out").glob("SEARCH_*/prefix/training/*.pt"))

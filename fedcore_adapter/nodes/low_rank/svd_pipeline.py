@@ -155,7 +155,9 @@ def _spectra(model: nn.Module, config: LowRankConfig, ctx: NodeContext, targets:
     for name, t in targets.items():
         base.set_submodule(name, SVDParametrized(base.get_submodule(name), t.mode))
     train(base, ctx, method.train_params(config.finetune_params),
-          regularizer=regularizer(method.hoyer_loss, method.orthogonal_loss), tag="low_rank_train", node_input=model)
+          regularizer=regularizer(method.hoyer_loss, method.orthogonal_loss), tag="low_rank_train", node_input=model,
+          reuse_key={"regularizer": "hoyer_orthogonal", "hoyer_loss": method.hoyer_loss,
+                     "orthogonal_loss": method.orthogonal_loss})
     spectra = {}
     for name in targets:
         sp = trained_spectrum(name, base.get_submodule(name))

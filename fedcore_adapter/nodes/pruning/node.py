@@ -85,7 +85,8 @@ def apply_pruning(model: nn.Module, config: PruningConfig, ctx: NodeContext) -> 
         work.zero_grad(set_to_none=True)
         params = config.step_params(last=step == config.pruning_iterations)
         if params.epochs:
-            train(work, ctx, params, regularizer=regularizer, tag=f"finetune_{step}", node_input=model)
+            train(work, ctx, params, regularizer=regularizer, tag=f"finetune_{step}", node_input=model,
+                  reuse_key={"bn_sparsity": config.bn_sparsity})
     if history:
         ctx.record_structure(REPLAY_NAME, history.to_json())
     changed = {n.rpartition(".")[0] for n, p in work.named_parameters() if list(p.shape) != before.get(n)}
