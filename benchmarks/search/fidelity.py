@@ -17,13 +17,15 @@ It does not model that the sampler would then propose other trials.
 
 ``--node-epochs``: the validated epochs each node kind runs in these searches (COMPOSITE_1 at full budget:
 pruning 30, low-rank 30, an inserted distillation 3, an inserted ptq_static 0); the script checks them against
-every complete trial's recorded epochs and stops if they disagree.
+every complete trial's recorded epochs (run and reused: ``epochs_reused``, trainings restored from an identical
+earlier one) and stops if they disagree. The epochs counted as run are those the trials ran.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +73,18 @@ def replay_trial(twin: Any, earlier: list[dict], lower: float, mode: str, min_cu
     return None
 
 
+def epochs_reused(row: dict) -> int:
+    """A trial's epochs restored from identical earlier trainings: ``epochs_reused``, or in a search written
+    before that column, the sum its nodes' notes give (``<tag>: N epochs reused ...``)."""
+    if row.get("epochs_reused") not in (None, ""):
+        return int(float(row["epochs_reused"]))
+    metrics = Path(row.get("output_dir") or "") / "metrics.json"
+    if not row.get("output_dir") or not metrics.is_file():
+        return 0
+    notes = " ".join(str(r.get("note") or "") for r in json.loads(metrics.read_text()))
+    return sum(int(n) for n in re.findall(r"(\d+) epochs reused", notes))
+
+
 def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: dict[str, int], prefix_epochs: int,
            min_curves: int) -> dict:
     """Per rule (mode and margin): trials stopped, epochs run vs whole chains, feasible trials lost, best kept."""
@@ -83,9 +97,11 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
     for row in rows:
         epochs = [node_epochs[node_kind(n)] for n in row["chain"].split(">")]
         row["start"] = int(row["start_node"]) - shared  # chain nodes a computed prefix spared this trial
-        if row["state"] == "complete" and sum(epochs[row["start"]:]) != int(row["epochs"]):
+        reused = epochs_reused(row)  # restored from an identical earlier training, not run
+        if row["state"] == "complete" and sum(epochs[row["start"]:]) != int(row["epochs"]) + reused:
             sys.exit(f"--node-epochs disagree with trial {row['trial']} of {folder.name}: {row['chain']} from "
-                     f"node {row['start']} ran {row['epochs']} epochs, the table gives {sum(epochs[row['start']:])}")
+                     f"node {row['start']} ran {row['epochs']} epochs (and reused {reused}), the table gives "
+                     f"{sum(epochs[row['start']:])}")
         row["node_epochs"] = epochs
         row["twin"] = twins.get(int(row["trial"]))
         row["last"] = len(epochs) - 1 - row["start"]  # the last node's index in the trial's run

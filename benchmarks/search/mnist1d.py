@@ -249,6 +249,7 @@ def search_figures(folder: Path, command: str, sampler: str, seed: int, wall: fl
             "best_test_accuracy_drop_pt": best.get("accuracy_drop_pt") if best else None, "best": best,
             "mean_trial_wall_s": statistics.mean(walls) if walls else None,
             "epochs": sum(r["epochs"] for r in rows if isinstance(r.get("epochs"), float)),
+            "epochs_reused": sum(r["epochs_reused"] for r in rows if isinstance(r.get("epochs_reused"), float)),
             "prefix_wall_s": state["reference"].get("wall_s"), **trial_efficiency(folder, workers)}
     if best:
         r_lat, b_lat = side_by_side_latency(Path(best["output_dir"]) / "final",

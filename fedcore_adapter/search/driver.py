@@ -603,6 +603,7 @@ class Search:
         trial.set_user_attr("chain", label)
         trial.set_user_attr("same_as", earlier.number)
         trial.set_user_attr("epochs", 0)
+        trial.set_user_attr("epochs_reused", 0)
         for key, value in earlier.system_attrs.items():  # Trial.set_constraint stores "constraints:<name>"
             if key.startswith("constraints:"):
                 trial.set_constraint(key.split(":", 1)[1], value)
@@ -667,6 +668,7 @@ class Search:
         trial.set_user_attr("val_loss", value.get("val_loss"))
         trial.set_user_attr("output_dir", value.get("output_dir"))
         trial.set_user_attr("epochs", value.get("epochs"))
+        trial.set_user_attr("epochs_reused", value.get("epochs_reused"))
         line = self._line()
         acc = self._selected(value, last, "accuracy")
         if line is not None:

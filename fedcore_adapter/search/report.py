@@ -25,7 +25,7 @@ _FIGURES = ["val_accuracy", "val_accuracy_drop_pt", "accuracy", "accuracy_drop_p
             "macs_reduction", "params", "params_reduction", "size_mb", "latency_ms", "latency_ms_per_sample",
             "latency_ratio", "throughput_sps"]
 SUMMARY = ["trial", "state", "chain", "start_node", "continues", "same_as", *_FIGURES, "feasible", "wall_s", "epochs",
-           "worker", "output_dir", "error"]
+           "epochs_reused", "worker", "output_dir", "error"]
 # reference_points.csv: the points pareto.png draws for reference (plotted_split: the split of the accuracy / loss
 # drawn)
 REFERENCE_COLUMNS = ["setup", "folder", *_FIGURES[:6], "plotted_split", "val_note", *_FIGURES[6:]]
@@ -63,8 +63,8 @@ def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dic
            "continues": attrs.get("continues"), "same_as": attrs.get("same_as"),
            **_measured(attrs.get("metrics") or {}, attrs, reference),
            "feasible": attrs.get("feasible"), "wall_s": attrs.get("wall_s"), "epochs": attrs.get("epochs"),
-           "worker": attrs.get("worker"), "output_dir": attrs.get("output_dir"),
-           "error": attrs.get("error") or attrs.get("reason")}
+           "epochs_reused": attrs.get("epochs_reused"), "worker": attrs.get("worker"),
+           "output_dir": attrs.get("output_dir"), "error": attrs.get("error") or attrs.get("reason")}
     row.update({f"param:{k}": round(v, 10) if isinstance(v, float) else v  # grid points as written: 0.45,
                 for k, v in sorted(params.items())})  # not Optuna's 0.45000000000000007
     return row

@@ -64,6 +64,7 @@ class EarlyStopHook(Hook):
         self.spec = dict(spec)
         self.step = 0  # node ends reported
         self.epochs = 0  # epochs run (the trial's cost)
+        self.reused = 0  # epochs restored from an identical earlier training (not run)
         self.last: Optional[float] = None  # the last validation accuracy reported
         self.last_loss: float | None = None  # the validation loss of the same epoch
         self._node_last: Optional[float] = None  # the running node's latest epoch
@@ -100,16 +101,15 @@ class EarlyStopHook(Hook):
                            and isinstance(v, (int, float))), (None, None))
         if value is None:
             return
-        if any(k.endswith(REUSED) for k in metrics):  # a training restored, not run: its end, no epochs
-            self._node_last = float(value)
-            self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
-                                    and isinstance(v, (int, float))), None)
-            return
-        self._phases.append(key[:-len("val_accuracy")].rstrip("_/"))
-        self.epochs += 1
         self._node_last = float(value)
         self._node_loss = next((float(v) for k, v in metrics.items() if k.endswith("val_loss")
                                 and isinstance(v, (int, float))), None)
+        reused = next((v for k, v in metrics.items() if k.endswith(REUSED)), None)
+        if reused is not None:  # a training restored, not run: where it ended, no epoch run
+            self.reused += int(reused)
+            return
+        self._phases.append(key[:-len("val_accuracy")].rstrip("_/"))
+        self.epochs += 1
         self._curve.append(float(value))
         k = len(self._curve) - 1
         if unrecoverable(self._curve, self._gain, self.spec["lower"]):
@@ -266,10 +266,12 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
                  "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.epochs,
+                 "epochs_reused": stopper.reused,
                  "val_accuracy": stopper.last, "val_loss": stopper.last_loss}
     else:
         facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()),
                  "metrics": result.metrics, "epochs": stopper.epochs if stopper else None,
+                 "epochs_reused": stopper.reused if stopper else None,
                  **_validation(result.model, data, payload, cfg, setup)}
     if payload.get("input_val"):  # after the run: the data module is set up
         val = _validation(_input_model(payload, cfg, setup), data, payload, cfg, setup)

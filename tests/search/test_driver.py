@@ -357,6 +357,7 @@ def test_a_trials_training_equal_to_an_earlier_trials_is_restored_with_the_same_
     alone = _thresholds_searched(tmp_path, share_training=False)
     assert [r["state"] for r in shared + alone] == ["complete"] * 4
     assert [int(r["epochs"]) for r in shared] == [3, 1] and [int(r["epochs"]) for r in alone] == [3, 3]
+    assert [int(r["epochs_reused"]) for r in shared] == [0, 2] and [int(r["epochs_reused"]) for r in alone] == [0, 0]
     assert "low_rank_train: 2 epochs reused from an identical earlier training" in shared[1]["node"]["note"]
     assert "note" not in alone[1]["node"] or "reused" not in alone[1]["node"]["note"]
     for a, b in zip(shared, alone):
