@@ -179,7 +179,8 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
               loss: Any = None, output_dir: Optional[str | Path] = None, output_folder: Optional[str | Path] = None,
               model_name: Optional[str] = None, model_label: Optional[str] = None, resume: Optional[bool] = None,
               hooks: Optional[Sequence[Any]] = None, executor: Any = None, cluster: Optional[Mapping] = None,
-              config: Optional[dict] = None, teacher: Any = None, training_cache: Any = None):
+              config: Optional[dict] = None, teacher: Any = None, training_cache: Any = None,
+              first_node: int = 0):
     """Build the run of a resolved ``setup`` and run it; returns the engine's ``RunResult``.
 
     What is not given comes from ``cfg`` (a composed config: ``model``, ``data``, ``loss``, ``pretrained``,
@@ -187,8 +188,8 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     ``common.seed`` and started from ``pretrained`` (a given ``model`` is used as it is); hooks are the
     tracking hook and the progress bars; the executor is ``cluster``'s when ``common.distributed_compression``
     is on. Results go to ``{output_dir}/{SETUP}[_{model_name}]``, or exactly to ``output_folder``. The
-    results' ``config.yaml`` is ``config`` (default ``cfg``) with ``setup_resolved``. ``teacher`` and
-    ``training_cache``: as in ``engine.run``.
+    results' ``config.yaml`` is ``config`` (default ``cfg``) with ``setup_resolved``. ``teacher``,
+    ``training_cache`` and ``first_node``: as in ``engine.run``.
     """
     from .engine import run  # lazy: torch, as in load_state_file
 
@@ -213,7 +214,7 @@ def build_run(setup: Setup, *, cfg: Optional[Mapping[str, Any]] = None, model: A
     with executor_for(cluster, setup) if executor is None else contextlib.nullcontext(executor) as run_executor:
         return run(setup, model, data, loss=loss, conf_loss=cfg.get("loss"), output_dir=root, model_name=model_name,
                    resume=resume, hooks=hooks, executor=run_executor, config=config, teacher=teacher,
-                   training_cache=training_cache)
+                   training_cache=training_cache, first_node=first_node)
 
 
 load_setup = resolve_setup  # its name in the public API (fedcore_adapter.load_setup)

@@ -117,6 +117,7 @@ class _Run:
         self.run_json: dict = {}
         self.current_work: Optional[Path] = None
         self.training_cache: Any = None
+        self.first_node = 0  # the index in a longer chain of this chain's first node (its seed)
         self._json_lock = threading.Lock()
 
     def use_folder(self, final: Path, partial: Path) -> None:
@@ -181,14 +182,16 @@ class _Run:
 def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, conf_loss: Any = None,
         output_dir: str | Path = "composition_results", model_name: Optional[str] = None, resume: bool = False,
         hooks: Sequence[Hook] = (), executor: Any = None, config: Optional[dict] = None,
-        teacher: Optional[nn.Module] = None, training_cache: Any = None) -> RunResult:
+        teacher: Optional[nn.Module] = None, training_cache: Any = None, first_node: int = 0) -> RunResult:
     """Run a resolved ``setup`` on ``model`` and ``datamodule``; see the package README for the results layout.
 
     The input ``model`` is never modified: the chain works on a copy. ``teacher``: the model distillation nodes
     learn from, and rebuild a ``teacher_checkpoint`` on (default: the input model); give it when ``model`` is a
     start point inside a longer chain (e.g. a pruned checkpoint) whose own input model is the teacher.
     ``training_cache``: a :class:`~.training_cache.TrainingCache` the nodes' trainings are restored from when an
-    identical one ran before, and written to (the search's trials share one). Callers
+    identical one ran before, and written to (the search's trials share one). ``first_node``: the chain is the
+    rest of a longer one from its node ``first_node`` (a search trial started from a computed prefix), so node
+    ``i`` is seeded as that chain's node ``first_node + i``, as the whole chain would seed it. Callers
     build the run with ``building.build_run`` (which resolves and validates the setup once). The run gets its own folder
     (``placement``): a finished or live run's folder is never replaced. A failure of user code, data,
     model or the file system is raised as :class:`~.errors.RunError` naming the node (the original as
@@ -198,7 +201,7 @@ def run(setup: Setup, model: nn.Module, datamodule: Any, *, loss: Any = None, co
         raise TypeError(f"engine.run takes a Setup (got {type(setup).__name__}); building.resolve_setup makes one")
     r = _Run(setup, datamodule, loss=loss, conf_loss=conf_loss, model_name=model_name, hooks=hooks,
              executor=executor, config=config)
-    r.training_cache = training_cache
+    r.training_cache, r.first_node = training_cache, first_node
     loss_fn = find_loss(model, loss, conf_loss)
     r.transforms = applied_transforms(model)  # a compressed start point (pretrained=) keeps its history
     with sigterm_interrupts():
@@ -339,7 +342,7 @@ def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn
     ctx = r.context(index, label, teacher, loss_fn, pending)
     r.hooks.before_node(r.info, index, node)
     log.info("node %s (%d/%d) ...", label, index + 1, len(r.setup.nodes))
-    seed_everything(r.common.seed + index + 1)
+    seed_everything(r.common.seed + r.first_node + index + 1)
     start = time.perf_counter()
     model = spec.apply(model.to(runtime_device(model, r.device)), node, ctx)
     wall = time.perf_counter() - start

@@ -219,14 +219,15 @@ class Search:
     # -- payloads ------------------------------------------------------------------------------------------
     def _payload(self, name: str, nodes: list[dict], start: int, checkpoint: Optional[Path], out: Path,
                  tracking_name: str, **extra: Any) -> dict:
-        common = {**self.space.common, "seed": self.base_seed + start}
+        common = {**self.space.common, "seed": self.base_seed}
         cfg = {k: v for k, v in self.cfg.items() if k not in ("search",)}
         cfg["pretrained"] = None if checkpoint is not None else self.cfg.get("pretrained")
         cfg["resume"] = False
         if self.tracker is not None:
             cfg["tracking"] = self.tracker.trial_tracking(tracking_name)
         payload = {"setup": {"name": name, "common": common, "nodes": copy.deepcopy(nodes[start:])}, "cfg": cfg,
-                   "start": str(checkpoint) if checkpoint is not None else None, "output_dir": str(out), **extra}
+                   "start": str(checkpoint) if checkpoint is not None else None, "first_node": start,
+                   "output_dir": str(out), **extra}
         return {**payload, **{k: v for k, v in self.objects.items() if v is not None}}
 
     # -- the run -------------------------------------------------------------------------------------------

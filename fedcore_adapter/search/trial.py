@@ -3,8 +3,11 @@ cached checkpoint of its longest computed prefix, stopped early when it stays be
 
 The payload is plain and picklable: ``setup`` (a mapping), ``cfg`` (the composed config: model, data,
 loss, tracking...), ``start`` (a checkpoint folder or null: the input model), ``output_dir``, and
-``early_stop`` (where the fidelity study is, which trial reports to it, the pruner's settings). The
-Python API may add ``model`` / ``data`` / ``loss`` objects instead of the config's ``_target_``s.
+``early_stop`` (where the fidelity study is, which trial reports to it, the pruner's settings), ``first_node``
+(the index of its first node in the whole chain: nodes are seeded by that index, and the run's own seed is the
+search's, so every trial of a chain seeds and validates as its whole chain would), ``training_cache`` (where
+trainings are restored from). The Python API may add ``model`` / ``data`` / ``loss`` objects instead of the
+config's ``_target_``s.
 """
 from __future__ import annotations
 
@@ -244,9 +247,8 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
     teacher = None
-    if payload.get("start"):
-        if any(node.kind == "distillation" for node in setup.nodes):  # as if the whole chain ran: its input
-            teacher = _input_model(payload, cfg, setup)  # model teaches (and rebuilds a teacher_checkpoint)
+    if payload.get("start"):  # as if the whole chain ran: its input model teaches (distillation nodes, unlabeled
+        teacher = _input_model(payload, cfg, setup)  # batches; it rebuilds a teacher_checkpoint)
         cfg["pretrained"] = payload["start"]
     hooks = tracking_hooks(cfg, cfg.get("model_name"))
     stopper = EarlyStopHook(payload["early_stop"]) if payload.get("early_stop") else None
@@ -261,7 +263,7 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     try:
         result = build_run(setup, cfg=cfg, model=model, data=data, loss=payload.get("loss"),
                            output_dir=out, model_name="", hooks=[*hooks, *([stopper] if stopper else [])],
-                           teacher=teacher, training_cache=cache)
+                           teacher=teacher, training_cache=cache, first_node=payload.get("first_node", 0))
     except TrialStopped as stop:
         folder = out / f"{setup.name}{PARTIAL_SUFFIX}"
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),

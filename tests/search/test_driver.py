@@ -366,3 +366,27 @@ def test_a_trials_training_equal_to_an_earlier_trials_is_restored_with_the_same_
     assert shared[0]["params"] != shared[1]["params"]  # the thresholds gave different models
     assert list((tmp_path / "True" / "out").glob("SEARCH_*/prefix/training/*.pt"))
     assert not list((tmp_path / "False" / "out").glob("SEARCH_*/prefix/training/*.pt"))
+
+
+def test_a_continuation_restores_the_training_its_parent_ran_before_the_node_it_redraws(tmp_path):
+    """Trial 1 is trial 0 with another low-rank threshold: it starts from trial 0's pruning checkpoint, and the
+    low-rank node's U,S,Vh training (which trial 0 ran after its pruning, in one run) is restored: each trial
+    seeds its nodes, and validates, as its whole chain does, and its teacher is the search's input model."""
+    cfg = config(tmp_path, trials=2, early_stop={"enabled": True, "margin": 1.0})
+    cfg["setup"] = {**LOW_RANK, "nodes": [LOW_RANK["nodes"][0],
+                                          {"kind": "pruning", "pruning_ratio": 0.5,
+                                           "finetune_params": {"epochs": 1, "learning_rate": 0.01}},
+                                          LOW_RANK["nodes"][1]]}
+
+    def loop(search, pool):
+        for threshold in (0.6, 0.95):
+            search.submit(pool, {"chain": "pruning#1>low_rank#2", "pruning#1.pruning_ratio": 0.5,
+                                 "pruning#1.importance": "magnitude", "pruning#1.reconstruct": False,
+                                 "low_rank#2.method.thresholds": threshold})
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+
+    rows = sorted(_rows(run_search(cfg, loop=loop).folder), key=lambda r: int(r["trial"]))
+    assert [r["state"] for r in rows] == ["complete"] * 2
+    assert [int(r["start_node"]) for r in rows] == [1, 2]  # trial 1 from trial 0's pruning checkpoint
+    assert [int(r["epochs"]) for r in rows] == [4, 1] and [int(r["epochs_reused"]) for r in rows] == [0, 2]
