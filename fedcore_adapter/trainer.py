@@ -165,15 +165,16 @@ def train(model: nn.Module, ctx: NodeContext, params: TrainParams, *, regularize
     """
     if params.epochs == 0:
         return TrainReport()
-    key = _reuse_key(model, ctx, params, regularizer, objective, node_input, recovery, reuse_key)
+    generators = loader_generators(ctx.train_loader, ctx.val_loader)  # part of the random state a training uses
+    key = _reuse_key(model, ctx, params, regularizer, objective, node_input, recovery, reuse_key, generators)
     if key is not None:
         entry = ctx.training_cache.load(key)
         if entry is not None:
-            return _restored(model, ctx, entry, tag)
+            return _restored(model, ctx, entry, tag, generators)
     report = _train(model, ctx, params, regularizer=regularizer, tag=tag, objective=objective,
                     node_input=node_input, recovery=recovery)
     if key is not None:
-        ctx.training_cache.save(key, model.state_dict(), report, loader_generators(ctx.train_loader, ctx.val_loader))
+        ctx.training_cache.save(key, model.state_dict(), report, generators)
     return report
 
 
@@ -197,7 +198,8 @@ def _loader_facts(loader: Any) -> Any:
 
 
 def _reuse_key(model: nn.Module, ctx: NodeContext, params: TrainParams, regularizer: Any, objective: Any,
-               node_input: Optional[nn.Module], recovery: bool, reuse_key: Optional[Mapping]) -> Optional[str]:
+               node_input: Optional[nn.Module], recovery: bool, reuse_key: Optional[Mapping],
+               generators: list[torch.Generator]) -> Optional[str]:
     """The training cache's key of this call, or None when it is not reused (no cache, intermediate checkpoints
     wanted, a regularizer or objective without ``reuse_key``, a loss or model that cannot be named)."""
     cache = ctx.training_cache
@@ -209,14 +211,14 @@ def _reuse_key(model: nn.Module, ctx: NodeContext, params: TrainParams, regulari
     options = {"params": params.model_dump(mode="json"), "common": ctx.common.model_dump(mode="json"),
                "recovery": recovery, "loss": loss, "extra": dict(reuse_key or {}), "device": str(ctx.device),
                "data": [_loader_facts(ctx.train_loader), _loader_facts(ctx.val_loader)]}
-    return cache.key(options, {"model": model, "teacher": ctx.teacher, "node_input": node_input},
-                     loader_generators(ctx.train_loader, ctx.val_loader))
+    return cache.key(options, {"model": model, "teacher": ctx.teacher, "node_input": node_input}, generators)
 
 
-def _restored(model: nn.Module, ctx: NodeContext, entry: Mapping[str, Any], tag: str) -> TrainReport:
+def _restored(model: nn.Module, ctx: NodeContext, entry: Mapping[str, Any], tag: str,
+              generators: list[torch.Generator]) -> TrainReport:
     """The earlier training's weights and the random state it left; the node's row notes it."""
     model.load_state_dict(entry["state"])
-    set_random_state(entry["random"], loader_generators(ctx.train_loader, ctx.val_loader))
+    set_random_state(entry["random"], generators)
     model.eval()
     report = entry["report"]
     ctx.note(f"{tag}: {report.epochs_run} epochs reused from an identical earlier training")
