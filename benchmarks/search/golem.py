@@ -54,8 +54,8 @@ from typing import Any, Optional
 
 from benchmarks.common import environment
 from benchmarks.search import golem_chain
-from benchmarks.search.mnist1d import (BUDGETS, busy_loops, one_search, raw_model, run_searches, search_arguments,
-                                       search_figures, sh)
+from benchmarks.search.mnist1d import (BUDGETS, busy_loops, data_overrides, one_search, raw_model, run_searches,
+                                       search_arguments, search_figures, sh)
 
 POP_SIZE = 8
 
@@ -214,7 +214,7 @@ def golem_search(args: argparse.Namespace, raw: Path, out: Path, seed: int) -> d
     overrides = ["setup=composite_1", f"pretrained={raw}", f"search.trials={args.trials}",
                  "search.objectives=[macs,accuracy]", "search.max_accuracy_drop=0.01", f"search.seed={seed}",
                  "search.retries=0", "cluster=local", f"cluster.n_workers={args.workers}", "tracking=none",
-                 f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget]]
+                 f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget], *data_overrides(args.data)]
     cmd = [sys.executable, "-m", "benchmarks.search.golem", "--run-search", f"--pop-size={args.pop_size}", "--",
            *overrides]
     wall = sh(cmd, out / f"search_{label}.log", ok=(0, 1))  # 1: no trial met the constraint
@@ -238,7 +238,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
+    raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw), dict(args.data))
     summary = {"environment": environment(), "load_average_start": os.getloadavg(), "raw": str(raw),
                "budget": args.budget, "overrides": BUDGETS[args.budget], "seeds": args.seeds,
                "pop_size": args.pop_size, "runs": []}

@@ -89,11 +89,17 @@ def sh(cmd: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> float:
     return wall
 
 
-def raw_model(folder: Path) -> Path:
+def data_overrides(data: Optional[dict]) -> list[str]:
+    """``--data`` as command-line overrides of the MNIST-1D data module (``num_samples`` is not in its YAML)."""
+    return [f"{'++' if key == 'num_samples' else ''}data.{key}={value}" for key, value in dict(data or {}).items()]
+
+
+def raw_model(folder: Path, data: Optional[dict] = None) -> Path:
+    """RAW (100 epochs) trained once into ``folder``, on the data module with ``data`` (``--data``) changed."""
     final = folder / "RAW"
     if not (final / "final" / "manifest.json").exists():
-        sh([sys.executable, "-m", "fedcore_adapter", "setup=raw", "tracking=none", f"output_dir={folder}"],
-           folder.parent / "raw.log")
+        sh([sys.executable, "-m", "fedcore_adapter", "setup=raw", "tracking=none", f"output_dir={folder}",
+            *data_overrides(data)], folder.parent / "raw.log")
     return final
 
 
@@ -181,7 +187,7 @@ def trial_efficiency(folder: Path, workers: int) -> dict:
 
 
 def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out: Path, common: dict,
-                     threads: int = 1) -> list[dict]:
+                     threads: int = 1, data: Optional[dict] = None) -> list[dict]:
     """The same candidates as whole chains from RAW (training node included), no early stopping, one by one, on
     ``threads`` torch threads (1: as each trial's Dask worker, which had a core of its own while two ran at once)."""
     from fedcore_adapter.building import run_from_config
@@ -196,7 +202,7 @@ def full_chain_costs(search_dir: Path, raw: Path, rows: list[dict], k: int, out:
         nodes = json.loads((search_dir / "trials_nodes.json").read_text())[str(n)]
         cfg = {"setup": {"name": f"FULL_{n}", "nodes": nodes},
                "model": {"_target_": "fedcore_adapter.zoo.models.MNIST1DCNN"},
-               "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule"},
+               "data": {"_target_": "fedcore_adapter.zoo.datamodules.MNIST1DDataModule", **(data or {})},
                "tracking": {"name": "none"}, "pretrained": str(raw), "output_dir": str(out),
                "common": dict(common)}
         start = time.perf_counter()
@@ -216,6 +222,7 @@ def one_search(args: argparse.Namespace, raw: Path, out: Path, sampler: str, see
            f"search.trials={args.trials}", "search.objectives=[macs,accuracy]", "search.max_accuracy_drop=0.01",
            f"search.sampler={sampler}", f"search.seed={seed}", "cluster=local", f"cluster.n_workers={args.workers}",
            "tracking=none", f"model_name={label}", f"output_dir={out}", *BUDGETS[args.budget],
+           *data_overrides(getattr(args, "data", None)),
            *(["search.reuse=0"] if sampler == "random" else getattr(args, "guided", []))]  # random: every trial drawn
     wall = sh(cmd, out / f"search_{label}.log", ok=(0, 1))  # 1: no trial met the constraint
     return search_figures(out / f"SEARCH_COMPOSITE_1_{label}", " ".join(cmd[2:]), sampler, seed, wall, args.workers)
@@ -317,7 +324,7 @@ def whole_chain_comparison(folder: Path, raw: Path, args: argparse.Namespace, ou
     (folder / "trials_nodes.json").write_text(json.dumps({str(t.number): t.user_attrs.get("nodes")
                                                           for t in study.trials if t.user_attrs.get("nodes")}))
     costs = full_chain_costs(folder, raw, read_trials(folder), args.full_chains, out / "full_chains",
-                             FULL_CHAIN_COMMON[args.budget], args.chain_threads)
+                             FULL_CHAIN_COMMON[args.budget], args.chain_threads, dict(args.data))
     result = {"full_chains": costs, "full_chain_threads": args.chain_threads}
     done = [c for c in costs if c.get("search_wall_s")]
     if done:
@@ -338,7 +345,17 @@ def search_arguments(out: str, samplers: list[str], samplers_help: Optional[str]
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samplers", nargs="+", default=samplers, help=samplers_help)
+    p.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", type=_data_option,
+                   help="MNIST-1D data module options for RAW, every search and the whole chains (e.g. "
+                        "num_samples=10000 val_fraction=0.25: a 2,000-sample validation split)")
     return p
+
+
+def _data_option(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in ("num_samples", "val_fraction", "seed"):
+        raise argparse.ArgumentTypeError(f"--data takes num_samples=N, val_fraction=F or seed=S (got {text!r})")
+    return key, float(value) if key == "val_fraction" else int(value)
 
 
 def main() -> None:
@@ -362,7 +379,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw))
+    raw = Path(args.pretrained) if args.pretrained else raw_model(Path(args.raw), dict(args.data))
     if args.full_chains_of:
         result = {"environment": environment(), "load_average_start": os.getloadavg(),
                   "search": str(args.full_chains_of), **whole_chain_comparison(args.full_chains_of, raw, args, out),
@@ -371,7 +388,8 @@ def main() -> None:
         print(json.dumps(result, indent=1, default=str))
         return
     summary = {"environment": environment(), "load_average_start": os.getloadavg(), "raw": str(raw),
-               "budget": args.budget, "overrides": BUDGETS[args.budget], "seeds": args.seeds, "runs": []}
+               "budget": args.budget, "overrides": BUDGETS[args.budget], "data": dict(args.data), "seeds": args.seeds,
+               "runs": []}
 
     def save() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
