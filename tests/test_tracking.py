@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,19 @@ def test_without_a_logger_process_the_run_completes_and_keeps_every_record(tmp_p
     assert kept[:3] == ["target", "open_parent", "params"]  # every record, in order
     # input, 3 epochs, node row, parent row, ratios
     assert kept.count("metrics") == 1 + 3 + 1 + 1 + 1 and kept[-1] == "close"
+
+
+def test_settle_returns_when_the_logger_process_dies_with_records_pending(tmp_path, monkeypatch):
+    """A logger that dies never acknowledges what it was sent: ``settle`` wakes at its death instead of waiting
+    out its timeout, and the records stay pending (journaled when the run closes)."""
+    from fedcore_adapter.tracking import channel
+
+    monkeypatch.setattr(channel, "_CONNECTION", None)
+    target = {"op": "target", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "settle"}
+    session = channel.LoggerSession(tmp_path, target, lambda text: None, http_timeout_s=1, http_retries=0)
+    session._conn.proc.kill()
+    session.submit({"op": "metrics", "values": {"a": 1.0}, "step": 0})
+    start = time.monotonic()
+    assert session.settle(60.0)
+    assert time.monotonic() - start < 30
+    assert not session._conn.alive and session._unacked

@@ -400,9 +400,14 @@ class Search:
         self._note_split(value)
         self._note_references("prefix", name, value)
         self.cache.put(key, Path(value["output_dir"]) / "final")
-        self.state["reference"] = {"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
-                                   "val_loss": value.get("val_loss"), "output_dir": value["output_dir"],
-                                   "wall_s": outcome.get("wall_s")}
+        self._set_reference({"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
+                             "val_loss": value.get("val_loss"), "output_dir": value["output_dir"],
+                             "wall_s": outcome.get("wall_s")})
+
+    def _set_reference(self, reference: dict) -> None:
+        """Keep ``reference`` (the uncompressed model's figures, which the constraint line is drawn from), warn when
+        its validation split is too small for the constraint, and save the search's state."""
+        self.state["reference"] = reference
         self._check_validation_size()
         self._save()
 
@@ -653,16 +658,12 @@ class Search:
         rows = value.get("metrics") or []
         if not self.reference.get("row") and rows and trial.user_attrs.get("start_node") == 0:
             # no prefix ran: the trial's input row (test split) and its input model's validation accuracy and loss
-            self.state["reference"] = {"row": rows[0], "val_accuracy": value.get("input_val_accuracy"),
-                                       "val_loss": value.get("input_val_loss")}
-            self._check_validation_size()
-            self._save()
+            self._set_reference({"row": rows[0], "val_accuracy": value.get("input_val_accuracy"),
+                                 "val_loss": value.get("input_val_loss")})
         elif "val_accuracy" in self.reference and self.reference["val_accuracy"] is None \
                 and isinstance(value.get("input_val_accuracy"), (int, float)):
-            self.state["reference"].update(val_accuracy=value["input_val_accuracy"],
-                                           val_loss=value.get("input_val_loss"))
-            self._check_validation_size()
-            self._save()
+            self._set_reference({**self.reference, "val_accuracy": value["input_val_accuracy"],
+                                 "val_loss": value.get("input_val_loss")})
         last = rows[-1] if rows else {}
         trial.set_user_attr("metrics", {k: v for k, v in last.items() if isinstance(v, (int, float, str))})
         trial.set_user_attr("val_accuracy", value.get("val_accuracy"))

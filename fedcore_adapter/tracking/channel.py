@@ -76,6 +76,7 @@ class _Connection:
         self.warm.set()
         for session in list(self.sessions.values()):
             session.closed.set()
+            session.wake()
 
 
 _CONNECTION: Optional[_Connection] = None
@@ -109,6 +110,7 @@ class LoggerSession:
         self._seq = 0
         self._unacked: dict[int, dict] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified on each acknowledgement and when the logger dies
         self._conn = _connection()
         if self._conn is None:
             self.closed.set()
@@ -133,14 +135,20 @@ class LoggerSession:
         """Wait (at most ``timeout_s``) until the logger has finished its start-up imports and applied (or
         journaled) every record sent so far; True when it has. Its start-up takes a core for seconds (mlflow,
         the store's schema, matplotlib): a latency measured beside it is not the model's."""
+        conn = self._conn
+        if conn is None:
+            return True
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                pending = bool(self._unacked)
-            if self._conn is None or not self._conn.alive or (not pending and self._conn.warm.is_set()):
-                return True
-            time.sleep(0.02)
-        return False
+        if not conn.warm.wait(timeout_s):  # set when the imports are done, and when the logger dies
+            return False
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._unacked or not conn.alive,
+                                          max(0.0, deadline - time.monotonic()))
+
+    def wake(self) -> None:
+        """Wake :meth:`settle` (the logger died)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def move_folder(self, folder: Path) -> None:
         """The results folder was renamed (``.partial`` -> final)."""
@@ -171,8 +179,9 @@ class LoggerSession:
     def on_message(self, message: dict) -> None:
         """Called from the reader thread."""
         if "ack" in message:
-            with self._lock:
+            with self._changed:
                 self._unacked.pop(message["ack"], None)
+                self._changed.notify_all()
         elif "bind" in message:
             self.ids[message["bind"]] = message["run_id"]
         elif "warn" in message:
