@@ -1,6 +1,7 @@
 """The ``search`` config section: trials, objectives, the accuracy constraint, the space and the moves."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator
@@ -8,6 +9,7 @@ from pydantic import Field, ValidationError, field_validator
 from ..errors import ConfigError
 from ..schema import StrictModel, validation_message
 
+AUTO_MARGIN_UNKNOWN = 0.02  # early_stop.margin auto without the validation split's size
 # metric column -> direction (the metrics rows of ``metrics.measure``)
 OBJECTIVES = {"macs": "minimize", "params": "minimize", "size_mb": "minimize", "latency_ms": "minimize",
               "latency_ms_per_sample": "minimize", "throughput_sps": "maximize", "accuracy": "maximize",
@@ -31,8 +33,10 @@ class EarlyStop(StrictModel):
     same kind and length finished in this search gained from that epoch to its end."""
 
     enabled: bool = True
-    margin: float = Field(0.02, ge=0, description="stop only this far below the constraint line (validation "
-                                                  "accuracy of the node's last epoch), ...")
+    margin: Union[Literal["auto"], float] = Field(
+        "auto", description="stop only this far below the constraint line (validation accuracy of the node's last "
+                            "epoch; auto: twice the standard error of the reference's validation accuracy, "
+                            "sqrt(p(1-p)/n), and at least half the constraint), ...")
     patience: int = Field(0, ge=0, description="... after this many more node ends without improvement "
                                                "(0: at the first node end below)")
     within_nodes: Literal["off", "final_phase", "phase_ends", "all"] = Field(
@@ -41,6 +45,19 @@ class EarlyStop(StrictModel):
                            "the line less margin: in every epoch (all; true), or only in the node's last training "
                            "phase (final_phase: the fine-tune after its last pruning step or truncation, where "
                            "no structural step dips the accuracy); off (false) by default")
+
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _auto_or_accuracy(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            number = float(value) if not isinstance(value, bool) else -1.0
+        except (TypeError, ValueError):
+            number = -1.0
+        if not number >= 0:
+            raise ValueError(f"margin must be auto or an accuracy >= 0 (got {value!r})")
+        return number
 
     @field_validator("within_nodes", mode="before")
     @classmethod
@@ -116,6 +133,18 @@ class SearchConfig(StrictModel):
             return cls.model_validate(dict(data or {}))
         except ValidationError as err:
             raise ConfigError(validation_message("search", err, cls)) from None
+
+    def early_stop_margin(self, val_accuracy: Optional[float], val_samples: Optional[int]) -> float:
+        """``early_stop.margin`` in accuracy: as set, or (``auto``) twice the standard error of a validation
+        accuracy ``val_accuracy`` measured on ``val_samples`` samples, at least half of ``max_accuracy_drop`` (a
+        later node recovers that much; 0.02 when the split's size is not known)."""
+        margin = self.early_stop.margin
+        if margin != "auto":
+            return float(margin)
+        if not val_samples or not isinstance(val_accuracy, (int, float)):
+            return AUTO_MARGIN_UNKNOWN
+        p = min(max(float(val_accuracy), 0.0), 1.0)
+        return max(2 * math.sqrt(p * (1 - p) / val_samples), (self.max_accuracy_drop or 0.0) / 2)
 
     def directions(self) -> list[str]:
         return [OBJECTIVES[o] for o in self.objectives]

@@ -429,13 +429,20 @@ class Search:
                 f"{wanted:,}+ samples brings it under half the constraint")
             log.warning(self.state["val_note"])
 
+    def _margin(self) -> float:
+        """How far below the constraint line a node may end before its trial is stopped (``early_stop.margin``;
+        auto: from the reference's validation accuracy and the split's size), kept in search.json."""
+        margin = self.scfg.early_stop_margin(self.reference.get("val_accuracy"), self.state.get("val_samples"))
+        self.state["early_stop_margin"] = margin
+        return margin
+
     def _early_stop_spec(self, trial_id: int) -> Optional[dict]:
         es = self.scfg.early_stop
         val = self.reference.get("val_accuracy")
         if not es.enabled or self.scfg.max_accuracy_drop is None or not isinstance(val, (int, float)):
             return None
         return {"storage": str((self.folder / "study.journal").absolute()), "study": FIDELITY, "trial_id": trial_id,
-                "lower": val - self.scfg.max_accuracy_drop - es.margin, "patience": es.patience,
+                "lower": val - self.scfg.max_accuracy_drop - self._margin(), "patience": es.patience,
                 "within_nodes": es.within_nodes, "min_curves": es.min_curves}
 
     def _start_of(self, nodes: list[dict]) -> tuple[int, Optional[Path]]:

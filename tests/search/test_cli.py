@@ -33,6 +33,7 @@ def _run(tmp_path, command, *extra):
                                                  "'off', 'final_phase', 'phase_ends' or 'all'"),
     ("search.reuse_parent=best", "search.reuse_parent = 'best': Input should be 'uniform' or 'contribution'"),
     ("search.training_cache_mb=0", "search.training_cache_mb = 0: Input should be greater than 0"),
+    ("search.early_stop.margin=-1", "search.early_stop.margin = -1: margin must be auto or an accuracy >= 0"),
     ("search.space.pruning=false", "search space is empty: setup TINY (training -> pruning)"),
     ("search.space.pruning.pruning_ratio.low=2",
      "search.space.pruning.pruning_ratio: a numeric range needs low < high"),

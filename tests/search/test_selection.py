@@ -78,7 +78,7 @@ def test_a_validation_split_too_small_for_the_constraint_is_said_once_with_the_s
     """32 validation samples: an accuracy near 0.9 has a standard error of about 5 pt, so a 5-point constraint
     is inside the noise (warned, in search.json); a 50-point one is not (nothing said)."""
     with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
-        result = run_search(config(tmp_path / "tight", trials=1, max_accuracy_drop=0.05))
+        result = run_search(config(tmp_path / "tight", trials=1, max_accuracy_drop=0.05, early_stop={"enabled": True}))
     state = json.loads((result.folder / "search.json").read_text())
     p, n = result.reference["val_accuracy"], state["val_samples"]
     assert n == 32 and 0 < p < 1
@@ -86,6 +86,8 @@ def test_a_validation_split_too_small_for_the_constraint_is_said_once_with_the_s
     warned = [r.getMessage() for r in caplog.records if "the validation split has 32 samples" in r.getMessage()]
     assert len(warned) == 1 and warned[0] == state["val_note"] and "\n" not in warned[0]
     assert "of the constraint (5 pt)" in warned[0] and "samples brings it under half the constraint" in warned[0]
+    # early stopping's margin below the line (auto): twice that standard error, kept beside it
+    assert abs(state["early_stop_margin"] - 2 * state["val_standard_error"]) < 1e-12
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fedcore_adapter"):
