@@ -90,8 +90,8 @@ def sh(cmd: list[str], log: Path, ok: tuple[int, ...] = (0,)) -> float:
 
 
 def data_overrides(data: Optional[dict]) -> list[str]:
-    """``--data`` as command-line overrides of the MNIST-1D data module (``num_samples`` is not in its YAML)."""
-    return [f"{'++' if key == 'num_samples' else ''}data.{key}={value}" for key, value in dict(data or {}).items()]
+    """``--data`` as command-line overrides of the MNIST-1D data module (conf/data/mnist1d.yaml)."""
+    return [f"data.{key}={value}" for key, value in dict(data or {}).items()]
 
 
 def raw_model(folder: Path, data: Optional[dict] = None) -> Path:
