@@ -16,6 +16,12 @@ OBJECTIVES = {"macs": "minimize", "params": "minimize", "size_mb": "minimize", "
               "loss": "minimize"}
 
 
+def standard_error(accuracy: float, samples: int) -> float:
+    """The standard error of an accuracy measured on ``samples`` samples, sqrt(p(1-p)/n)."""
+    p = min(max(float(accuracy), 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / samples)
+
+
 class Moves(StrictModel):
     """Chain moves from the initial assumption (each candidate chain is at most ``depth`` moves away)."""
 
@@ -143,8 +149,7 @@ class SearchConfig(StrictModel):
             return float(margin)
         if not val_samples or not isinstance(val_accuracy, (int, float)):
             return AUTO_MARGIN_UNKNOWN
-        p = min(max(float(val_accuracy), 0.0), 1.0)
-        return max(2 * math.sqrt(p * (1 - p) / val_samples), (self.max_accuracy_drop or 0.0) / 2)
+        return max(2 * standard_error(val_accuracy, val_samples), (self.max_accuracy_drop or 0.0) / 2)
 
     def directions(self) -> list[str]:
         return [OBJECTIVES[o] for o in self.objectives]

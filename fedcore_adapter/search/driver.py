@@ -41,7 +41,7 @@ from ..schema import Setup
 from ..setups import named_setups
 from ..tracking.config import default_experiment
 from ..tracking.search_run import SearchRun
-from .config import SearchConfig
+from .config import SearchConfig, standard_error
 from .prefix import PrefixCache, identity_of, prefix_key
 from .report import (
     REFERENCE_COLUMNS,
@@ -418,7 +418,7 @@ class Search:
         if "val_standard_error" in self.state or not self.on_validation or not n or not drop \
                 or not isinstance(p, (int, float)):
             return
-        se = math.sqrt(p * (1 - p) / n)
+        se = standard_error(p, n)
         self.state["val_standard_error"] = se
         if se >= drop / 2:
             wanted = math.ceil(4 * p * (1 - p) / drop ** 2)
