@@ -16,7 +16,8 @@ It does not model that the sampler would then propose other trials.
         [--node-epochs pruning=30 low_rank=30 distillation=3 ptq_static=0] [--prefix-epochs 10]
 
 ``--node-epochs``: the validated epochs each node kind runs in these searches (COMPOSITE_1 at full budget:
-pruning 30, low-rank 30, an inserted distillation 3, an inserted ptq_static 0); the script checks them against
+pruning 30, low-rank 30, an inserted distillation 3, an inserted ptq_static 0; a node whose ``epochs`` the search
+drew, ``search.space.<kind>.epochs``, runs the trial's own figure); the script checks them against
 every complete trial's recorded epochs (run and reused: ``epochs_reused``, trainings restored from an identical
 earlier one) and stops if they disagree. The epochs counted as run are those the trials ran.
 """
@@ -85,6 +86,13 @@ def epochs_reused(row: dict) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) epochs reused", notes))
 
 
+def _drawn_epochs(row: dict, node: str, table: int) -> int:
+    """A node's epochs: drawn by the search where its space held them (``search.space.<kind>.epochs``: the
+    trial's ``param:<node>.epochs``), else ``--node-epochs``'s figure for its kind."""
+    drawn = row.get(f"param:{node}.epochs")
+    return int(float(drawn)) if drawn not in (None, "") else table
+
+
 def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: dict[str, int], prefix_epochs: int,
            min_curves: int) -> dict:
     """Per rule (mode and margin): trials stopped, epochs run vs whole chains, feasible trials lost, best kept."""
@@ -95,7 +103,7 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
             and not r.get("same_as")]  # a repeat told an earlier trial's figures is not a trial (nor a saving)
     shared = min(int(r["start_node"]) for r in rows)  # the shared prefix's nodes: where the first trial started
     for row in rows:
-        epochs = [node_epochs[node_kind(n)] for n in row["chain"].split(">")]
+        epochs = [_drawn_epochs(row, n, node_epochs[node_kind(n)]) for n in row["chain"].split(">")]
         row["start"] = int(row["start_node"]) - shared  # chain nodes a computed prefix spared this trial
         reused = epochs_reused(row)  # restored from an identical earlier training, not run
         if row["state"] == "complete" and sum(epochs[row["start"]:]) != int(row["epochs"]) + reused:

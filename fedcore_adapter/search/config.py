@@ -97,8 +97,10 @@ class SearchConfig(StrictModel):
     moves: Moves = Field(default_factory=Moves)
     insert_templates: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"ptq_static": {"calibration_batches": 8},
-                                 "distillation": {"epochs": 3, "kl_weight": 1.0, "task_weight": 1.0}},
-        description="node fields of an inserted kind")
+                                 "distillation": {"epochs": {"low": 3, "high": 30, "step": 3}, "kl_weight": 1.0,
+                                                  "task_weight": 1.0}},
+        description="node fields of an inserted kind; a field given as a range ({low, high, step} or "
+                    "{choices}) is searched over it")
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
     reuse: float = Field(0.9, ge=0, le=1, description="share of the trials after the sampler's start-up ones that "
                                                       "continue a feasible front trial: its chain and every node "

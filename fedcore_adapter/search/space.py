@@ -54,7 +54,8 @@ class Dimension:
     def describe(self) -> str:
         if self.type == "categorical":
             return f"{self.name} in {list(self.choices)}"
-        return f"{self.name} in [{self.low}, {self.high}]" + (" (log)" if self.log else "")
+        grid = f", step {self.step:g}" if self.step else ""
+        return f"{self.name} in [{self.low}, {self.high}]" + (" (log)" if self.log else "") + grid
 
 
 @dataclass(frozen=True)
@@ -253,18 +254,22 @@ def _flatten_specs(entry: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     return out
 
 
-def node_dimensions(node_id: str, node: dict, node_index: Optional[int], space: Mapping[str, Any]) -> tuple:
-    """The dimensions of one node: declared defaults, merged with ``search.space``."""
+def node_dimensions(node_id: str, node: dict, node_index: Optional[int], space: Mapping[str, Any],
+                    ranges: Optional[Mapping[str, Any]] = None) -> tuple:
+    """The dimensions of one node: declared defaults, merged with ``ranges`` (an insert template's own ranges,
+    ``template_ranges``) and then with ``search.space``."""
     kind = node["kind"]
     config = get_node(kind).config_cls.model_validate(node)
     declared = declared_fields(config)
     user = _user_specs(space, node_index, kind)
     if user.pop("*", None) is False and not user:
         return ()
+    ranges = {k: v for k, v in (ranges or {}).items() if k not in user}
+    user = {**ranges, **user}
     every = _all_fields(config)
     dims = []
     for path in sorted(set(declared) | set(user)):
-        where = f"search.space.{kind}.{path}"
+        where = f"search.{'insert_templates' if path in ranges else 'space'}.{kind}.{path}"
         parent = next((path[:i] for i in range(len(path)) if path[i] == "." and path[:i] in every), None)
         if path not in every and parent is not None:
             raise ConfigError(f"search.space.{kind}.{path}: unknown key {path[len(parent) + 1:]!r} of a spec; allowed: "
@@ -332,6 +337,31 @@ def _moves(chain: tuple[str, ...], templates: dict[str, Template], moves: Moves)
     return out
 
 
+def template_ranges(kind: str, template: Mapping[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """An insert template split into the node's fields and the ranges searched: a field given as a spec
+    (``{low, high, step, ...}`` or ``{choices}``) is searched over it and starts at its ``low`` (first choice);
+    ``({field: value}, {field path: spec})``. The user's ``search.space.<kind>`` overrides these ranges."""
+    fields: dict[str, Any] = {}
+    ranges: dict[str, Any] = {}
+    for path, value in _flatten_specs(copy.deepcopy(dict(template))).items():
+        if isinstance(value, Mapping) and set(value) & set(SPEC_KEYS):
+            bad = sorted(set(value) - set(SPEC_KEYS))
+            if bad:
+                raise ConfigError(f"search.insert_templates.{kind}.{path}.{bad[0]}: unknown key of a range; "
+                                  f"allowed: {', '.join(SPEC_KEYS)}")
+            if value.get("choices"):
+                start = list(value["choices"])[0]
+            elif isinstance(value.get("low"), (int, float)):
+                start = value["low"]
+            else:
+                raise ConfigError(f"search.insert_templates.{kind}.{path} = {dict(value)!r}: a range needs low "
+                                  f"and high, or choices")
+            ranges[path] = dict(value)
+            value = start
+        _set_path(fields, path, value)
+    return fields, ranges
+
+
 def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
     """Candidate chains within ``moves.depth`` moves of the setup's chain, each validated as a setup."""
     n_prefix = prefix_length(setup, scfg)
@@ -351,10 +381,11 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
         initial.append(tid)
     for kind in scfg.moves.insert:
         get_node(kind)  # an unknown kind fails here, with the registered kinds
-        node = {**copy.deepcopy(scfg.insert_templates.get(kind, {})), "kind": kind}
+        fields, ranges = template_ranges(kind, scfg.insert_templates.get(kind, {}))
+        node = {**fields, "kind": kind}
         tid = f"{kind}+"
         try:
-            templates[tid] = Template(tid, node, node_dimensions(tid, node, None, scfg.space))
+            templates[tid] = Template(tid, node, node_dimensions(tid, node, None, scfg.space, ranges))
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - pydantic (or a field validator): a bad insert template

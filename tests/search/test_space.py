@@ -154,6 +154,15 @@ def test_numeric_fields_are_searched_on_a_grid_so_drawn_nodes_repeat_and_share_c
     assert _dims(fitted)["pruning#1.pruning_ratio"].step == pytest.approx(0.57 / 12)  # the declared 0.05, fitted
 
 
+def test_the_printed_space_names_each_range_with_its_grid_step():
+    space = _space([{"kind": "pruning"}], prefix=1,
+                   space={"pruning": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    lines = space.describe().splitlines()
+    assert "  pruning#1.pruning_ratio in [0.1, 0.9], step 0.05" in lines
+    assert "  pruning#1.learning_rate in [0.0001, 0.01] (log)" in lines  # continuous: no step
+    assert "  pruning#1.importance in ['magnitude', 'lamp', 'taylor']" in lines
+
+
 @pytest.mark.parametrize("space, message", [
     ({"pruning": {"nope": {"low": 0, "high": 1}}}, "search.space.pruning.nope: pruning has no field 'nope'"),
     ({"pruning": {"pruning_ratio": {"lo": 0.1}}}, "search.space.pruning.pruning_ratio.lo: unknown key 'lo'"),
@@ -168,6 +177,56 @@ def test_numeric_fields_are_searched_on_a_grid_so_drawn_nodes_repeat_and_share_c
 def test_a_bad_space_is_one_line_naming_the_field(space, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         _space([{"kind": "pruning"}], space=space)
+
+
+def _inserted(**search):
+    space = derive_space(load_setup("composite_1"), SearchConfig.parse({"moves": {"insert": ["distillation"]},
+                                                                        **search}))
+    return space, {d.name: d for d in space.dimensions() if d.name.startswith("distillation+")}
+
+
+def test_an_inserted_distillation_searches_its_length_and_starts_at_the_shortest():
+    import optuna
+
+    space, dims = _inserted()
+    epochs = dims["distillation+.epochs"]
+    assert (epochs.type, epochs.low, epochs.high, epochs.step) == ("int", 3, 30, 3)  # the default template's range
+    assert space.templates["distillation+"].node["epochs"] == 3
+    assert space.defined("distillation+")["distillation+.epochs"] == 3
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = set()
+    for _ in range(40):
+        label, nodes = space.suggest(study.ask())
+        for node in nodes:
+            if node["kind"] == "distillation":
+                drawn.add(node["epochs"])
+                load_setup({"name": "x", "nodes": nodes})  # a valid setup with the length drawn
+    assert drawn <= set(range(3, 31, 3)) and len(drawn) >= 3
+
+
+def test_an_insert_template_field_given_as_a_range_is_searched_and_search_space_overrides_it():
+    _, dims = _inserted(insert_templates={"distillation": {"epochs": 5, "task_weight": 1.0}})
+    assert "distillation+.epochs" not in dims  # a plain value: fixed
+    _, dims = _inserted(insert_templates={"distillation": {"epochs": {"low": 2, "high": 8, "step": 2},
+                                                           "temperature": {"choices": [2.0, 4.0]}}})
+    assert (dims["distillation+.epochs"].low, dims["distillation+.epochs"].high) == (2, 8)
+    assert dims["distillation+.temperature"].choices == (2.0, 4.0)
+    _, dims = _inserted(space={"distillation": {"epochs": {"low": 3, "high": 9}}})
+    assert (dims["distillation+.epochs"].high, dims["distillation+.epochs"].step) == (9, None)  # the user's wins
+    _, dims = _inserted(space={"distillation": {"epochs": False}})
+    assert "distillation+.epochs" not in dims and "distillation+.temperature" in dims
+
+
+@pytest.mark.parametrize("template, message", [
+    ({"epochs": {"low": 3, "high": 20, "step": 3}},
+     "search.insert_templates.distillation.epochs: step 3 does not divide [3, 20] into whole steps"),
+    ({"epochs": {"step": 3}}, "search.insert_templates.distillation.epochs = {'step': 3}: a range needs low and high"),
+    ({"epochs": {"low": 3, "high": 9, "grid": 3}},
+     "search.insert_templates.distillation.epochs.grid: unknown key of a range; allowed: low, high"),
+])
+def test_a_bad_insert_template_range_is_one_line_naming_it(template, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[").replace("{", r"\{")):
+        _inserted(insert_templates={"distillation": template})
 
 
 def test_a_space_with_nothing_to_search_is_empty():
