@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import optuna
 
-from benchmarks.search.fidelity import fidelity_twins, replay_trial
+from benchmarks.search.fidelity import _drawn_epochs, fidelity_twins, replay_trial
 from fedcore_adapter.search.trial import open_storage
 
 STEPS = ["finetune_1", "finetune_1", "finetune_2", "finetune_2", "finetune_2"]
@@ -48,3 +48,10 @@ def test_final_phase_replay_stops_a_trial_in_its_last_fine_tune_and_all_in_its_f
                                                      "values": [0.95, 0.97, 0.78, 0.80, 0.82]}]})
     assert replay_trial(doomed, earlier, 0.9, "final_phase", 3, last_node=0) == (4, "epoch 4 of node 0")
     assert replay_trial(doomed, earlier, 0.9, "off", 3, last_node=1) == (5, "end of node 0")
+
+
+def test_a_node_whose_epochs_the_search_drew_counts_its_own_else_the_table():
+    row = {"chain": "pruning#1>distillation+", "param:distillation+.epochs": "12", "param:pruning#1.epochs": ""}
+    assert _drawn_epochs(row, "distillation+", 3) == 12
+    assert _drawn_epochs(row, "pruning#1", 30) == 30  # not drawn in this trial's chain: the table's figure
+    assert _drawn_epochs({}, "distillation+", 3) == 3  # a search whose space held no epochs
