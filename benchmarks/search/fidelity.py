@@ -17,9 +17,9 @@ It does not model that the sampler would then propose other trials.
 
 ``--node-epochs``: the validated epochs each node kind runs in these searches (COMPOSITE_1 at full budget:
 pruning 30, low-rank 30, an inserted distillation 3, an inserted ptq_static 0; a node whose ``epochs`` the search
-drew, ``search.space.<kind>.epochs``, runs the trial's own figure); the script checks them against
-every complete trial's recorded epochs (run and reused: ``epochs_reused``, trainings restored from an identical
-earlier one) and stops if they disagree. The epochs counted as run are those the trials ran.
+drew, from an insert template's range or ``search.space.<kind>.epochs``, runs the trial's own figure); the script
+checks them against every complete trial's recorded epochs (run and reused: ``epochs_reused``, trainings restored
+from an identical earlier one) and stops if they disagree. The epochs counted as run are those the trials ran.
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def epochs_reused(row: dict) -> int:
 
 
 def _drawn_epochs(row: dict, node: str, table: int) -> int:
-    """A node's epochs: drawn by the search where its space held them (``search.space.<kind>.epochs``: the
-    trial's ``param:<node>.epochs``), else ``--node-epochs``'s figure for its kind."""
+    """A node's epochs: drawn by the search where its space held them (the trial's ``param:<node>.epochs``),
+    else ``--node-epochs``'s figure for its kind."""
     drawn = row.get(f"param:{node}.epochs")
     return int(float(drawn)) if drawn not in (None, "") else table
 

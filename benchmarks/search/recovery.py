@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     if not teacher:
         raise SystemExit(f"{args.trial}: its distillation names no teacher_checkpoint (a search without a prefix)")
     out = args.out or Path(tempfile.mkdtemp(prefix="recovery_"))
-    results = []
     for epochs in args.epochs:
         one = copy.deepcopy(setup)
         one["nodes"][0]["epochs"] = epochs
@@ -60,9 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         facts = run_trial({"cfg": {**cfg, "pretrained": teacher, "output_dir": str(out)}, "setup": one,
                            "output_dir": str(out / f"e{epochs}"), "start": str(start)})
         row = facts["metrics"][-1]
-        results.append({"epochs": epochs, "val_accuracy": facts.get("val_accuracy"), "accuracy": row["accuracy"],
-                        "macs": row["macs"], "wall_s": round(time.perf_counter() - began, 1)})
-        print(json.dumps(results[-1]), flush=True)
+        print(json.dumps({"epochs": epochs, "val_accuracy": facts.get("val_accuracy"), "accuracy": row["accuracy"],
+                          "macs": row["macs"], "wall_s": round(time.perf_counter() - began, 1)}), flush=True)
 
 
 if __name__ == "__main__":

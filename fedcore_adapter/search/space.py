@@ -344,11 +344,7 @@ def template_ranges(kind: str, template: Mapping[str, Any]) -> tuple[dict, dict[
     fields: dict[str, Any] = {}
     ranges: dict[str, Any] = {}
     for path, value in _flatten_specs(copy.deepcopy(dict(template))).items():
-        if isinstance(value, Mapping) and set(value) & set(SPEC_KEYS):
-            bad = sorted(set(value) - set(SPEC_KEYS))
-            if bad:
-                raise ConfigError(f"search.insert_templates.{kind}.{path}.{bad[0]}: unknown key of a range; "
-                                  f"allowed: {', '.join(SPEC_KEYS)}")
+        if isinstance(value, Mapping) and set(value) & set(SPEC_KEYS):  # its keys: checked by node_dimensions
             if value.get("choices"):
                 start = list(value["choices"])[0]
             elif isinstance(value.get("low"), (int, float)):

@@ -222,7 +222,7 @@ def test_an_insert_template_field_given_as_a_range_is_searched_and_search_space_
      "search.insert_templates.distillation.epochs: step 3 does not divide [3, 20] into whole steps"),
     ({"epochs": {"step": 3}}, "search.insert_templates.distillation.epochs = {'step': 3}: a range needs low and high"),
     ({"epochs": {"low": 3, "high": 9, "grid": 3}},
-     "search.insert_templates.distillation.epochs.grid: unknown key of a range; allowed: low, high"),
+     "search.insert_templates.distillation.epochs.grid: unknown key; allowed: low, high"),
 ])
 def test_a_bad_insert_template_range_is_one_line_naming_it(template, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[").replace("{", r"\{")):
