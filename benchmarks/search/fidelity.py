@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import optuna
 
-from fedcore_adapter.search.trial import judged_epochs, open_storage, unrecoverable
+from fedcore_adapter.search.trial import judged_epochs, open_storage, recovery_gain, unrecoverable
 
 
 def node_kind(label: str) -> str:
@@ -57,9 +57,12 @@ def fidelity_twins(folder: Path) -> dict[int, Any]:
 
 
 def replay_trial(twin: Any, earlier: list[dict], lower: float, mode: str, min_curves: int,
-                 last_node: int) -> Optional[tuple[int, str]]:
+                 last_node: int, following: Optional[dict[int, tuple[str, int]]] = None,
+                 recovered_by: tuple[str, ...] = ()) -> Optional[tuple[int, str]]:
     """``(epochs run, where)`` if ``mode`` and ``lower`` stop the trial (inside a node, or at a node end before
-    its last, ``last_node``); None if it runs on as recorded. Needs the twin's curves."""
+    its last, ``last_node``); None if it runs on as recorded. Needs the twin's curves. ``following``: per node of
+    the trial's run, the kind and epochs of the node after it; a node end a kind in ``recovered_by`` follows is
+    judged with the recovery such nodes showed (``recovery_gain``; not judged before), as the search judged it."""
     spent = 0
     for curve in twin.user_attrs.get("curves", []):
         values = curve["values"]
@@ -69,7 +72,15 @@ def replay_trial(twin: Any, earlier: list[dict], lower: float, mode: str, min_cu
                 wrong = " (it ends above)" if values[-1] >= lower and curve["node"] < last_node else ""
                 return spent + k + 1, f"epoch {k + 1} of node {curve['node']}{wrong}"
         spent += len(values)
-        if curve["node"] < last_node and values and values[-1] < lower:
+        if curve["node"] >= last_node or not values:
+            continue
+        kind, epochs = (following or {}).get(curve["node"], ("", 0))
+        recovery = 0.0
+        if kind in recovered_by:
+            recovery = recovery_gain(earlier, kind, epochs, lower, min_curves)
+            if recovery is None:
+                continue
+        if values[-1] + recovery < lower:
             return spent, f"end of node {curve['node']}"
     return None
 
@@ -98,6 +109,7 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
     """Per rule (mode and margin): trials stopped, epochs run vs whole chains, feasible trials lost, best kept."""
     meta = json.loads((folder / "search.json").read_text())
     line = meta["reference"]["val_accuracy"] - meta["search"]["max_accuracy_drop"]
+    recovered_by = tuple(meta["search"].get("early_stop", {}).get("recovered_by", ()))  # as the search judged
     twins = fidelity_twins(folder)
     rows = [r for r in csv.DictReader((folder / "trials.csv").open()) if r["state"] in ("complete", "pruned")
             and not r.get("same_as")]  # a repeat told an earlier trial's figures is not a trial (nor a saving)
@@ -113,6 +125,9 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
         row["node_epochs"] = epochs
         row["twin"] = twins.get(int(row["trial"]))
         row["last"] = len(epochs) - 1 - row["start"]  # the last node's index in the trial's run
+        labels = row["chain"].split(">")  # per node of the trial's run: the kind and epochs of the node after it
+        row["following"] = {i - row["start"]: (node_kind(labels[i + 1]), epochs[i + 1])
+                            for i in range(row["start"], len(labels) - 1)}
     curves = any(r["twin"] is not None and "curves" in r["twin"].user_attrs for r in rows)  # kept (new studies)
     finished = [t for t in twins.values() if t.datetime_complete is not None]
     for row in rows:  # what the trial could judge by: the curves of the trials finished before it started
@@ -130,7 +145,8 @@ def replay(folder: Path, margins: list[float], modes: list[str], node_epochs: di
                 if curves and twin is None:  # it ran no node (a computed prefix was its whole chain)
                     spent = int(row["epochs"] or 0)
                 elif curves:  # a twin without curves ran only nodes without epochs
-                    stop = replay_trial(twin, row["earlier"], line - margin, mode, min_curves, row["last"])
+                    stop = replay_trial(twin, row["earlier"], line - margin, mode, min_curves, row["last"],
+                                        row["following"], recovered_by)
                     spent = stop[0] if stop else int(row["epochs"])
                 else:
                     seen = [v for _, v in sorted(twin.intermediate_values.items())] if twin else []

@@ -7,6 +7,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 from pydantic import Field, ValidationError, field_validator
 
 from ..errors import ConfigError
+from ..registry import known_kinds
 from ..schema import StrictModel, validation_message
 
 AUTO_MARGIN_UNKNOWN = 0.02  # early_stop.margin auto without the validation split's size
@@ -72,6 +73,21 @@ class EarlyStop(StrictModel):
 
     min_curves: int = Field(3, ge=1, description="finished nodes of the same kind and epochs needed before a "
                                                  "node is judged inside")
+    recovered_by: list[str] = Field(
+        default_factory=lambda: ["distillation"],
+        description="node kinds that recover accuracy: a node end one of them follows is judged with the largest "
+                    "gain from its entry to its end that finished nodes of that kind (of at least its epochs) showed "
+                    "from an entry below the line less margin, min_curves of them, and not judged before that; "
+                    "[]: judged as every node end")
+
+    @field_validator("recovered_by")
+    @classmethod
+    def _node_kinds(cls, v: list[str]) -> list[str]:
+        unknown = [kind for kind in v if kind not in known_kinds()]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: not a node kind; kinds: "
+                             f"{', '.join(known_kinds())}")
+        return v
 
 
 class SearchConfig(StrictModel):

@@ -443,7 +443,8 @@ class Search:
             return None
         return {"storage": str((self.folder / "study.journal").absolute()), "study": FIDELITY, "trial_id": trial_id,
                 "lower": val - self.scfg.max_accuracy_drop - self._margin(), "patience": es.patience,
-                "within_nodes": es.within_nodes, "min_curves": es.min_curves}
+                "within_nodes": es.within_nodes, "min_curves": es.min_curves,
+                "recovered_by": list(es.recovered_by)}
 
     def _start_of(self, nodes: list[dict]) -> tuple[int, Optional[Path]]:
         """Where a trial starts: the longest computed prefix of its chain (at least the shared one)."""

@@ -26,9 +26,12 @@ from ..hooks import Hook
 from ..losses import find_loss
 from ..metrics import evaluate
 from ..progress import node_work
-from ..results import PARTIAL_SUFFIX, read_json
+from ..results import PARTIAL_SUFFIX, read_json, write_json
 from ..trainer import REUSED
 from ..training_cache import TrainingCache
+
+
+ENTRY_FILE = "early_stop.json"  # beside a node's checkpoint: the validation accuracy it ended with
 
 
 class TrialStopped(BaseException):
@@ -61,7 +64,12 @@ class EarlyStopHook(Hook):
     structural step), a running node's epoch ``k`` is judged with the largest gain from epoch ``k`` to the end that
     finished nodes of the same kind and epochs showed (at least ``min_curves`` of them, this search's trials). The
     trial stops at the second epoch in a row whose accuracy plus that gain is below ``lower``: even the best
-    recovery seen would leave it infeasible."""
+    recovery seen would leave it infeasible.
+
+    A node end that a node of a kind in ``recovered_by`` follows (a distillation) is judged with the largest
+    recovery such nodes showed (:func:`recovery_gain`), and not at all before ``min_curves`` of them finished. Each
+    node end's accuracy is also written beside its checkpoint (``ENTRY_FILE``): a trial started from that
+    checkpoint (a computed prefix) knows the accuracy its first node started from."""
 
     def __init__(self, spec: Mapping[str, Any]):
         self.spec = dict(spec)
@@ -77,6 +85,8 @@ class EarlyStopHook(Hook):
         self._phases: list[str] = []  # per epoch: its training phase (the metric's prefix: ``finetune_3``...)
         self._key = ""  # its kind and epochs: the curves it is compared with
         self._gain: Optional[list[Optional[float]]] = None  # per epoch judged: the largest gain to the end seen
+        self._entry: Optional[float] = None  # the accuracy the running node started from (None: not known)
+        self._ends: dict[int, float] = {}  # node index -> the validation accuracy it ended with
 
     def trial(self) -> Any:
         if self._trial is None:
@@ -90,6 +100,7 @@ class EarlyStopHook(Hook):
         self._node_last = self._node_loss = None
         self._curve, self._phases = [], []
         self._key = f"{node.kind}:{node_work(node)}"  # the kind and its epoch settings
+        self._entry = self._ends.get(index - 1) if index else start_accuracy(self.spec.get("start"))
         mode = within_mode(self.spec)
         self._gain = None if mode == "off" else \
             judged_epochs(self._curves(), self._key, mode, int(self.spec.get("min_curves", 3)))
@@ -125,18 +136,49 @@ class EarlyStopHook(Hook):
         value, loss, self._node_last, self._node_loss = self._node_last, self._node_loss, None, None
         if value is None:
             return
+        self._ends[index] = value
+        if checkpoint is not None:  # a trial started from this checkpoint knows where its first node started
+            write_json(Path(checkpoint) / ENTRY_FILE, {"val_accuracy": value, "val_loss": loss})
         trial = self.trial()  # every node's curve is kept: judged inside nodes, or replayed after the search
         trial.set_user_attr("curves", [*trial.user_attrs.get("curves", []),
-                                       {"key": self._key, "node": index, "values": self._curve,
-                                        "phases": self._phases}])
+                                       {"key": self._key, "kind": node.kind, "node": index, "values": self._curve,
+                                        "phases": self._phases, "entry": self._entry, "end": value,
+                                        "epochs": node_work(node) - 1}])
         if index >= len(run.setup.nodes) - 1:  # the last node: the trial completes and is judged
             return
         self.step += 1
         self.last, self.last_loss = value, loss
         trial.report(value, self.step)
-        if trial.should_prune():
-            raise TrialStopped(f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after "
-                               f"{self.epochs} epochs) below {self.spec['lower']:.4f}")
+        lower, after = self.spec["lower"], run.setup.nodes[index + 1]
+        where = f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after {self.epochs} epochs)"
+        if after.kind in self.spec.get("recovered_by", ()):
+            epochs = node_work(after) - 1
+            gain = recovery_gain(self._curves(), after.kind, epochs, lower, int(self.spec.get("min_curves", 3)))
+            if gain is not None and value + gain < lower:
+                raise TrialStopped(f"{where}: with the largest recovery a finished {after.kind} node of {epochs}+ "
+                                   f"epochs showed (+{gain:.4f}) still below {lower:.4f}")
+        elif trial.should_prune():
+            raise TrialStopped(f"{where} below {lower:.4f}")
+
+
+def recovery_gain(curves: list[dict], kind: str, epochs: int, lower: float, min_curves: int) -> Optional[float]:
+    """How a node end that a node of ``kind`` and ``epochs`` follows is judged: the largest gain from its entry to
+    its end (at least 0) that finished nodes of ``kind`` of at least those epochs showed from an entry below
+    ``lower`` (ones the plain node-end rule would have stopped); None, not judged, with fewer than ``min_curves``
+    of them. Curves without an entry (the node started a trial from the shared prefix, or followed a node without
+    epochs) do not count."""
+    gains = [c["end"] - c["entry"] for c in curves if c.get("kind") == kind and c.get("entry") is not None
+             and c["entry"] < lower and c.get("end") is not None and c.get("epochs", 0) >= epochs]
+    return max(0.0, *gains) if len(gains) >= min_curves else None
+
+
+def start_accuracy(checkpoint: Optional[str | Path]) -> Optional[float]:
+    """The validation accuracy a trial's start checkpoint ended its node with (its ``ENTRY_FILE``); None when the
+    checkpoint was not a judged node's (the shared prefix) or there is none."""
+    if not checkpoint:
+        return None
+    value = read_json(Path(checkpoint) / ENTRY_FILE, {}).get("val_accuracy")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def within_mode(spec: Mapping[str, Any]) -> str:
@@ -251,7 +293,8 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
         teacher = _input_model(payload, cfg, setup)  # batches; it rebuilds a teacher_checkpoint)
         cfg["pretrained"] = payload["start"]
     hooks = tracking_hooks(cfg, cfg.get("model_name"))
-    stopper = EarlyStopHook(payload["early_stop"]) if payload.get("early_stop") else None
+    stopper = EarlyStopHook({**payload["early_stop"], "start": payload.get("start")}) \
+        if payload.get("early_stop") else None
     data = payload.get("data")
     if data is None:
         data = build_data(cfg)

@@ -34,6 +34,8 @@ def _run(tmp_path, command, *extra):
     ("search.reuse_parent=best", "search.reuse_parent = 'best': Input should be 'uniform' or 'contribution'"),
     ("search.training_cache_mb=0", "search.training_cache_mb = 0: Input should be greater than 0"),
     ("search.early_stop.margin=-1", "search.early_stop.margin = -1: margin must be auto or an accuracy >= 0"),
+    ("search.early_stop.recovered_by=[distilation]", "search.early_stop.recovered_by = ['distilation']: "
+                                                     "'distilation': not a node kind; kinds: deploy, distillation"),
     ("search.space.pruning=false", "search space is empty: setup TINY (training -> pruning)"),
     ("search.space.pruning.pruning_ratio.low=2",
      "search.space.pruning.pruning_ratio: a numeric range needs low < high"),

@@ -4,6 +4,7 @@ the same kind showed would leave below the line, two epochs in a row (each pruni
 recovers)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,10 +12,11 @@ import optuna
 import pytest
 
 from fedcore_adapter.registry import get_node
-from fedcore_adapter.search.trial import EarlyStopHook, TrialStopped, largest_gains, open_storage
+from fedcore_adapter.search.trial import (ENTRY_FILE, EarlyStopHook, TrialStopped, largest_gains,
+                                          open_storage, recovery_gain)
 
-RUN = SimpleNamespace(setup=SimpleNamespace(nodes=[object(), object(), object()]))
 PRUNING = get_node("pruning").config_cls.model_validate({"kind": "pruning"})
+RUN = SimpleNamespace(setup=SimpleNamespace(nodes=[PRUNING] * 3))
 
 
 def _hook(tmp_path, lower=0.9, patience=0, **spec) -> EarlyStopHook:
@@ -61,7 +63,7 @@ def test_a_node_without_epochs_reports_nothing(tmp_path):
 
 def test_patience_lets_a_trial_go_on_while_it_has_not_stopped_improving_for_that_many_node_ends(tmp_path):
     hook = _hook(tmp_path, patience=1)
-    run = SimpleNamespace(setup=SimpleNamespace(nodes=[object()] * 5))
+    run = SimpleNamespace(setup=SimpleNamespace(nodes=[PRUNING] * 5))
     for index, acc in enumerate([0.8, 0.7]):
         hook.before_node(run, index, PRUNING)
         hook.on_log(run, index, PRUNING, {"val_accuracy": acc}, 0)
@@ -87,6 +89,28 @@ def test_in_a_search_a_trial_whose_first_compression_node_ends_below_the_line_st
     assert "at the end of node 0: pruning" in row["error"]  # the stop's reason
     nodes = result.folder / "trials" / "trial_0000.partial" / "nodes"  # the stopped run's folder
     assert sorted(p.name for p in nodes.iterdir()) == ["0_input", "1_pruning"]  # the second node never ran
+
+
+def test_in_a_search_a_node_end_a_distillation_follows_runs_on_until_distillations_showed_their_recovery(tmp_path):
+    """The first trial's pruning ends below the line; no distillation has finished yet, so its own runs (and is
+    the first the next node ends are judged by). Each node end is written beside its checkpoint."""
+    from fedcore_adapter.search.driver import run_search
+    from tests.search.helpers import SETUP, config
+
+    cfg = config(tmp_path, trials=1, max_accuracy_drop=0.0, moves={"drop": False, "insert": [], "reorder": False},
+                 early_stop={"enabled": True, "margin": 0.0, "patience": 0, "recovered_by": ["distillation"]},
+                 space={"pruning": {"pruning_ratio": {"low": 0.94, "high": 0.96}}, "distillation": False})
+    prune = {"kind": "pruning", "pruning_ratio": 0.95, "finetune_params": {"epochs": 1, "learning_rate": 1e-5}}
+    distill = {"kind": "distillation", "epochs": 1, "learning_rate": 1e-5}
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, distill]}
+    result = run_search(cfg)
+    (row,) = result.trials
+    assert row["state"] == "complete", row
+    nodes = Path(row["output_dir"]) / "nodes"
+    assert sorted(p.name for p in nodes.iterdir()) == ["0_input", "1_pruning", "2_distillation"]
+    entry = json.loads((nodes / "1_pruning" / ENTRY_FILE).read_text())["val_accuracy"]
+    line = json.loads((result.folder / "search.json").read_text())["reference"]["val_accuracy"]  # 0 drop, 0 margin
+    assert entry < line  # the plain node-end rule would have stopped it there
 
 
 def test_a_stopped_trials_finished_nodes_are_a_prefix_later_trials_start_from(tmp_path):
@@ -170,7 +194,8 @@ def test_every_finished_nodes_curve_is_kept_with_its_epochs_training_phases(tmp_
     _finish_others(tmp_path, FINISHED[:1], phases=STEPS)
     study = optuna.load_study(study_name="fidelity", storage=open_storage(tmp_path / "study.journal"))
     (curve,) = study.trials[0].user_attrs["curves"]
-    assert curve == {"key": curve["key"], "node": 2, "values": FINISHED[0], "phases": STEPS}
+    assert curve == {"key": curve["key"], "kind": "pruning", "node": 2, "values": FINISHED[0], "phases": STEPS,
+                     "entry": None, "end": FINISHED[0][-1], "epochs": 0}  # epochs: as configured (PRUNING: none)
 
 
 def test_final_phase_judges_only_the_fine_tune_after_the_last_structural_step(tmp_path):
@@ -204,3 +229,75 @@ def test_phase_ends_also_judges_the_last_epoch_of_each_earlier_phase(tmp_path):
     final = _hook(tmp_path, within_nodes="final_phase")  # (a stopped node's curve is not kept: same envelope)
     _node(final, 2, curve, STEPS)  # epoch 4 recovers: the final phase alone never has two below in a row
     assert final.epochs == 5
+
+
+# A distillation after a compression node: the node end before it is judged by how far distillations recovered
+DISTILL = get_node("distillation").config_cls.model_validate({"kind": "distillation", "epochs": 6})
+TO_DISTILL = SimpleNamespace(setup=SimpleNamespace(nodes=[PRUNING, PRUNING, DISTILL]))
+
+
+def _chain(hook: EarlyStopHook, ends: list[float], distill: list[float] | None = None, checkpoints=None) -> None:
+    """A trial of TO_DISTILL: each pruning node ends at ``ends``; the distillation runs ``distill``."""
+    for index, acc in enumerate(ends):
+        hook.before_node(TO_DISTILL, index, PRUNING)
+        hook.on_log(TO_DISTILL, index, PRUNING, {"val_accuracy": acc}, 0)
+        hook.after_node(TO_DISTILL, index, PRUNING, None, {}, checkpoints[index] if checkpoints else None)
+    if distill is not None:
+        hook.before_node(TO_DISTILL, 2, DISTILL)
+        for step, acc in enumerate(distill):
+            hook.on_log(TO_DISTILL, 2, DISTILL, {"distillation/val_accuracy": acc}, step)
+        hook.after_node(TO_DISTILL, 2, DISTILL, None, {}, None)
+
+
+def test_the_recovery_judged_is_the_largest_a_kind_showed_from_an_entry_below_the_line_never_below_zero():
+    def curve(entry, end, kind="distillation", epochs=6):
+        return {"kind": kind, "entry": entry, "end": end, "epochs": epochs}
+
+    below = [curve(0.85, 0.95), curve(0.88, 0.91), curve(0.80, 0.86, epochs=9)]
+    others = [curve(0.95, 0.99),  # from above the line: says nothing of what a node below recovers
+              curve(0.70, 0.99, epochs=3),  # fewer epochs than the node judged
+              curve(0.70, 0.99, kind="training"), curve(None, 0.99), {"key": "distillation:7", "values": [0.9]}]
+    assert recovery_gain(below + others, "distillation", 6, 0.9, 3) == pytest.approx(0.10)
+    assert recovery_gain(below + others, "distillation", 6, 0.9, 4) is None  # too few to judge by
+    assert recovery_gain(below + others, "distillation", 9, 0.9, 1) == pytest.approx(0.06)
+    assert recovery_gain([curve(0.89, 0.88)], "distillation", 6, 0.9, 1) == 0.0  # never stricter than the line
+
+
+def test_a_node_end_a_distillation_follows_is_not_judged_before_min_curves_distillations_recovered(tmp_path):
+    first = _hook(tmp_path, min_curves=2, recovered_by=["distillation"])
+    _chain(first, [0.95, 0.80], [0.82, 0.86, 0.88])  # far below the line at the distillation's entry: it runs
+    curve = first.trial().user_attrs["curves"][-1]
+    assert (curve["kind"], curve["entry"], curve["end"]) == ("distillation", 0.80, 0.88)
+    assert first.epochs == 5
+    plain = _hook(tmp_path, min_curves=2, recovered_by=[])
+    with pytest.raises(TrialStopped, match=r"0\.8000 at the end of node 1: pruning \(after 2 epochs\) below 0\.9000"):
+        _chain(plain, [0.95, 0.80])  # recovered_by []: judged as every node end
+
+
+def test_a_node_end_a_distillation_follows_is_judged_with_the_largest_recovery_distillations_showed(tmp_path):
+    for ends, distill in (([0.95, 0.80], [0.82, 0.88]), ([0.95, 0.85], [0.90, 0.93])):  # recovered +0.08, +0.08
+        _chain(_hook(tmp_path, min_curves=2, recovered_by=["distillation"]), ends, distill)
+    near = _hook(tmp_path, min_curves=2, recovered_by=["distillation"])
+    _chain(near, [0.95, 0.83])  # 0.83 + 0.08 reaches the line: its distillation may recover it
+    assert near.step == 2
+    far = _hook(tmp_path, min_curves=2, recovered_by=["distillation"])
+    with pytest.raises(TrialStopped, match=r"0\.8000 at the end of node 1: pruning \(after 2 epochs\): with the "
+                                           r"largest recovery a finished distillation node of 6\+ epochs showed "
+                                           r"\(\+0\.0800\) still below 0\.9000"):
+        _chain(far, [0.95, 0.80])
+
+
+def test_a_node_end_is_written_beside_its_checkpoint_and_a_trial_started_there_knows_its_entry(tmp_path):
+    folders = [tmp_path / "nodes" / "1_pruning", tmp_path / "nodes" / "2_pruning"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    _chain(_hook(tmp_path, recovered_by=["distillation"]), [0.95, 0.93], checkpoints=folders)
+    assert (folders[1] / ENTRY_FILE).is_file()
+    later = _hook(tmp_path, recovered_by=["distillation"], start=str(folders[1]))  # continues from pruning#2
+    later.before_node(TO_DISTILL, 0, DISTILL)
+    later.on_log(TO_DISTILL, 0, DISTILL, {"val_accuracy": 0.96}, 0)
+    later.after_node(TO_DISTILL, 0, DISTILL, None, {}, None)
+    assert later.trial().user_attrs["curves"][0]["entry"] == 0.93
+    shared = _hook(tmp_path, start=str(tmp_path))  # the shared prefix's checkpoint: no judged node end there
+    shared.before_node(TO_DISTILL, 0, DISTILL)
+    assert shared._entry is None

@@ -55,3 +55,19 @@ def test_a_node_whose_epochs_the_search_drew_counts_its_own_else_the_table():
     assert _drawn_epochs(row, "distillation+", 3) == 12
     assert _drawn_epochs(row, "pruning#1", 30) == 30  # not drawn in this trial's chain: the table's figure
     assert _drawn_epochs({}, "distillation+", 3) == 3  # a search whose space held no epochs
+
+
+def test_a_node_end_a_distillation_follows_is_replayed_as_the_search_judged_it():
+    def distilled(entry, end):
+        return {"key": "distillation:7", "kind": "distillation", "node": 1, "values": [end], "entry": entry,
+                "end": end, "epochs": 6}
+
+    trial = SimpleNamespace(user_attrs={"curves": [{"key": "pruning:31", "node": 0, "values": [0.83]}]})
+    following = {0: ("distillation", 6)}
+    judged = dict(last_node=1, following=following, recovered_by=("distillation",))
+    assert replay_trial(trial, [distilled(0.80, 0.86)], 0.9, "off", 2, **judged) is None  # too few: not judged
+    recovered = [distilled(0.80, 0.86), distilled(0.84, 0.88)]  # at most +0.06 from below the line
+    assert replay_trial(trial, recovered, 0.9, "off", 2, **judged) == (1, "end of node 0")  # 0.83 + 0.06 < 0.9
+    assert replay_trial(trial, recovered, 0.88, "off", 2, **judged) is None  # 0.83 + 0.06 >= 0.88
+    plain = dict(last_node=1, following=following)  # a search judging every node end alike (recovered_by [])
+    assert replay_trial(trial, recovered, 0.88, "off", 2, **plain) == (1, "end of node 0")
