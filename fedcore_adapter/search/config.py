@@ -127,6 +127,9 @@ class SearchConfig(StrictModel):
         "uniform", description="which feasible front trial a continuation continues: any, evenly (uniform), or "
                                "drawn in proportion to its own share of the front's hypervolume (contribution: "
                                "in practice the high-accuracy end and the trials beside wide gaps)")
+    reuse_per_prefix: Optional[int] = Field(None, ge=1, description="continuations started from one prefix (a "
+                                                                    "front trial's chain and fields but the last "
+                                                                    "node's) at most; null: no limit")
     reuse_after: Optional[int] = Field(None, ge=1, description="trials asked before continuations may start "
                                                                "(default: the sampler's start-up trials)")
     retries: int = Field(2, ge=0, description="re-runs of a trial (or of the shared prefix) whose worker was lost")

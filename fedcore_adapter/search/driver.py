@@ -61,6 +61,7 @@ log = logging.getLogger("fedcore_adapter.search")
 STATE_FILE = "search.json"
 STUDY = "search"
 FIDELITY = "fidelity"
+_MISSING = object()  # a parameter a trial did not draw
 REPEATS_PER_TRIAL = 8  # repeats told per trial wanted before the sampler counts as stuck (continuations of a
 #                        front trial re-draw one node on its grid: with search.reuse 0.9 a search told up to 32)
 
@@ -476,8 +477,8 @@ class Search:
         of the trials after the sampler's start-up ones, or after ``search.reuse_after``): that trial's chain and
         the fields of every node but its last, so it starts from that trial's computed prefix; None: the sampler
         draws the whole trial. Front trials whose chain is one node or ends in a node with nothing to draw are not
-        continued; the one continued is drawn as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the
-        trial's number."""
+        continued, nor one whose prefix ``search.reuse_per_prefix`` continuations started from already; the one
+        continued is drawn as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
         if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:
@@ -490,17 +491,24 @@ class Search:
             chain = self.space.chains.get(row["chain"])
             if not chain or len(chain) < 2 or not self.space.templates[chain[-1]].dims:
                 continue
-            parents.append((self.study.trials[row["trial"]], chain))
+            trial = self.study.trials[row["trial"]]
+            kept = set(chain[:-1])
+            params = {k: v for k, v in trial.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
+            if self.scfg.reuse_per_prefix is None or self._continued(params) < self.scfg.reuse_per_prefix:
+                parents.append((trial, params))
         if not parents:
             return None
         if self.scfg.reuse_parent == "contribution":
             weights = self._contributions([t for t, _ in parents])
-            parent, chain = rng.choices(parents, weights)[0] if sum(weights) > 0 else rng.choice(parents)
+            parent, params = rng.choices(parents, weights)[0] if sum(weights) > 0 else rng.choice(parents)
         else:
-            parent, chain = parents[rng.randrange(len(parents))]
-        kept = set(chain[:-1])
-        params = {k: v for k, v in parent.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
+            parent, params = parents[rng.randrange(len(parents))]
         return params, {"continues": parent.number}
+
+    def _continued(self, kept: Mapping[str, Any]) -> int:
+        """Continuations asked so far from the prefix ``kept`` (the chain and the fields of the nodes kept)."""
+        return sum(1 for t in self.study.trials if "continues" in t.user_attrs
+                   and all(t.params.get(k, _MISSING) == v for k, v in kept.items()))
 
     def _contributions(self, trials: list[Any]) -> list[float]:
         """Each trial's exclusive share of the hypervolume of ``trials`` (their objective values as selected):

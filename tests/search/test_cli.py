@@ -29,6 +29,7 @@ def _run(tmp_path, command, *extra):
     ("search.objectives=[macs,flops]", "objective 'flops' is not a metric; allowed: macs, params"),
     ("search.trials=0", "trials must be a positive number of trials (got 0)"),
     ("search.reuse_after=0", "search.reuse_after = 0: Input should be greater than or equal to 1"),
+    ("search.reuse_per_prefix=0", "search.reuse_per_prefix = 0: Input should be greater than or equal to 1"),
     ("search.early_stop.within_nodes=sometimes", "search.early_stop.within_nodes = 'sometimes': Input should be "
                                                  "'off', 'final_phase', 'phase_ends' or 'all'"),
     ("search.reuse_parent=best", "search.reuse_parent = 'best': Input should be 'uniform' or 'contribution'"),

@@ -133,6 +133,14 @@ def test_reuse_after_lets_continuations_start_before_the_start_up_trials_end(tmp
     assert all(r["continues"] for n, r in by_number.items() if n >= 2)  # the front has feasible trials by then
 
 
+def test_reuse_per_prefix_caps_the_continuations_started_from_one_prefix(tmp_path):
+    rows = _two_pruning_nodes_searched(tmp_path, trials=10, reuse=1.0, reuse_after=2, reuse_per_prefix=1)
+    continued = [r for r in rows if r["continues"]]
+    prefixes = [r["param:pruning#1.pruning_ratio"] for r in continued]  # one chain: the first ratio is the prefix
+    assert continued and len(set(prefixes)) == len(prefixes)  # each prefix continued once at most
+    assert any(not r["continues"] for r in rows if int(r["trial"]) >= 2)  # then the sampler draws whole trials
+
+
 def test_reuse_zero_draws_every_trial_whole(tmp_path):
     rows = _two_pruning_nodes_searched(tmp_path, trials=6, reuse=0.0)
     assert [r["continues"] for r in rows] == [""] * 6
