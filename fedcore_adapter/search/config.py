@@ -130,6 +130,11 @@ class SearchConfig(StrictModel):
     reuse_per_prefix: Optional[int] = Field(None, ge=1, description="continuations started from one prefix (a "
                                                                     "front trial's chain and fields but the last "
                                                                     "node's) at most; null: no limit")
+    reuse_redraw: Literal["last", "structural"] = Field(
+        "last", description="what a continuation re-draws: the front trial's last node (last), or its nodes from the "
+                            "last one that changed the model's structure (structural: its params, MACs or bytes on "
+                            "disk; after a distillation the node before it too, so its continuations move along the "
+                            "cost objectives)")
     reuse_after: Optional[int] = Field(None, ge=1, description="trials asked before continuations may start "
                                                                "(default: the sampler's start-up trials)")
     retries: int = Field(2, ge=0, description="re-runs of a trial (or of the shared prefix) whose worker was lost")

@@ -189,6 +189,18 @@ def _describe(row: dict, objectives: list[str]) -> str:
     return ", ".join(parts)
 
 
+def kept_structure(rows: list[dict]) -> list[bool]:
+    """Per node of a run's measured ``rows`` (the input's row first): whether it left the model's structure as it
+    found it: the same parameters and MACs, and bytes on disk within 0.1 % (a distillation or a fine-tune)."""
+    def same(a: dict, b: dict) -> bool:
+        counts = [(a.get(k), b.get(k)) for k in ("params", "macs")]
+        size = (a.get("size_mb"), b.get("size_mb"))
+        return all(isinstance(x, (int, float)) and x == y for x, y in counts) \
+            and all(isinstance(x, (int, float)) for x in size) and math.isclose(*size, rel_tol=1e-3)
+
+    return [same(a, b) for a, b in zip(rows, rows[1:])]
+
+
 def _key(nodes: Any) -> str:
     """A candidate's identity: its nodes, as JSON."""
     return json.dumps(nodes, sort_keys=True, default=str)
@@ -475,9 +487,9 @@ class Search:
     def continuation(self) -> Optional[tuple[dict, dict]]:
         """``(params, user_attrs)`` of the next trial when it continues a feasible front trial (``search.reuse``
         of the trials after the sampler's start-up ones, or after ``search.reuse_after``): that trial's chain and
-        the fields of every node but its last, so it starts from that trial's computed prefix; None: the sampler
-        draws the whole trial. Front trials whose chain is one node or ends in a node with nothing to draw are not
-        continued, nor one whose prefix ``search.reuse_per_prefix`` continuations started from already; the one
+        the fields of every node but its last (``search.reuse_redraw``: or from its last that changed the model's
+        structure), so it starts from that trial's computed prefix; None: the sampler draws the whole trial. Front
+        trials whose chain is one node or whose re-drawn nodes have nothing to draw are not continued, nor one whose prefix ``search.reuse_per_prefix`` continuations started from already; the one
         continued is drawn as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
@@ -489,10 +501,11 @@ class Search:
         parents = []
         for row in self._front():
             chain = self.space.chains.get(row["chain"])
-            if not chain or len(chain) < 2 or not self.space.templates[chain[-1]].dims:
-                continue
             trial = self.study.trials[row["trial"]]
-            kept = set(chain[:-1])
+            cut = self._redrawn_from(trial, chain or [])
+            if not chain or cut < 1 or not any(self.space.templates[n].dims for n in chain[cut:]):
+                continue
+            kept = set(chain[:cut])
             params = {k: v for k, v in trial.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
             if self.scfg.reuse_per_prefix is None or self._continued(params) < self.scfg.reuse_per_prefix:
                 parents.append((trial, params))
@@ -504,6 +517,20 @@ class Search:
         else:
             parent, params = parents[rng.randrange(len(parents))]
         return params, {"continues": parent.number}
+
+    def _redrawn_from(self, trial: Any, chain: list[str]) -> int:
+        """The index in ``chain`` (``trial``'s) of the first node its continuations re-draw: the last node, or
+        (``search.reuse_redraw: structural``) the last one measured to change the model's structure, past those
+        this trial ran and measured leaving it as it was (a node it started past counts as changing it); a
+        continuation keeps the chain's first node at least."""
+        cut = len(chain) - 1
+        if self.scfg.reuse_redraw != "structural":
+            return cut
+        kept = trial.user_attrs.get("kept_structure") or []
+        first = (trial.user_attrs.get("start_node") or 0) - len(self.space.prefix)  # its first node run, in chain
+        while cut > 1 and 0 <= cut - first < len(kept) and kept[cut - first]:
+            cut -= 1
+        return cut
 
     def _continued(self, kept: Mapping[str, Any]) -> int:
         """Continuations asked so far from the prefix ``kept`` (the chain and the fields of the nodes kept)."""
@@ -687,6 +714,7 @@ class Search:
         trial.set_user_attr("output_dir", value.get("output_dir"))
         trial.set_user_attr("epochs", value.get("epochs"))
         trial.set_user_attr("epochs_reused", value.get("epochs_reused"))
+        trial.set_user_attr("kept_structure", kept_structure(rows))
         line = self._line()
         acc = self._selected(value, last, "accuracy")
         if line is not None:

@@ -192,6 +192,40 @@ def test_chains_ending_in_distillation_are_continued_and_learn_from_the_shared_p
     assert (last["params"], last["accuracy"]) == (row["params"], row["accuracy"])
 
 
+def test_structural_redraw_continues_a_chain_ending_in_distillation_from_before_its_last_pruning(tmp_path):
+    """``search.reuse_redraw: structural``: the distillation is measured leaving the structure as the pruning before
+    it left it, so a continuation of training -> pruning -> pruning -> distillation re-draws the second pruning too
+    (it moves along the cost objectives); with ``last`` it re-draws the distillation alone."""
+    from tests.search.helpers import SETUP
+
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    distill = {"kind": "distillation", "epochs": 1, "learning_rate": 0.01, "temperature": 2.0}
+    found = {}
+    for redraw in ("last", "structural"):
+        cfg = config(tmp_path / redraw, trials=8, reuse=1.0, reuse_after=2, max_accuracy_drop=1.0,
+                     reuse_redraw=redraw, moves={"drop": False, "insert": [], "reorder": False},
+                     space={"pruning": {"importance": False, "reconstruct": False},
+                            "distillation": {"epochs": {"low": 1, "high": 2}}})
+        cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune), distill]}
+        result = run_search(cfg)
+        rows = [r for r in _rows(result.folder) if not r["same_as"]]
+        for r in rows:  # measured: the distillation kept the structure the pruning nodes changed
+            kept = result.study.trials[int(r["trial"])].user_attrs["kept_structure"]
+            assert kept[-1] is True and len(kept) == 4 - int(r["start_node"])
+            assert not any(kept[:-1]) or r["param:pruning#2.pruning_ratio"] == "0.0"
+        continued = [r for r in rows if r["continues"]]
+        assert continued
+        found[redraw] = (continued, {r["trial"]: r for r in rows})
+    assert {r["start_node"] for r in found["last"][0]} == {"3"}
+    continued, parents = found["structural"]
+    assert "2" in {r["start_node"] for r in continued}  # past the training and the first pruning only
+    assert {r["start_node"] for r in continued} <= {"2", "3"}  # 3: a second pruning drawn as an earlier one ran
+    assert all(r["param:pruning#1.pruning_ratio"] == parents[r["continues"]]["param:pruning#1.pruning_ratio"]
+               for r in continued)
+    assert any(r["param:pruning#2.pruning_ratio"] != parents[r["continues"]]["param:pruning#2.pruning_ratio"]
+               for r in continued)  # the second pruning's ratio is drawn again
+
+
 def test_a_candidate_asked_again_is_told_the_earlier_trials_figures_not_run_and_not_counted(tmp_path, count_training):
     """The runs are deterministic: a repeat of a finished candidate costs nothing, is marked ``same_as`` and leaves
     the search to ask another, so ``search.trials`` are distinct candidates; the front holds the trial once."""
