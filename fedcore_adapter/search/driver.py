@@ -489,8 +489,9 @@ class Search:
         of the trials after the sampler's start-up ones, or after ``search.reuse_after``): that trial's chain and
         the fields of every node but its last (``search.reuse_redraw``: or from its last that changed the model's
         structure), so it starts from that trial's computed prefix; None: the sampler draws the whole trial. Front
-        trials whose chain is one node or whose re-drawn nodes have nothing to draw are not continued, nor one whose prefix ``search.reuse_per_prefix`` continuations started from already; the one
-        continued is drawn as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the trial's number."""
+        trials whose chain is one node or whose re-drawn nodes have nothing to draw are not continued, nor one
+        whose prefix ``search.reuse_per_prefix`` continuations started from already; the one continued is drawn
+        as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
         if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:

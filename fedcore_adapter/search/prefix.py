@@ -3,11 +3,15 @@ configs), each a checkpoint folder a trial starts from instead of computing it a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from ..results import write_json
+from ..training_cache import module_digest
 
 
 def prefix_key(identity: str, common: dict, nodes: Sequence[dict]) -> str:
@@ -49,8 +53,16 @@ class PrefixCache:
         return 0, None
 
 
+def _saved_digest(model: Any) -> str:
+    """A digest of ``model``'s structure and of its state as ``torch.save`` writes it (packed int8 weights too)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return hashlib.sha256(repr(model).encode() + buffer.getvalue()).hexdigest()
+
+
 def identity_of(cfg: dict, model: Any = None) -> str:
-    """What the search's input model is: its config, its ``pretrained`` file (size, mtime), or its weights."""
+    """What the search's input model is: its config, its ``pretrained`` file (size, mtime), or its structure and
+    weights."""
     data = {k: cfg.get(k) for k in ("model", "data", "loss")}
     pretrained = cfg.get("pretrained")
     if pretrained:
@@ -58,9 +70,5 @@ def identity_of(cfg: dict, model: Any = None) -> str:
         state = next((c for c in (p / "state.pt", p / "final" / "state.pt", p) if c.is_file()), None)
         data["pretrained"] = [str(p.resolve()), *((state.stat().st_size, state.stat().st_mtime_ns) if state else ())]
     if model is not None:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        data["weights"] = digest.hexdigest()
+        data["weights"] = module_digest(model) or _saved_digest(model)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
