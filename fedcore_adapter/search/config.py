@@ -131,10 +131,11 @@ class SearchConfig(StrictModel):
                                                                     "front trial's chain and fields but the last "
                                                                     "node's) at most; null: no limit")
     reuse_redraw: Literal["last", "structural"] = Field(
-        "last", description="what a continuation re-draws: the front trial's last node (last), or its nodes from the "
-                            "last one that changed the model's structure (structural: its params, MACs or bytes on "
-                            "disk; after a distillation the node before it too, so its continuations move along the "
-                            "cost objectives)")
+        "structural",
+        description="what a continuation re-draws: the front trial's nodes from the last one that changed the "
+                    "model's structure (structural: its params, MACs or bytes on disk; after a distillation the "
+                    "node before it too, so its continuations move along the cost objectives), or its last node "
+                    "alone (last)")
     reuse_after: Optional[int] = Field(None, ge=1, description="trials asked before continuations may start "
                                                                "(default: the sampler's start-up trials)")
     retries: int = Field(2, ge=0, description="re-runs of a trial (or of the shared prefix) whose worker was lost")
