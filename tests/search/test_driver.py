@@ -192,6 +192,19 @@ def test_chains_ending_in_distillation_are_continued_and_learn_from_the_shared_p
     assert (last["params"], last["accuracy"]) == (row["params"], row["accuracy"])
 
 
+def test_a_node_keeps_the_structure_with_the_same_params_and_macs_and_bytes_within_a_tenth_of_a_percent():
+    from fedcore_adapter.search.driver import kept_structure
+
+    rows = [{"params": 10, "macs": 100, "size_mb": 1.0},
+            {"params": 10, "macs": 100, "size_mb": 1.0005},  # a distillation: the same tensors, re-serialised
+            {"params": 8, "macs": 100, "size_mb": 0.8},  # fewer parameters
+            {"params": 8, "macs": 90, "size_mb": 0.8},  # fewer MACs
+            {"params": 8, "macs": 90, "size_mb": 0.7},  # smaller on disk (int8)
+            {"params": 8, "macs": 90, "size_mb": None}]  # not measured: not known to keep it
+    assert kept_structure(rows) == [True, False, False, False, False]
+    assert kept_structure(rows[:1]) == []
+
+
 def test_structural_redraw_continues_a_chain_ending_in_distillation_from_before_its_last_pruning(tmp_path):
     """``search.reuse_redraw: structural``: the distillation is measured leaving the structure as the pruning before
     it left it, so a continuation of training -> pruning -> pruning -> distillation re-draws the second pruning too
