@@ -130,6 +130,9 @@ class SearchConfig(StrictModel):
     reuse_per_prefix: Optional[int] = Field(None, ge=1, description="continuations started from one prefix (a "
                                                                     "front trial's chain and fields but the last "
                                                                     "node's) at most; null: no limit")
+    start_with_setup: bool = Field(False, description="run the setup's own chain, as it defines it, as the first "
+                                                      "trial (the initial assumption as the first candidate; "
+                                                      "skipped with a warning when a value is outside the space)")
     reuse_redraw: Literal["last", "structural"] = Field(
         "structural",
         description="what a continuation re-draws: the front trial's nodes from the last one that changed the "

@@ -665,7 +665,15 @@ class Search:
                  trial.number, earlier.number)
 
     def _loop(self, pool: Any) -> None:
-        """The sampler's loop: a trial asked whenever a worker is free, told as it finishes."""
+        """The sampler's loop: a trial asked whenever a worker is free, told as it finishes; the first one the
+        setup's own chain with ``search.start_with_setup``."""
+        if self.scfg.start_with_setup and not self.study.trials:
+            initial = self.space.initial_params()
+            if initial is None:
+                log.warning("search.start_with_setup: the setup's own chain has a value outside the search space "
+                            "(a narrowed range, off its grid); the first trial is drawn instead")
+            else:
+                self.submit(pool, initial, {"initial": True})
         while True:
             while len(self.in_flight) < pool.slots and self.remaining:
                 self.submit(pool, *(self.continuation() or ()))

@@ -51,6 +51,15 @@ class Dimension:
         value = trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log, step=self.step)
         return round(value, 10) if self.step else value  # a grid point as written (0.6, not 0.6000000000000001)
 
+    def contains(self, value: Any) -> bool:
+        """Whether the sampler could draw ``value`` (a choice; a number in the range, on its grid)."""
+        if self.type == "categorical":
+            return value in self.choices
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not self.low <= value <= self.high:
+            return False
+        cells = (value - self.low) / self.step if self.step else 0.0
+        return abs(cells - round(cells)) < 1e-6
+
     def describe(self) -> str:
         if self.type == "categorical":
             return f"{self.name} in {list(self.choices)}"
@@ -115,6 +124,17 @@ class SearchSpace:
                 value = value[0] if len(value) == 1 else value
             out[dim.name] = value
         return out
+
+    def initial_params(self) -> Optional[dict[str, Any]]:
+        """The setup's own chain as it defines it (the initial assumption), named as :meth:`suggest` draws it;
+        None when one of its values is outside the space (a range narrowed past it, off its grid)."""
+        params: dict[str, Any] = {"chain": self.initial} if len(self.chains) > 1 else {}
+        for tid in self.chains[self.initial]:
+            values = self.defined(tid)
+            if not all(dim.contains(values[dim.name]) for dim in self.templates[tid].dims):
+                return None
+            params.update(values)
+        return params
 
     def neighbours(self, label: str) -> list[str]:
         """The space's chains one chain move (drop, insert, reorder as ``search.moves`` allows) from chain

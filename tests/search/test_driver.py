@@ -141,6 +141,29 @@ def test_reuse_per_prefix_caps_the_continuations_started_from_one_prefix(tmp_pat
     assert any(not r["continues"] for r in rows if int(r["trial"]) >= 2)  # then the sampler draws whole trials
 
 
+def test_start_with_setup_runs_the_setups_own_chain_as_it_defines_it_first(tmp_path):
+    """The initial assumption as the first candidate: the setup's pruning ratio (0.5), the rest of its fields
+    as its node config defines them; the trials after it are drawn."""
+    from fedcore_adapter.nodes.pruning.config import PruningConfig
+
+    result = run_search(config(tmp_path, trials=3, start_with_setup=True, space={"pruning": {"reconstruct": False}}))
+    first = result.study.trials[0]
+    assert first.user_attrs.get("initial") is True and first.state.name == "COMPLETE"
+    node = first.user_attrs["nodes"][1]
+    assert node["kind"] == "pruning" and node["pruning_ratio"] == 0.5
+    assert node["importance"] == PruningConfig.model_fields["importance"].default
+    assert not any(t.user_attrs.get("initial") for t in result.study.trials[1:])
+
+
+def test_start_with_setup_outside_a_narrowed_space_draws_the_first_trial_and_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fedcore_adapter.search"):
+        result = run_search(config(tmp_path, trials=1, start_with_setup=True,
+                                   space={"pruning": {"pruning_ratio": {"low": 0.6, "high": 0.9}}}))
+    assert "the setup's own chain has a value outside the search space" in caplog.text
+    assert not result.study.trials[0].user_attrs.get("initial")
+    assert result.study.trials[0].user_attrs["nodes"][-1]["pruning_ratio"] >= 0.6
+
+
 def test_reuse_zero_draws_every_trial_whole(tmp_path):
     rows = _two_pruning_nodes_searched(tmp_path, trials=6, reuse=0.0)
     assert [r["continues"] for r in rows] == [""] * 6
