@@ -119,17 +119,17 @@ class SearchConfig(StrictModel):
                     "{choices}) is searched over it")
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
     reuse: float = Field(0.9, ge=0, le=1, description="share of the trials after the sampler's start-up ones that "
-                                                      "continue a feasible front trial: its chain and every node "
-                                                      "but the last fixed (a computed prefix, not run again), the "
-                                                      "last node's fields drawn by the sampler; 0: every trial "
-                                                      "drawn whole")
+                                                      "continue a feasible front trial: its chain and the nodes "
+                                                      "before those reuse_redraw re-draws fixed (a computed "
+                                                      "prefix, not run again), the re-drawn nodes' fields drawn "
+                                                      "by the sampler; 0: every trial drawn whole")
     reuse_parent: Literal["uniform", "contribution"] = Field(
         "uniform", description="which feasible front trial a continuation continues: any, evenly (uniform), or "
                                "drawn in proportion to its own share of the front's hypervolume (contribution: "
                                "in practice the high-accuracy end and the trials beside wide gaps)")
     reuse_per_prefix: Optional[int] = Field(None, ge=1, description="continuations started from one prefix (a "
-                                                                    "front trial's chain and fields but the last "
-                                                                    "node's) at most; null: no limit")
+                                                                    "front trial's chain and the fields it keeps) "
+                                                                    "at most; null: no limit")
     start_with_setup: bool = Field(False, description="run the setup's own chain, as it defines it, as the first "
                                                       "trial (the initial assumption as the first candidate; "
                                                       "skipped with a warning when a value is outside the space)")

@@ -6,8 +6,9 @@
    setup validated like any other, run as a real run on a worker (``trial.run_trial``) from the longest
    prefix already computed, stopped early when its fine-tune stays below the accuracy constraint; after the
    sampler's start-up trials a share of them (``search.reuse``) continues a feasible front trial: its chain
-   and every node but the last fixed (``study.enqueue_trial`` with those parameters), so the trial starts
-   from that trial's computed prefix and the sampler draws the last node's fields; a candidate asked again is
+   and its nodes before the last one that changed the model's structure fixed (``search.reuse_redraw``;
+   ``study.enqueue_trial`` with those parameters), so the trial starts from that trial's computed prefix and
+   the sampler draws the rest; a candidate asked again is
    told the earlier trial's figures, not run, and not counted (asked while its twin runs: when the twin ends);
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters; another optimiser may propose the candidates
