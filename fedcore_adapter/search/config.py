@@ -139,6 +139,16 @@ class SearchConfig(StrictModel):
                     "model's structure (structural: its params, MACs or bytes on disk; after a distillation the "
                     "node before it too, so its continuations move along the cost objectives), or its last node "
                     "alone (last)")
+    reuse_recover: float = Field(0.5, ge=0, le=1, description="share of the continuations that append a recovery "
+                                                              "node (an inserted kind of early_stop.recovered_by: a "
+                                                              "distillation) to a trial whose last node changed the "
+                                                              "model's structure, every node of it kept (its "
+                                                              "checkpoint, not run again): a feasible front trial, or "
+                                                              "one at most recover_within below the constraint line; "
+                                                              "each trial once; 0: none")
+    recover_within: float = Field(0.03, ge=0, le=1, description="how far below the constraint line (accuracy) a "
+                                                                "trial may end and still be continued with a "
+                                                                "recovery node (reuse_recover)")
     reuse_after: Optional[int] = Field(None, ge=1, description="trials asked before continuations may start "
                                                                "(default: the sampler's start-up trials)")
     retries: int = Field(2, ge=0, description="re-runs of a trial (or of the shared prefix) whose worker was lost")

@@ -202,6 +202,17 @@ def kept_structure(rows: list[dict]) -> list[bool]:
     return [same(a, b) for a, b in zip(rows, rows[1:])]
 
 
+def _rerun_attrs(trial: Any) -> dict:
+    """What a lost trial asked again keeps of its own: the templates a recovery appended, whom it continued."""
+    keep = ("append", "continues", "recovers")
+    return {"rerun_of": trial.number, **{k: trial.user_attrs[k] for k in keep if k in trial.user_attrs}}
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    """Whether ``a`` dominates ``b`` (values to be minimised): no worse in any, better in one."""
+    return all(x <= y for x, y in zip(a, b)) and a != b
+
+
 def _key(nodes: Any) -> str:
     """A candidate's identity: its nodes, as JSON."""
     return json.dumps(nodes, sort_keys=True, default=str)
@@ -312,7 +323,7 @@ class Search:
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 if study is self.study and t.state == TrialState.RUNNING:
                     optuna.trial.Trial(study, t._trial_id).set_user_attr("lost", True)
-                    study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+                    study.enqueue_trial(t.params, user_attrs=_rerun_attrs(t), skip_if_exists=False)
                     log.info("trial #%d was interrupted: asked again with the same parameters", t.number)
                 if t.state == TrialState.RUNNING:
                     study.tell(t.number, state=TrialState.FAIL)
@@ -500,25 +511,75 @@ class Search:
         rng = random.Random(f"{self.scfg.seed}:{asked}")
         if rng.random() >= self.scfg.reuse:
             return None
+        if self.scfg.reuse_recover and rng.random() < self.scfg.reuse_recover:
+            recoverable = self._recoverable()
+            if recoverable:
+                parent, params, append = recoverable[rng.randrange(len(recoverable))]
+                return params, {"continues": parent.number, "recovers": parent.number,
+                                **({"append": append} if append else {})}
         parents = []
         for row in self._front():
-            chain = self.space.chains.get(row["chain"])
             trial = self.study.trials[row["trial"]]
-            cut = self._redrawn_from(trial, chain or [])
-            if not chain or cut < 1 or not any(self.space.templates[n].dims for n in chain[cut:]):
+            chain = self._ids(trial)
+            cut = self._redrawn_from(trial, chain)
+            if len(chain) < 2 or cut < 1 or not any(self.space.templates[n].dims for n in chain[cut:]):
                 continue
             kept = set(chain[:cut])
             params = {k: v for k, v in trial.params.items() if k == "chain" or k.split(".", 1)[0] in kept}
-            if self.scfg.reuse_per_prefix is None or self._continued(params) < self.scfg.reuse_per_prefix:
-                parents.append((trial, params))
+            append = list(trial.user_attrs.get("append") or [])
+            if self.scfg.reuse_per_prefix is None or self._continued(params, append) < self.scfg.reuse_per_prefix:
+                parents.append((trial, params, append))
         if not parents:
             return None
         if self.scfg.reuse_parent == "contribution":
-            weights = self._contributions([t for t, _ in parents])
-            parent, params = rng.choices(parents, weights)[0] if sum(weights) > 0 else rng.choice(parents)
+            weights = self._contributions([t for t, _, _ in parents])
+            parent, params, append = rng.choices(parents, weights)[0] if sum(weights) > 0 else rng.choice(parents)
         else:
-            parent, params = parents[rng.randrange(len(parents))]
-        return params, {"continues": parent.number}
+            parent, params, append = parents[rng.randrange(len(parents))]
+        return params, {"continues": parent.number, **({"append": append} if append else {})}
+
+    def _ids(self, trial: Any) -> tuple[str, ...]:
+        """The template ids of ``trial``'s chain: the chain drawn, then the templates a recovery appended."""
+        label = trial.params.get("chain", self.space.initial)
+        return self.space.chains[label] + tuple(trial.user_attrs.get("append") or ())
+
+    def _recoverable(self) -> list[tuple[Any, dict, list[str]]]:
+        """The recovery continuations that may be asked, ``(parent, its params, [the template appended])``: every
+        node of a complete trial kept and a recovery node (``early_stop.recovered_by``, inserted as
+        ``search.moves.insert`` allows) appended after its last one, where that last node changed the model's
+        structure (measured) and the trial is on the feasible front or at most ``search.recover_within`` below
+        the constraint line; each trial recovered once, those not dominated among them offered."""
+        line = self._line()
+        templates = self.space.recovery_templates(self.scfg.early_stop.recovered_by)
+        if line is None or not templates:
+            return []
+        recovered = {t.user_attrs.get("recovers") for t in self.study.get_trials(deepcopy=False)}
+        front = {r["trial"] for r in self._front()}
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            kept = t.user_attrs.get("kept_structure") or [True]
+            acc = t.user_attrs.get("val_accuracy") if self.on_validation else (t.user_attrs.get("metrics") or
+                                                                                {}).get("accuracy")
+            if t.user_attrs.get("same_as") is not None or t.number in recovered or kept[-1] \
+                    or not isinstance(acc, (int, float)):
+                continue
+            if not (t.number in front or (not t.user_attrs.get("feasible") and acc >= line - self.scfg.recover_within)):
+                continue
+            chain = self._ids(t)
+            tid = next((x for x in templates if x not in chain and self.space.allows(chain + (x,))), None)
+            if tid is None:
+                continue
+            label, append = ">".join(chain + (tid,)), list(t.user_attrs.get("append") or [])
+            if label in self.space.chains and not append:  # a chain of the space: drawn as that chain
+                out.append((t, {**t.params, "chain": label}, []))
+            else:  # beyond the space's moves: the chain drawn, then the template appended
+                out.append((t, dict(t.params), [*append, tid]))
+        points = [self._signed(t.values) for t, _, _ in out]
+        return [c for c, p in zip(out, points) if not any(_dominates(q, p) for q in points)]
+
+    def _signed(self, values: list[float]) -> list[float]:
+        """A trial's objective values, each to be minimised."""
+        return [v if d == "minimize" else -v for v, d in zip(values, self.scfg.directions())]
 
     def _redrawn_from(self, trial: Any, chain: list[str]) -> int:
         """The index in ``chain`` (``trial``'s) of the first node its continuations re-draw: the last node, or
@@ -534,9 +595,11 @@ class Search:
             cut -= 1
         return cut
 
-    def _continued(self, kept: Mapping[str, Any]) -> int:
-        """Continuations asked so far from the prefix ``kept`` (the chain and the fields of the nodes kept)."""
+    def _continued(self, kept: Mapping[str, Any], append: list[str]) -> int:
+        """Continuations asked so far from the prefix ``kept`` (the chain, the templates appended to it and the
+        fields of the nodes kept)."""
         return sum(1 for t in self.study.trials if "continues" in t.user_attrs
+                   and list(t.user_attrs.get("append") or []) == append
                    and all(t.params.get(k, _MISSING) == v for k, v in kept.items()))
 
     def _contributions(self, trials: list[Any]) -> list[float]:
@@ -580,7 +643,7 @@ class Search:
     def _ask(self, pool: Any) -> int:
         trial = self.study.ask()
         try:
-            label, nodes = self.space.suggest(trial)
+            label, nodes = self.space.suggest(trial, tuple(trial.user_attrs.get("append") or ()))
             shared = self.cache.get(prefix_key(self.identity, {**self.space.common, "seed": self.base_seed},
                                                self.space.prefix)) if self.space.prefix else None
             for node in nodes[len(self.space.prefix):]:
@@ -695,7 +758,7 @@ class Search:
             self.retries[key] = self.retries.get(key, 0) + 1
             if self.retries[key] <= self.scfg.retries:
                 trial.set_user_attr("lost", True)
-                self.study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
+                self.study.enqueue_trial(trial.params, user_attrs=_rerun_attrs(trial), skip_if_exists=False)
                 log.warning("trial #%d lost its worker (%s): asked again with the same parameters", trial.number,
                             outcome.get("error"))
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -756,7 +819,7 @@ class Search:
         if not self.scfg.share_prefix:
             return
         common = {**self.space.common, "seed": self.base_seed}
-        for j in range(start + 1, len(nodes)):
+        for j in range(start + 1, len(nodes) + 1):
             folder = Path(output_dir) / "nodes" / f"{j - start}_{nodes[j - 1]['kind']}"
             if (folder / "manifest.json").exists():
                 self.cache.put(prefix_key(self.identity, common, nodes[:j]), folder)
@@ -775,13 +838,8 @@ class Search:
                   if t.user_attrs.get("same_as") is None]
         if self.scfg.max_accuracy_drop is not None:
             trials = [t for t in trials if t.user_attrs.get("feasible")]
-        signs = [1 if d == "minimize" else -1 for d in self.scfg.directions()]
-        keys = {t.number: [s * v for s, v in zip(signs, t.values)] for t in trials}
-
-        def dominated(a: list[float]) -> bool:
-            return any(all(x <= y for x, y in zip(b, a)) and b != a for b in keys.values())
-
-        return [self._row(t) for t in trials if not dominated(keys[t.number])]
+        keys = {t.number: self._signed(t.values) for t in trials}
+        return [self._row(t) for t in trials if not any(_dominates(b, keys[t.number]) for b in keys.values())]
 
     def _best(self) -> Optional[dict]:
         """The front's trial best on the first objective (as selected: validation accuracy / loss)."""

@@ -88,6 +88,7 @@ class SearchSpace:
     chains: dict[str, tuple[str, ...]]  # label -> template ids, the initial chain first
     common: dict = field(default_factory=dict)
     moves: Optional[Moves] = None  # the ``search.moves`` the chains were derived with (``neighbours``)
+    _allowed: dict = field(default_factory=dict, repr=False)  # chain label -> a valid setup (``allows``)
 
     @property
     def initial(self) -> str:
@@ -100,17 +101,42 @@ class SearchSpace:
     def is_empty(self) -> bool:
         return len(self.chains) < 2 and not self.dimensions()
 
-    def suggest(self, trial: Any) -> tuple[str, list[dict]]:
-        """``(chain label, the chain's nodes)`` for an optuna trial (define-by-run)."""
+    def suggest(self, trial: Any, append: tuple[str, ...] = ()) -> tuple[str, list[dict]]:
+        """``(chain label, the chain's nodes)`` for an optuna trial (define-by-run); ``append``: templates added
+        after the drawn chain (a recovery continuation's node, :meth:`recovery_templates`), their fields drawn."""
         label = trial.suggest_categorical("chain", list(self.chains)) if len(self.chains) > 1 else self.initial
+        ids = self.chains[label] + tuple(append)
         nodes = copy.deepcopy(self.prefix)
-        for tid in self.chains[label]:
+        for tid in ids:
             template = self.templates[tid]
             node = copy.deepcopy(template.node)
             for dim in template.dims:
                 _set_path(node, dim.path, dim.suggest(trial))
             nodes.append(node)
-        return label, nodes
+        return _label(ids), nodes
+
+    def ids_of(self, label: str) -> tuple[str, ...]:
+        """The template ids of chain ``label`` (one of the space's, or one with templates appended)."""
+        ids = tuple(label.split(">"))
+        if not all(t in self.templates for t in ids):
+            raise KeyError(label)
+        return ids
+
+    def recovery_templates(self, kinds: typing.Iterable[str]) -> list[str]:
+        """The insert templates (``<kind>+``) of the node ``kinds`` that recover accuracy (a distillation)."""
+        return [f"{kind}+" for kind in kinds if f"{kind}+" in self.templates]
+
+    def allows(self, ids: tuple[str, ...]) -> bool:
+        """Whether the chain of template ``ids`` after the prefix is a valid setup (the chain rules)."""
+        key = _label(ids)
+        if key not in self._allowed:
+            nodes = self.prefix + [self.templates[t].node for t in ids]
+            try:
+                Setup.parse({"name": self.setup.name, "common": self.common, "nodes": copy.deepcopy(nodes)})
+                self._allowed[key] = True
+            except ConfigError:
+                self._allowed[key] = False
+        return self._allowed[key]
 
     def defined(self, tid: str) -> dict[str, Any]:
         """The searchable values of node ``tid`` as the setup (or the insert template) defines them, else its node

@@ -468,3 +468,57 @@ def test_a_continuation_restores_the_training_its_parent_ran_before_the_node_it_
     assert [r["state"] for r in rows] == ["complete"] * 2
     assert [int(r["start_node"]) for r in rows] == [1, 2]  # trial 1 from trial 0's pruning checkpoint
     assert [int(r["epochs"]) for r in rows] == [4, 1] and [int(r["epochs_reused"]) for r in rows] == [0, 2]
+
+
+def test_a_recovery_continuation_keeps_every_node_of_a_near_miss_and_appends_a_distillation(tmp_path):
+    """``search.reuse_recover``: a trial whose last node changed the structure and that ended on the front or at
+    most ``recover_within`` below the line is continued once with a distillation after it, started from its final
+    checkpoint: drawn as the space's chain where the longer chain is one of them, else appended to its chain
+    (beyond the moves' depth)."""
+    from tests.search.helpers import SETUP
+
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    cfg = config(tmp_path, trials=6, reuse=1.0, reuse_after=1, reuse_recover=1.0, recover_within=1.0,
+                 max_accuracy_drop=0.0, moves={"drop": True, "insert": ["distillation"], "reorder": False},
+                 insert_templates={"distillation": {"epochs": {"low": 1, "high": 2}, "learning_rate": 0.01}},
+                 space={"pruning": {"importance": False, "reconstruct": False}})
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    asked = [{"chain": "pruning#1>pruning#2", "pruning#1.pruning_ratio": 0.5, "pruning#2.pruning_ratio": 0.5},
+             {"chain": "pruning#1", "pruning#1.pruning_ratio": 0.6}]
+    got = []
+
+    def loop(search, pool):
+        for params in asked:
+            search.submit(pool, params)
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+        while search.remaining:
+            offered = {t.number for t, _, _ in search._recoverable()}
+            params, attrs = search.continuation()
+            got.append((offered, attrs))
+            search.submit(pool, params, attrs)
+            while search.in_flight:
+                search.collect(pool, timeout=5)
+
+    result = run_search(cfg, loop=loop)
+    trials = result.study.trials
+    for offered, _ in got:  # trials that ended on a pruning, none dominated by another offered
+        assert offered <= {0, 1, 4, 5} and not any(trials[n].user_attrs["kept_structure"][-1] for n in offered)
+        values = [trials[n].values for n in offered]
+        assert not any(a[0] <= b[0] and a[1] >= b[1] and a != b for a in values for b in values)
+    parents = [attrs["recovers"] for _, attrs in got if "recovers" in attrs]
+    assert {0, 1} <= set(parents) and len(set(parents)) == len(parents)  # each once
+    recoveries = {attrs["recovers"]: n for n, (_, attrs) in enumerate(got, start=2) if "recovers" in attrs}
+    for parent, number in recoveries.items():
+        t, p = trials[number], trials[parent]
+        nodes = t.user_attrs["nodes"]
+        assert nodes[:-1] == p.user_attrs["nodes"] and nodes[-1]["kind"] == "distillation"
+        assert t.user_attrs["start_node"] == len(p.user_attrs["nodes"])  # from the parent's final checkpoint
+        assert t.user_attrs["kept_structure"] == [True] and t.state.name == "COMPLETE"
+        assert t.values[0] == p.values[0]  # the same parameters: a recovery keeps the structure
+    assert trials[recoveries[0]].params["chain"] == "pruning#1>pruning#2>distillation+"  # one of the space's
+    assert trials[recoveries[1]].params["chain"] == "pruning#1"  # beyond depth 1: appended
+    assert trials[recoveries[1]].user_attrs["append"] == ["distillation+"]
+    assert trials[recoveries[1]].user_attrs["chain"] == "pruning#1>distillation+"
+    rows = {int(r["trial"]): r for r in _rows(result.folder)}
+    assert rows[recoveries[1]]["chain"] == "pruning#1>distillation+" and rows[recoveries[1]]["continues"] == "1"
