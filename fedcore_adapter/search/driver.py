@@ -8,7 +8,9 @@
    sampler's start-up trials a share of them (``search.reuse``) continues a feasible front trial: its chain
    and its nodes before the last one that changed the model's structure fixed (``search.reuse_redraw``;
    ``study.enqueue_trial`` with those parameters), so the trial starts from that trial's computed prefix and
-   the sampler draws the rest; a candidate asked again is
+   the sampler draws the rest; a share of the continuations (``search.reuse_recover``) recovers a trial that
+   ended on a structural node, on the front or a near miss: every node kept, a distillation appended; a
+   candidate asked again is
    told the earlier trial's figures, not run, and not counted (asked while its twin runs: when the twin ends);
 4. the study lives in ``study.journal`` of the results folder: ``resume=true`` continues it, and a trial
    whose worker was lost is asked again with the same parameters; another optimiser may propose the candidates
@@ -503,7 +505,8 @@ class Search:
         structure), so it starts from that trial's computed prefix; None: the sampler draws the whole trial. Front
         trials whose chain is one node or whose re-drawn nodes have nothing to draw are not continued, nor one
         whose prefix ``search.reuse_per_prefix`` continuations started from already; the one continued is drawn
-        as ``search.reuse_parent`` says. Seeded by ``search.seed`` and the trial's number."""
+        as ``search.reuse_parent`` says. A share of them (``search.reuse_recover``) recovers a trial instead
+        (:meth:`_recoverable`) while one may be. Seeded by ``search.seed`` and the trial's number."""
         asked = len(self.study.trials)
         after = self.scfg.reuse_after or _startup_trials(self.scfg)
         if not self.scfg.reuse or asked < after or not self.scfg.share_prefix:

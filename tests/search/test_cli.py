@@ -34,6 +34,8 @@ def _run(tmp_path, command, *extra):
                                                  "'off', 'final_phase', 'phase_ends' or 'all'"),
     ("search.reuse_parent=best", "search.reuse_parent = 'best': Input should be 'uniform' or 'contribution'"),
     ("search.reuse_redraw=all", "search.reuse_redraw = 'all': Input should be 'last' or 'structural'"),
+    ("search.reuse_recover=1.5", "search.reuse_recover = 1.5: Input should be less than or equal to 1"),
+    ("search.recover_within=-0.01", "search.recover_within = -0.01: Input should be greater than or equal to 0"),
     ("search.training_cache_mb=0", "search.training_cache_mb = 0: Input should be greater than 0"),
     ("search.early_stop.margin=-1", "search.early_stop.margin = -1: margin must be auto or an accuracy >= 0"),
     ("search.early_stop.recovered_by=[distilation]", "search.early_stop.recovered_by = ['distilation']: "

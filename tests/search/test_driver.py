@@ -522,3 +522,37 @@ def test_a_recovery_continuation_keeps_every_node_of_a_near_miss_and_appends_a_d
     assert trials[recoveries[1]].user_attrs["chain"] == "pruning#1>distillation+"
     rows = {int(r["trial"]): r for r in _rows(result.folder)}
     assert rows[recoveries[1]]["chain"] == "pruning#1>distillation+" and rows[recoveries[1]]["continues"] == "1"
+
+
+def test_a_recovery_whose_worker_was_lost_is_asked_again_with_its_distillation_appended(tmp_path):
+    """A lost trial is asked again with the same parameters: a recovery's appended distillation (not a parameter
+    but what the continuation appended) comes with it, and whom it recovers."""
+    from fedcore_adapter.search import driver
+    from tests.search.helpers import SETUP
+
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    cfg = config(tmp_path, trials=2, reuse=1.0, reuse_after=1, reuse_recover=1.0, recover_within=1.0,
+                 max_accuracy_drop=0.0, moves={"drop": True, "insert": ["distillation"], "reorder": False},
+                 insert_templates={"distillation": {"epochs": {"low": 1, "high": 2}, "learning_rate": 0.01}},
+                 space={"pruning": {"importance": False, "reconstruct": False}})
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+
+    def loop(search, pool):
+        search.submit(pool, {"chain": "pruning#1", "pruning#1.pruning_ratio": 0.6})
+        search.collect(pool, timeout=5)
+        search.submit(pool, *search.continuation())  # lost
+        while search.in_flight or search.remaining:
+            while not search.in_flight and search.remaining:
+                search.submit(pool)  # the lost recovery, asked again by the search
+            search.collect(pool, timeout=5)
+
+    real = driver.SequentialPool
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(driver, "SequentialPool", lambda fn: _LosesOnce(real(fn), 1))
+        result = run_search(cfg, loop=loop)
+    lost, again = result.study.trials[1], result.study.trials[2]
+    assert lost.user_attrs["lost"] and lost.user_attrs["append"] == ["distillation+"]
+    assert again.user_attrs["rerun_of"] == 1 and again.state.name == "COMPLETE"
+    assert {k: again.user_attrs[k] for k in ("append", "recovers", "chain")} == \
+        {"append": ["distillation+"], "recovers": 0, "chain": "pruning#1>distillation+"}
+    assert again.params == lost.params and again.user_attrs["nodes"] == lost.user_attrs["nodes"]
