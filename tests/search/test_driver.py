@@ -470,19 +470,26 @@ def test_a_continuation_restores_the_training_its_parent_ran_before_the_node_it_
     assert [int(r["epochs"]) for r in rows] == [4, 1] and [int(r["epochs_reused"]) for r in rows] == [0, 2]
 
 
+def _recovering(tmp_path, trials: int) -> dict:
+    """Training -> pruning -> pruning, distillation insertable, every continuation a recovery while one may be,
+    every trial below the line a near miss (``recover_within`` 1.0)."""
+    from tests.search.helpers import SETUP
+
+    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
+    cfg = config(tmp_path, trials=trials, reuse=1.0, reuse_after=1, reuse_recover=1.0, recover_within=1.0,
+                 max_accuracy_drop=0.0, moves={"drop": True, "insert": ["distillation"], "reorder": False},
+                 insert_templates={"distillation": {"epochs": {"low": 1, "high": 2}, "learning_rate": 0.01}},
+                 space={"pruning": {"importance": False, "reconstruct": False}})
+    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    return cfg
+
+
 def test_a_recovery_continuation_keeps_every_node_of_a_near_miss_and_appends_a_distillation(tmp_path):
     """``search.reuse_recover``: a trial whose last node changed the structure and that ended on the front or at
     most ``recover_within`` below the line is continued once with a distillation after it, started from its final
     checkpoint: drawn as the space's chain where the longer chain is one of them, else appended to its chain
     (beyond the moves' depth)."""
-    from tests.search.helpers import SETUP
-
-    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
-    cfg = config(tmp_path, trials=6, reuse=1.0, reuse_after=1, reuse_recover=1.0, recover_within=1.0,
-                 max_accuracy_drop=0.0, moves={"drop": True, "insert": ["distillation"], "reorder": False},
-                 insert_templates={"distillation": {"epochs": {"low": 1, "high": 2}, "learning_rate": 0.01}},
-                 space={"pruning": {"importance": False, "reconstruct": False}})
-    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    cfg = _recovering(tmp_path, trials=6)
     asked = [{"chain": "pruning#1>pruning#2", "pruning#1.pruning_ratio": 0.5, "pruning#2.pruning_ratio": 0.5},
              {"chain": "pruning#1", "pruning#1.pruning_ratio": 0.6}]
     got = []
@@ -528,14 +535,8 @@ def test_a_recovery_whose_worker_was_lost_is_asked_again_with_its_distillation_a
     """A lost trial is asked again with the same parameters: a recovery's appended distillation (not a parameter
     but what the continuation appended) comes with it, and whom it recovers."""
     from fedcore_adapter.search import driver
-    from tests.search.helpers import SETUP
 
-    prune = {"kind": "pruning", "pruning_ratio": 0.3, "finetune_params": {"epochs": 1, "learning_rate": 0.01}}
-    cfg = config(tmp_path, trials=2, reuse=1.0, reuse_after=1, reuse_recover=1.0, recover_within=1.0,
-                 max_accuracy_drop=0.0, moves={"drop": True, "insert": ["distillation"], "reorder": False},
-                 insert_templates={"distillation": {"epochs": {"low": 1, "high": 2}, "learning_rate": 0.01}},
-                 space={"pruning": {"importance": False, "reconstruct": False}})
-    cfg["setup"] = {**SETUP, "nodes": [SETUP["nodes"][0], prune, dict(prune)]}
+    cfg = _recovering(tmp_path, trials=2)
 
     def loop(search, pool):
         search.submit(pool, {"chain": "pruning#1", "pruning#1.pruning_ratio": 0.6})
