@@ -115,13 +115,6 @@ class SearchSpace:
             nodes.append(node)
         return _label(ids), nodes
 
-    def ids_of(self, label: str) -> tuple[str, ...]:
-        """The template ids of chain ``label`` (one of the space's, or one with templates appended)."""
-        ids = tuple(label.split(">"))
-        if not all(t in self.templates for t in ids):
-            raise KeyError(label)
-        return ids
-
     def recovery_templates(self, kinds: typing.Iterable[str]) -> list[str]:
         """The insert templates (``<kind>+``) of the node ``kinds`` that recover accuracy (a distillation)."""
         return [f"{kind}+" for kind in kinds if f"{kind}+" in self.templates]

@@ -114,6 +114,27 @@ def test_every_candidate_chain_is_a_valid_setup_and_suggests_one():
         load_setup({"name": "x", "nodes": nodes})
 
 
+def test_a_recovery_appends_an_inserted_recovery_node_beyond_the_chains_where_the_chain_rules_allow():
+    """A recovery continuation's distillation: the insert templates of the kinds that recover accuracy, appended
+    after a drawn chain (its fields drawn too), but never after int8 (which stays last)."""
+    import optuna
+
+    space = derive_space(load_setup("composite_1"), SearchConfig.parse({"moves": {"insert": ["ptq_static",
+                                                                                          "distillation"]}}))
+    assert space.recovery_templates(["distillation"]) == ["distillation+"]
+    assert space.recovery_templates(["training"]) == []  # not insertable here: nothing to append
+    assert "pruning#1>pruning#3>distillation+" not in space.chains  # two moves from the setup
+    assert space.allows(("pruning#1", "pruning#3", "distillation+"))
+    assert not space.allows(("pruning#1", "low_rank#2", "pruning#3", "ptq_static+", "distillation+"))
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    study.enqueue_trial({"chain": "pruning#1>pruning#3"})
+    trial = study.ask()
+    label, nodes = space.suggest(trial, ("distillation+",))
+    assert label == "pruning#1>pruning#3>distillation+"
+    assert [n["kind"] for n in nodes] == ["training", "pruning", "pruning", "distillation"]
+    assert {"distillation+.epochs", "distillation+.temperature"} <= set(trial.params)
+
+
 def test_a_falor_budget_candidate_is_a_valid_low_rank_node_with_the_budget_searched():
     import optuna
 
