@@ -57,7 +57,7 @@ from .report import (
     trial_row,
     write_csv,
 )
-from .space import SearchSpace, derive_space
+from .space import SearchSpace, chain_label, derive_space
 from .trial import open_storage, run_trial
 
 log = logging.getLogger("fedcore_adapter.search")
@@ -561,8 +561,7 @@ class Search:
         out = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             kept = t.user_attrs.get("kept_structure") or [True]
-            acc = t.user_attrs.get("val_accuracy") if self.on_validation else (t.user_attrs.get("metrics") or
-                                                                                {}).get("accuracy")
+            acc = self._selected(t.user_attrs, t.user_attrs.get("metrics") or {}, "accuracy")
             if t.user_attrs.get("same_as") is not None or t.number in recovered or kept[-1] \
                     or not isinstance(acc, (int, float)):
                 continue
@@ -572,7 +571,7 @@ class Search:
             tid = next((x for x in templates if x not in chain and self.space.allows(chain + (x,))), None)
             if tid is None:
                 continue
-            label, append = ">".join(chain + (tid,)), list(t.user_attrs.get("append") or [])
+            label, append = chain_label(chain + (tid,)), list(t.user_attrs.get("append") or [])
             if label in self.space.chains and not append:  # a chain of the space: drawn as that chain
                 out.append((t, {**t.params, "chain": label}, []))
             else:  # beyond the space's moves: the chain drawn, then the template appended

@@ -113,19 +113,24 @@ class SearchSpace:
             for dim in template.dims:
                 _set_path(node, dim.path, dim.suggest(trial))
             nodes.append(node)
-        return _label(ids), nodes
+        return chain_label(ids), nodes
 
     def recovery_templates(self, kinds: typing.Iterable[str]) -> list[str]:
         """The insert templates (``<kind>+``) of the node ``kinds`` that recover accuracy (a distillation)."""
         return [f"{kind}+" for kind in kinds if f"{kind}+" in self.templates]
 
+    def validate(self, ids: tuple[str, ...]) -> None:
+        """Parse the chain of template ``ids`` after the prefix as a setup: ``ConfigError`` names what the chain
+        rules forbid."""
+        nodes = self.prefix + [self.templates[t].node for t in ids]
+        Setup.parse({"name": self.setup.name, "common": self.common, "nodes": copy.deepcopy(nodes)})
+
     def allows(self, ids: tuple[str, ...]) -> bool:
-        """Whether the chain of template ``ids`` after the prefix is a valid setup (the chain rules)."""
-        key = _label(ids)
+        """Whether the chain of template ``ids`` after the prefix is a valid setup (:meth:`validate`), remembered."""
+        key = chain_label(ids)
         if key not in self._allowed:
-            nodes = self.prefix + [self.templates[t].node for t in ids]
             try:
-                Setup.parse({"name": self.setup.name, "common": self.common, "nodes": copy.deepcopy(nodes)})
+                self.validate(ids)
                 self._allowed[key] = True
             except ConfigError:
                 self._allowed[key] = False
@@ -434,21 +439,16 @@ def derive_space(setup: Setup, scfg: SearchConfig) -> SearchSpace:
                 if cand not in seen:
                     seen.add(cand)
                     nxt.append(cand)
-        order += sorted(nxt, key=lambda c: _label(c))
+        order += sorted(nxt, key=chain_label)
         frontier = nxt
-    chains = {}
-    for chain in order:
-        nodes = prefix + [templates[t].node for t in chain]
-        try:
-            Setup.parse({"name": setup.name, "common": common, "nodes": copy.deepcopy(nodes)})
-        except ConfigError:
-            if chain == tuple(initial):
-                raise
-            continue  # a move the chain rules forbid (e.g. int8 before a training node)
-        chains[_label(chain)] = chain
-    return SearchSpace(setup, prefix, templates, chains, common, scfg.moves)
+    space = SearchSpace(setup, prefix, templates, {}, common, scfg.moves)
+    space.validate(tuple(initial))  # the setup's own chain: its error as the chain rules give it
+    # the others where the chain rules allow the move (not int8 before a training node, ...)
+    space.chains.update((chain_label(chain), chain) for chain in order if space.allows(chain))
+    return space
 
 
-def _label(chain: tuple[str, ...]) -> str:
+def chain_label(chain: tuple[str, ...]) -> str:
+    """A chain's label: its template ids joined by ``>`` (``pruning#1>distillation+``)."""
     return ">".join(chain)
 
