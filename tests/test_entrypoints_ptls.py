@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from tests.test_entrypoints import compose
 
@@ -19,12 +18,7 @@ TARGET = ["tracking=none", "model=ptls_seq_to_target", "model.hidden_size=8", "d
           "++nodes.0.epochs=1", "++common.latency_repeats=2", "++common.latency_warmup=1", "limit_train_batches=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_train_then_inference_give_every_clients_coles_embedding(tmp_path):

@@ -1,12 +1,14 @@
-"""The ``search`` config section: trials, objectives, the accuracy constraint, the space and the moves."""
+"""The ``search`` config section: trials, objectives, the quality constraint (accuracy by default), the space and
+the moves."""
 from __future__ import annotations
 
 import math
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from ..errors import ConfigError
+from ..results import METRIC_COLUMNS
 from ..registry import known_kinds
 from ..schema import StrictModel, validation_message
 
@@ -15,6 +17,8 @@ AUTO_MARGIN_UNKNOWN = 0.02  # early_stop.margin auto without the validation spli
 OBJECTIVES = {"macs": "minimize", "params": "minimize", "size_mb": "minimize", "latency_ms": "minimize",
               "latency_ms_per_sample": "minimize", "throughput_sps": "maximize", "accuracy": "maximize",
               "loss": "minimize"}
+# the measured columns that are not a quality (costs and facts of the measurement, the loss: lower is better)
+QUALITY_EXCLUDED = tuple(c for c in (*METRIC_COLUMNS, "runtime", "threads", "batch_shape") if c != "accuracy")
 
 
 def standard_error(accuracy: float, samples: int) -> float:
@@ -94,8 +98,14 @@ class SearchConfig(StrictModel):
     """``search.*`` of ``conf/search.yaml``; see the README's Search section."""
 
     trials: int = Field(32, description="finished trials wanted (completed or stopped early)")
+    quality: str = Field("accuracy", description="the metric the constraint is on, measured on the validation split "
+                                                 "like accuracy, higher better: accuracy, or a quality column the "
+                                                 "model's own validation step logs (a ptls CoLESModule's "
+                                                 "recall_top_k, a torchmetrics F1...); a share in [0, 1] per "
+                                                 "sample: its standard error is bounded by sqrt(p(1-p)/n)")
     objectives: list[str] = Field(default_factory=lambda: ["macs", "accuracy"], min_length=1)
-    max_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1, description="constraint: accuracy at most this "
+    max_accuracy_drop: Optional[float] = Field(0.01, ge=0, le=1, description="constraint: the quality metric "
+                                                                             "(quality: accuracy) at most this "
                                                                              "below the uncompressed model's")
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
@@ -163,12 +173,23 @@ class SearchConfig(StrictModel):
             raise ValueError(f"trials must be a positive number of trials (got {v})")
         return v
 
+    @field_validator("quality")
+    @classmethod
+    def _quality(cls, v: str) -> str:
+        if v in QUALITY_EXCLUDED or v in OBJECTIVES and v != "accuracy":
+            raise ValueError(f"{v!r} is not a quality where higher is better; allowed: accuracy, or a quality "
+                             f"column the model's validation step logs (recall_top_k, ...)")
+        return v
+
     @field_validator("objectives")
     @classmethod
-    def _metrics(cls, v: list[str]) -> list[str]:
+    def _metrics(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        quality = info.data.get("quality", "accuracy")
         for name in v:
-            if name not in OBJECTIVES:
-                raise ValueError(f"objective {name!r} is not a metric; allowed: {', '.join(OBJECTIVES)}")
+            if name not in OBJECTIVES and name != quality:
+                extra = f", {quality} (search.quality)" if quality not in OBJECTIVES else \
+                    "; a quality column the model logs (recall_top_k, ...) after search.quality=<it>"
+                raise ValueError(f"objective {name!r} is not a metric; allowed: {', '.join(OBJECTIVES)}{extra}")
         if len(set(v)) != len(v):
             raise ValueError(f"objectives must differ (got {v})")
         return v
@@ -192,4 +213,4 @@ class SearchConfig(StrictModel):
         return max(2 * standard_error(val_accuracy, val_samples), (self.max_accuracy_drop or 0.0) / 2)
 
     def directions(self) -> list[str]:
-        return [OBJECTIVES[o] for o in self.objectives]
+        return [OBJECTIVES.get(o, "maximize") for o in self.objectives]  # the quality: higher better

@@ -4,7 +4,8 @@
 2. the shared prefix (the leading training nodes) runs once; its checkpoint starts every trial;
 3. Optuna asks for candidates (constrained multi-objective TPE / NSGA-II / random, ask and tell), each a
    setup validated like any other, run as a real run on a worker (``trial.run_trial``) from the longest
-   prefix already computed, stopped early when its fine-tune stays below the accuracy constraint; after the
+   prefix already computed, stopped early when its fine-tune stays below the quality constraint (accuracy, or
+   ``search.quality``); after the
    sampler's start-up trials a share of them (``search.reuse``) continues a feasible front trial: its chain
    and its nodes before the last one that changed the model's structure fixed (``search.reuse_redraw``;
    ``study.enqueue_trial`` with those parameters), so the trial starts from that trial's computed prefix and
@@ -44,16 +45,17 @@ from ..schema import Setup
 from ..setups import named_setups
 from ..tracking.config import default_experiment
 from ..tracking.search_run import SearchRun
-from .config import SearchConfig, standard_error
+from .config import OBJECTIVES, QUALITY_EXCLUDED, SearchConfig, standard_error
 from .prefix import PrefixCache, identity_of, prefix_key
 from .report import (
-    REFERENCE_COLUMNS,
-    SPLIT_METRICS,
     figure_points,
     hypervolume,
     plot_front,
+    reference_columns,
     reference_rows,
     setup_yaml,
+    split_metrics,
+    summary_columns,
     trial_row,
     write_csv,
 )
@@ -146,8 +148,8 @@ def _open_folder(folder: Path, resume: bool, signature: str) -> dict:
 class _Progress:
     """One line per finished trial: n/N, its metrics, the best trial under the constraint, the ETA."""
 
-    def __init__(self, total: int, done: int, objectives: list[str]):
-        self.total, self.done, self.objectives = total, done, objectives
+    def __init__(self, total: int, done: int, objectives: list[str], quality: str = "accuracy"):
+        self.total, self.done, self.objectives, self.quality = total, done, objectives, quality
         self.start, self.counted = time.time(), 0
 
     def line(self, row: dict, best: Optional[dict]) -> str:
@@ -156,11 +158,12 @@ class _Progress:
         elapsed = time.time() - self.start
         left = max(0, self.total - self.done)
         eta = elapsed / self.counted * left
-        what = _describe(row, self.objectives) if row["state"] in ("complete", "pruned") else f"FAILED: {row['error']}"
+        what = _describe(row, self.objectives, self.quality) if row["state"] in ("complete", "pruned") \
+            else f"FAILED: {row['error']}"
         if row["state"] == "pruned":
             what = f"stopped early ({row.get('error')})"
         flag = {True: " [meets constraint]", False: " [misses constraint]"}.get(row.get("feasible"), "")
-        best_text = f"#{best['trial']} {_describe(best, self.objectives)}" if best else "none yet"
+        best_text = f"#{best['trial']} {_describe(best, self.objectives, self.quality)}" if best else "none yet"
         return (f"trial {self.done}/{self.total} #{row['trial']} {row['chain']}: {what}{flag} | best under the "
                 f"constraint: {best_text} | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
@@ -172,20 +175,22 @@ def _number(value: float) -> str:
     return f"{value:,.0f}"
 
 
-def _describe(row: dict, objectives: list[str]) -> str:
-    """The row's objectives, then its validation accuracy and loss where an objective (what the search selects on)
-    and its test accuracy and loss (held out)."""
+def _describe(row: dict, objectives: list[str], quality: str = "accuracy") -> str:
+    """The row's objectives, then its validation quality (accuracy), and accuracy and loss where an objective (what
+    the search selects on), and their test figures (held out)."""
     parts = []
-    split = ["accuracy", *[o for o in objectives if o in SPLIT_METRICS and o != "accuracy"]]
-    for name in dict.fromkeys([*[o for o in objectives if o not in SPLIT_METRICS],
+    per_split = split_metrics(quality)
+    split = [quality, *[o for o in objectives if o in per_split and o != quality]]
+    for name in dict.fromkeys([*[o for o in objectives if o not in per_split],
                                *(f"{pre}{o}" for o in split for pre in ("val_", ""))]):
         value = row.get(name)
         if not isinstance(value, (int, float)):
             continue
-        label = f"val {name[4:]}" if name.startswith("val_") else f"test {name}" if name in SPLIT_METRICS else name
+        label = f"val {name[4:]}" if name.startswith("val_") else f"test {name}" if name in per_split else name
         text = f"{label} {_number(value)}"
-        if name == "macs" and row.get("macs_reduction"):
-            text += f" ({row['macs_reduction']:.1f}x fewer)"
+        reduction = row.get("macs_reduction") if name == "macs" else None
+        if reduction:
+            text += f" ({reduction:.1f}x fewer)" if reduction >= 1 else f" ({1 / reduction:.2f}x more)"
         if row.get(f"{name}_drop_pt") is not None:
             text += f" ({-row[f'{name}_drop_pt']:+.1f} pt)"
         parts.append(text)
@@ -215,6 +220,13 @@ def _dominates(a: list[float], b: list[float]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and a != b
 
 
+def _val_figures(value: Mapping[str, Any], prefix: str = "") -> dict:
+    """A run's validation figures (``val_accuracy``, ``val_loss``, ``val_<quality>``...; of its input model with
+    ``prefix="input_"``), named ``val_<metric>``."""
+    skip = (f"{prefix}val_split", f"{prefix}val_samples")
+    return {k[len(prefix):]: v for k, v in value.items() if k.startswith(f"{prefix}val_") and k not in skip}
+
+
 def _key(nodes: Any) -> str:
     """A candidate's identity: its nodes, as JSON."""
     return json.dumps(nodes, sort_keys=True, default=str)
@@ -234,8 +246,8 @@ class Search:
             raise ConfigError(f"search space is empty: setup {self.setup.name} ({chain}) has no searchable field and "
                               f"no chain move after its shared prefix; widen it with search.space.<kind>.<field>="
                               f"{{low: ..., high: ...}} or search.moves.insert=[pruning, ...]")
-        if self.scfg.max_accuracy_drop is not None and "accuracy" not in self.scfg.objectives:
-            log.info("constraint on accuracy (not an objective): accuracy is still measured and checked")
+        if self.scfg.max_accuracy_drop is not None and self.quality not in self.scfg.objectives:
+            log.info("constraint on %s (not an objective): it is still measured and checked", self.quality)
         self.objects = {"model": model, "data": data, "loss": loss}
         label = model_label or self.cfg.get("model_name") or "model"
         self.label = label
@@ -265,16 +277,21 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         resume = bool(self.cfg.get("resume"))
         self.state = _open_folder(self.folder, resume, self.space.signature())
-        self.state.setdefault("started_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        self.state["search"] = self.scfg.model_dump(mode="json")
-        self.state["space_description"] = self.space.describe()
-        self._save()
         storage = open_storage(self.folder / "study.journal")
         constrained = self.scfg.max_accuracy_drop is not None
         self.study = optuna.create_study(study_name=STUDY, storage=storage, directions=self.scfg.directions(),
                                          sampler=_sampler(self.scfg), load_if_exists=True)
         self.fidelity = optuna.create_study(study_name=FIDELITY, storage=storage, direction="maximize",
                                             load_if_exists=True)
+        judged_on = (self.state.get("search") or {}).get("quality", "accuracy")
+        if judged_on != self.quality and self.study.trials:
+            raise ConfigError(f"cannot resume {self.folder}: its trials were judged on search.quality={judged_on}, "
+                              f"not {self.quality}; resume with search.quality={judged_on}, or use another "
+                              f"model_name / output_dir")
+        self.state.setdefault("started_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.state["search"] = self.scfg.model_dump(mode="json")
+        self.state["space_description"] = self.space.describe()
+        self._save()
         self.cache = PrefixCache(self.folder)
         self.measuring: Any = None  # the run asked to measure the reference runs, until it ends
         self.reference_folders = [str(Path(p).absolute()) for p in self.scfg.reference_runs] or \
@@ -282,7 +299,8 @@ class Search:
         self._recover_lost()
         self.tracker = self._tracker()
         log.info("search %s: %d trials, objectives %s%s\n%s", self.folder, self.scfg.trials, self.scfg.objectives,
-                 f", validation accuracy drop <= {self.scfg.max_accuracy_drop * 100:g} pt" if constrained else "",
+                 f", validation {self.quality} drop <= {self.scfg.max_accuracy_drop * 100:g} pt" if constrained
+                 else "",
                  self.space.describe())
         pool = pool_factory()
         status = "failed"
@@ -291,7 +309,7 @@ class Search:
         self.retries: dict[str, int] = {}
         try:
             self._prefix(pool)
-            self.progress = _Progress(self.scfg.trials, self._finished(), self.scfg.objectives)
+            self.progress = _Progress(self.scfg.trials, self._finished(), self.scfg.objectives, self.quality)
             (loop or Search._loop)(self, pool)
             status = "completed"
         finally:
@@ -338,6 +356,11 @@ class Search:
                    and t.user_attrs.get("same_as") is None)
 
     @property
+    def quality(self) -> str:
+        """The metric the constraint is on (``search.quality``: accuracy by default)."""
+        return self.scfg.quality
+
+    @property
     def reference(self) -> dict:
         return self.state.get("reference") or {}
 
@@ -359,8 +382,9 @@ class Search:
         self._save()
 
     def _selected(self, value: Mapping[str, Any], row: Mapping[str, Any], name: str) -> Any:
-        """``accuracy`` / ``loss`` as the search selects on it: the validation figure, or the row's (test) one."""
-        if name in ("accuracy", "loss") and self.on_validation:
+        """``accuracy`` / ``loss`` / the quality as the search selects on it: the validation figure, or the row's
+        (test) one."""
+        if name in split_metrics(self.quality) and self.on_validation:
             return value.get(f"val_{name}")
         return row.get(name)
 
@@ -388,13 +412,13 @@ class Search:
                                               **{f: {**v, "measured_by": name} for f, v in got.items()}}
             self._save()
 
-    def _reference_accuracy(self) -> Optional[float]:
+    def _reference_quality(self) -> Optional[float]:
         ref = self.reference
-        acc = ref.get("val_accuracy") if self.on_validation else (ref.get("row") or {}).get("accuracy")
-        return acc if isinstance(acc, (int, float)) else None
+        q = ref.get(f"val_{self.quality}") if self.on_validation else (ref.get("row") or {}).get(self.quality)
+        return q if isinstance(q, (int, float)) else None
 
     def _line(self) -> Optional[float]:
-        acc = self._reference_accuracy()
+        acc = self._reference_quality()
         if self.scfg.max_accuracy_drop is None or acc is None:
             return None
         return acc - self.scfg.max_accuracy_drop
@@ -406,6 +430,7 @@ class Search:
             return
         key = prefix_key(self.identity, {**self.space.common, "seed": self.base_seed}, self.space.prefix)
         if self.cache.get(key) is not None and self.reference:
+            self._check_quality()
             return
         log.info("computing the shared prefix (%s) once", " -> ".join(x["kind"] for x in self.space.prefix))
         name = f"PREFIX_{key[:8]}"
@@ -427,21 +452,36 @@ class Search:
         self._note_split(value)
         self._note_references("prefix", name, value)
         self.cache.put(key, Path(value["output_dir"]) / "final")
-        self._set_reference({"row": value["metrics"][-1], "val_accuracy": value.get("val_accuracy"),
-                             "val_loss": value.get("val_loss"), "output_dir": value["output_dir"],
+        self._set_reference({"row": value["metrics"][-1], **_val_figures(value), "output_dir": value["output_dir"],
                              "wall_s": outcome.get("wall_s")})
 
     def _set_reference(self, reference: dict) -> None:
         """Keep ``reference`` (the uncompressed model's figures, which the constraint line is drawn from), warn when
-        its validation split is too small for the constraint, and save the search's state."""
+        its validation split is too small for the constraint, and save the search's state. A constraint on a
+        quality the model does not report is a ConfigError naming the ones it does."""
         self.state["reference"] = reference
         self._check_validation_size()
         self._save()
+        self._check_quality()
+
+    def _check_quality(self) -> None:
+        """A constraint on a quality the reference model does not report: a ConfigError naming the ones it does."""
+        if self.scfg.max_accuracy_drop is not None and self._reference_quality() is None:
+            row = self.reference.get("row") or {}
+            reported = [k for k in row if isinstance(row[k], (int, float)) and not isinstance(row[k], bool)
+                        and k not in OBJECTIVES and k not in QUALITY_EXCLUDED]
+            split = "validation" if self.on_validation else "test"
+            raise ConfigError(
+                f"search.quality = {self.quality!r}: the model reports no {self.quality} on the {split} split, so "
+                f"the constraint (search.max_accuracy_drop) cannot be checked; it reports "
+                f"{', '.join(reported) or 'no quality column'} (and loss): set search.quality to one of them, or "
+                f"search.max_accuracy_drop=null for no constraint")
 
     def _check_validation_size(self) -> None:
         """Warn once when the validation split is too small for the constraint: the standard error of the
         reference's validation accuracy is half of ``max_accuracy_drop`` or more (search.json: ``val_note``)."""
-        n, p, drop = self.state.get("val_samples"), self.reference.get("val_accuracy"), self.scfg.max_accuracy_drop
+        n, p, drop = self.state.get("val_samples"), self.reference.get(f"val_{self.quality}"), \
+            self.scfg.max_accuracy_drop
         if "val_standard_error" in self.state or not self.on_validation or not n or not drop \
                 or not isinstance(p, (int, float)):
             return
@@ -450,7 +490,7 @@ class Search:
         if se >= drop / 2:
             wanted = math.ceil(4 * p * (1 - p) / drop ** 2)
             self.state["val_note"] = (
-                f"the validation split has {n} samples: an accuracy of {p:.3f} there has a standard error of "
+                f"the validation split has {n} samples: a {self.quality} of {p:.3f} there has a standard error of "
                 f"{100 * se:.1f} pt, {se / drop:.0%} of the constraint ({100 * drop:g} pt), so trials near the line "
                 f"are told apart by chance and the best one may hold less on the test split; a val_dataloader() of "
                 f"{wanted:,}+ samples brings it under half the constraint")
@@ -459,16 +499,17 @@ class Search:
     def _margin(self) -> float:
         """How far below the constraint line a node may end before its trial is stopped (``early_stop.margin``;
         auto: from the reference's validation accuracy and the split's size), kept in search.json."""
-        margin = self.scfg.early_stop_margin(self.reference.get("val_accuracy"), self.state.get("val_samples"))
+        margin = self.scfg.early_stop_margin(self.reference.get(f"val_{self.quality}"), self.state.get("val_samples"))
         self.state["early_stop_margin"] = margin
         return margin
 
     def _early_stop_spec(self, trial_id: int) -> Optional[dict]:
         es = self.scfg.early_stop
-        val = self.reference.get("val_accuracy")
+        val = self.reference.get(f"val_{self.quality}")
         if not es.enabled or self.scfg.max_accuracy_drop is None or not isinstance(val, (int, float)):
             return None
         return {"storage": str((self.folder / "study.journal").absolute()), "study": FIDELITY, "trial_id": trial_id,
+                "quality": self.quality,
                 "lower": val - self.scfg.max_accuracy_drop - self._margin(), "patience": es.patience,
                 "within_nodes": es.within_nodes, "min_curves": es.min_curves,
                 "recovered_by": list(es.recovered_by)}
@@ -561,7 +602,7 @@ class Search:
         out = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             kept = t.user_attrs.get("kept_structure") or [True]
-            acc = self._selected(t.user_attrs, t.user_attrs.get("metrics") or {}, "accuracy")
+            acc = self._selected(t.user_attrs, t.user_attrs.get("metrics") or {}, self.quality)
             if t.user_attrs.get("same_as") is not None or t.number in recovered or kept[-1] \
                     or not isinstance(acc, (int, float)):
                 continue
@@ -614,7 +655,7 @@ class Search:
         ref_row = self.reference.get("row") or {}
         reference = []
         for i, (name, direction) in enumerate(zip(self.scfg.objectives, directions)):
-            value = self._line() if name == "accuracy" else ref_row.get(name) if name != "loss" else None
+            value = self._line() if name == self.quality else ref_row.get(name) if name != "loss" else None
             worst = (max if direction == "minimize" else min)(p[i] for p in points)
             if not isinstance(value, (int, float)) or math.isnan(value):
                 value = worst
@@ -684,8 +725,8 @@ class Search:
         if self.scfg.share_training:
             extra["training_cache"] = {"folder": str((self.folder / "prefix" / "training").absolute()),
                                        "max_bytes": int(self.scfg.training_cache_mb * 2**20)}
-        if start == 0 and not isinstance(self.reference.get("val_accuracy"), (int, float)):
-            extra["input_val"] = True  # no prefix ran: the input model's validation accuracy is the reference
+        if start == 0 and not isinstance(self.reference.get(f"val_{self.quality}"), (int, float)):
+            extra["input_val"] = True  # no prefix ran: the input model's validation figures are the reference
         name = f"trial_{trial.number:04d}"
         extra.update(self._references_to_measure(trial.number))
         payload = self._payload(name, nodes, start, checkpoint, self.folder / "trials", name, **extra)
@@ -775,23 +816,21 @@ class Search:
         self._note_split(value)
         rows = value.get("metrics") or []
         if not self.reference.get("row") and rows and trial.user_attrs.get("start_node") == 0:
-            # no prefix ran: the trial's input row (test split) and its input model's validation accuracy and loss
-            self._set_reference({"row": rows[0], "val_accuracy": value.get("input_val_accuracy"),
-                                 "val_loss": value.get("input_val_loss")})
-        elif "val_accuracy" in self.reference and self.reference["val_accuracy"] is None \
-                and isinstance(value.get("input_val_accuracy"), (int, float)):
-            self._set_reference({**self.reference, "val_accuracy": value["input_val_accuracy"],
-                                 "val_loss": value.get("input_val_loss")})
+            # no prefix ran: the trial's input row (test split) and its input model's validation figures
+            self._set_reference({"row": rows[0], **_val_figures(value, "input_")})
+        elif f"val_{self.quality}" in self.reference and self.reference[f"val_{self.quality}"] is None \
+                and isinstance(value.get(f"input_val_{self.quality}"), (int, float)):
+            self._set_reference({**self.reference, **_val_figures(value, "input_")})
         last = rows[-1] if rows else {}
         trial.set_user_attr("metrics", {k: v for k, v in last.items() if isinstance(v, (int, float, str))})
-        trial.set_user_attr("val_accuracy", value.get("val_accuracy"))
-        trial.set_user_attr("val_loss", value.get("val_loss"))
+        for name in dict.fromkeys(("accuracy", "loss", self.quality)):
+            trial.set_user_attr(f"val_{name}", value.get(f"val_{name}"))
         trial.set_user_attr("output_dir", value.get("output_dir"))
         trial.set_user_attr("epochs", value.get("epochs"))
         trial.set_user_attr("epochs_reused", value.get("epochs_reused"))
         trial.set_user_attr("kept_structure", kept_structure(rows))
         line = self._line()
-        acc = self._selected(value, last, "accuracy")
+        acc = self._selected(value, last, self.quality)
         if line is not None:
             violation = line - acc if isinstance(acc, (int, float)) else 1.0
             trial.set_constraint("accuracy_drop", violation if value["state"] == "complete" else max(violation, 1e-9))
@@ -829,7 +868,7 @@ class Search:
     # -- results -------------------------------------------------------------------------------------------
     def _row(self, t: Any) -> dict:
         state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(t.state.name, t.state.name.lower())
-        return trial_row(t.number, state, t.user_attrs, t.params, self.reference)
+        return trial_row(t.number, state, t.user_attrs, t.params, self.reference, self.quality)
 
     def _rows(self) -> list[dict]:
         return [self._row(t) for t in self.study.get_trials(deepcopy=False)
@@ -854,8 +893,8 @@ class Search:
     def _report(self) -> SearchResult:
         rows = self._rows()
         front = self._front()
-        write_csv(self.folder / "trials.csv", rows)
-        write_csv(self.folder / "pareto.csv", front)
+        write_csv(self.folder / "trials.csv", rows, summary_columns(self.quality))
+        write_csv(self.folder / "pareto.csv", front, summary_columns(self.quality))
         command = self._rerun_command()
         (self.folder / "pareto").mkdir(exist_ok=True)
         for row in front:
@@ -865,14 +904,16 @@ class Search:
                               command.replace("<FILE>", str(path)), t.user_attrs.get("metrics") or {})
             path.write_text(text)
         split = "validation" if self.on_validation else "test"
-        refs = reference_rows(self.reference_folders, self.state.get("reference_points") or {}, self.reference)
+        refs = reference_rows(self.reference_folders, self.state.get("reference_points") or {}, self.reference,
+                              self.quality)
         for ref in refs:
-            drawn = figure_points([ref], self.scfg.objectives, split)
+            drawn = figure_points([ref], self.scfg.objectives, split, self.quality)
             ref["plotted_split"] = drawn[0]["split"] if drawn else None
-        write_csv(self.folder / "reference_points.csv", refs, REFERENCE_COLUMNS)
+        write_csv(self.folder / "reference_points.csv", refs, reference_columns(self.quality))
         try:
             plot_front(self.folder / "pareto.png", rows, front, self.scfg.objectives,
-                       figure_points(refs, self.scfg.objectives, split), self._line(), split)
+                       figure_points(refs, self.scfg.objectives, split, self.quality), self._line(), split,
+                       self.quality)
         except Exception as err:  # noqa: BLE001 - a plot never fails the search
             log.warning("pareto.png not written: %s", err)
         best = self._best()
@@ -884,9 +925,9 @@ class Search:
     def _final_message(self, rows: list[dict], best: Optional[dict]) -> str:
         if best is not None:
             return (f"best under the constraint: trial #{best['trial']} {best['chain']}: "
-                    f"{_describe(best, self.scfg.objectives)}; setup: "
+                    f"{_describe(best, self.scfg.objectives, self.quality)}; setup: "
                     f"{self.folder / 'pareto' / ('trial_%04d.yaml' % best['trial'])}")
-        column = "val_accuracy" if self.on_validation else "accuracy"
+        column = f"val_{self.quality}" if self.on_validation else self.quality
         measured = [r for r in rows if isinstance(r.get(column), (int, float))]
         line = self._line()
         if self.scfg.max_accuracy_drop is None or not measured or line is None:
@@ -894,11 +935,11 @@ class Search:
         complete = [r for r in measured if r["state"] == "complete"]
         closest = max(complete or measured, key=lambda r: r[column])
         split = "validation" if self.on_validation else "test"
-        return (f"no trial met the constraint ({split} accuracy >= {line:.4f}, at most "
-                f"{self.scfg.max_accuracy_drop * 100:g} pt below {self._reference_accuracy():.4f}); closest: "
+        return (f"no trial met the constraint ({split} {self.quality} >= {line:.4f}, at most "
+                f"{self.scfg.max_accuracy_drop * 100:g} pt below {self._reference_quality():.4f}); closest: "
                 f"trial #{closest['trial']} {closest['chain']} ({closest['state']}"
                 f"{'' if closest['state'] == 'complete' else ', at its last finished node'}): "
-                f"{_describe(closest, self.scfg.objectives)}")
+                f"{_describe(closest, self.scfg.objectives, self.quality)}")
 
     def _summary_metrics(self, result: SearchResult) -> dict:
         repeats = sum(r.get("same_as") is not None for r in result.trials)
@@ -906,7 +947,9 @@ class Search:
                "pareto_size": float(len(result.front))}
         if result.best:
             out.update({f"best_{k}": result.best[k] for k in ("macs_reduction", "val_accuracy_drop_pt",
-                                                              "accuracy_drop_pt", "latency_ratio", "params_reduction")
+                                                              "accuracy_drop_pt", f"val_{self.quality}_drop_pt",
+                                                              f"{self.quality}_drop_pt", "latency_ratio",
+                                                              "params_reduction")
                         if result.best.get(k) is not None})
         return out
 

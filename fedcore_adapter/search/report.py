@@ -31,6 +31,26 @@ SUMMARY = ["trial", "state", "chain", "start_node", "continues", "same_as", *_FI
 REFERENCE_COLUMNS = ["setup", "folder", *_FIGURES[:6], "plotted_split", "val_note", *_FIGURES[6:]]
 
 
+def split_metrics(quality: str = "accuracy") -> tuple[str, ...]:
+    """The metrics measured per split: accuracy, loss and the search's quality (``search.quality``)."""
+    return SPLIT_METRICS if quality in SPLIT_METRICS else (*SPLIT_METRICS, quality)
+
+
+def _quality_columns(quality: str) -> list[str]:
+    return [] if quality in SPLIT_METRICS else [f"val_{quality}", f"val_{quality}_drop_pt", quality,
+                                                f"{quality}_drop_pt"]
+
+
+def summary_columns(quality: str = "accuracy") -> list[str]:
+    """The leading columns of trials.csv / pareto.csv: ``SUMMARY``, the quality's after accuracy's."""
+    return [*SUMMARY[:10], *_quality_columns(quality), *SUMMARY[10:]]
+
+
+def reference_columns(quality: str = "accuracy") -> list[str]:
+    """The columns of reference_points.csv (``REFERENCE_COLUMNS``, the quality's after accuracy's)."""
+    return [*REFERENCE_COLUMNS[:6], *_quality_columns(quality), *REFERENCE_COLUMNS[6:]]
+
+
 def _reduction(reference: Optional[float], value: Optional[float]) -> Optional[float]:
     return reference / value if isinstance(reference, (int, float)) and isinstance(value, (int, float)) and value \
         else None
@@ -41,11 +61,15 @@ def _drop_pt(reference: Optional[float], value: Optional[float]) -> Optional[flo
         else None
 
 
-def _measured(last: dict, val: Mapping[str, Any], reference: dict) -> dict:
-    """The figures of a measured model: validation accuracy and loss (``val``), its last metrics row (test split),
-    the drops and reductions against the search's reference."""
+def _measured(last: dict, val: Mapping[str, Any], reference: dict, quality: str = "accuracy") -> dict:
+    """The figures of a measured model: validation accuracy, loss and quality (``val``), its last metrics row (test
+    split), the drops and reductions against the search's reference."""
     ref = reference.get("row") or {}
-    return {"val_accuracy": val.get("val_accuracy"),
+    q = {} if quality in SPLIT_METRICS else {
+        f"val_{quality}": val.get(f"val_{quality}"),
+        f"val_{quality}_drop_pt": _drop_pt(reference.get(f"val_{quality}"), val.get(f"val_{quality}")),
+        quality: last.get(quality), f"{quality}_drop_pt": _drop_pt(ref.get(quality), last.get(quality))}
+    return {**q, "val_accuracy": val.get("val_accuracy"),
             "val_accuracy_drop_pt": _drop_pt(reference.get("val_accuracy"), val.get("val_accuracy")),
             "val_loss": val.get("val_loss"),
             **{k: last.get(k) for k in ("accuracy", "loss", "macs", "params", "size_mb", "latency_ms",
@@ -56,12 +80,13 @@ def _measured(last: dict, val: Mapping[str, Any], reference: dict) -> dict:
             "latency_ratio": _reduction(ref.get("latency_ms"), last.get("latency_ms"))}
 
 
-def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dict) -> dict:
-    """One line of trials.csv: the trial's validation accuracy and loss, its last measured row (test split), the
-    drops and reductions against the reference, its params."""
+def trial_row(number: int, state: str, attrs: dict, params: dict, reference: dict,
+              quality: str = "accuracy") -> dict:
+    """One line of trials.csv: the trial's validation accuracy, loss and quality, its last measured row (test
+    split), the drops and reductions against the reference, its params."""
     row = {"trial": number, "state": state, "chain": attrs.get("chain"), "start_node": attrs.get("start_node"),
            "continues": attrs.get("continues"), "same_as": attrs.get("same_as"),
-           **_measured(attrs.get("metrics") or {}, attrs, reference),
+           **_measured(attrs.get("metrics") or {}, attrs, reference, quality),
            "feasible": attrs.get("feasible"), "wall_s": attrs.get("wall_s"), "epochs": attrs.get("epochs"),
            "epochs_reused": attrs.get("epochs_reused"), "worker": attrs.get("worker"),
            "output_dir": attrs.get("output_dir"), "error": attrs.get("error") or attrs.get("reason")}
@@ -91,13 +116,13 @@ def setup_yaml(name: str, common: dict, nodes: list[dict], command: str, metrics
     return "\n".join(head) + "\n" + body
 
 
-def reference_rows(folders: Iterable[Path], measured: dict, reference: dict) -> list[dict]:
+def reference_rows(folders: Iterable[Path], measured: dict, reference: dict, quality: str = "accuracy") -> list[dict]:
     """The rows of ``reference_points.csv``: the search's uncompressed reference, then the final row of each
     completed results folder given (the named setups' runs) with its validation accuracy and loss as the search
     measured them (``measured[<folder>]``; ``val_note`` says why it is missing)."""
     out = [{"setup": "uncompressed", "folder": reference.get("output_dir"),
-            **_measured(reference.get("row") or {}, reference, reference),
-            "val_note": None if isinstance(reference.get("val_accuracy"), (int, float)) else "not measured"}]
+            **_measured(reference.get("row") or {}, reference, reference, quality),
+            "val_note": None if isinstance(reference.get(f"val_{quality}"), (int, float)) else "not measured"}]
     for folder in folders:
         try:
             rows = json.loads((Path(folder) / "metrics.json").read_text())
@@ -106,15 +131,16 @@ def reference_rows(folders: Iterable[Path], measured: dict, reference: dict) -> 
         if not rows:
             continue
         got = measured.get(str(folder)) or {}
-        val = got.get("val_accuracy")
+        val = got.get(f"val_{quality}")
         note = None if isinstance(val, (int, float)) else got.get("error") or (
             "no validation loader" if got.get("val_split") is False else "not measured")
-        out.append({"setup": Path(folder).name, "folder": str(folder), **_measured(rows[-1], got, reference),
+        out.append({"setup": Path(folder).name, "folder": str(folder), **_measured(rows[-1], got, reference, quality),
                     "val_note": note})
     return out
 
 
-def figure_points(rows: Sequence[dict], objectives: Sequence[str], split: str) -> list[dict]:
+def figure_points(rows: Sequence[dict], objectives: Sequence[str], split: str, quality: str = "accuracy"
+                  ) -> list[dict]:
     """What ``pareto.png`` draws for reference ``rows``: ``setup``, ``x``, ``y`` on the first two objectives,
     and ``split``. On the validation split, accuracy and loss are the row's ``val_accuracy`` / ``val_loss``; a row
     without one is drawn with its test figure, ``split: test`` (a different marker, named so in the legend); a row
@@ -122,7 +148,7 @@ def figure_points(rows: Sequence[dict], objectives: Sequence[str], split: str) -
     out = []
     for row in rows:
         values, point_split = [], split
-        for name, column in zip(objectives[:2], plotted_columns(objectives, split)):
+        for name, column in zip(objectives[:2], plotted_columns(objectives, split, quality)):
             value = row.get(column)
             if column != name and not isinstance(value, (int, float)):
                 value, point_split = row.get(name), "test"
@@ -132,28 +158,29 @@ def figure_points(rows: Sequence[dict], objectives: Sequence[str], split: str) -
     return out
 
 
-def plotted_columns(objectives: Sequence[str], split: str) -> list[str]:
-    """The columns ``pareto.png`` draws for the first two objectives: on the validation split, accuracy and loss
-    are ``val_accuracy`` / ``val_loss`` (what the trials are selected on)."""
-    return [f"val_{o}" if o in SPLIT_METRICS and split == "validation" else o for o in objectives[:2]]
+def plotted_columns(objectives: Sequence[str], split: str, quality: str = "accuracy") -> list[str]:
+    """The columns ``pareto.png`` draws for the first two objectives: on the validation split, accuracy, loss and
+    the quality are ``val_accuracy`` / ``val_loss`` / ``val_<quality>`` (what the trials are selected on)."""
+    per_split = split_metrics(quality)
+    return [f"val_{o}" if o in per_split and split == "validation" else o for o in objectives[:2]]
 
 
-def axis_label(name: str, column: str) -> str:
+def axis_label(name: str, column: str, quality: str = "accuracy") -> str:
     """``accuracy (validation split)`` / ``loss (test split)``...; other metrics as they are."""
-    if name not in SPLIT_METRICS:
+    if name not in split_metrics(quality):
         return name
     return f"{name} ({'validation' if column == f'val_{name}' else 'test'} split)"
 
 
 def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], objectives: Sequence[str],
-               references: Sequence[dict], line: Optional[float], split: str) -> bool:
+               references: Sequence[dict], line: Optional[float], split: str, quality: str = "accuracy") -> bool:
     """``pareto.png``: every finished trial on the first two objectives (accuracy and loss on ``split``, the one
     the search selects on), the front, and the reference points of :func:`figure_points` (the uncompressed model,
     the named setups' runs)."""
     if len(objectives) < 2:
         return False
     plt = pyplot()
-    (ox, oy), (x, y) = objectives[:2], plotted_columns(objectives, split)
+    (ox, oy), (x, y) = objectives[:2], plotted_columns(objectives, split, quality)
     fig, ax = plt.subplots(figsize=(7, 5))
     done = [t for t in trials if isinstance(t.get(x), (int, float)) and isinstance(t.get(y), (int, float))]
     ax.scatter([t[x] for t in done], [t[y] for t in done], c="lightgray", edgecolors="gray", label="trials")
@@ -176,12 +203,12 @@ def plot_front(path: Path, trials: Sequence[dict], front: Sequence[dict], object
         if p["setup"] != "uncompressed":
             ax.annotate(p["setup"], (p["x"], p["y"]), textcoords="offset points", xytext=(4, -10), fontsize=8,
                         color=color)
-    if line is not None and oy == "accuracy":
-        ax.axhline(line, linestyle="--", color="tab:green", label="accuracy constraint")
+    if line is not None and oy == quality:
+        ax.axhline(line, linestyle="--", color="tab:green", label=f"{quality} constraint")
     if ox in ("macs", "params", "size_mb", "latency_ms"):
         ax.set_xscale("log")
-    ax.set_xlabel(axis_label(ox, x))
-    ax.set_ylabel(axis_label(oy, y))
+    ax.set_xlabel(axis_label(ox, x, quality))
+    ax.set_ylabel(axis_label(oy, y, quality))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

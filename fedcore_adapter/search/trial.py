@@ -55,9 +55,10 @@ def fidelity_pruner(spec: Mapping[str, Any]) -> Any:
 
 
 class EarlyStopHook(Hook):
-    """Reports the validation accuracy of each node's last epoch (the model the node hands on) to the trial's
-    fidelity twin when the node ends; stops the run when pruned, before the next node. A node without epochs
-    reports nothing, nor does the last node (the trial is complete then, and judged as such).
+    """Reports the validation quality (the spec's ``quality``: accuracy by default) of each node's last epoch (the
+    model the node hands on) to the trial's fidelity twin when the node ends; stops the run when pruned, before
+    the next node. A node without epochs reports nothing, nor does the last node (the trial is complete then, and
+    judged as such).
 
     Each finished node's epoch curve (and each epoch's training phase) is kept on the fidelity twin (``curves``).
     Inside a node (``within_nodes``: ``all`` epochs, or only its ``final_phase``, the fine-tune after its last
@@ -76,7 +77,8 @@ class EarlyStopHook(Hook):
         self.step = 0  # node ends reported
         self.epochs = 0  # epochs run (the trial's cost)
         self.reused = 0  # epochs restored from an identical earlier training (not run)
-        self.last: Optional[float] = None  # the last validation accuracy reported
+        self.quality = str(self.spec.get("quality", "accuracy"))  # the metric judged (higher better)
+        self.last: Optional[float] = None  # the last validation quality reported
         self.last_loss: float | None = None  # the validation loss of the same epoch
         self._node_last: Optional[float] = None  # the running node's latest epoch
         self._node_loss: float | None = None
@@ -100,7 +102,7 @@ class EarlyStopHook(Hook):
         self._node_last = self._node_loss = None
         self._curve, self._phases = [], []
         self._key = f"{node.kind}:{node_work(node)}"  # the kind and its epoch settings
-        self._entry = self._ends.get(index - 1) if index else start_accuracy(self.spec.get("start"))
+        self._entry = self._ends.get(index - 1) if index else start_quality(self.spec.get("start"), self.quality)
         mode = within_mode(self.spec)
         self._gain = None if mode == "off" else \
             judged_epochs(self._curves(), self._key, mode, int(self.spec.get("min_curves", 3)))
@@ -111,7 +113,8 @@ class EarlyStopHook(Hook):
         return [c for t in trials for c in t.user_attrs.get("curves", [])]
 
     def on_log(self, run: Any, index: int, node: Any, metrics: dict, step: Optional[int]) -> None:
-        key, value = next(((k, v) for k, v in metrics.items() if k.endswith("val_accuracy")
+        column = f"val_{self.quality}"
+        key, value = next(((k, v) for k, v in metrics.items() if k.endswith(column)
                            and isinstance(v, (int, float))), (None, None))
         if value is None:
             return
@@ -122,12 +125,12 @@ class EarlyStopHook(Hook):
         if reused is not None:  # a training restored, not run: where it ended, no epoch run
             self.reused += int(reused)
             return
-        self._phases.append(key[:-len("val_accuracy")].rstrip("_/"))
+        self._phases.append(key[:-len(column)].rstrip("_/"))
         self.epochs += 1
         self._curve.append(float(value))
         k = len(self._curve) - 1
         if unrecoverable(self._curve, self._gain, self.spec["lower"]):
-            raise TrialStopped(f"validation accuracy {value:.4f} at epoch {k + 1} of {len(self._gain)} of node "
+            raise TrialStopped(f"validation {self.quality} {value:.4f} at epoch {k + 1} of {len(self._gain)} of node "
                                f"{index}: {node.kind} (after {self.epochs} epochs): with the largest recovery a "
                                f"finished {node.kind} node showed from there (+{self._gain[k]:.4f}) still below "
                                f"{self.spec['lower']:.4f}")
@@ -138,7 +141,7 @@ class EarlyStopHook(Hook):
             return
         self._ends[index] = value
         if checkpoint is not None:  # a trial started from this checkpoint knows where its first node started
-            write_json(Path(checkpoint) / ENTRY_FILE, {"val_accuracy": value, "val_loss": loss})
+            write_json(Path(checkpoint) / ENTRY_FILE, {f"val_{self.quality}": value, "val_loss": loss})
         trial = self.trial()  # every node's curve is kept: judged inside nodes, or replayed after the search
         trial.set_user_attr("curves", [*trial.user_attrs.get("curves", []),
                                        {"key": self._key, "kind": node.kind, "node": index, "values": self._curve,
@@ -150,7 +153,8 @@ class EarlyStopHook(Hook):
         self.last, self.last_loss = value, loss
         trial.report(value, self.step)
         lower, after = self.spec["lower"], run.setup.nodes[index + 1]
-        where = f"validation accuracy {value:.4f} at the end of node {index}: {node.kind} (after {self.epochs} epochs)"
+        where = (f"validation {self.quality} {value:.4f} at the end of node {index}: {node.kind} "
+                 f"(after {self.epochs} epochs)")
         if after.kind in self.spec.get("recovered_by", ()):
             epochs = node_work(after) - 1
             gain = recovery_gain(self._curves(), after.kind, epochs, lower, int(self.spec.get("min_curves", 3)))
@@ -172,12 +176,12 @@ def recovery_gain(curves: list[dict], kind: str, epochs: int, lower: float, min_
     return max(0.0, *gains) if len(gains) >= min_curves else None
 
 
-def start_accuracy(checkpoint: Optional[str | Path]) -> Optional[float]:
-    """The validation accuracy a trial's start checkpoint ended its node with (its ``ENTRY_FILE``); None when the
-    checkpoint was not a judged node's (the shared prefix) or there is none."""
+def start_quality(checkpoint: Optional[str | Path], quality: str = "accuracy") -> Optional[float]:
+    """The validation ``quality`` a trial's start checkpoint ended its node with (its ``ENTRY_FILE``); None when
+    the checkpoint was not a judged node's (the shared prefix) or there is none."""
     if not checkpoint:
         return None
-    value = read_json(Path(checkpoint) / ENTRY_FILE, {}).get("val_accuracy")
+    value = read_json(Path(checkpoint) / ENTRY_FILE, {}).get(f"val_{quality}")
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -233,13 +237,15 @@ def largest_gains(curves: list[dict], key: str, min_curves: int) -> Optional[lis
 
 
 def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> dict:
-    """``val_split`` (the data module has a validation loader) and the model's ``val_accuracy`` / ``val_loss`` on it."""
+    """``val_split`` (the data module has a validation loader) and the model's figures on it: ``val_accuracy``,
+    ``val_loss`` and each quality column its own validation step logs (``val_recall_top_k``...)."""
     loader = make_loader(data, "val_dataloader")
     if loader is None:
         return {"val_split": False}
     val = evaluate(model, loader, find_loss(model, payload.get("loss"), cfg.get("loss")), model_device(model),
                    setup.common.limit_valid_batches)
-    return {"val_split": True, "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
+    return {"val_split": True, **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
+            "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
             "val_samples": _samples(loader, setup.common.limit_valid_batches)}
 
 
@@ -312,7 +318,7 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
         facts = {"state": "pruned", "reason": str(stop), "output_dir": str(folder.absolute()),
                  "metrics": read_json(folder / "metrics.json", []), "epochs": stopper.epochs,
                  "epochs_reused": stopper.reused,
-                 "val_accuracy": stopper.last, "val_loss": stopper.last_loss}
+                 f"val_{stopper.quality}": stopper.last, "val_loss": stopper.last_loss}
     else:
         facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()),
                  "metrics": result.metrics, "epochs": stopper.epochs if stopper else None,
@@ -320,7 +326,7 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
                  **_validation(result.model, data, payload, cfg, setup)}
     if payload.get("input_val"):  # after the run: the data module is set up
         val = _validation(_input_model(payload, cfg, setup), data, payload, cfg, setup)
-        facts.update(input_val_accuracy=val.get("val_accuracy"), input_val_loss=val.get("val_loss"))
+        facts.update({f"input_{k}": v for k, v in val.items() if k not in ("val_split", "val_samples")})
     if payload.get("references"):  # the named setups' runs, on the validation split like the trials
         facts["references"] = _references(payload["references"], data, payload, cfg, setup)
     return facts

@@ -28,6 +28,13 @@ def _run(tmp_path, command, *extra):
 @pytest.mark.parametrize("override, message", [
     ("search.objectives=[macs,flops]", "objective 'flops' is not a metric; allowed: macs, params"),
     ("search.trials=0", "trials must be a positive number of trials (got 0)"),
+    ("search.quality=loss", "search.quality = 'loss': 'loss' is not a quality where higher is better; allowed: "
+                            "accuracy, or a quality column the model's validation step logs"),
+    ("search.quality=throughput_sps", "search.quality = 'throughput_sps': 'throughput_sps' is not a quality"),
+    ("search.objectives=[macs,recall_top_k]", "objective 'recall_top_k' is not a metric; allowed: macs, params, "
+                                              "size_mb, latency_ms, latency_ms_per_sample, throughput_sps, "
+                                              "accuracy, loss; a quality column the model logs (recall_top_k, "
+                                              "...) after search.quality=<it>"),
     ("search.reuse_after=0", "search.reuse_after = 0: Input should be greater than or equal to 1"),
     ("search.reuse_per_prefix=0", "search.reuse_per_prefix = 0: Input should be greater than or equal to 1"),
     ("search.early_stop.within_nodes=sometimes", "search.early_stop.within_nodes = 'sometimes': Input should be "

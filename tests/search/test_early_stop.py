@@ -301,3 +301,21 @@ def test_a_node_end_is_written_beside_its_checkpoint_and_a_trial_started_there_k
     shared = _hook(tmp_path, start=str(tmp_path))  # the shared prefix's checkpoint: no judged node end there
     shared.before_node(TO_DISTILL, 0, DISTILL)
     assert shared._entry is None
+
+
+def test_with_another_quality_the_node_is_judged_on_its_validation_figure_and_its_entry_written_so(tmp_path):
+    """``search.quality=recall_top_k`` (a CoLESModule's): the epochs' ``val_recall_top_k`` is judged, not accuracy."""
+    folder = tmp_path / "nodes" / "1_pruning"
+    folder.mkdir(parents=True)
+    hook = _hook(tmp_path, quality="recall_top_k")
+    hook.before_node(RUN, 0, PRUNING)
+    for step, (recall, acc) in enumerate([(0.95, 0.1), (0.8, 0.99)]):
+        hook.on_log(RUN, 0, PRUNING, {"pruning/val_recall_top_k": recall, "pruning/val_accuracy": acc,
+                                      "pruning/val_loss": 1.0}, step)
+    with pytest.raises(TrialStopped, match=r"validation recall_top_k 0\.8000 at the end of node 0: pruning "
+                                           r"\(after 2 epochs\) below 0\.9000"):
+        hook.after_node(RUN, 0, PRUNING, None, {}, folder)
+    assert json.loads((folder / ENTRY_FILE).read_text()) == {"val_recall_top_k": 0.8, "val_loss": 1.0}
+    later = _hook(tmp_path, quality="recall_top_k", start=str(folder))
+    later.before_node(RUN, 0, PRUNING)
+    assert later._entry == 0.8
