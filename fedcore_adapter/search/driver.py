@@ -490,7 +490,8 @@ class Search:
         if se >= drop / 2:
             wanted = math.ceil(4 * p * (1 - p) / drop ** 2)
             self.state["val_note"] = (
-                f"the validation split has {n} samples: a {self.quality} of {p:.3f} there has a standard error of "
+                f"the validation split has {n} samples: the reference's {self.quality} there, {p:.3f}, has a "
+                f"standard error of "
                 f"{100 * se:.1f} pt, {se / drop:.0%} of the constraint ({100 * drop:g} pt), so trials near the line "
                 f"are told apart by chance and the best one may hold less on the test split; a val_dataloader() of "
                 f"{wanted:,}+ samples brings it under half the constraint")
