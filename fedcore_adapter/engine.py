@@ -133,7 +133,9 @@ class _Run:
     def node_dir(self, row_index: int, kind: str) -> Path:
         return self.dir / "nodes" / f"{row_index}_{kind}"
 
-    def measure_row(self, model: nn.Module, checkpoint: Path, loss_fn) -> dict:
+    def measure_row(self, model: nn.Module, checkpoint: Path, loss_fn, teacher: Optional[nn.Module] = None) -> dict:
+        """The model's metrics row (``metrics.measure``; ``cosine`` to ``teacher``, the model the run started
+        from, on unlabeled data)."""
         if not self.common.measure:
             return {}
         device = runtime_device(model, self.device)
@@ -142,7 +144,7 @@ class _Run:
         return measure(model, test or val or train, device=device, loss_fn=loss_fn,
                        limit_batches=self.common.limit_test_batches, warmup=self.common.latency_warmup,
                        repeats=self.common.latency_repeats, num_threads=self.common.num_threads,
-                       size_bytes=checkpoint_bytes(checkpoint), seed=self.common.seed)
+                       size_bytes=checkpoint_bytes(checkpoint), seed=self.common.seed, original=teacher)
 
     def context(self, index: int, label: str, teacher: nn.Module, loss_fn, pending: list[dict]) -> NodeContext:
         node_dir = self.node_dir(index + 1, self.setup.nodes[index].kind)
@@ -241,7 +243,7 @@ def _execute(r: _Run, model: nn.Module, loss_fn, resumed: bool, teacher: Optiona
         if start_index == 0 and not r.rows:
             checkpoint = save_checkpoint(current, r.node_dir(0, "input"), r.transforms, {"node": "input"})
             r.rows.append({"node_index": 0, "node": "input", "kind": "input",
-                           **r.measure_row(current, checkpoint, loss_fn)})
+                           **r.measure_row(current, checkpoint, loss_fn, teacher)})
             write_metrics(r.dir, r.rows)
             r.hooks.after_measure_input(r.info, r.rows[0], checkpoint)
         for index in range(start_index, len(setup.nodes)):
@@ -356,8 +358,9 @@ def _run_node(r: _Run, index: int, model: nn.Module, teacher: nn.Module, loss_fn
         for item in work.iterdir():
             shutil.move(str(item), folder / item.name)
         work.rmdir()
-    row = {"node_index": index + 1, "node": node.label, "kind": node.kind, **r.measure_row(model, folder, loss_fn),
-           "wall_s": wall, **({"note": "; ".join(ctx.notes)} if ctx.notes else {})}
+    row = {"node_index": index + 1, "node": node.label, "kind": node.kind,
+           **r.measure_row(model, folder, loss_fn, teacher), "wall_s": wall,
+           **({"note": "; ".join(ctx.notes)} if ctx.notes else {})}
     r.rows.append(row)
     write_metrics(r.dir, r.rows)
     r.write_run_json(completed_nodes=index + 1)

@@ -4,7 +4,9 @@ Columns (units in the names): ``params``, ``macs`` (multiply-accumulates per
 sample), ``size_mb`` (bytes of the saved checkpoint / 2**20), ``latency_ms``
 (median per batch), ``latency_ms_per_sample``, ``throughput_sps`` (samples per
 second), ``accuracy``, ``loss``, ``sparsity``, ``device``, ``dtype``, and where the model runs:
-``runtime`` (``torch`` eager, or the runtime of a deploy runner), ``threads``, ``batch_shape``.
+``runtime`` (``torch`` eager, or the runtime of a deploy runner), ``threads``, ``batch_shape``. On unlabeled
+batches, given the model the run started from (``original``), ``cosine``: the mean cosine of each sample's
+output (mean-pooled over its real tokens) to that model's, the quality of an encoder compressed without labels.
 
 A *runner* (``fedcore_adapter.deploy``) is a callable module running an exported artifact in
 another runtime; it is timed and evaluated like any model, sized by ``artifact_bytes()``, and its
@@ -23,6 +25,7 @@ from torch import nn
 
 from .data import (batch_size, call_model, first_batch, is_batch_object, limited, primary_output, seeded, split_batch,
                    to_device)
+from .losses import pooled_outputs, token_mask
 from .steps import evaluate_steps, own_step
 
 MB = 2**20
@@ -202,8 +205,10 @@ def _accuracy_hits(logits: torch.Tensor, target: torch.Tensor) -> Optional[int]:
 
 
 def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device: torch.device,
-             limit_batches: Optional[int] = None, seed: int = 0) -> dict[str, Optional[float]]:
-    """Mean loss and accuracy over labeled batches (None on unlabeled data), the loader read seeded by ``seed``.
+             limit_batches: Optional[int] = None, seed: int = 0,
+             original: Optional[nn.Module] = None) -> dict[str, Optional[float]]:
+    """Mean loss and accuracy over labeled batches (None on unlabeled data), the loader read seeded by ``seed``;
+    with ``original`` (the model the run started from), ``cosine`` over unlabeled batches (:func:`_cosines`).
 
     A module defining its own step (Lightning / ptls) is evaluated on its own objective and
     validation metrics instead (:func:`fedcore_adapter.steps.evaluate_steps`).
@@ -212,14 +217,20 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device:
         return evaluate_steps(model, loader, loss_fn, device, limit_batches, seed)
     was_training = model.training
     model.eval()
+    if original is not None:
+        original = original.to(device).eval()
     loss_sum = 0.0
     hits = seen = 0
     accuracy_ok = True
     labeled = False
+    cosines: list[torch.Tensor] = []
     with torch.inference_mode(), seeded(seed):
         for batch in limited(loader, limit_batches):
             inputs, target = split_batch(to_device(batch, device))
             if target is None:
+                got = _cosines(model, original, inputs) if original is not None else None
+                if got is not None:
+                    cosines.append(got)
                 continue
             labeled = True
             out = primary_output(call_model(model, inputs))
@@ -231,12 +242,26 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device:
             hits += h or 0
             seen += n
     model.train(was_training)
+    cosine = {"cosine": float(torch.cat(cosines).mean())} if cosines else {}
     if not labeled or seen == 0:
-        return {"loss": None, "accuracy": None}
+        return {"loss": None, "accuracy": None, **cosine}
     return {
         "loss": loss_sum / seen if loss_fn is not None else None,
         "accuracy": hits / seen if accuracy_ok else None,
+        **cosine,
     }
+
+
+def _cosines(model: nn.Module, original: nn.Module, inputs: Any) -> Optional[torch.Tensor]:
+    """Per sample of an unlabeled batch: the cosine of ``model``'s output to ``original``'s, each mean-pooled
+    over the sample's real tokens (``attention_mask``) or flattened (:func:`losses.pooled_outputs`); None when the
+    outputs are no vectors per sample or differ in size (nothing to compare)."""
+    mask = token_mask(inputs)
+    out, ref = (primary_output(call_model(m, inputs)) for m in (model, original))
+    if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor) or out.dim() < 2 \
+            or out.shape != ref.shape:
+        return None
+    return torch.nn.functional.cosine_similarity(pooled_outputs(out, mask), pooled_outputs(ref, mask), dim=1).cpu()
 
 
 def batch_shape(inputs: Any) -> str:
@@ -254,8 +279,10 @@ def batch_shape(inputs: Any) -> str:
 
 def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Optional[Callable] = None,
             limit_batches: Optional[int] = None, warmup: int = 3, repeats: int = 20,
-            num_threads: Optional[int] = None, size_bytes: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
-    """Every metric of ``model`` on ``loader``: the single measuring function of the project.
+            num_threads: Optional[int] = None, size_bytes: Optional[int] = None, seed: int = 0,
+            original: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Every metric of ``model`` on ``loader``: the single measuring function of the project (``cosine`` to
+    ``original`` on unlabeled data, :func:`evaluate`).
 
     ``size_bytes`` is the size of the checkpoint already written for this
     model; when absent the state dict is serialised in memory the same way.
@@ -286,7 +313,7 @@ def measure(model: nn.Module, loader: Any, *, device: torch.device, loss_fn: Opt
         "throughput_sps": n * 1e3 / median,
         "batch_size": n,
     }
-    row.update(evaluate(model, loader, loss_fn, device, limit_batches, seed=seed))
+    row.update(evaluate(model, loader, loss_fn, device, limit_batches, seed=seed, original=original))
     row.update({"sparsity": sparsity(reference) if reference is not None else None, "device": str(device),
                 "dtype": model.weight_dtype if runner else weight_dtype(model), "runtime": runtime,
                 "threads": model.threads if runner else num_threads or torch.get_num_threads(),

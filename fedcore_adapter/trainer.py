@@ -141,7 +141,7 @@ def _score(row: dict) -> Optional[tuple]:
 def _validate(model: nn.Module, ctx: NodeContext, task_loss: Callable, device, limit: Optional[int]) -> dict:
     if ctx.val_loader is None:
         return {}
-    val = evaluate(model, ctx.val_loader, task_loss, device, limit, seed=ctx.common.seed)
+    val = evaluate(model, ctx.val_loader, task_loss, device, limit, seed=ctx.common.seed, original=ctx.teacher)
     return {f"val_{k}": v for k, v in val.items() if v is not None}
 
 

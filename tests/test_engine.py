@@ -189,6 +189,15 @@ def test_unlabeled_dict_batches_get_every_metric_but_accuracy_and_loss(tmp_path)
     assert row["params"] == 50 * 16 + 16 * 16 + 16 and row["macs"] == 6 * 16 * 16
 
 
+def test_unlabeled_rows_carry_the_cosine_of_each_nodes_model_to_the_runs_input(tmp_path):
+    setup = tiny_setup({"kind": "low_rank", "method": {"name": "svd", "thresholds": [0.5], "epochs": 0}},
+                       {"kind": "ptq_dynamic"})
+    rows = run_setup(setup, TinyEncoder(), TokenDataModule(), output_dir=tmp_path).metrics
+    assert rows[0]["cosine"] == pytest.approx(1.0, abs=1e-6)  # the input model against itself
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["cosine"] < 0.99  # a truncation moves the outputs
+    assert rows[2]["cosine"] == pytest.approx(rows[1]["cosine"], abs=0.01) and rows[2]["cosine"] != rows[1]["cosine"]
+
+
 def test_hooks_see_the_run_in_order(tmp_path, model, dm):
     events = []
 

@@ -70,3 +70,41 @@ def test_a_padded_batch_shape_is_its_per_event_features_batch_by_padded_length()
     x = PaddedBatch({"mcc": torch.randint(1, 9, (3, 5))}, torch.full((3,), 5))
     # a per-sequence feature first (as ptls collates client ids) does not give the shape
     assert batch_shape(PaddedBatch({"client_id": torch.arange(3), **x.payload}, x.seq_lens)) == "3x5"
+
+
+def _encoder_pair():
+    """A tiny text encoder, a copy whose projection is perturbed, and unlabeled dict batches."""
+    import copy
+
+    from tests.conftest import TinyEncoder, TokenDataModule
+
+    original = TinyEncoder()
+    changed = copy.deepcopy(original)
+    with torch.no_grad():
+        noise = torch.randn(changed.proj.weight.shape, generator=torch.Generator().manual_seed(1))
+        changed.proj.weight.add_(0.5 * noise)
+    return original, changed, TokenDataModule()
+
+
+def test_on_unlabeled_batches_cosine_is_the_mean_cosine_of_mean_pooled_outputs_to_the_original():
+    original, changed, dm = _encoder_pair()
+    expected = []
+    for batch in dm.test_dataloader():
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = [(m(**batch).last_hidden_state * mask).sum(1) / mask.sum(1) for m in (changed, original)]
+        expected.append(torch.nn.functional.cosine_similarity(*pooled, dim=1))
+    got = evaluate(changed, dm.test_dataloader(), None, torch.device("cpu"), original=original)
+    assert got["cosine"] == pytest.approx(float(torch.cat(expected).mean()), abs=1e-6) and got["cosine"] < 0.99
+    assert evaluate(original, dm.test_dataloader(), None, torch.device("cpu"), original=original)["cosine"] == \
+        pytest.approx(1.0, abs=1e-6)
+    assert "cosine" not in evaluate(changed, dm.test_dataloader(), None, torch.device("cpu"))  # no original given
+    assert measure(changed, dm.test_dataloader(), device=torch.device("cpu"), repeats=2, warmup=1,
+                   original=original)["cosine"] == got["cosine"]
+
+
+def test_cosine_is_left_out_on_labeled_batches_and_where_the_outputs_differ_in_size():
+    labeled = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    model = nn.Linear(4, 3)
+    assert "cosine" not in evaluate(model, labeled, None, torch.device("cpu"), original=model)
+    unlabeled = DataLoader(torch.randn(8, 4), batch_size=4)
+    assert "cosine" not in evaluate(model, unlabeled, None, torch.device("cpu"), original=nn.Linear(4, 5))

@@ -471,11 +471,13 @@ class Search:
             reported = [k for k in row if isinstance(row[k], (int, float)) and not isinstance(row[k], bool)
                         and k not in OBJECTIVES and k not in QUALITY_EXCLUDED]
             split = "validation" if self.on_validation else "test"
+            fix = (f"it reports {', '.join(reported)}: set search.quality to one of them" if reported else
+                   "it reports no quality column (batches without labels?): give the data labels, or the model a "
+                   "validation_step that logs a metric")
             raise ConfigError(
                 f"search.quality = {self.quality!r}: the model reports no {self.quality} on the {split} split, so "
-                f"the constraint (search.max_accuracy_drop) cannot be checked; it reports "
-                f"{', '.join(reported) or 'no quality column'} (and loss): set search.quality to one of them, or "
-                f"search.max_accuracy_drop=null for no constraint")
+                f"the constraint (search.max_accuracy_drop) cannot be checked; {fix}, or set "
+                f"search.max_accuracy_drop=null to search without a constraint")
 
     def _check_validation_size(self) -> None:
         """Warn once when the validation split is too small for the constraint: the standard error of the

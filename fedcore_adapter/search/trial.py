@@ -15,12 +15,12 @@ import copy
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import optuna
 
 from ..building import build_data, build_model, build_run, load_pretrained, resolve_setup, tracking_hooks
-from ..data import make_loader, model_device
+from ..data import first_batch, make_loader, model_device, split_batch
 from ..errors import error_line
 from ..hooks import Hook
 from ..losses import find_loss
@@ -236,14 +236,18 @@ def largest_gains(curves: list[dict], key: str, min_curves: int) -> Optional[lis
     return [max(c[-1] - c[k] for c in same) for k in range(length)]
 
 
-def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any) -> dict:
+def _validation(model: Any, data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any,
+                original: Optional[Callable[[], Any]] = None) -> dict:
     """``val_split`` (the data module has a validation loader) and the model's figures on it: ``val_accuracy``,
-    ``val_loss`` and each quality column its own validation step logs (``val_recall_top_k``...)."""
+    ``val_loss``, each quality column its own validation step logs (``val_recall_top_k``...), and on unlabeled
+    batches ``val_cosine`` to ``original()``, the search's input model (built only for unlabeled data)."""
     loader = make_loader(data, "val_dataloader")
     if loader is None:
         return {"val_split": False}
+    reference = original() if original is not None and split_batch(first_batch(loader, "val_dataloader()"))[1] \
+        is None else None
     val = evaluate(model, loader, find_loss(model, payload.get("loss"), cfg.get("loss")), model_device(model),
-                   setup.common.limit_valid_batches)
+                   setup.common.limit_valid_batches, original=reference)
     return {"val_split": True, **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
             "val_accuracy": val.get("accuracy"), "val_loss": val.get("loss"),
             "val_samples": _samples(loader, setup.common.limit_valid_batches)}
@@ -269,7 +273,7 @@ def _input_model(payload: Mapping[str, Any], cfg: Mapping[str, Any], setup: Any)
 
 
 def _references(folders: list[str], data: Any, payload: Mapping[str, Any], cfg: Mapping[str, Any],
-                setup: Any) -> dict:
+                setup: Any, original: Optional[Callable[[], Any]] = None) -> dict:
     """``{folder: validation facts}`` of each results folder's final model (the named setups' runs), rebuilt
     on the original model and evaluated as the trials are; ``{"error": ...}`` for one that cannot be."""
     out = {}
@@ -278,7 +282,7 @@ def _references(folders: list[str], data: Any, payload: Mapping[str, Any], cfg: 
             base = copy.deepcopy(payload["model"]) if payload.get("model") is not None \
                 else build_model({**cfg, "pretrained": None}, setup.common.seed)
             out[folder] = _validation(load_pretrained(base, folder, "reference run"), data, payload, cfg,
-                                      setup)
+                                      setup, original)
         except Exception as err:  # noqa: BLE001 - a reference that cannot be measured is drawn marked, never fails
             out[folder] = {"error": f"not measured: {error_line(err)}"}
     return out
@@ -295,6 +299,12 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     cfg = dict(payload["cfg"])
     setup = resolve_setup(payload["setup"])
     teacher = None
+    input_cfg = dict(cfg)  # the search's input model: before a start checkpoint replaces pretrained
+
+    def original() -> Any:
+        """The search's input model, what ``val_cosine`` compares with (the teacher, when the trial has one)."""
+        return teacher if teacher is not None else _input_model(payload, input_cfg, setup)
+
     if payload.get("start"):  # as if the whole chain ran: its input model teaches (distillation nodes, unlabeled
         teacher = _input_model(payload, cfg, setup)  # batches; it rebuilds a teacher_checkpoint)
         cfg["pretrained"] = payload["start"]
@@ -323,10 +333,10 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
         facts = {"state": "complete", "output_dir": str(Path(result.output_dir).absolute()),
                  "metrics": result.metrics, "epochs": stopper.epochs if stopper else None,
                  "epochs_reused": stopper.reused if stopper else None,
-                 **_validation(result.model, data, payload, cfg, setup)}
+                 **_validation(result.model, data, payload, cfg, setup, original)}
     if payload.get("input_val"):  # after the run: the data module is set up
-        val = _validation(_input_model(payload, cfg, setup), data, payload, cfg, setup)
+        val = _validation(_input_model(payload, cfg, setup), data, payload, cfg, setup, original)
         facts.update({f"input_{k}": v for k, v in val.items() if k not in ("val_split", "val_samples")})
     if payload.get("references"):  # the named setups' runs, on the validation split like the trials
-        facts["references"] = _references(payload["references"], data, payload, cfg, setup)
+        facts["references"] = _references(payload["references"], data, payload, cfg, setup, original)
     return facts

@@ -5,6 +5,9 @@ import csv
 import json
 import logging
 
+import pytest
+
+from fedcore_adapter.errors import ConfigError
 from fedcore_adapter.search.driver import run_search
 from tests.search.helpers import config
 
@@ -94,3 +97,34 @@ def test_a_validation_split_too_small_for_the_constraint_is_said_once_with_the_s
         loose = run_search(config(tmp_path / "loose", trials=1, max_accuracy_drop=0.5))
     assert "val_note" not in json.loads((loose.folder / "search.json").read_text())
     assert not [r for r in caplog.records if "validation split has" in r.getMessage()]
+
+
+ENCODER = {"model": {"_target_": "tests.conftest.TinyEncoder"}, "data": {"_target_": "tests.conftest.TokenDataModule"},
+           "setup": {"name": "ENC", "common": {"latency_repeats": 2, "latency_warmup": 1},
+                     "nodes": [{"kind": "training", "epochs": 1},
+                               {"kind": "low_rank", "method": {"name": "svd", "thresholds": [0.5], "epochs": 0}}]}}
+
+
+def test_an_unlabeled_encoders_search_names_cosine_its_quality_in_one_line_at_its_reference(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run_search({**config(tmp_path, trials=2), **ENCODER})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("search.quality = 'accuracy': the model reports no accuracy")
+    assert "it reports cosine: set search.quality to one of them" in message
+    assert not (tmp_path / "out" / "SEARCH_ENC_tiny" / "trials").exists()
+
+
+def test_an_unlabeled_encoder_is_searched_within_a_cosine_drop_of_its_reference(tmp_path):
+    """``search.quality=cosine``: each trial's validation cosine to the search's input model is the constraint's
+    figure and an objective; the reference (the shared training, a distillation from that model) is at ~1."""
+    result = run_search({**config(tmp_path, trials=3, quality="cosine", objectives=["params", "cosine"],
+                                  max_accuracy_drop=0.2), **ENCODER})
+    line = result.reference["val_cosine"] - 0.2
+    assert result.reference["val_cosine"] == pytest.approx(1.0, abs=1e-4)
+    rows = _rows(result.folder / "trials.csv")
+    assert [r["state"] for r in rows] == ["complete"] * 3
+    for r in rows:
+        trial = result.study.trials[int(r["trial"])]
+        assert trial.values == [float(r["params"]), float(r["val_cosine"])]
+        assert r["feasible"] == str(float(r["val_cosine"]) >= line) and 0 < float(r["cosine"]) <= 1
+    assert len({r["val_cosine"] for r in rows}) > 1  # the thresholds drawn move the outputs differently
