@@ -73,12 +73,18 @@ def pooled_outputs(outputs: torch.Tensor, attention_mask: Optional[torch.Tensor]
     return outputs.flatten(1)
 
 
+def pooled_cosines(student_out: torch.Tensor, teacher_out: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per sample, ``cos(student, teacher)`` of the vectors of :func:`pooled_outputs`: for a text encoder, the
+    cosine of the mean-pooled sentence embeddings (what their quality is judged by)."""
+    return F.cosine_similarity(pooled_outputs(student_out, attention_mask),
+                               pooled_outputs(teacher_out, attention_mask), dim=1)
+
+
 def pooled_cosine_distance(student_out: torch.Tensor, teacher_out: torch.Tensor,
                            attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over the batch of ``1 - cos(student, teacher)`` of the per-sample vectors of :func:`pooled_outputs`:
-    for a text encoder, the cosine of the mean-pooled sentence embeddings (what their quality is judged by)."""
-    return 1 - F.cosine_similarity(pooled_outputs(student_out, attention_mask),
-                                   pooled_outputs(teacher_out, attention_mask), dim=1).mean()
+    """Mean over the batch of ``1 - cos(student, teacher)`` (:func:`pooled_cosines`)."""
+    return 1 - pooled_cosines(student_out, teacher_out, attention_mask).mean()
 
 
 def unlabeled_distillation(student_out: torch.Tensor, teacher_out: torch.Tensor,

@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import (batch_size, call_model, first_batch, is_batch_object, limited, primary_output, seeded, split_batch,
                    to_device)
-from .losses import pooled_outputs, token_mask
+from .losses import pooled_cosines, token_mask
 from .steps import evaluate_steps, own_step
 
 MB = 2**20
@@ -254,14 +254,13 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[Callable], device:
 
 def _cosines(model: nn.Module, original: nn.Module, inputs: Any) -> Optional[torch.Tensor]:
     """Per sample of an unlabeled batch: the cosine of ``model``'s output to ``original``'s, each mean-pooled
-    over the sample's real tokens (``attention_mask``) or flattened (:func:`losses.pooled_outputs`); None when the
+    over the sample's real tokens (``attention_mask``) or flattened (:func:`losses.pooled_cosines`); None when the
     outputs are no vectors per sample or differ in size (nothing to compare)."""
-    mask = token_mask(inputs)
     out, ref = (primary_output(call_model(m, inputs)) for m in (model, original))
     if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor) or out.dim() < 2 \
             or out.shape != ref.shape:
         return None
-    return torch.nn.functional.cosine_similarity(pooled_outputs(out, mask), pooled_outputs(ref, mask), dim=1).cpu()
+    return pooled_cosines(out, ref, token_mask(inputs)).cpu()
 
 
 def batch_shape(inputs: Any) -> str:

@@ -41,14 +41,20 @@ def _quality_columns(quality: str) -> list[str]:
                                                 f"{quality}_drop_pt"]
 
 
+def _after_accuracy(columns: list[str], quality: str) -> list[str]:
+    """``columns`` with the quality's columns inserted after ``accuracy_drop_pt``."""
+    i = columns.index("accuracy_drop_pt") + 1
+    return [*columns[:i], *_quality_columns(quality), *columns[i:]]
+
+
 def summary_columns(quality: str = "accuracy") -> list[str]:
     """The leading columns of trials.csv / pareto.csv: ``SUMMARY``, the quality's after accuracy's."""
-    return [*SUMMARY[:10], *_quality_columns(quality), *SUMMARY[10:]]
+    return _after_accuracy(SUMMARY, quality)
 
 
 def reference_columns(quality: str = "accuracy") -> list[str]:
     """The columns of reference_points.csv (``REFERENCE_COLUMNS``, the quality's after accuracy's)."""
-    return [*REFERENCE_COLUMNS[:6], *_quality_columns(quality), *REFERENCE_COLUMNS[6:]]
+    return _after_accuracy(REFERENCE_COLUMNS, quality)
 
 
 def _reduction(reference: Optional[float], value: Optional[float]) -> Optional[float]:

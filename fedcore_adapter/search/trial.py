@@ -300,10 +300,16 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
     setup = resolve_setup(payload["setup"])
     teacher = None
     input_cfg = dict(cfg)  # the search's input model: before a start checkpoint replaces pretrained
+    built: list[Any] = []
 
     def original() -> Any:
-        """The search's input model, what ``val_cosine`` compares with (the teacher, when the trial has one)."""
-        return teacher if teacher is not None else _input_model(payload, input_cfg, setup)
+        """The search's input model, what ``val_cosine`` compares with (the teacher, when the trial has one);
+        built once, when first asked for."""
+        if teacher is not None:
+            return teacher
+        if not built:
+            built.append(_input_model(payload, input_cfg, setup))
+        return built[0]
 
     if payload.get("start"):  # as if the whole chain ran: its input model teaches (distillation nodes, unlabeled
         teacher = _input_model(payload, cfg, setup)  # batches; it rebuilds a teacher_checkpoint)
@@ -335,7 +341,7 @@ def run_trial(payload: Mapping[str, Any]) -> dict:
                  "epochs_reused": stopper.reused if stopper else None,
                  **_validation(result.model, data, payload, cfg, setup, original)}
     if payload.get("input_val"):  # after the run: the data module is set up
-        val = _validation(_input_model(payload, cfg, setup), data, payload, cfg, setup, original)
+        val = _validation(original(), data, payload, cfg, setup, original)  # no start: the input model
         facts.update({f"input_{k}": v for k, v in val.items() if k not in ("val_split", "val_samples")})
     if payload.get("references"):  # the named setups' runs, on the validation split like the trials
         facts["references"] = _references(payload["references"], data, payload, cfg, setup, original)
